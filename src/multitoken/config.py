@@ -125,8 +125,8 @@ class ModelConfig:
 
 # Shapes; vocab_size is usually replaced by the tokenizer's. Parameter counts at a 32k vocabulary.
 PRESETS: dict[str, dict[str, Any]] = {
-    # ~1M parameters at a 4k vocabulary: trains in seconds on a CPU, for tests and smoke runs.
-    "tiny": dict(dim=64, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=176, max_seq_len=256, vocab_size=4096),
+    # ~0.8M parameters at a 4k vocabulary (~1M with heads): trains in seconds on a CPU, for tests and smoke runs.
+    "tiny": dict(dim=96, n_layers=4, n_heads=4, n_kv_heads=2, intermediate_size=256, max_seq_len=256, vocab_size=4096),
     # ~5M non-embedding: the CPU demo trains it for a few minutes.
     "small": dict(dim=192, n_layers=6, n_heads=6, n_kv_heads=2, intermediate_size=512, max_seq_len=512, vocab_size=8192),
     # ~30M: a laptop-GPU or a long CPU run.

@@ -1,0 +1,270 @@
+"""The multi-token-prediction loss: target alignment, per-depth weights, memory-efficient CE.
+
+Alignment (docs/design.md has the table): the data loader yields plain windows w of T+1 tokens;
+the model reads w[:, :T]. At depth k (k=0 is the main head) position i is trained to predict
+w[i+k+1]. A target that falls past the window, or in another document than position i (documents
+are packed and separated by EOS; an EOS belongs to the document it ends) is IGNORE_INDEX: never
+wrapped around, never crossing a boundary. Each depth's cross-entropy is summed and divided by
+that depth's own count of valid targets.
+
+Memory: the (N, V) logits of a depth are never materialised whole. `linear_cross_entropy`
+computes the loss and its gradients chunk by chunk in the forward pass (the backward only scales
+the stored gradients), so peak memory is one chunk of logits whatever the number of heads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from multitoken.errors import UserError
+
+IGNORE_INDEX = -100
+
+
+def shift_targets(window: Tensor, depth: int, eos_id: int | None = None) -> Tensor:
+    """Targets of depth `depth` for the inputs ``window[:, :-1]``.
+
+    Args:
+        window: (B, T+1) token ids.
+        depth: 0 for the next token, k for the token k+1 places ahead.
+        eos_id: document separator; None when the window holds a single document.
+    Returns:
+        (B, T) long: ``window[:, i+depth+1]`` where it exists in the same document, else IGNORE_INDEX.
+    """
+    B, T = window.shape[0], window.shape[1] - 1
+    target = torch.full((B, T), IGNORE_INDEX, dtype=torch.long, device=window.device)
+    n = T - depth  # positions whose target lies inside the window
+    if n <= 0:
+        return target
+    ahead = window[:, depth + 1 : depth + 1 + n]
+    if eos_id is None:
+        target[:, :n] = ahead
+        return target
+    is_eos = (window == eos_id).long()
+    doc = is_eos.cumsum(1) - is_eos  # EOS counted in the document it closes
+    same_doc = doc[:, :n] == doc[:, depth + 1 : depth + 1 + n]
+    target[:, :n] = torch.where(same_doc, ahead, IGNORE_INDEX)
+    return target
+
+
+def parse_schedule(spec: str | float | list) -> list[tuple[int, float]]:
+    """Parse a piecewise-constant schedule: ``"0.3"`` or ``"0.3,0.1@10000"`` (0.1 from step 10000 on).
+
+    Returns:
+        [(first_step, value), ...] sorted by step, starting at step 0.
+    """
+    if isinstance(spec, (int, float)):
+        return [(0, float(spec))]
+    if isinstance(spec, list):
+        return sorted((int(s), float(v)) for s, v in spec)
+    out = []
+    try:
+        for part in str(spec).split(","):
+            value, _, step = part.strip().partition("@")
+            out.append((int(step) if step else 0, float(value)))
+    except ValueError:
+        raise UserError(f"schedule {spec!r}: expected VALUE or VALUE,VALUE@STEP,... (e.g. 0.3,0.1@10000)") from None
+    out.sort()
+    if out[0][0] != 0:
+        out.insert(0, (0, out[0][1]))
+    return out
+
+
+def schedule_value(schedule: list[tuple[int, float]], step: int) -> float:
+    value = schedule[0][1]
+    for start, v in schedule:
+        if step >= start:
+            value = v
+    return value
+
+
+def default_weights(kind: str, depth: int) -> list[float] | None:
+    """Per-depth weights each family's paper uses; None for DeepSeek's lambda / D form."""
+    if kind == "sequential":
+        return None
+    if kind == "medusa":
+        return [1.0] + [0.8**k for k in range(1, depth + 1)]
+    return [1.0] * (depth + 1)  # Gloeckle et al.: equal weights
+
+
+@dataclass
+class LossOutput:
+    """What one loss call returns; per-depth tensors are detached, index 0 is the main head."""
+
+    loss: Tensor
+    """Weighted total, differentiable."""
+    per_depth_loss: Tensor
+    """(D+1,) mean cross-entropy per depth over its valid targets."""
+    per_depth_acc: Tensor
+    """(D+1,) top-1 accuracy per depth (against the teacher's argmax when distilling)."""
+    per_depth_count: Tensor
+    """(D+1,) valid targets per depth."""
+
+
+class MTPLoss:
+    """Weighted sum of per-depth cross-entropies.
+
+    Args:
+        depth: extra depths D (the model's ``config.heads.depth``).
+        weights: D+1 explicit weights, main first; None for DeepSeek's ``1, lambda/D, ...``.
+        mtp_lambda: lambda schedule when ``weights`` is None (``"0.3,0.1@10000"``).
+        eos_id: document separator for `shift_targets`.
+        distill: train depths >= 1 against the model's own main-head distribution at the later
+            position (self-distillation for heads on a frozen backbone) instead of data tokens.
+        chunk_rows: rows per chunk of the memory-efficient CE; 0 picks ~64 MB of logits.
+        memory_efficient: False computes full logits per depth (the reference path).
+    """
+
+    def __init__(self, depth: int, weights: list[float] | None = None, mtp_lambda: str | float = 0.3,
+                 eos_id: int | None = None, distill: bool = False, chunk_rows: int = 0,
+                 memory_efficient: bool = True) -> None:
+        if weights is not None and len(weights) != depth + 1:
+            raise UserError(f"loss weights {weights} need {depth + 1} values (main head first, then one per extra depth)")
+        self.depth, self.weights, self.eos_id = depth, weights, eos_id
+        self.schedule = parse_schedule(mtp_lambda)
+        self.distill, self.chunk_rows, self.memory_efficient = distill, chunk_rows, memory_efficient
+
+    def depth_weights(self, step: int = 0) -> list[float]:
+        if self.weights is not None:
+            return list(self.weights)
+        lam = schedule_value(self.schedule, step)
+        return [1.0] + [lam / self.depth] * self.depth
+
+    def __call__(self, model, hiddens: list[Tensor], window: Tensor, step: int = 0) -> LossOutput:
+        """Loss of the hidden states `model` returned for ``window[:, :-1]``.
+
+        Args:
+            model: the Transformer (for its unembedding matrices).
+            hiddens: ``model(window[:, :-1])``, one (B, T, C) per depth.
+            window: (B, T+1) token ids.
+            step: training step, for the lambda schedule.
+        """
+        D = len(hiddens) - 1
+        weights = self.depth_weights(step)[: D + 1]
+        n = window.shape[0] * (window.shape[1] - 1)
+        targets = [shift_targets(window, k, self.eos_id).flatten() for k in range(D + 1)]
+        counts = torch.stack([(t != IGNORE_INDEX).sum() for t in targets])  # (D+1,)
+        scales = [(weights[k] / counts[k].clamp(min=1)).float().expand(n) for k in range(D + 1)]
+        teachers: list[Tensor | None] = [None] * (D + 1)
+        if self.distill:
+            main = hiddens[0].detach()
+            for k in range(1, D + 1):
+                # Depth k at position i learns the main head's distribution at position i+k; the
+                # last k positions get a placeholder: their targets are IGNORE_INDEX anyway.
+                teachers[k] = torch.cat([main[:, k:], main[:, -1:].expand(-1, k, -1)], dim=1).flatten(0, 1)
+        # Depths sharing an unembedding (and a target kind) go through one call: the matrix is streamed once.
+        groups: dict[tuple[int, bool], list[int]] = {}
+        for k in range(D + 1):
+            groups.setdefault((id(model.unembed_weight(k)), teachers[k] is not None), []).append(k)
+        fn = linear_cross_entropy if self.memory_efficient else naive_linear_cross_entropy
+        total = hiddens[0].new_zeros((), dtype=torch.float32)
+        ce_sum = torch.zeros(D + 1, device=window.device)
+        correct = torch.zeros(D + 1, device=window.device)
+        for (_, soft), ks in groups.items():
+            h = torch.cat([hiddens[k].flatten(0, 1) for k in ks])  # (len(ks) * N, C)
+            t = torch.cat([targets[k] for k in ks])
+            scale = torch.cat([scales[k] for k in ks])
+            teacher = torch.cat([teachers[k] for k in ks]) if soft else None
+            teacher_w = model.unembed_weight(0).detach() if soft else None
+            loss, ce, ok = fn(h, model.unembed_weight(ks[0]), t, scale, teacher, teacher_w, self.chunk_rows)
+            total = total + loss
+            for j, k in enumerate(ks):
+                ce_sum[k] = ce[j * n : (j + 1) * n].sum()
+                correct[k] = ok[j * n : (j + 1) * n].sum()
+        c = counts.clamp(min=1).float()
+        return LossOutput(total, ce_sum / c, correct / c, counts)
+
+
+def _chunk_ce(logits: Tensor, t: Tensor, teacher_logits: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Per-row CE, correctness, and dCE/dlogits for one chunk; logits are float32 (n, V)."""
+    valid = t != IGNORE_INDEX
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse[:, None])
+    if teacher_logits is None:
+        idx = t.clamp(min=0)
+        ce = lse - logits.gather(1, idx[:, None])[:, 0]
+        grad = probs.clone()
+        grad[torch.arange(len(t), device=t.device), idx] -= 1.0
+        ref = idx
+    else:
+        p_t = torch.softmax(teacher_logits, dim=-1)
+        ce = lse - (p_t * logits).sum(-1)
+        grad = probs - p_t
+        ref = p_t.argmax(-1)
+    ce = torch.where(valid, ce, 0.0)
+    ok = (logits.argmax(-1) == ref) & valid
+    return ce, ok, grad, valid
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, t, scale, teacher_h, teacher_w, chunk_rows):
+        N, V = h.shape[0], w.shape[0]
+        rows = chunk_rows or max(1, (1 << 24) // V)  # ~64 MB of float32 logits per chunk
+        wc = w.to(h.dtype)
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(h) if need_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
+        ce_all = torch.empty(N, dtype=torch.float32, device=h.device)
+        ok_all = torch.empty(N, dtype=torch.bool, device=h.device)
+        for s in range(0, N, rows):
+            e = min(s + rows, N)
+            hc = h[s:e]
+            logits = (hc @ wc.t()).float()  # (n, V): the only chunk of logits alive
+            tl = None if teacher_h is None else (teacher_h[s:e] @ teacher_w.to(h.dtype).t()).float()
+            ce, ok, g, valid = _chunk_ce(logits, t[s:e], tl)
+            ce_all[s:e], ok_all[s:e] = ce, ok
+            if need_h or need_w:
+                g = (g * (scale[s:e] * valid)[:, None]).to(h.dtype)
+                if need_h:
+                    grad_h[s:e] = g @ wc
+                if need_w:
+                    grad_w += g.t().float() @ hc.float()
+        loss = (ce_all * scale).sum()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.w_dtype = w.dtype
+        ctx.mark_non_differentiable(ce_all, ok_all)
+        return loss, ce_all, ok_all
+
+    @staticmethod
+    def backward(ctx, grad_loss, _ce, _ok):
+        grad_h, grad_w = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
+        gw = None if grad_w is None else (grad_w * grad_loss).to(ctx.w_dtype)
+        return gh, gw, None, None, None, None, None
+
+
+def linear_cross_entropy(h: Tensor, w: Tensor, t: Tensor, scale: Tensor, teacher_h: Tensor | None = None,
+                         teacher_w: Tensor | None = None, chunk_rows: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """sum_n scale[n] * CE(h[n] @ w.T, t[n]) without materialising all logits.
+
+    Args:
+        h: (N, C) hidden states; w: (V, C) unembedding; t: (N,) targets or IGNORE_INDEX.
+        scale: (N,) per-row weight (depth weight / valid count of the row's depth).
+        teacher_h, teacher_w: optional teacher states (N, C) and unembedding (V, C): the targets
+            become softmax(teacher_h @ teacher_w.T); `t` then only marks valid rows.
+        chunk_rows: rows per chunk (0: automatic).
+    Returns:
+        (loss, per-row CE (N,), per-row top-1 correct (N,)); only `loss` carries gradients.
+    """
+    return _LinearCrossEntropy.apply(h, w, t, scale, teacher_h, teacher_w, chunk_rows)
+
+
+def naive_linear_cross_entropy(h: Tensor, w: Tensor, t: Tensor, scale: Tensor, teacher_h: Tensor | None = None,
+                               teacher_w: Tensor | None = None, chunk_rows: int = 0) -> tuple[Tensor, Tensor, Tensor]:
+    """Reference for `linear_cross_entropy`: full logits and autograd."""
+    logits = (h @ w.to(h.dtype).t()).float()
+    valid = t != IGNORE_INDEX
+    if teacher_h is None:
+        ce = F.cross_entropy(logits, t, ignore_index=IGNORE_INDEX, reduction="none")
+        ref = t
+    else:
+        p_t = torch.softmax((teacher_h @ teacher_w.to(h.dtype).t()).float(), -1)
+        ce = torch.where(valid, -(p_t * torch.log_softmax(logits, -1)).sum(-1), 0.0)
+        ref = p_t.argmax(-1)
+    ok = (logits.argmax(-1) == ref) & valid
+    return (ce * scale).sum(), ce.detach(), ok
