@@ -1,0 +1,285 @@
+"""`multitoken prepare`: turn a corpus into a DATA_DIR of token shards that training reads.
+
+DATA_DIR holds:
+
+- ``train.bin``, ``val.bin``: token shards (see `shards`); each document's tokens followed by
+  EOS, documents in corpus order. The split is by a hash of each document's source id.
+- ``tokenizer.json`` + ``tokenizer_config.json``: the tokenizer (``bpe:N`` is trained here, on
+  the train split only, so validation text never shapes the vocabulary).
+- ``meta.json``: what was prepared (corpus, tokenizer, vocab_size, eos_id, dtype, per-split
+  document and token counts, the validation sources) and the arguments that made it.
+
+``meta.json`` is written last and removed first: its presence marks a complete DATA_DIR, and every
+file is written to a temporary name and renamed, so a killed prepare never leaves a half file
+that looks complete. Re-running with the same arguments reuses the DATA_DIR (``--force``
+rebuilds). The corpus's documents are held in memory while preparing (fine up to a few GB of text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from multitoken.data.corpora import STDLIB, Corpus, Document, split_documents
+from multitoken.data.shards import ShardWriter, dtype_for_vocab, read_header
+from multitoken.data.tokenizer import Tokenizer
+from multitoken.errors import UserError
+
+FORMAT = 1
+META_FILE = "meta.json"
+SPLITS = ("train", "val")
+DEFAULT_VAL_FRACTION = 0.02
+ENCODE_CHUNK_CHARS = 4 << 20  # text per encode_batch call: enough documents to keep every core busy
+
+
+def prepare(
+    corpus: str,
+    tokenizer: str,
+    out: str | Path,
+    *,
+    glob: str | None = None,
+    field: str = "text",
+    val_fraction: float = DEFAULT_VAL_FRACTION,
+    max_docs: int | None = None,
+    include_tests: bool = False,
+    force: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Tokenize `corpus` into DATA_DIR `out` (or reuse it if it already holds the same prepare).
+
+    Args:
+        corpus: ``python-stdlib`` or a path (see `corpora.Corpus`).
+        tokenizer: ``bpe:N`` (trained on the train split), ``bytes``, or a tokenizer path.
+        out: the DATA_DIR to write.
+        glob: files of a directory corpus (default ``**/*.txt``).
+        field: text field of .jsonl/.parquet/HF-dataset corpora.
+        val_fraction: expected share of documents in the validation split.
+        max_docs: read only the corpus's first N documents (in its deterministic order).
+        include_tests: python-stdlib only: keep its test folders.
+        force: rebuild even if `out` holds a complete prepare with the same arguments.
+        progress: show a progress bar and stage messages on stderr.
+    Returns:
+        The contents of ``meta.json``, plus ``"reused": True/False``.
+    """
+    if max_docs is not None and max_docs < 1:
+        raise UserError(f"--max-docs {max_docs}: give a positive number of documents")
+    source = Corpus(corpus, glob=glob, field=field, include_tests=include_tests)
+    out = Path(out)
+    args = _arguments(source, tokenizer, field, val_fraction, max_docs)
+    if not force and _is_complete(out, args):
+        return {**load_meta(out), "reused": True}
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: give a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / META_FILE).unlink(missing_ok=True)  # from here on, `out` is incomplete until meta.json is back
+
+    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    docs = list(itertools.islice(source, max_docs))
+    train, val = split_documents(docs, val_fraction)
+    seconds["read"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    if tokenizer.startswith("bpe:"):
+        say(f"training {tokenizer} on {len(train)} train documents ({sum(len(d.text) for d in train) / 1e6:.1f}M characters)")
+    tok = Tokenizer.from_spec(tokenizer, train_texts=(d.text for d in train), length=len(train))
+    seconds["tokenizer"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    dtype = dtype_for_vocab(tok.vocab_size)
+    counts: dict[str, dict[str, Any]] = {}
+    with tqdm(total=len(docs), unit="doc", desc="tokenizing", disable=not progress, file=sys.stderr) as bar:
+        for split, split_docs in zip(SPLITS, (train, val)):
+            n = _write_split(out / f"{split}.bin", split_docs, tok, bar)
+            counts[split] = {"docs": len(split_docs), "tokens": n, "file": f"{split}.bin"}
+    seconds["encode"] = time.perf_counter() - t
+    tok.save(out)
+
+    meta = {
+        "format": FORMAT,
+        "corpus": source.name,
+        "corpus_kind": source.kind,
+        "tokenizer": tokenizer,
+        "tokenizer_kind": tok.kind,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "eos_token": tok.eos_token,
+        "bos_id": tok.bos_id,
+        "dtype": dtype.name,
+        "splits": counts,
+        "sources": {"val": [d.source for d in val], "train_sha1": _sources_sha1(train)},
+        "skipped": [list(s) for s in source.skipped],
+        "seconds": {k: round(v, 3) for k, v in seconds.items()},
+        "args": args,
+    }
+    _write_json(out / META_FILE, meta)
+    return {**meta, "reused": False}
+
+
+def load_meta(data_dir: str | Path) -> dict[str, Any]:
+    """The ``meta.json`` of a complete DATA_DIR.
+
+    Raises:
+        UserError: the directory is missing, incomplete or from an unknown format version.
+    """
+    d = Path(data_dir)
+    fix = f"run `multitoken prepare --corpus ... --tokenizer ... --out {d}`"
+    if not d.is_dir():
+        raise UserError(f"DATA_DIR {d} does not exist: {fix}")
+    f = d / META_FILE
+    if not f.is_file():
+        raise UserError(f"{d} holds no complete prepare (no {META_FILE}): {fix}")
+    try:
+        meta = json.loads(f.read_text(encoding="utf-8"))
+    except ValueError:
+        raise UserError(f"{f} is not valid JSON: {fix} --force") from None
+    if meta.get("format") != FORMAT:
+        raise UserError(f"{d} was prepared in format {meta.get('format')}, this multitoken reads {FORMAT}: {fix} --force")
+    return meta
+
+
+def load_tokenizer(data_dir: str | Path) -> Tokenizer:
+    """The tokenizer a DATA_DIR was prepared with."""
+    meta = load_meta(data_dir)
+    tok = Tokenizer.load(data_dir)
+    if tok.vocab_size != meta["vocab_size"] or tok.eos_id != meta["eos_id"]:
+        raise UserError(f"{data_dir}: tokenizer.json does not match meta.json (vocab/eos differ): re-run `multitoken prepare --force`")
+    return tok
+
+
+def shard_path(data_dir: str | Path, split: str) -> Path:
+    """The shard file of `split` ('train' or 'val') in a complete DATA_DIR."""
+    if split not in SPLITS:
+        raise UserError(f"unknown split {split!r}: choose one of {', '.join(SPLITS)}")
+    return Path(data_dir) / load_meta(data_dir)["splits"][split]["file"]
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``multitoken prepare``."""
+    p = subparsers.add_parser(
+        "prepare",
+        help="tokenize a corpus into a DATA_DIR (train.bin, val.bin, tokenizer, meta.json)",
+        description="Tokenize a corpus into DATA_DIR: train.bin and val.bin (documents separated by EOS), "
+        "the tokenizer, and meta.json. Re-running with the same arguments reuses DATA_DIR.",
+    )
+    p.add_argument("--corpus", required=True, help=f"{STDLIB}, a directory, a .txt/.jsonl/.parquet file, or a saved HF dataset")
+    p.add_argument("--tokenizer", required=True, help="bpe:N (train a byte-level BPE of N ids), bytes, or a tokenizer.json / model folder / .gguf")
+    p.add_argument("--out", required=True, metavar="DATA_DIR", help="directory to write")
+    p.add_argument("--glob", default=None, help="files of a directory corpus (default **/*.txt)")
+    p.add_argument("--field", default="text", help="text field of .jsonl/.parquet/dataset corpora (default: text)")
+    p.add_argument("--max-docs", type=int, default=None, metavar="N", help="read only the first N documents")
+    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help=f"share of documents for validation (default {DEFAULT_VAL_FRACTION})")
+    p.add_argument("--include-tests", action="store_true", help=f"{STDLIB}: keep the test folders")
+    p.add_argument("--force", action="store_true", help="rebuild even if DATA_DIR already holds this prepare")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    meta = prepare(args.corpus, args.tokenizer, args.out, glob=args.glob, field=args.field, val_fraction=args.val_fraction,
+                   max_docs=args.max_docs, include_tests=args.include_tests, force=args.force, progress=not args.quiet)
+    print(summary(meta, args.out))
+    return 0
+
+
+def summary(meta: dict[str, Any], out: str | Path) -> str:
+    """A few readable lines describing a prepared DATA_DIR."""
+    verb = "reused" if meta.get("reused") else "prepared"
+    lines = [f"{verb} {out} from {meta['corpus']} ({meta['corpus_kind']})"
+             + ("  (same arguments as before; --force rebuilds)" if meta.get("reused") else "")]
+    lines.append(f"tokenizer {meta['tokenizer']}: vocab {meta['vocab_size']}, eos {meta['eos_token']!r} = {meta['eos_id']}, shards {meta['dtype']}")
+    lines.append(f"{'split':<6} {'docs':>9} {'tokens':>13}")
+    for split in SPLITS:
+        s = meta["splits"][split]
+        lines.append(f"{split:<6} {s['docs']:>9,} {s['tokens']:>13,}")
+    if meta["skipped"]:
+        lines.append(f"skipped {len(meta['skipped'])} file(s), e.g. {meta['skipped'][0][0]} ({meta['skipped'][0][1]})")
+    if not meta.get("reused"):
+        lines.append("time   " + "  ".join(f"{k} {v:.1f}s" for k, v in meta["seconds"].items()))
+    return "\n".join(lines)
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+
+
+def _write_split(path: Path, docs: list[Document], tok: Tokenizer, bar: tqdm) -> int:
+    """Encode `docs` in parallel chunks and write them, each followed by EOS, to one shard."""
+    with ShardWriter(path, tok.vocab_size) as w:
+        for chunk in _chunks(docs):
+            flat: list[int] = []
+            for ids in tok.encode_batch([d.text for d in chunk]):
+                flat.extend(ids)
+                flat.append(tok.eos_id)
+            w.write(np.asarray(flat, dtype=np.int64))
+            bar.update(len(chunk))
+    return w.count
+
+
+def _chunks(docs: list[Document]) -> list[list[Document]]:
+    out: list[list[Document]] = [[]]
+    size = 0
+    for d in docs:
+        if size >= ENCODE_CHUNK_CHARS:
+            out.append([])
+            size = 0
+        out[-1].append(d)
+        size += len(d.text)
+    return [c for c in out if c]
+
+
+def _arguments(source: Corpus, tokenizer: str, field: str, val_fraction: float, max_docs: int | None) -> dict[str, Any]:
+    """Everything that determines a DATA_DIR's contents; equal arguments mean the DATA_DIR can be reused."""
+    args: dict[str, Any] = {"format": FORMAT, "corpus": source.name, "kind": source.kind, "max_docs": max_docs, "val_fraction": val_fraction}
+    if source.kind == STDLIB:
+        args.update(python=sys.version.split()[0], include_tests=source.include_tests)
+    if source.kind == "dir":
+        args["glob"] = source.glob
+    if source.kind in ("dir", "jsonl", "parquet", "hf-dataset"):
+        args["field"] = field
+    if tokenizer == "bytes" or tokenizer.startswith("bpe:"):
+        args["tokenizer"] = tokenizer
+    else:  # a path: its identity and version, so an edited tokenizer is not silently reused
+        p = Path(tokenizer).expanduser()
+        f = p / "tokenizer.json" if (p / "tokenizer.json").is_file() else p
+        st = f.stat() if f.exists() else None
+        args["tokenizer"] = str(p.resolve())
+        args["tokenizer_file"] = f"{st.st_size}:{st.st_mtime_ns}" if st else None
+    return args
+
+
+def _is_complete(out: Path, args: dict[str, Any]) -> bool:
+    """Whether `out` holds a finished prepare made with `args`, its shards intact."""
+    try:
+        meta = load_meta(out)
+        if meta.get("args") != args or not (out / "tokenizer.json").is_file():
+            return False
+        return all(read_header(out / meta["splits"][s]["file"]).count == meta["splits"][s]["tokens"] for s in SPLITS)
+    except (UserError, KeyError, TypeError):
+        return False
+
+
+def _sources_sha1(docs: list[Document]) -> str:
+    h = hashlib.sha1()
+    for d in docs:
+        h.update(d.source.encode("utf-8") + b"\n")
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
