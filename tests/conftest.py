@@ -1,0 +1,29 @@
+"""Shared fixtures: tiny seeded models of every head family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multitoken.config import HeadsConfig, ModelConfig
+from multitoken.model import Transformer
+
+FAMILIES = ["parallel", "sequential", "medusa"]
+
+
+def tiny_config(kind: str = "none", depth: int = 0, **overrides) -> ModelConfig:
+    """A ~50k-parameter model: fast enough for exhaustive CPU tests."""
+    base = dict(vocab_size=61, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=64,
+                max_seq_len=64, eos_id=1, heads=HeadsConfig(kind, depth))
+    return ModelConfig(**{**base, **overrides})
+
+
+def tiny_model(kind: str = "none", depth: int = 0, seed: int = 0, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(tiny_config(kind, depth, **overrides))
+
+
+@pytest.fixture(autouse=True)
+def _deterministic():
+    torch.manual_seed(0)
+    yield

@@ -1,0 +1,132 @@
+"""Target alignment (the classic bug) and the memory-efficient loss against the naive one."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import FAMILIES, tiny_model
+from multitoken.errors import UserError
+from multitoken.loss import (IGNORE_INDEX, MTPLoss, linear_cross_entropy, naive_linear_cross_entropy,
+                             parse_schedule, schedule_value, shift_targets)
+
+X = IGNORE_INDEX
+EOS = 0
+
+
+def test_alignment_single_document():
+    # Window of T+1 = 6 tokens; inputs are the first 5.
+    w = torch.tensor([[10, 11, 12, 13, 14, 15]])
+    assert shift_targets(w, 0, EOS).tolist() == [[11, 12, 13, 14, 15]]
+    assert shift_targets(w, 1, EOS).tolist() == [[12, 13, 14, 15, X]]
+    assert shift_targets(w, 2, EOS).tolist() == [[13, 14, 15, X, X]]
+    assert shift_targets(w, 4, EOS).tolist() == [[15, X, X, X, X]]
+    assert shift_targets(w, 5, EOS).tolist() == [[X, X, X, X, X]]  # nothing wraps around
+
+
+def test_alignment_packed_documents_never_cross_a_boundary():
+    # Two documents: [a b EOS] [c d e EOS]; EOS belongs to the document it closes.
+    a, b, c, d, e = 21, 22, 23, 24, 25
+    w = torch.tensor([[a, b, EOS, c, d, e, EOS, 26]])
+    #                  inputs:  a    b    EOS  c    d    e    EOS
+    assert shift_targets(w, 0, EOS).tolist() == [[b, EOS, X, d, e, EOS, X]]
+    assert shift_targets(w, 1, EOS).tolist() == [[EOS, X, X, e, EOS, X, X]]
+    assert shift_targets(w, 2, EOS).tolist() == [[X, X, X, EOS, X, X, X]]
+    assert shift_targets(w, 3, EOS).tolist() == [[X, X, X, X, X, X, X]]
+    # Without a separator the same window is one document.
+    assert shift_targets(w, 1, None).tolist() == [[EOS, c, d, e, EOS, 26, X]]
+
+
+def test_alignment_rows_are_independent():
+    w = torch.tensor([[1, 2, 3, 4], [5, 6, EOS, 7]])
+    assert shift_targets(w, 1, EOS).tolist() == [[3, 4, X], [EOS, X, X]]
+
+
+def test_each_depth_is_normalised_by_its_own_count():
+    model = tiny_model("parallel", 2)
+    window = torch.randint(2, 61, (2, 9))
+    window[0, 4] = 1  # an EOS removes different numbers of targets at each depth
+    hiddens = model(window[:, :-1])
+    out = MTPLoss(2, weights=[1.0, 1.0, 1.0], eos_id=1)(model, hiddens, window)
+    for k in range(3):
+        t = shift_targets(window, k, 1).flatten()
+        logits = model.logits(hiddens[k], k).flatten(0, 1)
+        ref = F.cross_entropy(logits, t, ignore_index=X)  # mean over valid targets of this depth
+        torch.testing.assert_close(out.per_depth_loss[k], ref.detach(), atol=1e-5, rtol=0)
+        assert out.per_depth_count[k] == (t != X).sum()
+    torch.testing.assert_close(out.loss, out.per_depth_loss.sum(), atol=1e-5, rtol=0)
+
+
+def test_deepseek_lambda_schedule():
+    assert parse_schedule("0.3,0.1@10000") == [(0, 0.3), (10000, 0.1)]
+    assert parse_schedule("0.1@5") == [(0, 0.1), (5, 0.1)]
+    sched = parse_schedule("0.3,0.1@10")
+    assert [schedule_value(sched, s) for s in (0, 9, 10, 99)] == [0.3, 0.3, 0.1, 0.1]
+    loss = MTPLoss(2, weights=None, mtp_lambda="0.3,0.1@10")
+    assert loss.depth_weights(0) == [1.0, 0.15, 0.15]
+    assert loss.depth_weights(10) == pytest.approx([1.0, 0.05, 0.05])
+    with pytest.raises(UserError, match="schedule"):
+        parse_schedule("high")
+    with pytest.raises(UserError, match="need 3 values"):
+        MTPLoss(2, weights=[1.0, 0.5])
+
+
+TOL = dict(atol=2e-5, rtol=1e-5)  # float32: chunked sums reorder additions, nothing more
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("distill", [False, True])
+def test_memory_efficient_loss_equals_naive_in_value_and_gradient(kind, distill):
+    window = torch.randint(0, 61, (3, 17))
+    window[1, 5] = 1
+    results = []
+    for efficient in (True, False):
+        model = tiny_model(kind, 3, seed=7, n_layers=4)
+        loss_fn = MTPLoss(3, weights=None if kind == "sequential" else [1.0, 0.5, 0.3, 0.2], eos_id=1,
+                          distill=distill, chunk_rows=5, memory_efficient=efficient)
+        out = loss_fn(model, model(window[:, :-1]), window)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((out, grads))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a.loss, b.loss, **TOL)
+    torch.testing.assert_close(a.per_depth_loss, b.per_depth_loss, **TOL)
+    torch.testing.assert_close(a.per_depth_acc, b.per_depth_acc, atol=0, rtol=0)
+    assert ga.keys() == gb.keys() and len(ga) > 0
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], **TOL, msg=n)
+
+
+def test_linear_cross_entropy_matches_autograd_in_float64_and_never_builds_full_logits():
+    torch.manual_seed(1)
+    N, C, V = 37, 8, 23
+    h = torch.randn(N, C, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(V, C, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    t[::5] = X
+    scale = torch.rand(N, dtype=torch.float64).float()
+    loss, ce, ok = linear_cross_entropy(h, w, t, scale, chunk_rows=4)
+    loss.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref, ref_ce, ref_ok = naive_linear_cross_entropy(h, w, t, scale)
+    ref.backward()
+    torch.testing.assert_close(loss.double(), ref.double(), atol=1e-6, rtol=0)
+    torch.testing.assert_close(gh, h.grad, atol=1e-6, rtol=0)
+    torch.testing.assert_close(gw, w.grad, atol=1e-6, rtol=0)
+    assert torch.equal(ok, ref_ok)
+    assert (ce[t == X] == 0).all()
+
+
+def test_distillation_targets_are_the_main_heads_later_distribution():
+    """Depth k at position i learns softmax(main logits at i+k): perfect heads give zero KL."""
+    model = tiny_model("parallel", 2, seed=2)
+    window = torch.randint(2, 61, (1, 12))
+    hiddens = model(window[:, :-1])
+    # A "perfect" head: depth k's state equals the main state k positions later.
+    perfect = [hiddens[0]] + [torch.cat([hiddens[0][:, k:], hiddens[0][:, -1:].expand(-1, k, -1)], 1) for k in (1, 2)]
+    out = MTPLoss(2, weights=[1.0, 1.0, 1.0], eos_id=1, distill=True)(model, perfect, window)
+    main_logp = torch.log_softmax(model.logits(hiddens[0]), -1)
+    entropy = -(main_logp.exp() * main_logp).sum(-1)[0]  # CE against itself = entropy
+    for k in (1, 2):
+        torch.testing.assert_close(out.per_depth_loss[k], entropy[k:11].mean().detach(), atol=1e-5, rtol=0)
+        assert out.per_depth_acc[k] == 1.0
