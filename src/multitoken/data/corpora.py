@@ -16,7 +16,7 @@
   (column ``field``), or a Hugging Face dataset saved with ``datasets.save_to_disk`` (column
   ``field``; every split of a DatasetDict, in sorted split order).
 
-Empty documents are dropped. Every document has a ``source`` id that does not depend on where the
+Empty (whitespace-only) documents are dropped. Every document has a ``source`` id that does not depend on where the
 corpus lives (a relative path, ``file.jsonl#row``), and the train/validation split is a
 function of that id alone (`is_validation`): adding or removing other documents never moves a
 document between splits, and the same corpus splits the same way on every machine.
@@ -96,7 +96,7 @@ class Corpus:
         self.skipped = []
         n = 0
         for doc in self._documents():
-            if doc.text:
+            if doc.text.strip():
                 n += 1
                 yield doc
         if n == 0:
@@ -120,7 +120,8 @@ class Corpus:
             yield from _parquet_rows(path, source, self.field)
         else:
             text = self._read_text(path, source)
-            for i, para in enumerate(p.strip("\n") for p in re.split(r"\n[ \t\r\f\v]*\n", text or "")):
+            paragraphs = (p.strip("\n") for p in re.split(r"\n[ \t\r\f\v]*\n", text or ""))
+            for i, para in enumerate(p for p in paragraphs if p.strip()):
                 yield Document(f"{source}#{i}", para)
 
     def _directory(self) -> Iterator[Document]:
