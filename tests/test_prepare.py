@@ -1,0 +1,126 @@
+"""prepare: every corpus kind into a DATA_DIR, EOS-separated documents, reuse, atomicity, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_corpora import make_corpora
+
+import multitoken.data.prepare as prep
+from multitoken.cli import main
+from multitoken.data.corpora import Corpus, split_documents
+from multitoken.data.prepare import load_meta, load_tokenizer, prepare
+from multitoken.data.shards import read_shard
+from multitoken.data.tokenizer import Tokenizer
+from multitoken.errors import UserError
+
+
+@pytest.fixture(scope="module")
+def corpora(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return make_corpora(tmp_path_factory.mktemp("corpora"))
+
+
+def documents_in(data_dir: Path, split: str) -> list[str]:
+    """The texts of a split, recovered by cutting the shard at EOS."""
+    tok = load_tokenizer(data_dir)
+    ids = np.asarray(read_shard(data_dir / f"{split}.bin"))
+    assert len(ids) == 0 or ids[-1] == tok.eos_id  # every document, the last included, ends with EOS
+    cuts = np.flatnonzero(ids == tok.eos_id)
+    return [tok.decode(ids[a + 1 if i else 0 : b]) for i, (a, b) in enumerate(zip(np.r_[-1, cuts[:-1]], cuts))]
+
+
+@pytest.mark.parametrize("kind", ["dir", "txt", "jsonl", "parquet", "hf-dataset", "hfdict"])
+def test_every_corpus_kind(kind: str, corpora: dict[str, Path], tmp_path: Path) -> None:
+    meta = prepare(str(corpora[kind]), "bytes", tmp_path, field="body", progress=False)
+    assert meta["reused"] is False and meta["vocab_size"] == 257 and meta["eos_id"] == 256 and meta["dtype"] == "uint16"
+    train, val = split_documents(list(Corpus(str(corpora[kind]), field="body")), prep.DEFAULT_VAL_FRACTION)
+    assert documents_in(tmp_path, "train") == [d.text for d in train]
+    assert documents_in(tmp_path, "val") == [d.text for d in val] and len(val) >= 1
+    s = meta["splits"]
+    assert (s["train"]["docs"], s["val"]["docs"]) == (len(train), len(val))
+    assert s["train"]["tokens"] == sum(len(d.text.encode()) + 1 for d in train)
+    assert meta["sources"]["val"] == [d.source for d in val]
+    assert load_meta(tmp_path) == {k: v for k, v in meta.items() if k != "reused"}
+
+
+def test_stdlib_bpe_trains_on_train_split_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[str] = []
+    real = Tokenizer.train_bpe.__func__
+
+    def spy(cls, texts, vocab_size, length=None):  # type: ignore[no-untyped-def]
+        texts = list(texts)
+        seen.extend(texts)
+        return real(cls, texts, vocab_size, length)
+
+    monkeypatch.setattr(Tokenizer, "train_bpe", classmethod(spy))
+    meta = prepare("python-stdlib", "bpe:400", tmp_path, max_docs=12, val_fraction=0.2, progress=False)
+    assert meta["corpus"] == "python-stdlib" and meta["tokenizer_kind"] == "bpe" and meta["eos_id"] == 0
+    assert meta["splits"]["train"]["docs"] + meta["splits"]["val"]["docs"] == 12
+    train_texts = documents_in(tmp_path, "train")
+    assert seen == train_texts and not set(documents_in(tmp_path, "val")) & set(seen)
+    assert meta["vocab_size"] == load_tokenizer(tmp_path).vocab_size <= 400
+
+
+def test_pretrained_tokenizer_path(corpora: dict[str, Path], tmp_path: Path) -> None:
+    tok = Tokenizer.train_bpe(["some training text for a tokenizer " * 50], 300)
+    tok.save(tmp_path / "tok")
+    meta = prepare(str(corpora["jsonl"]), str(tmp_path / "tok" / "tokenizer.json"), tmp_path / "data", field="body", progress=False)
+    assert meta["vocab_size"] == tok.vocab_size and meta["tokenizer_kind"] == "bpe"
+    assert documents_in(tmp_path / "data", "train")[0] == "doc 0\nline two of 0"
+
+
+def test_reuse_and_force(corpora: dict[str, Path], tmp_path: Path) -> None:
+    args = dict(corpus=str(corpora["dir"]), tokenizer="bytes", out=tmp_path, progress=False)
+    first = prepare(**args)
+    stamp = (tmp_path / "train.bin").stat().st_mtime_ns
+    again = prepare(**args)
+    assert again["reused"] is True and (tmp_path / "train.bin").stat().st_mtime_ns == stamp
+    assert prepare(**args, force=True)["reused"] is False
+    changed = prepare(**{**args, "tokenizer": "bpe:300"})
+    assert changed["reused"] is False and changed["vocab_size"] != first["vocab_size"]
+    assert prepare(**{**args, "tokenizer": "bpe:300"}, max_docs=5)["splits"]["train"]["docs"] < 5
+    # a damaged shard is not reused
+    data = (tmp_path / "val.bin").read_bytes()
+    (tmp_path / "val.bin").write_bytes(data[:-1])
+    assert prepare(**{**args, "tokenizer": "bpe:300"}, max_docs=5)["reused"] is False
+
+
+def test_killed_prepare_is_not_complete(corpora: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    prepare(str(corpora["dir"]), "bytes", tmp_path, progress=False)
+
+    def killed(*a, **k):  # type: ignore[no-untyped-def]
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(prep, "_write_split", killed)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(str(corpora["txt"]), "bytes", tmp_path, progress=False)
+    with pytest.raises(UserError, match="no complete prepare.*multitoken prepare"):
+        load_meta(tmp_path)
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_errors(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        prepare(str(tmp_path / "missing"), "bytes", tmp_path / "out", progress=False)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no documents"):
+        prepare(str(tmp_path / "empty"), "bytes", tmp_path / "out", progress=False)
+    with pytest.raises(UserError, match="DATA_DIR .* does not exist: run `multitoken prepare"):
+        load_meta(tmp_path / "nothing")
+    with pytest.raises(UserError, match="multitoken prepare"):
+        load_tokenizer(tmp_path / "empty")
+
+
+def test_cli(corpora: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["prepare", "--corpus", str(corpora["jsonl"]), "--field", "body", "--tokenizer", "bytes", "--out", str(tmp_path), "--quiet"]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"prepared {tmp_path}") and "train" in out and "val" in out
+    assert main(argv) == 0 and capsys.readouterr().out.startswith(f"reused {tmp_path}")
+    assert json.loads((tmp_path / "meta.json").read_text())["corpus_kind"] == "jsonl"
+    assert main(["prepare", "--corpus", str(tmp_path / "nope"), "--tokenizer", "bytes", "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: corpus") and err.count("\n") == 1
