@@ -1,0 +1,516 @@
+"""Hugging Face and GGUF interop: convert pretrained checkpoints in, export runs (heads included) out.
+
+The native model's parameter names are Hugging Face's Llama names minus the ``model.`` prefix
+(model.py), so the backbone maps by renaming alone; what this file adds is the exact mapping of
+config fields, refusing what the native model cannot represent (one-line `UserError`s), and a
+documented place for every MTP weight so that a round trip never loses a head.
+
+``multitoken convert (--hf DIR | --gguf FILE) --out RUN_DIR [--dtype bf16|fp32] [--heads KIND:N]``
+reads a local Llama / Qwen2 / Mistral folder (config.json + safetensors; pickled ``.bin`` files are
+refused, never unpickled) or a GGUF file (through transformers, which dequantises it to fp32) and
+writes a native run directory with the tokenizer. ``--heads`` adds fresh heads initialised from
+the backbone (for a retrofit); heads stored in the folder (an exported run) come back as they were.
+
+``multitoken export --run RUN_DIR --out HF_DIR`` writes a folder that
+``AutoModelForCausalLM.from_pretrained`` loads as a plain Llama (or Qwen2 / Mistral) model. The
+MTP weights ride along in the same ``model.safetensors`` (transformers reports them as unused
+weights and ignores them):
+
+=============  ======================================================================================
+heads          stored as (L = backbone layers, k = 0..D-1)
+=============  ======================================================================================
+sequential     DeepSeek-V3's layout: ``model.layers.{L+k}.{enorm,hnorm,eh_proj}.weight``,
+               ``model.layers.{L+k}.shared_head.norm.weight`` and the module's block under
+               ``model.layers.{L+k}.{input_layernorm,self_attn,post_attention_layernorm,mlp}``.
+               ``shared_head.head`` and the module's ``embed_tokens`` are omitted: they are the
+               model's own LM head and embedding. config.json: ``num_nextn_predict_layers = D``
+               (DeepSeek-V3's key) and ``num_mtp_layers = D`` (transformers' key).
+parallel       ``mtp.parallel.{k}.*``: head k+2's block (Gloeckle et al.; head 1 is the model's own
+               last block). The final norm and LM head are shared, so not repeated.
+medusa         Medusa's own layout: ``medusa_head.{k}.{j}.linear.{weight,bias}`` for residual
+               block j and ``medusa_head.{k}.{medusa_layers}.weight`` for the head's vocabulary
+               projection. config.json: ``medusa_num_heads``, ``medusa_num_layers``.
+=============  ======================================================================================
+
+Every export's config.json also has a ``multitoken`` dict (``{"format": 1, "heads": {"kind",
+"depth", "medusa_layers"}}``), which `convert --hf` reads to bring the heads back.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from multitoken.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, load_config, load_run, read_json, save_run, write_json
+from multitoken.config import HeadsConfig, ModelConfig
+from multitoken.errors import UserError
+from multitoken.model import Transformer
+
+SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+FORMAT_VERSION = 1
+PARALLEL_PREFIX, MEDUSA_PREFIX = "mtp.parallel.", "medusa_head."
+
+
+# ---- config ---------------------------------------------------------------------------------------
+
+
+def _rope_theta(hf: dict[str, Any]) -> float:
+    """RoPE base from either layout: transformers 5's ``rope_parameters`` or the older top-level keys."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    for p in (params, scaling):
+        kind = p.get("rope_type", p.get("type", "default"))
+        if kind not in (None, "default"):
+            raise UserError(f"rope scaling {kind!r} is not supported: only plain RoPE (rope_type 'default') maps onto the native model")
+    theta = params.get("rope_theta", hf.get("rope_theta"))
+    return float(theta) if theta is not None else 10000.0
+
+
+def _max_seq_len(hf: dict[str, Any], model_type: str) -> int:
+    """max_position_embeddings, capped to the sliding window where one is configured.
+
+    Within the window, sliding-window attention *is* full causal attention, so capping the
+    sequence length keeps the model exact instead of approximating a window we do not implement.
+    """
+    max_pos = int(hf.get("max_position_embeddings") or 2048)
+    window = hf.get("sliding_window")
+    if model_type == "qwen2":
+        layer_types = hf.get("layer_types") or []
+        in_use = bool(hf.get("use_sliding_window")) or "sliding_attention" in layer_types
+        window = window if in_use else None
+    if window is not None and int(window) < max_pos:
+        print(f"note: sliding_window={window} < max_position_embeddings={max_pos}: max_seq_len capped to {window}, "
+              "where full attention equals the window", file=sys.stderr)
+        return int(window)
+    return max_pos
+
+
+def config_from_hf(hf: dict[str, Any], heads: HeadsConfig | None = None, eos_id: int | None = None) -> ModelConfig:
+    """The native `ModelConfig` for a Hugging Face config.json dict.
+
+    Args:
+        hf: the parsed config.json.
+        heads: the MTP heads (default: none).
+        eos_id: the end-of-sequence id (default: the config's ``eos_token_id``, else 0).
+    Returns:
+        The config; raises `UserError` naming what is supported for anything it cannot represent.
+    """
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_TYPES:
+        raise UserError(f"model_type {model_type!r} is not supported: convert handles {', '.join(SUPPORTED_TYPES)} (Llama-family) checkpoints")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise UserError(f"hidden_act {act!r} is not supported: the native MLP is SwiGLU with silu")
+    if model_type != "qwen2" and hf.get("attention_bias"):
+        raise UserError(f"{model_type} with attention_bias=true (bias on o_proj too) is not supported: only q/k/v biases (Qwen2) map")
+    if hf.get("mlp_bias"):
+        raise UserError("mlp_bias=true is not supported: the native MLP has no biases")
+    if int(hf.get("pretraining_tp") or 1) != 1:
+        raise UserError("pretraining_tp > 1 is not supported: re-save the checkpoint with pretraining_tp=1")
+    n_heads = int(hf["num_attention_heads"])
+    dim = int(hf["hidden_size"])
+    if eos_id is None:
+        eos = hf.get("eos_token_id")
+        eos_id = int(eos[0] if isinstance(eos, list) else eos) if eos not in (None, []) else 0
+    return ModelConfig(
+        vocab_size=int(hf["vocab_size"]),
+        dim=dim,
+        n_layers=int(hf["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
+        head_dim=int(hf.get("head_dim") or dim // n_heads),
+        intermediate_size=int(hf["intermediate_size"]),
+        max_seq_len=_max_seq_len(hf, model_type),
+        rope_theta=_rope_theta(hf),
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # the three classes default to untied
+        attention_bias=model_type == "qwen2",
+        eos_id=eos_id,
+        heads=heads or HeadsConfig(),
+    )
+
+
+def config_to_hf(cfg: ModelConfig, model_type: str, dtype: torch.dtype, bos_id: int | None = None) -> dict[str, Any]:
+    """A config.json dict for `cfg` that transformers reads as `model_type` (heads described too)."""
+    if model_type not in SUPPORTED_TYPES:
+        raise UserError(f"cannot export as {model_type!r}: choose one of {', '.join(SUPPORTED_TYPES)}")
+    if cfg.attention_bias != (model_type == "qwen2"):
+        model_type = "qwen2" if cfg.attention_bias else "llama"  # only Qwen2 has q/k/v biases without an o bias
+    hf: dict[str, Any] = {
+        "architectures": [ARCHITECTURES[model_type]],
+        "model_type": model_type,
+        "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.dim,
+        "intermediate_size": cfg.intermediate_size,
+        "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads,
+        "num_key_value_heads": cfg.n_kv_heads,
+        "head_dim": cfg.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": cfg.max_seq_len,
+        "rms_norm_eps": cfg.norm_eps,
+        # Both spellings: transformers 5 reads rope_parameters, older releases rope_theta.
+        "rope_theta": cfg.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "eos_token_id": cfg.eos_id,
+        "bos_token_id": bos_id,
+        "torch_dtype": str(dtype).removeprefix("torch."),
+        "dtype": str(dtype).removeprefix("torch."),
+        "use_cache": True,
+    }
+    if model_type == "llama":
+        hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
+    elif model_type == "qwen2":
+        hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers,
+                  layer_types=["full_attention"] * cfg.n_layers)
+    else:
+        hf.update(sliding_window=None)
+    h = cfg.heads
+    if h.kind == "sequential":
+        hf.update(num_nextn_predict_layers=h.depth, num_mtp_layers=h.depth)
+    elif h.kind == "medusa":
+        hf.update(medusa_num_heads=h.depth, medusa_num_layers=h.medusa_layers)
+    hf["multitoken"] = {"format": FORMAT_VERSION, "heads": {"kind": h.kind, "depth": h.depth, "medusa_layers": h.medusa_layers}}
+    return hf
+
+
+def heads_from_hf(hf: dict[str, Any]) -> HeadsConfig:
+    """The heads an exported folder carries: its ``multitoken`` dict, else DeepSeek's ``num_nextn_predict_layers``."""
+    mt = hf.get("multitoken")
+    if isinstance(mt, dict) and isinstance(mt.get("heads"), dict):
+        if int(mt.get("format", 0)) > FORMAT_VERSION:
+            raise UserError(f"config.json's multitoken format {mt['format']} is newer than this release reads ({FORMAT_VERSION}): upgrade multitoken")
+        return HeadsConfig(**mt["heads"])
+    n = int(hf.get("num_nextn_predict_layers") or hf.get("num_mtp_layers") or 0)
+    if n:
+        return HeadsConfig(kind="sequential", depth=n)
+    if hf.get("medusa_num_heads"):
+        return HeadsConfig(kind="medusa", depth=int(hf["medusa_num_heads"]), medusa_layers=int(hf.get("medusa_num_layers") or 1))
+    return HeadsConfig()
+
+
+# ---- weights --------------------------------------------------------------------------------------
+
+
+def native_to_hf_name(name: str, cfg: ModelConfig) -> str:
+    """The Hugging Face (export) name of native parameter `name` (layout in the module docstring)."""
+    L = cfg.n_layers
+    if name == "lm_head.weight":
+        return name
+    if m := re.fullmatch(r"mtp\.layers\.(\d+)\.(.+)", name):
+        k, rest = int(m[1]), m[2]
+        return f"model.layers.{L + k}.{'shared_head.norm.weight' if rest == 'norm.weight' else rest}"
+    if m := re.fullmatch(r"mtp\.blocks\.(\d+)\.(.+)", name):
+        return f"{PARALLEL_PREFIX}{m[1]}.{m[2]}"
+    if m := re.fullmatch(r"mtp\.heads\.(\d+)\.blocks\.(\d+)\.(.+)", name):
+        return f"{MEDUSA_PREFIX}{m[1]}.{m[2]}.{m[3]}"
+    if m := re.fullmatch(r"mtp\.heads\.(\d+)\.lm_head\.weight", name):
+        return f"{MEDUSA_PREFIX}{m[1]}.{cfg.heads.medusa_layers}.weight"
+    if name.startswith("mtp."):
+        raise AssertionError(f"no export name for head parameter {name}")  # a new head family needs a mapping here
+    return "model." + name
+
+
+def state_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
+    """The model's weights under their export names (tied LM head stored once, as the embedding)."""
+    state = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight" and model.config.tie_embeddings:
+            continue
+        state[native_to_hf_name(name, model.config)] = t.detach().contiguous().cpu()
+    return state
+
+
+def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, fresh_heads: bool = False) -> dict[str, torch.Tensor]:
+    """Rename a Hugging Face state dict to native names; every tensor must find a place.
+
+    Args:
+        hf_state: tensors by Hugging Face name.
+        cfg: the native config (its heads decide where MTP weights go).
+        fresh_heads: the heads are new (a retrofit), so the checkpoint does not hold them.
+    Returns:
+        The native state dict (no ``lm_head.weight`` when tied). Raises `UserError` listing any
+        tensor that has no native counterpart or any native weight that is missing: nothing is
+        silently dropped.
+    """
+    model_names = _native_names(cfg)
+    reverse = {native_to_hf_name(n, cfg): n for n in model_names}
+    out: dict[str, torch.Tensor] = {}
+    unused = []
+    for name, t in hf_state.items():
+        if name.endswith("rotary_emb.inv_freq"):
+            continue  # older checkpoints stored the RoPE table; it is recomputed from rope_theta
+        if name in reverse:
+            out[reverse[name]] = t
+            continue
+        shared = _shared_copy(name, cfg)
+        if shared is not None:
+            # DeepSeek-style checkpoints may repeat the shared embedding / LM head per MTP module:
+            # accept them only when they really are copies.
+            ref = hf_state.get(shared, hf_state.get("model.embed_tokens.weight") if shared == "lm_head.weight" else None)
+            if ref is not None and torch.equal(ref, t):
+                continue
+            raise UserError(f"{name} differs from {shared}: MTP modules with their own embedding or LM head are not supported")
+        if name == "lm_head.weight" and cfg.tie_embeddings:
+            if not torch.equal(t, hf_state["model.embed_tokens.weight"]):
+                raise UserError("tie_word_embeddings is true but lm_head.weight differs from the embedding: fix config.json")
+            continue
+        unused.append(name)
+    if unused:
+        raise UserError(f"{len(unused)} weight(s) have no place in a {cfg.heads} model (e.g. {', '.join(sorted(unused)[:3])}): "
+                        "not a plain Llama/Qwen2/Mistral checkpoint or an export of one")
+    missing = [n for n in model_names if n not in out and not (fresh_heads and n.startswith("mtp."))]
+    if missing:
+        raise UserError(f"checkpoint lacks {len(missing)} weight(s) (e.g. {', '.join(missing[:3])}): incomplete or not a Llama-family checkpoint")
+    return out
+
+
+def _native_names(cfg: ModelConfig) -> list[str]:
+    with torch.device("meta"):
+        names = list(Transformer(cfg).state_dict())
+    return [n for n in names if not (n == "lm_head.weight" and cfg.tie_embeddings)]
+
+
+def _shared_copy(name: str, cfg: ModelConfig) -> str | None:
+    """For a per-MTP-module copy of a shared tensor, the tensor it must equal."""
+    if cfg.heads.kind != "sequential":
+        return None
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight)", name)
+    if not m or not cfg.n_layers <= int(m[1]) < cfg.n_layers + cfg.heads.depth:
+        return None
+    return "model.embed_tokens.weight" if m[2].startswith("embed") else "lm_head.weight"
+
+
+def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a folder's safetensors files (one file or an indexed set of shards)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted({folder / f for f in read_json(index)["weight_map"].values()})
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in folder.glob("*.bin")) + sorted(p.name for p in folder.glob("*.pt*"))
+        if pickled:
+            raise UserError(f"{folder} has only pickled weights ({pickled[0]}), which multitoken never loads: re-save them as safetensors "
+                            "(save_pretrained(..., safe_serialization=True))")
+        raise UserError(f"{folder} has no .safetensors weights: point --hf at a Hugging Face model folder")
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as sf:
+            for k in sf.keys():
+                state[k] = sf.get_tensor(k)
+    return state
+
+
+# ---- convert --------------------------------------------------------------------------------------
+
+
+def _load_tokenizer(path: Path, eos_id: int | None, tokenizer: str | None):
+    """The run's tokenizer, its EOS token forced to the model's ``eos_token_id`` so that data
+    preparation (document separators), the loss and generation all agree on one id."""
+    from multitoken.data.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(tokenizer or path)
+    if eos_id is not None and tok.eos_id != eos_id:
+        token = tok.id_to_token(eos_id)
+        if token is None:
+            raise UserError(f"eos_token_id {eos_id} is not in the tokenizer's vocabulary: fix config.json or pass --tokenizer")
+        tok = Tokenizer.load(tokenizer or path, eos_token=token)
+    return tok
+
+
+def _config_eos(hf: dict[str, Any]) -> int | None:
+    eos = hf.get("eos_token_id")
+    if isinstance(eos, list):
+        eos = eos[0] if eos else None
+    return int(eos) if eos is not None else None
+
+
+def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], fresh_heads: bool) -> Transformer:
+    """A native model holding `state`; with `fresh_heads`, the heads start from the backbone."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model = model.to_empty(device="cpu")
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.init_weights()  # RoPE buffers and random head weights, before the real weights land
+    result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("mtp.") and not (cfg.tie_embeddings and k == "lm_head.weight")]
+    assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
+    if fresh_heads and model.mtp is not None:
+        model.mtp.init_from_backbone(model)
+    return model.eval()
+
+
+def _resolve_heads(stored: HeadsConfig, asked: HeadsConfig | None, where: str) -> tuple[HeadsConfig, bool]:
+    """(heads, fresh): the folder's own heads, or new ones when it has none."""
+    if stored.kind != "none":
+        if asked is not None and asked.kind != "none" and (asked.kind, asked.depth) != (stored.kind, stored.depth):
+            raise UserError(f"{where} already carries {stored} heads: drop --heads {asked} (or export the run without heads first)")
+        return stored, False
+    return (asked or HeadsConfig()), bool(asked and asked.kind != "none")
+
+
+def convert_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None, heads: HeadsConfig | None = None,
+               tokenizer: str | None = None) -> Path:
+    """Convert a local Hugging Face Llama / Qwen2 / Mistral folder (safetensors) into a run directory.
+
+    Args:
+        hf_dir: folder with config.json, safetensors weights and tokenizer files.
+        out: the run directory to write.
+        dtype: 'fp32' or 'bf16'; default keeps the checkpoint's own (fp32 unless all weights are bf16).
+        heads: new MTP heads to add (initialised from the backbone); heads the folder already
+            carries (a `multitoken export`) are restored as they are.
+        tokenizer: a tokenizer path when the folder has none.
+    Returns:
+        The run directory.
+    """
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"{hf_dir} has no config.json: point --hf at a Hugging Face model folder (or use --gguf for a .gguf file)")
+    hf = read_json(hf_dir / "config.json")
+    state = read_safetensors_folder(hf_dir)
+    model_heads, fresh = _resolve_heads(heads_from_hf(hf), heads, str(hf_dir))
+    tok = _load_tokenizer(hf_dir, _config_eos(hf), tokenizer)
+    cfg = config_from_hf(hf, model_heads, eos_id=tok.eos_id)
+    if dtype is None:
+        dtype = "bf16" if all(t.dtype == torch.bfloat16 for t in state.values() if t.is_floating_point()) else "fp32"
+    model = build_model(cfg, state_from_hf(state, cfg, fresh), fresh)
+    return _save(model, tok, out, dtype, source={"format": "hf", "path": str(hf_dir.resolve()), "model_type": hf["model_type"]})
+
+
+def convert_gguf(gguf_file: str | Path, out: str | Path, dtype: str | None = None, heads: HeadsConfig | None = None) -> Path:
+    """Convert a GGUF file (read and dequantised by transformers) into a run directory.
+
+    Args:
+        gguf_file: the .gguf file (transformers, gguf and accelerate must be installed).
+        out: the run directory to write.
+        dtype: 'fp32' (default: the dequantised values exactly) or 'bf16'.
+        heads: new MTP heads to add, initialised from the backbone.
+    Returns:
+        The run directory.
+    """
+    hf_model = load_gguf_transformers(gguf_file)
+    hf = hf_model.config.to_dict()
+    tok = _load_tokenizer(Path(gguf_file), _config_eos(hf), None)
+    model_heads, fresh = _resolve_heads(HeadsConfig(), heads, str(gguf_file))
+    cfg = config_from_hf(hf, model_heads, eos_id=tok.eos_id)
+    model = build_model(cfg, state_from_hf(hf_model.state_dict(), cfg, fresh), fresh)
+    del hf_model
+    return _save(model, tok, out, dtype or "fp32",
+                 source={"format": "gguf", "path": str(Path(gguf_file).resolve()), "model_type": hf["model_type"]})
+
+
+def load_gguf_transformers(gguf_file: str | Path):
+    """The transformers model for a GGUF file (fp32, eval mode); a one-line error when it cannot load."""
+    p = Path(gguf_file)
+    if not p.is_file():
+        raise UserError(f"{p} does not exist: give the path of a .gguf file")
+    try:
+        import accelerate  # noqa: F401  transformers needs it for GGUF and says so less clearly
+        import gguf  # noqa: F401
+        from transformers import AutoModelForCausalLM
+    except ImportError as e:
+        raise UserError(f"reading GGUF needs transformers, gguf and accelerate ({e.name} is missing): pip install 'multitoken[hf]'") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(p.parent), gguf_file=p.name, dtype=torch.float32)
+    except (ValueError, KeyError, OSError) as e:
+        raise UserError(f"transformers cannot load {p} ({str(e).splitlines()[0] if str(e) else type(e).__name__}): "
+                        f"convert supports {', '.join(SUPPORTED_TYPES)} GGUF files") from None
+    return model.eval()
+
+
+def _save(model: Transformer, tok, out: str | Path, dtype: str, source: dict[str, Any]) -> Path:
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    model = model.to(DTYPES[dtype])
+    save_run(out, model, tok, extra={"source": {**source, "dtype": dtype}})
+    return Path(out)
+
+
+# ---- export ---------------------------------------------------------------------------------------
+
+
+def export_hf(run_dir: str | Path, out: str | Path, model_type: str | None = None) -> Path:
+    """Write a run as a Hugging Face folder: config.json, model.safetensors (heads included), tokenizer.
+
+    Args:
+        run_dir: a run directory.
+        out: the folder to write (created; existing files of the same names are replaced).
+        model_type: 'llama', 'qwen2' or 'mistral'; default: the converted source's type, else
+            'qwen2' for a model with attention biases and 'llama' otherwise.
+    Returns:
+        The folder.
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    if out.resolve() == run_dir.resolve():
+        raise UserError("--out must differ from --run: export writes Hugging Face files next to nothing of the run")
+    model, tok = load_run(run_dir, with_tokenizer=(run_dir / "tokenizer.json").is_file())
+    with safe_open(str(run_dir / WEIGHTS_FILE), framework="pt") as sf:
+        dtype = sf.get_slice(next(iter(sf.keys()))).get_dtype()
+    dtype = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(dtype, torch.float32)
+    model = model.to(dtype)
+    source = read_json(run_dir / CONFIG_FILE).get("source") or {}
+    mt = model_type or source.get("model_type") or ("qwen2" if model.config.attention_bias else "llama")
+    bos = tok.bos_id if tok is not None else None
+    out.mkdir(parents=True, exist_ok=True)
+    state = state_to_hf(model)
+    atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    write_json(out / "config.json", config_to_hf(model.config, mt, dtype, bos))
+    write_json(out / "generation_config.json", {"eos_token_id": model.config.eos_id, "bos_token_id": bos})
+    if tok is not None:
+        tok.save(out)
+    return out
+
+
+# ---- CLI ------------------------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("convert", help="convert a Hugging Face folder or GGUF file into a run directory",
+                              description="Convert a local Llama / Qwen2 / Mistral checkpoint (safetensors folder or GGUF file) into a run directory.")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--hf", metavar="DIR", help="Hugging Face model folder (config.json + safetensors)")
+    src.add_argument("--gguf", metavar="FILE", help="GGUF file (read through transformers; needs gguf and accelerate)")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
+    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="stored weight dtype (default: the source's; fp32 for GGUF)")
+    p.add_argument("--heads", default=None, metavar="KIND:N", help="add fresh MTP heads initialised from the backbone (e.g. medusa:3)")
+    p.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer to use when the folder has none")
+    p.set_defaults(func=run_convert)
+
+    e = subparsers.add_parser("export", help="export a run as a Hugging Face folder (MTP heads kept)",
+                              description="Write a run directory as a folder that transformers' AutoModelForCausalLM loads; MTP weights ride along.")
+    e.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory to export")
+    e.add_argument("--out", required=True, metavar="HF_DIR", help="folder to write")
+    e.add_argument("--model-type", choices=SUPPORTED_TYPES, default=None, help="config model_type (default: the source's, else llama/qwen2)")
+    e.set_defaults(func=run_export)
+
+
+def run_convert(args: argparse.Namespace) -> int:
+    heads = HeadsConfig.parse(args.heads) if args.heads else None
+    if args.hf:
+        out = convert_hf(args.hf, args.out, args.dtype, heads, args.tokenizer)
+    else:
+        if args.tokenizer:
+            raise UserError("--tokenizer is for --hf folders: a GGUF file carries its own tokenizer")
+        out = convert_gguf(args.gguf, args.out, args.dtype, heads)
+    cfg = load_config(out)
+    print(f"wrote {out}: {cfg.n_layers} layers, d={cfg.dim}, vocab {cfg.vocab_size}, heads {cfg.heads}, eos_id {cfg.eos_id}")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    out = export_hf(args.run, args.out, args.model_type)
+    cfg = load_config(args.run)
+    print(f"wrote {out}: loads with AutoModelForCausalLM.from_pretrained; heads {cfg.heads} kept in model.safetensors")
+    return 0
