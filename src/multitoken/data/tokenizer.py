@@ -234,7 +234,8 @@ class Tokenizer:
         """Encode many texts in parallel (the Rust tokenizer uses every core); special tokens stay text."""
         if self._is_bytes:
             return [list(t.encode("utf-8")) for t in texts]
-        return [e.ids for e in self._tok.encode_batch_fast(list(texts), add_special_tokens=False)]
+        batch = getattr(self._tok, "encode_batch_fast", self._tok.encode_batch)  # _fast (no offsets) since tokenizers 0.21
+        return [e.ids for e in batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
         """Text of `ids` (an incomplete UTF-8 sequence at the end decodes to U+FFFD)."""
@@ -323,6 +324,8 @@ class StreamDecoder:
 def _is_byte_vocab(tok: _RustTokenizer) -> bool:
     """True for the `Tokenizer.bytes` layout (ids 0..255 = bytes, no merges), which has a fast path."""
     if tok.get_vocab_size(with_added_tokens=False) != 256 or tok.normalizer is not None:
+        return False
+    if type(tok.pre_tokenizer).__name__ != "ByteLevel" or type(tok.model).__name__ != "BPE":
         return False
     alphabet = _byte_alphabet()
     vocab = tok.get_vocab(with_added_tokens=False)
