@@ -1,0 +1,280 @@
+"""Draft trees for self-speculative decoding: static (Medusa) and dynamic (EAGLE-2 style).
+
+A tree has N nodes; node 0 is the root (the pending token), every other node is a candidate
+token at depth d (1..k), drafted by head d. Nodes are stored parents-first, so one pass of
+``ancestors`` after `depth` hops resolves every path. Children of one node always carry distinct
+tokens (distinct top-k ranks), which is what makes tree sampling exact (speculative.tree_steps).
+
+- `StaticTree`: a fixed set of rank paths ``(r_1, ..., r_d)``: node token = rank r_d of head d.
+  `build_static` chooses the paths greedily, Medusa style: given measured per-depth top-r
+  accuracies a[d][r], a node's acceptance probability is prod a[i][r_i] along its path, the
+  expected accepted length is their sum, and the next node added is always the candidate child
+  with the highest probability, until the node budget is spent.
+- `DynamicTree`: rebuilt every step from the draft confidence (EAGLE-2): beam-expand the top-W
+  tokens of each head, score a path by the sum of log-probabilities along it, keep the N-1 best
+  nodes overall (a child scores below its parent, so the kept set is always a tree).
+
+``multitoken tree --run RUN_DIR --data DATA_DIR [--nodes N]`` measures a[d][r] on validation
+windows and writes RUN_DIR/tree.json, which ``multitoken generate --mode tree`` uses by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from multitoken.errors import UserError
+
+TREE_FILE = "tree.json"
+DEFAULT_NODES = 16
+
+
+@dataclass
+class StaticTree:
+    """A fixed tree: every non-root node as its path of ranks per depth, parents before children."""
+
+    paths: list[tuple[int, ...]]
+    _cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.paths = sorted({tuple(int(r) for r in p) for p in self.paths}, key=lambda p: (len(p), p))
+        known = set(self.paths) | {()}
+        for p in self.paths:
+            if not p or p[:-1] not in known or min(p) < 0:
+                raise UserError(f"tree path {list(p)} has no parent in the tree (or a negative rank): every prefix of a path must be a path")
+
+    @property
+    def nodes(self) -> int:
+        return 1 + len(self.paths)
+
+    @property
+    def depth(self) -> int:
+        return max((len(p) for p in self.paths), default=0)
+
+    def truncate(self, depth: int) -> "StaticTree":
+        return StaticTree([p for p in self.paths if len(p) <= depth])
+
+    def tensors(self, device) -> tuple[Tensor, Tensor, Tensor]:
+        """(parent, depth, rank) per node (N,), on `device`."""
+        key = str(device)
+        if key not in self._cache:
+            index = {(): 0} | {p: i + 1 for i, p in enumerate(self.paths)}
+            parent = [0] + [index[p[:-1]] for p in self.paths]
+            depth = [0] + [len(p) for p in self.paths]
+            rank = [0] + [p[-1] for p in self.paths]
+            self._cache[key] = tuple(torch.tensor(v, dtype=torch.long, device=device) for v in (parent, depth, rank))
+        return self._cache[key]
+
+
+@dataclass
+class DynamicTree:
+    """A tree of `nodes` nodes and at most `depth` levels, rebuilt each step from draft confidence."""
+
+    nodes: int = DEFAULT_NODES
+    depth: int = 1
+    width: int = 0
+    """Top tokens per head and beam width per level (0: chosen from nodes and depth)."""
+
+    def __post_init__(self) -> None:
+        if self.nodes < 2:
+            raise UserError(f"a tree of {self.nodes} node(s) drafts nothing: use at least 2 nodes")
+        if self.width == 0:
+            self.width = max(math.ceil((self.nodes - 1) / self.depth), min(self.nodes - 1, 8))
+
+
+def build_nodes(tree: StaticTree | DynamicTree, x: Tensor, lq: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """This step's nodes from the pending token x (B,) and the heads' draft logits lq (B, k, V).
+
+    Returns:
+        (tokens, parent, depth), each (B, N), parents before children, node 0 the root.
+    """
+    B = x.shape[0]
+    if isinstance(tree, DynamicTree):
+        return dynamic_nodes(x, lq, tree.nodes, tree.width)
+    parent, depth, rank = tree.tensors(x.device)
+    R = int(rank.max()) + 1
+    top = lq.topk(R, dim=-1).indices.flatten(1)  # (B, k*R)
+    tokens = top[:, ((depth - 1).clamp(min=0) * R + rank)]  # (B, N)
+    tokens[:, 0] = x
+    return tokens, parent.expand(B, -1), depth.expand(B, -1)
+
+
+def dynamic_nodes(x: Tensor, lq: Tensor, nodes: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """EAGLE-2-style tree: beam-expand top-`width` tokens per head, keep the nodes-1 most probable."""
+    B, k, V = lq.shape
+    W = min(width, V)
+    if k * W < nodes - 1:
+        raise UserError(f"a dynamic tree of {nodes} nodes needs more candidates than {k} head(s) x {W} tokens: use fewer nodes")
+    dev = x.device
+    topv, topi = lq.float().log_softmax(-1).topk(W, dim=-1)  # (B, k, W)
+    ar = torch.arange(W, device=dev)
+    scores, toks, parents = [topv[:, 0]], [topi[:, 0]], [torch.zeros(B, W, dtype=torch.long, device=dev)]
+    beam_s, beam_id = topv[:, 0], (1 + ar).expand(B, W)
+    for d in range(1, k):
+        cand = (beam_s[:, :, None] + topv[:, d][:, None, :]).flatten(1)  # (B, W*W)
+        s, j = cand.topk(W, dim=-1)
+        parents.append(beam_id.gather(1, j // W))
+        toks.append(topi[:, d].gather(1, j % W))
+        scores.append(s)
+        beam_s, beam_id = s, (1 + d * W + ar).expand(B, W)
+    level = torch.arange(k, device=dev).repeat_interleave(W)  # depth-1 of candidate ids 1..kW
+    # A tiny per-level penalty makes a child rank strictly below its parent even when p = 1.
+    score = torch.cat(scores, 1) - 1e-4 * level
+    sel = score.topk(nodes - 1, dim=-1).indices.sort(dim=-1).values  # (B, N-1): ids are level-major
+    new_id = torch.zeros(B, 1 + k * W, dtype=torch.long, device=dev)
+    new_id.scatter_(1, sel + 1, torch.arange(1, nodes, device=dev).expand(B, -1))
+    parent = new_id.gather(1, torch.cat(parents, 1).gather(1, sel))
+    zero = torch.zeros(B, 1, dtype=torch.long, device=dev)
+    tokens = torch.cat([x[:, None], torch.cat(toks, 1).gather(1, sel)], 1)
+    depth = torch.cat([zero, (level + 1).expand(B, -1).gather(1, sel)], 1)
+    return tokens, torch.cat([zero, parent], 1), depth
+
+
+def ancestors(parent: Tensor, depth: int) -> Tensor:
+    """(B, N, N) bool: [b, i, j] is True when node j is node i or one of its ancestors."""
+    B, N = parent.shape
+    eye = torch.eye(N, dtype=torch.bool, device=parent.device).expand(B, N, N)
+    anc = eye
+    for _ in range(depth):
+        anc = eye | anc.gather(1, parent[:, :, None].expand(B, N, N))
+    return anc
+
+
+# ---- choosing trees --------------------------------------------------------------------------------
+def build_static(accuracy: list[list[float]], nodes: int) -> StaticTree:
+    """The static tree of `nodes` nodes that greedily maximises the expected accepted length.
+
+    Args:
+        accuracy: accuracy[d][r] = how often head d+1's rank-r candidate is the right token.
+        nodes: node budget, root included.
+    """
+    if nodes < 2:
+        raise UserError(f"a tree of {nodes} node(s) drafts nothing: use --nodes 2 or more")
+    D = len(accuracy)
+    heap: list[tuple[float, tuple[int, ...]]] = []
+
+    def push_children(path: tuple[int, ...], prob: float) -> None:
+        if len(path) < D:
+            for r, a in enumerate(accuracy[len(path)]):
+                heapq.heappush(heap, (-prob * a, path + (r,)))
+
+    push_children((), 1.0)
+    paths: list[tuple[int, ...]] = []
+    while heap and len(paths) < nodes - 1:
+        neg, path = heapq.heappop(heap)
+        paths.append(path)
+        push_children(path, -neg)
+    return StaticTree(paths)
+
+
+def expected_accept_length(tree: StaticTree, accuracy: list[list[float]]) -> float:
+    """Expected tokens per step under independent per-depth accuracies: 1 (bonus) + sum of path probabilities."""
+    return 1.0 + sum(math.prod(accuracy[i][r] for i, r in enumerate(p)) for p in tree.paths)
+
+
+def as_tree(tree, draft: int | None, max_depth: int) -> StaticTree | DynamicTree:
+    """Resolve generate's `tree` argument: a tree, an int (dynamic tree nodes) or None (dynamic, 16 nodes)."""
+    depth = draft or max_depth
+    if tree is None or isinstance(tree, int):
+        return DynamicTree(DEFAULT_NODES if tree is None else tree, depth)
+    if isinstance(tree, DynamicTree):
+        t = DynamicTree(tree.nodes, min(tree.depth, depth), tree.width)
+    elif isinstance(tree, StaticTree):
+        t = tree.truncate(draft) if draft else tree
+    else:
+        raise UserError(f"tree {tree!r}: give a StaticTree, a DynamicTree or a node count")
+    if t.depth > max_depth or t.depth < 1:
+        raise UserError(f"the tree has depth {t.depth} but the model has {max_depth} MTP head(s): re-measure it with `multitoken tree` or pass --draft")
+    return t
+
+
+def load_tree(path: str | Path) -> StaticTree:
+    from multitoken.checkpoint import read_json
+
+    data = read_json(path)
+    if "paths" not in data:
+        raise UserError(f"{path} has no 'paths': write it with `multitoken tree`")
+    return StaticTree([tuple(p) for p in data["paths"]])
+
+
+def resolve_tree(spec: str | None, run_dir: str | Path) -> StaticTree | DynamicTree | None:
+    """CLI --tree: None -> RUN_DIR/tree.json when present (else None: dynamic), 'dynamic:N', or a path."""
+    if spec is None:
+        path = Path(run_dir) / TREE_FILE
+        return load_tree(path) if path.is_file() else None
+    if spec.startswith("dynamic"):
+        _, _, n = spec.partition(":")
+        if n and not n.isdigit():
+            raise UserError(f"--tree {spec!r}: expected dynamic:N with N a node count")
+        return DynamicTree(int(n) if n else DEFAULT_NODES, 1 << 30)  # depth capped by the model in as_tree
+    return load_tree(spec)
+
+
+@torch.no_grad()
+def measure_topk_accuracy(model, batches, ranks: int = 10, eos_id: int | None = None) -> tuple[list[list[float]], int]:
+    """Per-depth top-r accuracy of the heads on token windows (teacher forcing).
+
+    Args:
+        model: a Transformer with MTP heads.
+        batches: iterable of (B, T+1) windows.
+        ranks: candidates per depth to measure.
+    Returns:
+        (accuracy[d][r] for depth d+1 and rank r, number of scored positions at depth 1).
+    """
+    from multitoken.loss import IGNORE_INDEX, shift_targets
+
+    D = model.depth
+    hits = torch.zeros(D, ranks, dtype=torch.float64)
+    count = torch.zeros(D, dtype=torch.float64)
+    device = next(model.parameters()).device
+    for window in batches:
+        window = window.to(device)
+        out = model(window[:, :-1])
+        for d in range(1, D + 1):
+            target = shift_targets(window, d, eos_id)  # (B, T)
+            top = model.logits(out[d], d).topk(ranks, dim=-1).indices  # (B, T, R)
+            valid = target != IGNORE_INDEX
+            hits[d - 1] += ((top == target[..., None]) & valid[..., None]).sum((0, 1)).double().cpu()
+            count[d - 1] += valid.sum().double().cpu()
+    acc = (hits / count.clamp(min=1)[:, None]).tolist()
+    return acc, int(count[0])
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("tree", help="measure the heads' top-k accuracy and write RUN_DIR/tree.json (static draft tree)")
+    p.add_argument("--run", required=True, help="run directory with MTP heads")
+    p.add_argument("--data", required=True, help="DATA_DIR from `multitoken prepare` (its validation split is used)")
+    p.add_argument("--nodes", type=int, default=DEFAULT_NODES * 4, help="tree size, root included")
+    p.add_argument("--ranks", type=int, default=10, help="candidates per depth to measure")
+    p.add_argument("--batches", type=int, default=16, help="validation batches to score")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's context)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from multitoken.checkpoint import load_run, write_json
+    from multitoken.data.loader import TokenLoader
+
+    model, _ = load_run(args.run, device=args.device, with_tokenizer=False)
+    if model.depth == 0:
+        raise UserError(f"{args.run} has no MTP heads: a draft tree needs heads (train with --heads KIND:N)")
+    seq_len = args.seq_len or model.config.max_seq_len
+    loader = TokenLoader(args.data, "val", batch_size=args.batch_size, seq_len=seq_len)
+    acc, n = measure_topk_accuracy(model, loader.eval_batches(args.batches), args.ranks, model.config.eos_id)
+    tree = build_static(acc, args.nodes)
+    tau = expected_accept_length(tree, acc)
+    write_json(Path(args.run) / TREE_FILE, {"paths": [list(p) for p in tree.paths], "nodes": tree.nodes,
+                                            "depth": tree.depth, "topk_accuracy": acc, "positions": n,
+                                            "expected_tau": tau})
+    for d, row in enumerate(acc, start=1):
+        print(f"depth {d}: top-1 {row[0]:.3f}  top-{len(row)} {sum(row):.3f}")
+    print(f"wrote {Path(args.run) / TREE_FILE}: {tree.nodes} nodes, depth {tree.depth}, expected tau {tau:.2f}")
+    return 0
