@@ -137,3 +137,142 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", dtype: tor
 
         tokenizer = Tokenizer.load(run_dir)
     return model, tokenizer
+
+
+# ---- training checkpoints ---------------------------------------------------------------------
+# RUN_DIR/checkpoints/step_00000100/ holds one complete training state:
+#     model.safetensors      weights (as `model_state` stores them)
+#     optimizer.safetensors  optimizer tensors, keyed "state/<param name>/<key>"
+#     rng.safetensors        RNG states
+#     state.json             step, data-loader state, optimizer param groups, anything else
+# RUN_DIR/checkpoints/latest.json names the newest complete one and is written last: a process
+# killed at any moment leaves the previous pointer, which names a checkpoint whose files were
+# all renamed into place before the pointer moved.
+
+CHECKPOINTS_DIR, LATEST_FILE, STATE_FILE = "checkpoints", "latest.json", "state.json"
+OPTIMIZER_FILE, RNG_FILE = "optimizer.safetensors", "rng.safetensors"
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write a flat dict of tensors to safetensors atomically (tensors are copied to contiguous CPU)."""
+    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    atomic_write(path, lambda tmp: save_file(data, tmp, metadata={"format": "pt"}))
+
+
+def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found: the checkpoint is incomplete; delete its folder to resume from the previous one")
+    return load_file(str(path))
+
+
+def optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+    """Split an optimizer state keyed by parameter name into (tensors, JSON-able param groups).
+
+    Args:
+        state: ``{"state": {name: {key: tensor|number}}, "param_groups": [{..., "params": [name, ...]}]}``.
+    Returns:
+        (``{"state/<name>/<key>": tensor}``, param_groups); non-tensor per-parameter values become 0-d tensors.
+    """
+    tensors = {}
+    for name, entry in state["state"].items():
+        for key, value in entry.items():
+            tensors[f"state/{name}/{key}"] = value if isinstance(value, torch.Tensor) else torch.tensor(value)
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, groups
+
+
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], groups: list[dict[str, Any]]) -> dict[str, Any]:
+    """Inverse of `optimizer_to_flat` (tuples such as betas come back as tuples)."""
+    state: dict[str, dict[str, torch.Tensor]] = {}
+    for flat, value in tensors.items():
+        _, rest = flat.split("/", 1)
+        name, key = rest.rsplit("/", 1)
+        state.setdefault(name, {})[key] = value
+    groups = [{k: (tuple(v) if k == "betas" else v) for k, v in g.items()} for g in groups]
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Tensor],
+                    optimizer: dict[str, Any] | None, rng: dict[str, torch.Tensor], state: dict[str, Any],
+                    keep: int = 2) -> Path:
+    """Write a complete training checkpoint, then move the latest pointer, then prune old ones.
+
+    Args:
+        run_dir: the RUN_DIR.
+        step: optimizer steps done.
+        weights: model tensors (see `model_state`).
+        optimizer: optimizer state keyed by parameter name (see `optimizer_to_flat`), or None.
+        rng: RNG state tensors.
+        state: JSON-able training state (data-loader state, ...); "step" is added.
+        keep: checkpoints to keep, newest first.
+    Returns:
+        The checkpoint folder.
+    """
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    folder = root / f"step_{step:08d}"
+    folder.mkdir(parents=True, exist_ok=True)
+    save_tensors(folder / WEIGHTS_FILE, weights)
+    groups: list[dict[str, Any]] = []
+    if optimizer is not None:
+        tensors, groups = optimizer_to_flat(optimizer)
+        save_tensors(folder / OPTIMIZER_FILE, tensors)
+    save_tensors(folder / RNG_FILE, rng)
+    write_json(folder / STATE_FILE, {**state, "step": step, "optimizer_param_groups": groups,
+                                     "has_optimizer": optimizer is not None})
+    write_json(root / LATEST_FILE, {"step": step, "dir": folder.name})
+    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+        if old != folder:
+            _remove_tree(old)
+    return folder
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The folder the latest pointer names, or None when the run has no checkpoint yet."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not (root / LATEST_FILE).is_file():
+        return None
+    pointer = read_json(root / LATEST_FILE)
+    folder = root / str(pointer.get("dir", ""))
+    if not (folder / STATE_FILE).is_file():
+        raise UserError(f"{root / LATEST_FILE} names {folder}, which is incomplete: delete the pointer to start over")
+    return folder
+
+
+def load_checkpoint(folder: str | Path) -> dict[str, Any]:
+    """Everything `save_checkpoint` wrote into `folder`; nothing is unpickled.
+
+    Returns:
+        {"step", "weights", "optimizer" (name-keyed state or None), "rng", "state"}.
+    """
+    folder = Path(folder)
+    state = read_json(folder / STATE_FILE)
+    optimizer = None
+    if state.get("has_optimizer"):
+        optimizer = optimizer_from_flat(load_tensors(folder / OPTIMIZER_FILE), state["optimizer_param_groups"])
+    return {"step": int(state["step"]), "weights": load_tensors(folder / WEIGHTS_FILE), "optimizer": optimizer,
+            "rng": load_tensors(folder / RNG_FILE), "state": state}
+
+
+def remove_stale_temporaries(run_dir: str | Path) -> int:
+    """Delete what a killed writer left behind: ``.NAME.*.tmp`` files of `atomic_write` and
+    half-deleted ``.deleting-*`` checkpoint folders. Returns how many entries went."""
+    n = 0
+    for tmp in Path(run_dir).rglob(".*.tmp"):
+        if tmp.is_file():
+            tmp.unlink()
+            n += 1
+    for trash in Path(run_dir).glob(f"{CHECKPOINTS_DIR}/.deleting-*"):
+        _remove_tree(trash, rename=False)
+        n += 1
+    return n
+
+
+def _remove_tree(folder: Path, rename: bool = True) -> None:
+    # Rename first so that a kill halfway never leaves a half-deleted folder under a checkpoint name.
+    trash = folder.with_name(f".deleting-{folder.name}") if rename else folder
+    if rename:
+        os.replace(folder, trash)
+    for p in sorted(trash.rglob("*"), reverse=True):
+        p.rmdir() if p.is_dir() else p.unlink()
+    trash.rmdir()

@@ -16,6 +16,8 @@ from multitoken.errors import UserError
 # Modules that register a subcommand, in the order `--help` lists them.
 COMMAND_MODULES: list[str] = [
     "multitoken.data.prepare",
+    "multitoken.train",
+    "multitoken.evaluate",
     "multitoken.hf",
 ]
 

@@ -154,3 +154,102 @@ def from_dict(cls: type, data: dict[str, Any]) -> Any:
             v = from_dict(hints[k], v)
         kwargs[k] = v
     return cls(**kwargs)
+
+
+@dataclass
+class TrainConfig:
+    """Everything `multitoken train` needs besides the data and the output directory.
+
+    The CLI options are derived from these fields (``--batch-size`` for `batch_size`), a TOML file
+    given with ``--config`` may set any of them, and the resolved values are written to
+    RUN_DIR/config.json under "train". Precedence: command line, then TOML, then these defaults.
+    """
+
+    preset: str = "tiny"
+    """Model shape from `PRESETS` (ignored with `init` or when resuming: the run's own config wins)."""
+    heads: str = "parallel:2"
+    """MTP heads: parallel:N, sequential:N, medusa:N or none."""
+    steps: int = 1000
+    """Optimizer steps in total (a resumed run continues up to this number)."""
+    batch_size: int = 16
+    """Global batch in windows per optimizer step, summed over processes and accumulation steps."""
+    seq_len: int = 128
+    """Tokens per training window (the model reads seq_len tokens and predicts the ones after)."""
+    grad_accum: int = 1
+    """Micro-batches per optimizer step; batch_size must divide by grad_accum * world size."""
+    lr: float = 3e-3
+    """Peak learning rate, reached after `warmup` steps."""
+    min_lr: float = 3e-4
+    """Learning rate at the end of the cosine decay."""
+    warmup: int = 50
+    """Steps of linear warmup from lr/warmup to lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay on matrices; norms, biases and embeddings get none."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 turns clipping off."""
+    loss_weights: list[float] | None = None
+    """Per-depth loss weights, main head first; None uses the head family's default
+    (equal for parallel, 0.8^k for medusa, 1 and lambda/D for sequential)."""
+    mtp_lambda: str = "0.3"
+    """DeepSeek lambda schedule used when the weights are lambda/D: "0.3" or "0.3,0.1@10000"."""
+    distill: bool = False
+    """Train the extra heads against the model's own main-head distribution (self-distillation)
+    instead of the data tokens; natural with a frozen backbone."""
+    freeze_backbone: bool = False
+    """Train the MTP heads only (Medusa-1 style); the backbone's weights stay bit-identical."""
+    init: str = ""
+    """A RUN_DIR whose backbone weights the run starts from; its model config wins over `preset`,
+    heads are added per `heads` and initialised from the backbone."""
+    max_seq_len: int = 0
+    """Model context length; 0 keeps the preset's (raised to seq_len when shorter)."""
+    eval_every: int = 100
+    """Evaluate on the validation split every this many steps (0: only at the end)."""
+    eval_batches: int = 10
+    """Validation batches per evaluation."""
+    save_every: int = 200
+    """Write a checkpoint every this many steps (0: only at the end)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in RUN_DIR/checkpoints (older ones are deleted after a newer one is complete)."""
+    log_every: int = 10
+    """Write training metrics every this many steps."""
+    seed: int = 1337
+    """Seed for the model init and the data order."""
+    device: str = "auto"
+    """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
+    dtype: str = "auto"
+    """Autocast dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'. Weights stay fp32."""
+    compile: bool = False
+    """torch.compile each block (parallel.apply_compile)."""
+    fsdp: bool = False
+    """Under torchrun, shard with FSDP2 instead of replicating with DDP."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.betas, list):
+            self.betas = tuple(self.betas)
+
+    def validate(self) -> None:
+        """Raise a one-line `UserError` for values that cannot work."""
+        from multitoken.loss import parse_schedule  # loss.py is model-side; import only when needed
+
+        HeadsConfig.parse(self.heads)
+        parse_schedule(self.mtp_lambda)
+        checks = [
+            (self.steps >= 1, f"steps={self.steps}: train at least one step"),
+            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1"),
+            (self.seq_len >= 2, f"seq_len={self.seq_len}: use at least 2 tokens per window"),
+            (self.lr > 0 and 0 <= self.min_lr <= self.lr, f"need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr}) and lr > 0"),
+            (self.warmup >= 0 and self.eval_every >= 0 and self.save_every >= 0 and self.log_every >= 1,
+             "warmup, eval_every and save_every must be >= 0 and log_every >= 1"),
+            (self.eval_batches >= 1, "eval_batches must be at least 1"),
+            (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
+            (len(self.betas) == 2, f"betas={self.betas}: give two values, e.g. 0.9,0.95"),
+            (self.dtype in ("auto", "bf16", "fp32"), f"dtype={self.dtype!r}: choose auto, bf16 or fp32"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise UserError(msg)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

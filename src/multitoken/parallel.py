@@ -1,0 +1,197 @@
+"""Distributed training and compilation, applied to the model from outside.
+
+The model code (model.py, heads.py) is single-device and knows nothing of this file. Training
+calls `init_distributed` once, then wraps the model with `apply_ddp` (replicate, all-reduce the
+gradients) or `apply_fsdp` (FSDP2: shard parameters, gradients and optimizer state), and
+optionally `apply_compile`. The same code runs as one plain process (``python -m multitoken
+train``) and under ``torchrun``: without the torchrun environment variables `init_distributed`
+returns a world of one and every collective helper here is a no-op.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from multitoken.errors import UserError
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits in the job."""
+
+    rank: int = 0
+    """Global rank; rank 0 alone writes files and shows progress."""
+    world_size: int = 1
+    """Number of processes."""
+    local_rank: int = 0
+    """Rank on this host (picks the GPU)."""
+    device: torch.device = torch.device("cpu")
+    """This process's device."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """'auto' -> this process's GPU when CUDA is available, else CPU."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda":
+        name = f"cuda:{local_rank}"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+
+
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group if there is one (NCCL on GPU, gloo on CPU).
+
+    Args:
+        device: 'auto', 'cpu', 'cuda' or 'cuda:N'.
+    Returns:
+        This process's `DistInfo`; a world of one outside torchrun.
+    """
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return DistInfo(device=resolve_device(device))
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = resolve_device(device, local_rank)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", device_id=dev if dev.type == "cuda" else None)
+    return DistInfo(rank, world, local_rank, dev)
+
+
+def cleanup() -> None:
+    """Leave the process group (safe to call when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def apply_ddp(model: nn.Module, info: DistInfo) -> nn.Module:
+    """Replicate `model` on every rank; gradients are averaged in backward.
+
+    Returns:
+        The DDP wrapper (call ``.module`` for the model); `model` itself when the world is one.
+    """
+    if not info.distributed:
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    ids = [info.device.index] if info.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def apply_fsdp(model: nn.Module, info: DistInfo, mixed_bf16: bool = False) -> nn.Module:
+    """Shard `model` with FSDP2: each transformer block (backbone and MTP heads) is one unit,
+    then the root holds the embeddings, norms and LM heads.
+
+    The root and the MTP units are not resharded after forward: the loss reads the unembedding
+    matrices (``model.unembed_weight``) after the forward pass, and the sequential modules'
+    final norms run outside their module's call, so those parameters must stay gathered until
+    backward. A Medusa head's projection therefore lives in the root, its residual blocks in a unit.
+
+    Args:
+        model: the Transformer, already on its device.
+        info: from `init_distributed`.
+        mixed_bf16: compute in bf16 with fp32 gradient reduction (FSDP's own mixed precision).
+    Returns:
+        `model` itself (FSDP2 converts it in place).
+    """
+    if not info.distributed:
+        return model
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kw = {}
+    if mixed_bf16:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for block in model.layers:
+        fully_shard(block, **kw)
+    for unit in _mtp_units(model):
+        fully_shard(unit, reshard_after_forward=False, **kw)
+    fully_shard(model, reshard_after_forward=False, **kw)
+    return model
+
+
+def apply_compile(model: nn.Module) -> nn.Module:
+    """torch.compile every transformer block in place (parameter names do not change).
+
+    Compiling block by block keeps the compile time of one block and lets FSDP2 units and
+    the loss (a custom autograd function) stay outside the compiled graphs.
+    """
+    for block in [*model.layers, *_mtp_units(model)]:
+        block.compile()
+    return model
+
+
+def _mtp_units(model: nn.Module) -> Iterator[nn.Module]:
+    """The MTP heads' modules that are called as a whole in forward: parallel heads' blocks,
+    sequential modules, Medusa heads' residual stacks (their projections are read by the loss)."""
+    mtp = getattr(model, "mtp", None)
+    if mtp is None:
+        return
+    if hasattr(mtp, "heads"):  # Medusa
+        yield from (head.blocks for head in mtp.heads)
+    else:
+        yield from getattr(mtp, "blocks", None) or getattr(mtp, "layers")
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain model inside a DDP wrapper (FSDP2 and compile keep the module itself)."""
+    return getattr(model, "module", model)
+
+
+def no_sync(model: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+    """Skip the gradient all-reduce for a micro-batch that is not the last of its step."""
+    if hasattr(model, "set_requires_gradient_sync"):  # FSDP2
+        model.set_requires_gradient_sync(sync)
+        return contextlib.nullcontext()
+    if not sync and hasattr(model, "no_sync"):  # DDP
+        return model.no_sync()
+    return contextlib.nullcontext()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum `t` over ranks in place (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_object(obj):
+    """List of `obj` from every rank (``[obj]`` in a single process)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s `obj` on every rank."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -1,0 +1,585 @@
+"""`multitoken train`: one training loop for a single process and for torchrun.
+
+The loop: windows from `TokenLoader` -> ``model(window[:, :-1])`` -> `MTPLoss` -> backward
+(gradient accumulation over micro-batches) -> clip -> AdamW with linear warmup and cosine decay.
+Every `eval_every` steps it measures per-depth validation loss/accuracy and expected tau, every
+`save_every` steps it writes a checkpoint. Under torchrun the model is wrapped with DDP or FSDP2
+from the outside (parallel.py); rank 0 alone writes files and shows progress.
+
+Exact averaging: each depth's loss is a mean over its valid targets, and the number of valid
+targets differs between micro-batches and ranks (document boundaries). So that 2 ranks x B/2,
+or 1 rank x 2 micro-batches of B/2, give the gradient of the same loss as one batch of B, each
+micro-batch's depth weights are rescaled by (its valid targets / the global step's valid targets)
+x world size, the global counts being one all-reduce of D+1 numbers per step.
+
+Weight decay (AdamW, decoupled) applies to matrices only: norms, biases and the token embedding
+(which is also the tied LM head) get none, as in most Llama-style training recipes.
+
+Run directory (see checkpoint.py for the checkpoint layout):
+    config.json  tokenizer files  model.safetensors  (what `load_run` reads: the latest weights)
+    checkpoints/step_*/ checkpoints/latest.json       (exact resume)
+    metrics.jsonl  tb/  loss.png  accuracy_per_depth.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import contextlib
+import dataclasses
+import inspect
+import json
+import math
+import os
+import sys
+import time
+import tomllib
+import typing
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from multitoken import checkpoint as ckpt
+from multitoken import parallel
+from multitoken.config import HeadsConfig, ModelConfig, TrainConfig, from_dict
+from multitoken.errors import UserError
+from multitoken.evaluate import EvalStats, eval_stats, plot_accuracy, summarize
+from multitoken.loss import IGNORE_INDEX, MTPLoss, default_weights, shift_targets
+from multitoken.model import Transformer
+
+METRICS_FILE, PLOT_FILE, TB_DIR = "metrics.jsonl", "loss.png", "tb"
+
+
+# ---- configuration: dataclass fields -> CLI options, TOML, precedence --------------------------
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal under each field), by field name."""
+    docs: dict[str, str] = {}
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
+                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
+            docs[a.target.id] = " ".join(b.value.value.split())
+    return docs
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 1,0.5,0.25") from None
+
+
+def _optional_floats(text: str) -> list[float] | None:
+    return None if text.strip().lower() in ("", "none", "default") else _floats(text)
+
+
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+    """Add ``--field-name`` for every field of dataclass `cls`; unset options stay absent from the
+    namespace (default SUPPRESS) so that a TOML file or a saved config can fill them.
+
+    bool fields become ``--x/--no-x``; tuples and lists of floats are comma-separated.
+    """
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    for f in dataclasses.fields(cls):
+        hint = hints[f.name]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name,
+                                  help=f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%"))
+        if hint is bool:
+            kw["action"] = argparse.BooleanOptionalAction
+        elif typing.get_origin(hint) is tuple:
+            kw.update(type=lambda s: tuple(_floats(s)), metavar="A,B")
+        elif hint in (list[float] | None, typing.Optional[list[float]]):
+            kw.update(type=_optional_floats, metavar="W0,W1,...")
+        else:
+            kw.update(type=hint, metavar=f.name.upper())
+        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    """A TOML config file as a flat dict of TrainConfig field values (``a-b`` keys become ``a_b``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"--config {path}: file not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"--config {path} is not valid TOML ({e})") from None
+    if isinstance(data.get("train"), dict) and len(data) == 1:
+        data = data["train"]  # a [train] table is accepted too
+    return {k.replace("-", "_"): v for k, v in data.items()}
+
+
+def resolve_config(cli: dict[str, Any], toml_path: str | Path | None = None, saved: dict[str, Any] | None = None) -> TrainConfig:
+    """Merge, later wins: TrainConfig defaults, a saved run's config (on --resume), TOML, the CLI.
+
+    Raises:
+        UserError: a key that is not a TrainConfig field (the message lists the known ones).
+    """
+    merged = dict(saved or {})
+    if toml_path:
+        merged.update(load_toml(toml_path))
+    merged.update(cli)
+    cfg = from_dict(TrainConfig, merged)
+    cfg.validate()
+    return cfg
+
+
+# ---- model, optimizer, schedule -----------------------------------------------------------------
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
+    if cfg.warmup and step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    span = max(1, cfg.steps - cfg.warmup)
+    progress = min(1.0, (step - cfg.warmup) / span)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: Transformer, weight_decay: float) -> list[dict[str, Any]]:
+    """Trainable parameters in two AdamW groups: matrices decayed; norms, biases, embeddings not."""
+    decay, no_decay, seen = [], [], set()
+    for name, p in model.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        (no_decay if p.dim() < 2 or "embed_tokens" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def build_model_config(cfg: TrainConfig, vocab_size: int, eos_id: int) -> ModelConfig:
+    """The model config of a fresh run: the preset (or the --init run's config) with the data's
+    vocabulary, the requested heads, and a context that fits seq_len."""
+    heads = HeadsConfig.parse(cfg.heads)
+    if cfg.init:
+        base = ckpt.load_config(cfg.init)
+        if vocab_size > base.vocab_size:
+            raise UserError(f"the data's tokenizer has {vocab_size} ids but the --init model's vocabulary holds "
+                            f"{base.vocab_size}: prepare the data with the model's tokenizer (--tokenizer {cfg.init})")
+        fields = {**base.to_dict(), "heads": dataclasses.asdict(heads), "eos_id": eos_id}
+    else:
+        fields = {**ModelConfig.from_preset(cfg.preset).to_dict(), "vocab_size": vocab_size, "eos_id": eos_id,
+                  "heads": dataclasses.asdict(heads)}
+    if cfg.max_seq_len:
+        if cfg.max_seq_len < cfg.seq_len:
+            raise UserError(f"max_seq_len={cfg.max_seq_len} is shorter than seq_len={cfg.seq_len}: raise it or lower --seq-len")
+        fields["max_seq_len"] = cfg.max_seq_len
+    fields["max_seq_len"] = max(fields["max_seq_len"], cfg.seq_len)
+    return from_dict(ModelConfig, fields)
+
+
+def load_backbone(model: Transformer, init_dir: str | Path) -> None:
+    """Copy the backbone weights of run `init_dir` into `model`, then start the heads from them."""
+    path = Path(init_dir) / ckpt.WEIGHTS_FILE
+    if not path.is_file():
+        raise UserError(f"--init {init_dir}: {path.name} not found; point at a run directory made by train or convert")
+    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("mtp.")}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.startswith("mtp.") and not (model.config.tie_embeddings and k == "lm_head.weight")]
+    if missing or result.unexpected_keys:
+        raise UserError(f"--init {init_dir}: weights do not match its config.json (missing {missing[:3]}, "
+                        f"unexpected {result.unexpected_keys[:3]})")
+    if model.mtp is not None:
+        model.mtp.init_from_backbone(model)
+
+
+def global_depth_weights(base: list[float], windows: list[torch.Tensor], eos_id: int) -> tuple[list[list[float]], torch.Tensor]:
+    """Per-micro-batch depth weights that make the summed, rank-averaged gradient equal the
+    gradient of one global batch (see the module docstring).
+
+    Returns:
+        (weights per micro-batch, (D+1,) global valid-target counts).
+    """
+    D = len(base) - 1
+    local = torch.tensor([[float((shift_targets(w, k, eos_id) != IGNORE_INDEX).sum()) for k in range(D + 1)]
+                          for w in windows], dtype=torch.float64)  # (micro, D+1)
+    total = parallel.all_reduce_sum(local.sum(0).to(windows[0].device)).cpu()
+    world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+    weights = [[base[k] * world * float(local[j, k]) / max(float(total[k]), 1.0) for k in range(D + 1)]
+               for j in range(len(windows))]
+    return weights, total
+
+
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+
+
+class MetricsLog:
+    """metrics.jsonl + TensorBoard + loss.png, on rank 0 only (other ranks get a no-op log)."""
+
+    def __init__(self, run_dir: Path, enabled: bool, resume_step: int) -> None:
+        self.path, self.enabled, self.records = run_dir / METRICS_FILE, enabled, []
+        self.run_dir, self.tb = run_dir, None
+        if not enabled:
+            return
+        if self.path.is_file():
+            # A resumed run drops what was logged after its checkpoint, so the curve has no duplicates.
+            for line in self.path.read_text().splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    r = json.loads(line)
+                    if r.get("step", 0) <= resume_step:
+                        self.records.append(r)
+            ckpt.atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in self.records)))
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=resume_step + 1 if resume_step else None)
+        except ImportError:  # tensorboard is optional: JSONL and the plot carry the same numbers
+            self.tb = None
+        self.file = open(self.path, "a")
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.records.append(record)
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            split, step = record["split"], record["step"]
+            for key in ("loss", "lr", "tokens_per_s", "expected_tau", "grad_norm"):
+                if key in record:
+                    self.tb.add_scalar(f"{split}/{key}", record[key], step)
+            for k, v in enumerate(record.get("loss_per_depth", [])):
+                self.tb.add_scalar(f"{split}/loss_depth{k}", v, step)
+            for k, v in enumerate(record.get("accuracy_per_depth", [])):
+                self.tb.add_scalar(f"{split}/accuracy_depth{k}", v, step)
+
+    def plot(self) -> None:
+        """loss.png: one line per depth, train solid, validation dashed with markers."""
+        if not self.enabled or not self.records:
+            return
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(6, 4))
+        colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+        for split, style in (("train", "-"), ("val", "--o")):
+            rows = [r for r in self.records if r["split"] == split]
+            if not rows:
+                continue
+            for k in range(len(rows[-1]["loss_per_depth"])):
+                xs = [r["step"] for r in rows if len(r["loss_per_depth"]) > k]
+                ys = [r["loss_per_depth"][k] for r in rows if len(r["loss_per_depth"]) > k]
+                ax.plot(xs, ys, style, color=colors[k % len(colors)], markersize=3, linewidth=1.2,
+                        label=f"{split} {'main' if k == 0 else '+' + str(k)}")
+        ax.set_xlabel("step")
+        ax.set_ylabel("cross-entropy (nats)")
+        ax.legend(fontsize=7, ncol=2)
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        ckpt.atomic_write(self.run_dir / PLOT_FILE, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        plt.close(fig)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+# ---- the loop ------------------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train a model on DATA_DIR into RUN_DIR (works alone and under torchrun).
+
+    Args:
+        cfg: the training configuration.
+        data_dir: a DATA_DIR made by `multitoken prepare`.
+        out_dir: the RUN_DIR to write.
+        resume: continue from RUN_DIR's latest checkpoint (start fresh if it has none).
+        progress: show a progress bar (rank 0).
+    Returns:
+        Final metrics: step, train and validation loss per depth, validation accuracy per depth,
+        expected_tau, tokens, seconds, tokens_per_s.
+    """
+    cfg.validate()
+    started = torch.distributed.is_available() and torch.distributed.is_initialized()
+    info = parallel.init_distributed(cfg.device)
+    try:
+        return _train(cfg, info, Path(data_dir), Path(out_dir), resume, progress)
+    finally:
+        if not started:
+            parallel.cleanup()
+
+
+def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: Path, resume: bool, progress: bool) -> dict[str, Any]:
+    from multitoken.data.loader import TokenLoader
+    from multitoken.data.prepare import load_meta, load_tokenizer
+
+    say = (lambda m: print(m, file=sys.stderr)) if info.is_main and progress else (lambda m: None)
+    load_meta(data_dir)  # a one-line error for a missing or incomplete DATA_DIR
+    tokenizer = load_tokenizer(data_dir)
+    if cfg.freeze_backbone and HeadsConfig.parse(cfg.heads).kind == "none" and not (resume and ckpt.latest_checkpoint(out_dir)):
+        raise UserError("--freeze-backbone leaves nothing to train: the model has no MTP heads (add --heads KIND:N)")
+    per_rank, rem = divmod(cfg.batch_size, info.world_size * cfg.grad_accum)
+    if rem or per_rank < 1:
+        raise UserError(f"batch_size={cfg.batch_size} must be a multiple of world size x grad_accum = "
+                        f"{info.world_size} x {cfg.grad_accum}")
+
+    # --- where we start from
+    latest = ckpt.latest_checkpoint(out_dir) if out_dir.is_dir() else None
+    if latest is not None and not resume:
+        raise UserError(f"{out_dir} already holds a run (step {ckpt.read_json(latest / ckpt.STATE_FILE)['step']}): "
+                        "pass --resume to continue it or choose another --out")
+    state = ckpt.load_checkpoint(latest) if latest is not None else None
+    if resume and state is None:
+        say(f"note: {out_dir} has no checkpoint yet; starting from step 0")
+    if state is not None:
+        model_cfg = ckpt.load_config(out_dir)
+        if tokenizer.vocab_size > model_cfg.vocab_size:
+            raise UserError(f"DATA_DIR's tokenizer has {tokenizer.vocab_size} ids, more than the run's model ({model_cfg.vocab_size}): "
+                            "resume on the data the run was trained on")
+    else:
+        model_cfg = build_model_config(cfg, tokenizer.vocab_size, tokenizer.eos_id)
+    if cfg.seq_len > model_cfg.max_seq_len:
+        raise UserError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}: lower --seq-len")
+
+    # --- model
+    device = info.device
+    torch.manual_seed(cfg.seed)
+    model = Transformer(model_cfg).to(device)
+    if state is not None:
+        result = model.load_state_dict({k: v.to(device) for k, v in state["weights"].items()}, strict=False)
+        bad = [k for k in result.missing_keys if not (model_cfg.tie_embeddings and k == "lm_head.weight")]
+        if bad or result.unexpected_keys:
+            raise UserError(f"{latest}: weights do not match {out_dir / ckpt.CONFIG_FILE}; was it edited?")
+    elif cfg.init:
+        load_backbone(model, cfg.init)
+    if cfg.freeze_backbone:
+        model.freeze_backbone()  # frozen blocks record no autograd graph: none of their inputs needs a gradient
+    raw = model
+    if cfg.compile:
+        parallel.apply_compile(raw)
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    if info.distributed:
+        model = parallel.apply_fsdp(raw, info) if cfg.fsdp else parallel.apply_ddp(raw, info)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+
+    groups = param_groups(raw, cfg.weight_decay)
+    trainable = [p for g in groups for p in g["params"]]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda" and not cfg.fsdp)
+    names = {id(p): n for n, p in raw.named_parameters()}
+    if state is not None and state["optimizer"] is not None:
+        load_optimizer(model, optimizer, state["optimizer"], names, cfg.fsdp and info.distributed)
+
+    # --- data
+    loader = TokenLoader(data_dir, "train", per_rank, cfg.seq_len, cfg.seed, info.rank, info.world_size)
+    val_loader = TokenLoader(data_dir, "val", per_rank, cfg.seq_len, cfg.seed, info.rank, info.world_size)
+    step = 0
+    if state is not None:
+        loader.load_state_dict(state["state"]["loader"])
+        set_rng_state(state["rng"], device)
+        step = state["step"]
+
+    base_loss = MTPLoss(raw.depth, cfg.loss_weights if cfg.loss_weights is not None
+                        else default_weights(model_cfg.heads.kind, raw.depth), cfg.mtp_lambda, model_cfg.eos_id, cfg.distill)
+
+    # --- run directory (rank 0)
+    if info.is_main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temporaries(out_dir)
+        tokenizer.save(out_dir)
+        ckpt.write_json(out_dir / ckpt.CONFIG_FILE, {"model": model_cfg.to_dict(), "train": cfg.to_dict(),
+                                                     "data": {"dir": str(data_dir), "vocab_size": tokenizer.vocab_size}})
+    log = MetricsLog(out_dir, info.is_main, step)
+    tokens_per_step = cfg.batch_size * cfg.seq_len
+    say(f"model: {raw.num_parameters(heads=False) / 1e6:.2f}M backbone + "
+        f"{(raw.num_parameters() - raw.num_parameters(heads=False)) / 1e6:.2f}M heads ({model_cfg.heads}), "
+        f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable; {info.world_size} process(es) on {device}"
+        f"{', FSDP2' if cfg.fsdp and info.distributed else ', DDP' if info.distributed else ''}; "
+        f"{tokens_per_step} tokens/step")
+
+    def evaluate_now() -> dict[str, Any]:
+        stats = eval_stats(raw, val_loader.eval_batches(cfg.eval_batches), model_cfg.eos_id, device, autocast)
+        flat = parallel.all_reduce_sum(stats.flat().to(device)).cpu()
+        return summarize(EvalStats.zeros(raw.depth).load_flat_(flat))
+
+    def save() -> None:
+        weights = gather_weights(model, raw, info, cfg.fsdp)
+        optim = gather_optimizer(model, optimizer, names, info, cfg.fsdp)
+        loader_state = loader.state_dict()
+        if info.is_main:
+            ckpt.save_tensors(out_dir / ckpt.WEIGHTS_FILE, weights)  # what load_run reads: the latest weights
+            ckpt.save_checkpoint(out_dir, step, weights, optim, rng_state(device),
+                                 {"loader": loader_state, "world_size": info.world_size}, cfg.keep_checkpoints)
+            log.plot()
+        parallel.barrier()
+
+    bar = None
+    if info.is_main and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    t0, tokens_done, last_val, last_train = time.perf_counter(), 0, None, None
+    window_t, window_tokens = time.perf_counter(), 0
+    raw.train()
+    try:
+        while step < cfg.steps:
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            windows = [next(loader).to(device, non_blocking=True) for _ in range(cfg.grad_accum)]
+            weights, counts = global_depth_weights(base_loss.depth_weights(step), windows, model_cfg.eos_id)
+            ce_sum = torch.zeros(raw.depth + 1, dtype=torch.float64)
+            correct = torch.zeros(raw.depth + 1, dtype=torch.float64)
+            for j, window in enumerate(windows):
+                loss_fn = MTPLoss(raw.depth, weights[j], eos_id=model_cfg.eos_id, distill=cfg.distill,
+                                  chunk_rows=base_loss.chunk_rows)
+                with parallel.no_sync(model, j == len(windows) - 1):
+                    with autocast():
+                        out = loss_fn(raw, model(window[:, :-1]), window, step)
+                    out.loss.backward()
+                c = out.per_depth_count.double().cpu()
+                ce_sum += out.per_depth_loss.double().cpu() * c
+                correct += out.per_depth_acc.double().cpu() * c
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            tokens_done += tokens_per_step
+            window_tokens += tokens_per_step
+
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                sums = parallel.all_reduce_sum(torch.cat([ce_sum, correct]).to(device)).cpu()
+                c = counts.double().clamp(min=1)
+                per_depth = (sums[: raw.depth + 1] / c).tolist()
+                base_w = base_loss.depth_weights(step - 1)
+                now = time.perf_counter()
+                tps = window_tokens / max(now - window_t, 1e-9)
+                window_t, window_tokens = now, 0
+                gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+                last_train = {"split": "train", "step": step, "loss": sum(w * l for w, l in zip(base_w, per_depth)),
+                              "loss_per_depth": per_depth, "accuracy_per_depth": (sums[raw.depth + 1:] / c).tolist(),
+                              "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(gn), "tokens_per_s": tps,
+                              "tokens": step * tokens_per_step, "time": time.time()}
+                log.log(last_train)
+                if bar is not None:
+                    bar.set_postfix_str(" ".join(f"{'L' if k == 0 else '+' + str(k)} {v:.3f}" for k, v in enumerate(per_depth))
+                                        + f" | {tps / 1e3:.1f}k tok/s", refresh=False)
+            if bar is not None:
+                bar.update(1)
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+                last_val = {"split": "val", "step": step, **evaluate_now(), "time": time.time()}
+                log.log(last_val)
+                if info.is_main:
+                    log.plot()
+            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+                save()
+    finally:
+        if bar is not None:
+            bar.close()
+        log.close()
+
+    seconds = time.perf_counter() - t0
+    if last_val is None:  # resumed at or past the last step: nothing trained, still report
+        last_val = {"split": "val", "step": step, **evaluate_now()}
+    if info.is_main:
+        plot_accuracy(last_val, out_dir / "accuracy_per_depth.png")
+    return {
+        "step": step,
+        "train_loss": last_train["loss"] if last_train else None,
+        "train_loss_per_depth": last_train["loss_per_depth"] if last_train else None,
+        "val_loss_per_depth": last_val["loss_per_depth"],
+        "val_accuracy_per_depth": last_val["accuracy_per_depth"],
+        "expected_tau": last_val["expected_tau"],
+        "tokens": tokens_done,
+        "seconds": seconds,
+        "tokens_per_s": tokens_done / max(seconds, 1e-9),
+    }
+
+
+# ---- checkpoint plumbing: plain, DDP and FSDP2 ------------------------------------------------
+
+
+def gather_weights(model, raw: Transformer, info: parallel.DistInfo, fsdp: bool) -> dict[str, torch.Tensor]:
+    """Full CPU weights as `checkpoint.model_state` stores them (complete on rank 0 under FSDP2)."""
+    if not (fsdp and info.distributed):
+        return ckpt.model_state(raw)
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if raw.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return {k: v.contiguous() for k, v in state.items()}
+
+
+def gather_optimizer(model, optimizer: torch.optim.Optimizer, names: dict[int, str], info: parallel.DistInfo,
+                     fsdp: bool) -> dict[str, Any]:
+    """The optimizer state keyed by parameter name, on CPU (complete on rank 0 under FSDP2)."""
+    if fsdp and info.distributed:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    sd = optimizer.state_dict()
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    state = {order[i]: {k: (v.cpu() if isinstance(v, torch.Tensor) else v) for k, v in s.items()} for i, s in sd["state"].items()}
+    groups = [{**g, "params": [order[i] for i in g["params"]]} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def load_optimizer(model, optimizer: torch.optim.Optimizer, saved: dict[str, Any], names: dict[int, str], fsdp: bool) -> None:
+    """Restore a name-keyed optimizer state written by `gather_optimizer`."""
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    if sorted(order) != sorted(saved["state"].keys() | {n for g in saved["param_groups"] for n in g["params"]}):
+        raise UserError("the checkpoint's optimizer holds other parameters than this run trains "
+                        "(was --freeze-backbone or --heads changed?): resume with the original settings")
+    if fsdp:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        set_optimizer_state_dict(model, optimizer, saved, options=StateDictOptions(full_state_dict=True))
+        return
+    index = {n: i for i, n in enumerate(order)}
+    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
+    optimizer.load_state_dict({"state": {index[n]: s for n, s in saved["state"].items()}, "param_groups": groups})
+
+
+# ---- CLI ---------------------------------------------------------------------------------------
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``multitoken train``."""
+    p = subparsers.add_parser("train", help="train a model with MTP heads on a prepared DATA_DIR",
+                              description="Train a model (or heads on a frozen one) on DATA_DIR into RUN_DIR. Options "
+                              "override --config FILE.toml, which overrides the defaults; --resume continues exactly.")
+    p.add_argument("--data", required=True, metavar="DATA_DIR", help="a DATA_DIR made by `multitoken prepare`")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write (or to continue with --resume)")
+    p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file of training settings (keys as the options below, with _)")
+    p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest checkpoint, exactly")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_dataclass_arguments(p, TrainConfig)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    cli = {k: v for k, v in vars(args).items() if k in fields}
+    saved = None
+    config_path = Path(args.out) / ckpt.CONFIG_FILE
+    if args.resume and config_path.is_file():
+        saved = ckpt.read_json(config_path).get("train")
+    cfg = resolve_config(cli, args.config, saved)
+    result = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:  # one summary per job, not per process
+        print(json.dumps(result, indent=2))
+    return 0
