@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from multitoken.config import ModelConfig
 from multitoken.model import Block, RMSNorm
@@ -36,6 +37,15 @@ def build_heads(config: ModelConfig) -> nn.Module | None:
     if kind == "none":
         return None
     return {"parallel": ParallelHeads, "sequential": SequentialMTP, "medusa": MedusaHeads}[kind](config)
+
+
+def _run(heads: nn.Module, module: nn.Module, *args) -> Tensor:
+    """Call one head's block; in training with ``heads.recompute`` its activations are recomputed in
+    backward instead of stored, so only one head's activations are alive at a time (the role of
+    Gloeckle et al.'s head-by-head backward, in a single backward pass that DDP/FSDP accept)."""
+    if heads.recompute and heads.training and torch.is_grad_enabled():
+        return checkpoint(module, *args, use_reentrant=False)
+    return module(*args)
 
 
 def shift_tokens(idx: Tensor, k: int, pad: int) -> Tensor:
@@ -50,6 +60,8 @@ def shift_tokens(idx: Tensor, k: int, pad: int) -> Tensor:
 
 
 class ParallelHeads(nn.Module):
+    recompute = True  # see _run
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         # Cache layers L..L+D-1 belong to the extra heads' blocks.
@@ -59,7 +71,7 @@ class ParallelHeads(nn.Module):
         return cfg.n_layers - 1
 
     def forward(self, model, *, trunk: Tensor, rope, cache=None, slots=None, mask=None, **_) -> list[Tensor]:
-        return [model.norm(block(trunk, rope, cache, slots, mask)) for block in self.blocks]
+        return [model.norm(_run(self, block, trunk, rope, cache, slots, mask)) for block in self.blocks]
 
     def unembed_weight(self, model, k: int) -> Tensor:
         return model.lm_head.weight
@@ -91,6 +103,8 @@ class MTPModule(Block):
 
 
 class SequentialMTP(nn.Module):
+    recompute = True  # see _run
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.heads.depth))
@@ -104,7 +118,7 @@ class SequentialMTP(nn.Module):
         out, h = [], last
         for k, module in enumerate(self.layers, start=1):
             emb = model.embed_tokens(shift_tokens(idx, k, model.config.eos_id))
-            h = module(h, emb, rope)
+            h = _run(self, module, h, emb, rope)
             out.append(module.norm(h))
         return out
 
@@ -146,6 +160,8 @@ class MedusaHead(nn.Module):
 
 
 class MedusaHeads(nn.Module):
+    recompute = False  # a residual block is cheaper to keep than to recompute
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.heads = nn.ModuleList(MedusaHead(cfg) for _ in range(cfg.heads.depth))
