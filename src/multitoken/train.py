@@ -301,7 +301,8 @@ class MetricsLog:
 # ---- the loop ------------------------------------------------------------------------------------
 
 
-def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False, progress: bool = True,
+          stop_after: int | None = None) -> dict[str, Any]:
     """Train a model on DATA_DIR into RUN_DIR (works alone and under torchrun).
 
     Args:
@@ -310,6 +311,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
         out_dir: the RUN_DIR to write.
         resume: continue from RUN_DIR's latest checkpoint (start fresh if it has none).
         progress: show a progress bar (rank 0).
+        stop_after: stop (with a checkpoint) after this step, keeping the schedule of `cfg.steps`;
+            for time-boxed jobs that `resume` later.
     Returns:
         Final metrics: step, train and validation loss per depth, validation accuracy per depth,
         expected_tau, tokens, seconds, tokens_per_s.
@@ -318,13 +321,14 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
     started = torch.distributed.is_available() and torch.distributed.is_initialized()
     info = parallel.init_distributed(cfg.device)
     try:
-        return _train(cfg, info, Path(data_dir), Path(out_dir), resume, progress)
+        return _train(cfg, info, Path(data_dir), Path(out_dir), resume, progress, stop_after or cfg.steps)
     finally:
         if not started:
             parallel.cleanup()
 
 
-def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: Path, resume: bool, progress: bool) -> dict[str, Any]:
+def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: Path, resume: bool, progress: bool,
+           stop: int) -> dict[str, Any]:
     from multitoken.data.loader import TokenLoader
     from multitoken.data.prepare import load_meta, load_tokenizer
 
@@ -412,7 +416,9 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
         f"{tokens_per_step} tokens/step")
 
     def evaluate_now() -> dict[str, Any]:
-        stats = eval_stats(raw, val_loader.eval_batches(cfg.eval_batches), model_cfg.eos_id, device, autocast)
+        # eval_batches x grad_accum micro-batches cover the same windows whatever the accumulation.
+        batches = val_loader.eval_batches(cfg.eval_batches * cfg.grad_accum)
+        stats = eval_stats(raw, batches, model_cfg.eos_id, device, autocast)
         flat = parallel.all_reduce_sum(stats.flat().to(device)).cpu()
         return summarize(EvalStats.zeros(raw.depth).load_flat_(flat))
 
@@ -424,7 +430,6 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
             ckpt.save_tensors(out_dir / ckpt.WEIGHTS_FILE, weights)  # what load_run reads: the latest weights
             ckpt.save_checkpoint(out_dir, step, weights, optim, rng_state(device),
                                  {"loader": loader_state, "world_size": info.world_size}, cfg.keep_checkpoints)
-            log.plot()
         parallel.barrier()
 
     bar = None
@@ -436,7 +441,8 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
     window_t, window_tokens = time.perf_counter(), 0
     raw.train()
     try:
-        while step < cfg.steps:
+        stop = min(stop, cfg.steps)
+        while step < stop:
             for g in optimizer.param_groups:
                 g["lr"] = lr_at(step, cfg)
             windows = [next(loader).to(device, non_blocking=True) for _ in range(cfg.grad_accum)]
@@ -460,7 +466,7 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
             tokens_done += tokens_per_step
             window_tokens += tokens_per_step
 
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == stop:
                 sums = parallel.all_reduce_sum(torch.cat([ce_sum, correct]).to(device)).cpu()
                 c = counts.double().clamp(min=1)
                 per_depth = (sums[: raw.depth + 1] / c).tolist()
@@ -479,22 +485,23 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
                                         + f" | {tps / 1e3:.1f}k tok/s", refresh=False)
             if bar is not None:
                 bar.update(1)
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps:
+            if (cfg.eval_every and step % cfg.eval_every == 0) or step == stop:
                 last_val = {"split": "val", "step": step, **evaluate_now(), "time": time.time()}
                 log.log(last_val)
                 if info.is_main:
                     log.plot()
-            if (cfg.save_every and step % cfg.save_every == 0) or step == cfg.steps:
+            if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
                 save()
+        if last_val is None:  # resumed at or past the last step: nothing trained, still report
+            last_val = {"split": "val", "step": step, **evaluate_now()}
     finally:
         if bar is not None:
             bar.close()
         log.close()
 
     seconds = time.perf_counter() - t0
-    if last_val is None:  # resumed at or past the last step: nothing trained, still report
-        last_val = {"split": "val", "step": step, **evaluate_now()}
     if info.is_main:
+        log.plot()
         plot_accuracy(last_val, out_dir / "accuracy_per_depth.png")
     return {
         "step": step,

@@ -1,0 +1,213 @@
+"""Training loop: config precedence and errors, loss goes down, exact resume, SIGKILL safety,
+gradient accumulation, frozen backbone and --init."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from multitoken import checkpoint as ckpt
+from multitoken.cli import build_parser, main
+from multitoken.config import ModelConfig, TrainConfig
+from multitoken.errors import UserError
+from multitoken.model import Transformer
+from multitoken.train import resolve_config, train
+from train_helpers import make_data, one_thread, tiny_train_config  # noqa: F401 (one_thread is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return make_data(tmp_path_factory.mktemp("corpus"))
+
+
+def vocab(data: Path) -> int:
+    return json.loads((data / "meta.json").read_text())["vocab_size"]
+
+
+def train_records(run: Path, split: str = "train") -> list[dict]:
+    return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if r["split"] == split]
+
+
+# ---- configuration -----------------------------------------------------------------------------
+
+
+def test_toml_unknown_key_is_one_line_error(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text("steps = 5\nlearning_rate = 0.1\n")
+    with pytest.raises(UserError) as e:
+        resolve_config({}, f)
+    msg = str(e.value)
+    assert "\n" not in msg and "learning_rate" in msg and "batch_size" in msg  # names the bad key and lists known ones
+
+
+def test_cli_overrides_toml_overrides_defaults(tmp_path):
+    f = tmp_path / "c.toml"
+    f.write_text('steps = 5\nlr = 0.01\nbetas = [0.8, 0.9]\nloss-weights = [1.0, 0.5, 0.25]\nheads = "medusa:2"\n')
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o", "--config", str(f), "--lr", "0.02",
+                                      "--freeze-backbone", "--batch-size", "6"])
+    fields = set(TrainConfig.__dataclass_fields__)
+    cfg = resolve_config({k: v for k, v in vars(args).items() if k in fields}, args.config)
+    assert (cfg.steps, cfg.lr, cfg.batch_size, cfg.betas) == (5, 0.02, 6, (0.8, 0.9))
+    assert cfg.loss_weights == [1.0, 0.5, 0.25] and cfg.heads == "medusa:2" and cfg.freeze_backbone
+    assert cfg.seq_len == TrainConfig().seq_len  # untouched fields keep the defaults
+
+
+# ---- training ----------------------------------------------------------------------------------
+
+
+def test_short_run_lowers_loss_and_writes_run_dir(data, tmp_path):
+    run = tmp_path / "run"
+    result = train(tiny_train_config(steps=24, lr=1e-2, eval_every=12), data, run, progress=False)
+    losses = [r["loss_per_depth"][0] for r in train_records(run)]
+    assert len(losses) == 24
+    assert sum(losses[-3:]) / 3 < 0.6 * sum(losses[:3]) / 3, losses
+    assert result["val_loss_per_depth"][0] < losses[0] and len(result["val_accuracy_per_depth"]) == 3
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"]["vocab_size"] == vocab(data) and config["train"]["steps"] == 24
+    assert config["model"]["heads"] == {"kind": "parallel", "depth": 2, "medusa_layers": 1}
+    for name in ("model.safetensors", "tokenizer.json", "loss.png", "accuracy_per_depth.png", "checkpoints/latest.json"):
+        assert (run / name).is_file(), name
+    assert any((run / "tb").iterdir())
+    model, tok = ckpt.load_run(run)  # what eval/generate read
+    assert model.depth == 2 and tok.vocab_size == vocab(data)
+    assert len(train_records(run, "val")) == 2
+
+
+def test_resume_equals_uninterrupted_bit_for_bit(data, tmp_path):
+    cfg = tiny_train_config(steps=8, save_every=4, heads="sequential:1", grad_accum=2)
+    train(cfg, data, tmp_path / "full", progress=False)
+    train(cfg, data, tmp_path / "cut", progress=False, stop_after=4)
+    assert [r["step"] for r in train_records(tmp_path / "cut")] == [1, 2, 3, 4]
+    train(cfg, data, tmp_path / "cut", resume=True, progress=False)
+    full, cut = train_records(tmp_path / "full"), train_records(tmp_path / "cut")
+    assert [r["step"] for r in cut] == list(range(1, 9))
+    assert [r["loss_per_depth"] for r in cut] == [r["loss_per_depth"] for r in full]  # exact equality, fp32 CPU
+    a, b = load_file(str(tmp_path / "full/model.safetensors")), load_file(str(tmp_path / "cut/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_grad_accumulation_matches_one_big_batch(data, tmp_path):
+    """Per-depth means are weighted by valid-target counts, so 2 micro-batches of 2 == 1 batch of 4."""
+    one = train(tiny_train_config(steps=3), data, tmp_path / "one", progress=False)
+    two = train(tiny_train_config(steps=3, grad_accum=2), data, tmp_path / "two", progress=False)
+    for r1, r2 in zip(train_records(tmp_path / "one"), train_records(tmp_path / "two")):
+        assert r1["loss_per_depth"] == pytest.approx(r2["loss_per_depth"], rel=1e-5, abs=1e-6)
+    assert one["val_loss_per_depth"] == pytest.approx(two["val_loss_per_depth"], rel=1e-4)
+
+
+def test_freeze_backbone_from_init_keeps_backbone_bit_identical(data, tmp_path):
+    train(tiny_train_config(steps=3, heads="none"), data, tmp_path / "base", progress=False)
+    train(tiny_train_config(steps=3, heads="medusa:2", init=str(tmp_path / "base"), freeze_backbone=True, distill=True,
+                            lr=1e-2), data, tmp_path / "heads", progress=False)
+    base, heads = load_file(str(tmp_path / "base/model.safetensors")), load_file(str(tmp_path / "heads/model.safetensors"))
+    assert set(base) == {k for k in heads if not k.startswith("mtp.")}
+    assert all(torch.equal(base[k], heads[k]) for k in base)
+    # The heads did train: Medusa residual branches start at zero.
+    assert any(heads[k].abs().sum() > 0 for k in heads if k.startswith("mtp.") and "blocks" in k)
+    # The optimizer held the head parameters only.
+    state = json.loads((tmp_path / "heads/checkpoints/step_00000003/state.json").read_text())
+    assert all(n.startswith("mtp.") for g in state["optimizer_param_groups"] for n in g["params"])
+
+
+# ---- one-line errors ---------------------------------------------------------------------------
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str]:
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    return code, err[-1] if err else ""
+
+
+def test_errors_are_one_line(data, tmp_path, capsys):
+    out = str(tmp_path / "run")
+    common = ["--out", out, "--steps", "1", "--batch-size", "2", "--seq-len", "16", "--device", "cpu", "--quiet"]
+    code, msg = run_cli(["train", "--data", str(tmp_path / "missing"), *common], capsys)
+    assert code == 2 and msg.startswith("error:") and "does not exist" in msg
+    (tmp_path / "empty").mkdir()
+    code, msg = run_cli(["train", "--data", str(tmp_path / "empty"), *common], capsys)
+    assert code == 2 and "multitoken prepare" in msg
+    code, msg = run_cli(["train", "--data", str(data), *common, "--heads", "none", "--freeze-backbone"], capsys)
+    assert code == 2 and "--heads" in msg
+    toml = tmp_path / "bad.toml"
+    toml.write_text("stepz = 3\n")
+    code, msg = run_cli(["train", "--data", str(data), *common, "--config", str(toml)], capsys)
+    assert code == 2 and "stepz" in msg
+    small = tmp_path / "small_vocab"  # a pretrained model whose vocabulary (100) is smaller than the data's (~300)
+    ckpt.save_run(small, Transformer(ModelConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                                 intermediate_size=64)))
+    code, msg = run_cli(["train", "--data", str(data), *common, "--init", str(small)], capsys)
+    assert code == 2 and str(vocab(data)) in msg and "100" in msg
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_refuses_to_overwrite_a_run(data, tmp_path):
+    train(tiny_train_config(steps=1), data, tmp_path / "run", progress=False)
+    with pytest.raises(UserError, match="--resume"):
+        train(tiny_train_config(steps=2), data, tmp_path / "run", progress=False)
+
+
+# ---- SIGKILL at a random moment --------------------------------------------------------------
+
+
+def check_run_dir_loadable(run: Path) -> None:
+    """Every file in RUN_DIR parses, and the checkpoint the pointer names is complete."""
+    for path in run.rglob("*"):
+        if path.is_dir() or path.name.endswith(".tmp"):  # a killed atomic_write's temporary; never read
+            continue
+        if path.suffix == ".json":
+            json.loads(path.read_text())
+        elif path.suffix == ".safetensors":
+            load_file(str(path))
+        elif path.suffix == ".jsonl":
+            lines = path.read_text().splitlines()
+            for line in lines[:-1]:
+                json.loads(line)
+        elif path.suffix == ".png":
+            assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    latest = ckpt.latest_checkpoint(run)
+    assert latest is not None
+    ckpt.load_checkpoint(latest)
+    ckpt.load_run(run)
+
+
+@pytest.mark.slow
+def test_sigkill_leaves_loadable_run_and_resume_finishes(data, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = ["train", "--data", str(data), "--out", str(run), "--steps", "14", "--batch-size", "4", "--seq-len", "32",
+            "--save-every", "1", "--log-every", "1", "--eval-every", "0", "--device", "cpu", "--seed", "0", "--quiet",
+            "--warmup", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "multitoken", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.time() + 120
+        while not (run / "checkpoints" / "latest.json").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.time() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        time.sleep(0.3)  # into the next steps: the kill lands anywhere, often mid-checkpoint
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    step_killed = ckpt.read_json(run / "checkpoints" / "latest.json")["step"]
+    assert step_killed < 14, "the run finished before the kill: make it longer"
+    check_run_dir_loadable(run)
+    code = main([*argv, "--resume"])
+    assert code == 0, capsys.readouterr().err
+    steps = [r["step"] for r in train_records(run)]
+    assert steps == list(range(1, 15))  # no gap, no duplicate
+    assert ckpt.read_json(run / "checkpoints" / "latest.json")["step"] == 14
+    assert not list(run.rglob(".*.tmp"))
+    check_run_dir_loadable(run)
