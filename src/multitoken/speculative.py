@@ -215,13 +215,16 @@ def _prefill(model, cache, idx: Tensor, lengths: Tensor, n_heads: int):
 
 
 def chain_steps(model, idx: Tensor, lengths: Tensor, emitter: Emitter, tally: Tally, k: int, s: Sampling,
-                gen: torch.Generator | None, typical: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
-    """Chain self-speculative decoding; yields (tokens (B, 1+k), taken (B,)) after each forward pass."""
+                gen: torch.Generator | None, typical: bool = False, cache=None) -> Iterator[tuple[Tensor, Tensor]]:
+    """Chain self-speculative decoding; yields (tokens (B, 1+k), taken (B,)) after each forward pass.
+
+    `cache` (optional, fresh, with at least k+1 slots past the context) lets a caller inspect it.
+    """
     B, T = idx.shape
     q, Lmax = k + 1, model.config.max_seq_len
     sequential = head_kind(model) == "sequential"
     lossless = not typical
-    cache = new_cache(model, B, extra=q + 1)
+    cache = new_cache(model, B, extra=q + 1) if cache is None else cache
     logits, last, heads = _prefill(model, cache, idx, lengths, 0 if sequential else k)
     x = sample(logits, s, gen)  # (B,)
     yield x[:, None], emitter.push(x[:, None], torch.ones_like(lengths))
@@ -265,7 +268,7 @@ def chain_steps(model, idx: Tensor, lengths: Tensor, emitter: Emitter, tally: Ta
 
 # ---- tree decoding ----------------------------------------------------------------------------------
 def tree_steps(model, idx: Tensor, lengths: Tensor, emitter: Emitter, tally: Tally, tree, s: Sampling,
-               gen: torch.Generator | None, typical: bool = False) -> Iterator[tuple[Tensor, Tensor]]:
+               gen: torch.Generator | None, typical: bool = False, cache=None) -> Iterator[tuple[Tensor, Tensor]]:
     """Tree self-speculative decoding (parallel and Medusa heads); yields like `chain_steps`.
 
     Every step builds N nodes (root = the pending token), runs them in one pass where node i
@@ -279,7 +282,7 @@ def tree_steps(model, idx: Tensor, lengths: Tensor, emitter: Emitter, tally: Tal
 
     B, T = idx.shape
     k, N, Lmax = tree.depth, tree.nodes, model.config.max_seq_len
-    cache = new_cache(model, B, extra=N + 1)
+    cache = new_cache(model, B, extra=N + 1) if cache is None else cache
     logits, _, heads = _prefill(model, cache, idx, lengths, k)
     x = sample(logits, s, gen)
     yield x[:, None], emitter.push(x[:, None], torch.ones_like(lengths))
