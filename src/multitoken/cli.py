@@ -20,6 +20,8 @@ COMMAND_MODULES: list[str] = [
     "multitoken.evaluate",
     "multitoken.hf",
     "multitoken.retrofit",
+    "multitoken.generate",
+    "multitoken.trees",
 ]
 
 
