@@ -60,8 +60,13 @@ class StaticTree:
     def truncate(self, depth: int) -> "StaticTree":
         return StaticTree([p for p in self.paths if len(p) <= depth])
 
+    @property
+    def ranks(self) -> int:
+        """Candidates needed per depth (the largest rank + 1)."""
+        return 1 + max((p[-1] for p in self.paths), default=0)
+
     def tensors(self, device) -> tuple[Tensor, Tensor, Tensor]:
-        """(parent, depth, rank) per node (N,), on `device`."""
+        """(parent, depth, rank) per node (N,), on `device` (built once per device: no per-step copies)."""
         key = str(device)
         if key not in self._cache:
             index = {(): 0} | {p: i + 1 for i, p in enumerate(self.paths)}
@@ -98,7 +103,7 @@ def build_nodes(tree: StaticTree | DynamicTree, x: Tensor, lq: Tensor) -> tuple[
     if isinstance(tree, DynamicTree):
         return dynamic_nodes(x, lq, tree.nodes, tree.width)
     parent, depth, rank = tree.tensors(x.device)
-    R = int(rank.max()) + 1
+    R = tree.ranks
     top = lq.topk(R, dim=-1).indices.flatten(1)  # (B, k*R)
     tokens = top[:, ((depth - 1).clamp(min=0) * R + rank)]  # (B, N)
     tokens[:, 0] = x
