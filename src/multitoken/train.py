@@ -573,6 +573,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write (or to continue with --resume)")
     p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file of training settings (keys as the options below, with _)")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest checkpoint, exactly")
+    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+                   help="stop with a checkpoint after this step, keeping the schedule of --steps (resume later)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_dataclass_arguments(p, TrainConfig)
     p.set_defaults(func=run)
@@ -586,7 +588,7 @@ def run(args: argparse.Namespace) -> int:
     if args.resume and config_path.is_file():
         saved = ckpt.read_json(config_path).get("train")
     cfg = resolve_config(cli, args.config, saved)
-    result = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet)
+    result = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary per job, not per process
         print(json.dumps(result, indent=2))
     return 0

@@ -1,0 +1,119 @@
+"""Evaluation: the drafting simulation by hand, expected tau on stub models with known answers,
+and the `multitoken eval` JSON."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from multitoken import checkpoint as ckpt
+from multitoken.cli import main
+from multitoken.config import ModelConfig
+from multitoken.evaluate import accepted_runs, eval_stats, evaluate, simulate_steps, summarize
+from multitoken.model import Transformer
+from multitoken.train import train
+from train_helpers import make_data, one_thread, tiny_train_config  # noqa: F401 (one_thread is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_accepted_runs_and_step_simulation_by_hand():
+    m = torch.tensor([[10, 11, 12, 13, 14, 15]])  # main head: m[j] predicts token j+1
+    d1 = torch.tensor([[11, 0, 13, 14, 0, 0]])  # accepted where d1[i] == m[i+1]: i = 0, 2, 3
+    d2 = torch.tensor([[12, 0, 0, 0, 0, 0]])  # accepted where d2[i] == m[i+2]: i = 0
+    run = accepted_runs(m, [d1, d2])
+    assert run.tolist() == [[2, 0, 1, 1, 0, 0]]
+    # Decoding visits i=0 (emits 1+2), then i=3 (emits 1+1), then i=5 has no room for 2 drafts: stop.
+    tokens, steps, accepted = simulate_steps(run, depth=2)
+    assert (tokens, steps, accepted) == (5, 2, [2, 1])  # tau = 2.5, not the all-position mean 2.0
+
+
+class StubModel(nn.Module):
+    """Hidden states are scaled one-hot rows and the unembedding is the identity, so each depth's
+    argmax is exactly the token the stub chooses. The main head predicts (7*x + 3) mod V.
+
+    mode "copy": depth k at position i outputs the main head's choice at i+k (a perfect drafter);
+    mode "random": depth k outputs an independent random token (an useless drafter).
+    """
+
+    def __init__(self, vocab: int, depth: int, mode: str) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.eye(vocab))
+        self.depth, self.mode, self.vocab = depth, mode, vocab
+        self.config = SimpleNamespace(eos_id=0, vocab_size=vocab, max_seq_len=64)
+        self.gen = torch.Generator().manual_seed(0)
+
+    def unembed_weight(self, depth: int = 0) -> torch.Tensor:
+        return self.w
+
+    def forward(self, idx: torch.Tensor) -> list[torch.Tensor]:
+        main = (7 * idx + 3) % self.vocab  # (B, T)
+        out = [main]
+        for k in range(1, self.depth + 1):
+            if self.mode == "copy":
+                out.append(torch.cat([main[:, k:], main[:, :k]], dim=1))  # the last k positions are never checked
+            else:
+                out.append(torch.randint(0, self.vocab, main.shape, generator=self.gen))
+        return [10.0 * nn.functional.one_hot(t, self.vocab).float() for t in out]  # (B, T, V) each
+
+
+def windows(n: int = 3, vocab: int = 50) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return [torch.randint(1, vocab, (4, 33), generator=g) for _ in range(n)]
+
+
+@pytest.mark.parametrize("depth", [1, 3])
+def test_perfect_drafter_gives_tau_depth_plus_one(depth):
+    result = summarize(eval_stats(StubModel(50, depth, "copy"), windows(), eos_id=None))
+    assert result["expected_tau"] == depth + 1
+    assert result["acceptance_per_position"] == [1.0] * depth
+    assert result["accuracy_per_depth"][0] < 0.2  # the stub ignores the data: tau is about agreement, not accuracy
+
+
+def test_random_drafter_gives_tau_near_one():
+    result = summarize(eval_stats(StubModel(50, 3, "random"), windows(6), eos_id=None))
+    assert 1.0 <= result["expected_tau"] < 1.1
+    assert result["acceptance_per_position"][0] < 0.1
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    data = make_data(root)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    train(tiny_train_config(steps=12, lr=1e-2, heads="parallel:2"), data, root / "run", progress=False)
+    torch.set_num_threads(n)
+    return data, root / "run"
+
+
+def test_eval_cli_json(trained, capsys):
+    data, run = trained
+    assert main(["eval", "--run", str(run), "--data", str(data), "--json", "--batches", "3", "--batch-size", "4",
+                 "--device", "cpu"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("loss_per_depth", "accuracy_per_depth", "expected_tau", "count_per_depth", "tokens", "tau_steps",
+                "acceptance_per_position"):
+        assert key in result, key
+    assert len(result["loss_per_depth"]) == 3 and result["tokens"] == 3 * 4 * 32  # the run's seq_len is 32
+    assert 1.0 <= result["expected_tau"] <= 3.0
+    assert (run / "accuracy_per_depth.png").read_bytes()[:4] == b"\x89PNG"
+    # The Python API on the same data gives the same numbers.
+    model, _ = ckpt.load_run(run)
+    api = evaluate(model, data, n_batches=3, batch_size=4, seq_len=32)
+    assert api["loss_per_depth"] == pytest.approx(result["loss_per_depth"])
+    assert api["expected_tau"] == pytest.approx(result["expected_tau"])
+
+
+def test_eval_rejects_data_with_a_larger_vocabulary(trained, tmp_path, capsys):
+    data, _ = trained
+    small = tmp_path / "small"
+    ckpt.save_run(small, Transformer(ModelConfig(vocab_size=100, dim=32, n_layers=2, n_heads=2, n_kv_heads=1,
+                                                 intermediate_size=64)))
+    assert main(["eval", "--run", str(small), "--data", str(data), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err and "100" in err
