@@ -109,6 +109,8 @@ class GenerationStats:
     """Steps summed over rows while each row was still generating."""
     tau: float = 1.0
     acceptance_per_position: list[float] = field(default_factory=list)
+    lossless: bool = True
+    """False only with lossy typical acceptance at temperature > 0."""
     wall_time_s: float = 0.0
     tokens_per_second: float = 0.0
 
@@ -118,7 +120,7 @@ class GenerationStats:
     def summary(self) -> str:
         acc = " ".join(f"{a:.2f}" for a in self.acceptance_per_position)
         line = (f"{self.new_tokens} tokens in {self.wall_time_s:.2f} s ({self.tokens_per_second:.1f} tok/s), "
-                f"mode={self.mode}, steps={self.steps}, tau={self.tau:.2f}")
+                f"mode={self.mode}, steps={self.steps}, tau={self.tau:.2f}" + ("" if self.lossless else " (LOSSY typical acceptance)"))
         return line + (f", acceptance per position: {acc}" if acc else "")
 
 
@@ -303,7 +305,7 @@ def decode(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", draft
 
         steps, emitter, tally, k = speculative.setup(model, idx, lengths, max_new_tokens, mode, draft, s, gen,
                                                      tree, eos_id, lossy_typical)
-    stats = GenerationStats(mode=mode, draft=k, batch_size=idx.shape[0])
+    stats = GenerationStats(mode=mode, draft=k, batch_size=idx.shape[0], lossless=not (lossy_typical and not s.greedy))
     return steps, emitter, tally, stats
 
 
@@ -393,7 +395,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
     src.add_argument("--prompt-file", help="file holding the prompt text")
-    p.add_argument("--mode", choices=MODES, default="spec", help="ntp: plain; spec: chain drafts; tree: draft tree")
+    p.add_argument("--mode", choices=MODES, default=None,
+                   help="ntp: plain; spec: chain drafts; tree: draft tree (default: spec when the run has heads, else ntp)")
     p.add_argument("--draft", type=int, default=None, help="drafted tokens per step (default: all heads)")
     p.add_argument("--tree", default=None,
                    help="tree mode: a tree.json, or 'dynamic:N' (default: RUN_DIR/tree.json if present, else dynamic:16)")
@@ -427,6 +430,8 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("empty prompt: give at least one character of prompt text")
     dtype = getattr(torch, args.dtype) if args.dtype else None
     model, tokenizer = load_run(args.run, device=args.device, dtype=dtype)
+    if args.mode is None:
+        args.mode = "spec" if model.depth else "ntp"
     tree = None
     if args.mode == "tree":
         from multitoken.trees import resolve_tree
