@@ -71,6 +71,16 @@ def test_greedy_tree_equals_plain_greedy(kind, tree, batch):
         assert 1.0 <= stats.tau <= 4
 
 
+@pytest.mark.parametrize("tree", [StaticTree([(0,), (1,), (2,)]), 6])
+def test_greedy_depth_one_tree_with_sequential_modules_equals_plain_greedy(tree):
+    for seed in range(3):
+        model = spread_model("sequential", 2, seed)
+        p = prompts(seed + 70, 3)
+        ref, _ = generate(model, p, 24)
+        out, stats = generate(model, p, 24, mode="tree", tree=tree)
+        assert out == ref and stats.draft == 1 and 1.0 <= stats.tau <= 2
+
+
 def test_greedy_stops_at_eos_and_at_the_context_end_like_plain():
     model = spread_model("parallel", 2, 3, max_seq_len=24)
     p = prompts(5, 4)
@@ -134,6 +144,17 @@ def test_stubbed_heads_give_the_expected_tau(kind, monkeypatch):
         if kind != "sequential":
             out, stats = generate(model, prompt, n, mode="tree", tree=TOP1_CHAIN)
             assert out[0] == full[0][:n] and stats.tau == pytest.approx(sum(pattern) / len(pattern))
+
+
+def test_stubbed_module_one_gives_the_expected_tau_in_a_depth_one_tree(monkeypatch):
+    model = spread_model("sequential", 2, 2)
+    prompt = [[7, 8, 9, 10]]
+    full, _ = generate(model, prompt, 30)
+    ref = torch.tensor([prompt[0] + full[0]])
+    for right, tau in ((True, 2.0), (False, 1.0)):
+        monkeypatch.setattr(speculative, "draft_logits", oracle(ref, 61, lambda c, d, r=right: r))
+        out, stats = generate(model, prompt, 21, mode="tree", tree=StaticTree([(0,), (1,)]))
+        assert out[0] == full[0][:21] and stats.tau == pytest.approx(tau) and stats.steps == 20 // int(tau)
 
 
 def test_rows_advance_by_different_amounts(monkeypatch):
@@ -245,7 +266,7 @@ def chi_square_pvalue(samples: list[list[int]], joint: torch.Tensor, V: int) -> 
 
 @pytest.mark.parametrize("kind,mode,tree", [("parallel", "spec", None), ("sequential", "spec", None),
                                             ("medusa", "spec", None), ("parallel", "tree", SMALL_TREE),
-                                            ("medusa", "tree", 6)])
+                                            ("medusa", "tree", 6), ("sequential", "tree", 4)])
 def test_speculative_sampling_has_the_exact_distribution(kind, mode, tree):
     """The joint law of the first 3 tokens matches the model's exact one (chi-square, 4000 samples).
 
@@ -283,7 +304,7 @@ def test_user_errors_are_one_line():
         lambda: generate(model, [[3]], 4, mode="spec", draft=3),
         lambda: generate(model, [[3]], 4, mode="spec", draft=0),
         lambda: generate(plain, [[3]], 4, mode="spec"),
-        lambda: generate(seq, [[3]], 4, mode="tree"),
+        lambda: generate(seq, [[3]], 4, mode="tree", draft=2),
         lambda: generate(model, [[]], 4, mode="spec"),
         lambda: generate(model, [list(range(2, 60))] * 2 + [[3] * 64], 4),
         lambda: generate(model, [[3]], 4, mode="beam"),

@@ -17,7 +17,9 @@ Verification rules (docs/decoding.md has the proofs and definitions):
 - lossless sampling: accept with probability min(1, p/q), on rejection draw from
   normalise(max(0, p - q)); p and q go through the same temperature/top-k/top-p;
 - lossy typical acceptance (Medusa): accept when p(draft) > min(eps, delta * exp(-H(p))).
-Trees (parallel and Medusa heads): see trees.py; one pass over all nodes with a tree mask.
+Trees: see trees.py and `tree_steps`; one pass over all nodes with a tree mask. Parallel and
+Medusa heads draft trees of any depth; sequential modules draft depth-1 trees (module 1's top
+candidates), since deeper module drafting would have to be tree-shaped itself.
 
 Shapes are static per step (always 1+k fed tokens, always N tree nodes); the only host sync in
 the loop is the "all rows done?" check.
@@ -44,6 +46,11 @@ def rows_at(h: Tensor, at: Tensor) -> Tensor:
     """h (B, T, ...) at one index per row at (B,) -> (B, ...)."""
     shape = (h.shape[0], 1) + h.shape[2:]
     return h.gather(1, at.view(-1, *([1] * (h.dim() - 1))).expand(shape))[:, 0]
+
+
+def rows_at_many(h: Tensor, idx: Tensor) -> Tensor:
+    """h (B, T, C) at indices idx (B, n) per row -> (B, n, C)."""
+    return h.gather(1, idx[..., None].expand(-1, -1, h.shape[-1]))
 
 
 def forward_pieces(model, idx: Tensor, cache, rope_pos: Tensor, slots: Tensor, mask: Tensor, n_heads: int
@@ -185,14 +192,16 @@ class ModuleDrafter:
         rope = model.rope(win.clamp(max=model.config.max_seq_len - 1))
         mask = cache.causal_mask(win)
         h = self.hbuf.gather(1, win[..., None].expand(-1, -1, self.hbuf.shape[-1]))  # (B, W, C)
-        drafts, qs = [], []
+        drafts, qs, logits = [], [], []
         for kk in range(1, self.k + 1):
             h = model.mtp.step(model, kk, h, self.seq.gather(1, win + kk), rope, cache, win, mask)  # (B, W, C)
             hk = model.mtp.layers[kk - 1].norm(rows_at(h, at))
-            d, q = propose(draft_logits(model, kk, hk, C + kk), s, gen, lossless)
+            logits.append(draft_logits(model, kk, hk, C + kk))
+            d, q = propose(logits[-1], s, gen, lossless)
             self.seq.scatter_(1, (C + kk)[:, None], d[:, None])
             drafts.append(d)
             qs.append(q)
+        self.logits = torch.stack(logits, 1)  # (B, k, V): what a depth-1 tree takes its candidates from
         return torch.stack(drafts, 1), (torch.stack(qs, 1) if qs[0] is not None else None)
 
 
@@ -269,7 +278,7 @@ def chain_steps(model, idx: Tensor, lengths: Tensor, emitter: Emitter, tally: Ta
 # ---- tree decoding ----------------------------------------------------------------------------------
 def tree_steps(model, idx: Tensor, lengths: Tensor, emitter: Emitter, tally: Tally, tree, s: Sampling,
                gen: torch.Generator | None, typical: bool = False, cache=None) -> Iterator[tuple[Tensor, Tensor]]:
-    """Tree self-speculative decoding (parallel and Medusa heads); yields like `chain_steps`.
+    """Tree self-speculative decoding; yields like `chain_steps` (sequential modules: depth-1 trees).
 
     Every step builds N nodes (root = the pending token), runs them in one pass where node i
     sits at RoPE position base + depth_i and cache slot base + i and sees the committed prefix
@@ -282,23 +291,33 @@ def tree_steps(model, idx: Tensor, lengths: Tensor, emitter: Emitter, tally: Tal
 
     B, T = idx.shape
     k, N, Lmax = tree.depth, tree.nodes, model.config.max_seq_len
+    sequential = head_kind(model) == "sequential"
     cache = new_cache(model, B, extra=N + 1) if cache is None else cache
-    logits, _, heads = _prefill(model, cache, idx, lengths, k)
+    logits, last, heads = _prefill(model, cache, idx, lengths, 0 if sequential else k)
     x = sample(logits, s, gen)
     yield x[:, None], emitter.push(x[:, None], torch.ones_like(lengths))
     if emitter.done_all():
         return
     at, levels = lengths - 1, torch.arange(k + 1, device=idx.device)
+    if sequential:  # depth-1 trees only (setup checks): module 1's candidates at the last committed position
+        drafter = ModuleDrafter(model, B, k, idx.device)
+        pos = torch.arange(T, device=idx.device).expand(B, T)
+        drafter.record(pos, last, torch.cat([idx[:, 1:], idx[:, :1]], 1))
+        drafter.seq.scatter_(1, lengths[:, None], x[:, None])
+        drafter.draft(lengths, s, gen, False, win=pos, at=lengths - 1, cache=cache)
     while True:
         base = cache.pos  # (B,)
-        lq = torch.stack([draft_logits(model, j, rows_at(h, at), base + j) for j, h in enumerate(heads, 1)], 1)
+        if sequential:
+            lq = drafter.logits
+        else:
+            lq = torch.stack([draft_logits(model, j, rows_at(h, at), base + j) for j, h in enumerate(heads, 1)], 1)
         tokens, parent, depth = build_nodes(tree, x, lq)  # (B, N) each
         anc = ancestors(parent, k)  # (B, N, N)
         slots = base[:, None] + torch.arange(N, device=idx.device)
         mask = (cache._slots < base[:, None, None]).expand(B, N, -1).clone()  # committed prefix
         mask.scatter_(2, slots[:, None, :].expand(B, N, N), anc)  # plus ancestors, self included
-        main, _, heads = forward_pieces(model, tokens, cache, (base[:, None] + depth).clamp(max=Lmax - 1), slots,
-                                        mask, k)
+        main, last, heads = forward_pieces(model, tokens, cache, (base[:, None] + depth).clamp(max=Lmax - 1), slots,
+                                           mask, 0 if sequential else k)
         logits = model.logits(main)  # (B, N, V)
         p = None if s.greedy else probs(logits, s)
         y = logits.argmax(-1) if p is None else draw(p, gen)  # (B, N) the target's token after each node
@@ -326,6 +345,9 @@ def tree_steps(model, idx: Tensor, lengths: Tensor, emitter: Emitter, tally: Tal
         if emitter.done_all():
             return
         x, at = final, best
+        if sequential:
+            drafter.record(base[:, None] + levels, rows_at_many(last, path), emitted)
+            drafter.draft(cache.pos, s, gen, False, cache=cache)
 
 
 # ---- setup --------------------------------------------------------------------------------------------
@@ -354,9 +376,10 @@ def setup(model, idx: Tensor, lengths: Tensor, max_new_tokens: int, mode: str, d
         return chain_steps(model, idx, lengths, emitter, tally, k, s, gen, typical), emitter, tally, k
     from multitoken.trees import as_tree
 
-    if head_kind(model) == "sequential":
-        raise UserError("--mode tree supports parallel and Medusa heads; for sequential MTP modules use --mode spec (chain)")
-    t = as_tree(tree, draft, model.depth)
+    sequential = head_kind(model) == "sequential"
+    t = as_tree(tree, draft or (1 if sequential else None), model.depth)
+    if sequential and t.depth > 1:
+        raise UserError("sequential MTP modules draft trees of depth 1 only: pass --draft 1, or use --mode spec (chain) for deeper drafts")
     emitter = Emitter(lengths, max_new_tokens, L, t.depth + 1, eos_id)
     tally = Tally(t.depth, idx.device)
     return tree_steps(model, idx, lengths, emitter, tally, t, s, gen, typical), emitter, tally, t.depth
