@@ -18,9 +18,10 @@ skips the positions in between, exactly as decoding does). Steps are taken while
 have a position to be checked against (i + D < T).
 
 The estimate uses the data as context: m[i+k] is the main head's choice given the true tokens up
-to i+k, while in decoding the context is the model's own greedy continuation. It is exact when
-the data is the model's own greedy continuation, and a good proxy for code and text the model
-predicts well.
+to i+k (and sequential modules read the true t_{i+k} where decoding feeds them their own drafts),
+while in decoding the context is the model's own greedy continuation. It is exact when the data
+is the model's own greedy continuation, and a good proxy for code and text the model predicts
+well; `multitoken generate` measures the real tau.
 """
 
 from __future__ import annotations
@@ -254,7 +255,7 @@ def plot_accuracy(result: dict[str, Any], path: str | Path, title: str = "") -> 
     ax.set_xlabel("depth")
     ax.set_ylim(0, 1)
     ax.set_title(title or f"expected tau = {result['expected_tau']:.2f}")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
