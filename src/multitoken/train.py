@@ -190,21 +190,21 @@ def load_backbone(model: Transformer, init_dir: str | Path) -> None:
         model.mtp.init_from_backbone(model)
 
 
-def global_depth_weights(base: list[float], windows: list[torch.Tensor], eos_id: int) -> tuple[list[list[float]], torch.Tensor]:
+def global_depth_weights(base: list[float], windows: list[torch.Tensor], eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-micro-batch depth weights that make the summed, rank-averaged gradient equal the
-    gradient of one global batch (see the module docstring).
+    gradient of one global batch (see the module docstring). Stays on the windows' device: no
+    host synchronisation per step.
 
     Returns:
-        (weights per micro-batch, (D+1,) global valid-target counts).
+        ((micro, D+1) float64 weights, (D+1,) global valid-target counts).
     """
     D = len(base) - 1
-    local = torch.tensor([[float((shift_targets(w, k, eos_id) != IGNORE_INDEX).sum()) for k in range(D + 1)]
-                          for w in windows], dtype=torch.float64)  # (micro, D+1)
-    total = parallel.all_reduce_sum(local.sum(0).to(windows[0].device)).cpu()
+    local = torch.stack([torch.stack([(shift_targets(w, k, eos_id) != IGNORE_INDEX).sum() for k in range(D + 1)])
+                         for w in windows]).double()  # (micro, D+1)
+    total = parallel.all_reduce_sum(local.sum(0))
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
-    weights = [[base[k] * world * float(local[j, k]) / max(float(total[k]), 1.0) for k in range(D + 1)]
-               for j in range(len(windows))]
-    return weights, total
+    base_t = torch.tensor(base, dtype=torch.float64, device=local.device)
+    return base_t * world * local / total.clamp(min=1.0), total
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -447,18 +447,18 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
                 g["lr"] = lr_at(step, cfg)
             windows = [next(loader).to(device, non_blocking=True) for _ in range(cfg.grad_accum)]
             weights, counts = global_depth_weights(base_loss.depth_weights(step), windows, model_cfg.eos_id)
-            ce_sum = torch.zeros(raw.depth + 1, dtype=torch.float64)
-            correct = torch.zeros(raw.depth + 1, dtype=torch.float64)
+            ce_sum = torch.zeros(raw.depth + 1, dtype=torch.float64, device=device)
+            correct = torch.zeros(raw.depth + 1, dtype=torch.float64, device=device)
             for j, window in enumerate(windows):
-                loss_fn = MTPLoss(raw.depth, weights[j], eos_id=model_cfg.eos_id, distill=cfg.distill,
+                loss_fn = MTPLoss(raw.depth, list(weights[j].unbind()), eos_id=model_cfg.eos_id, distill=cfg.distill,
                                   chunk_rows=base_loss.chunk_rows)
                 with parallel.no_sync(model, j == len(windows) - 1):
                     with autocast():
                         out = loss_fn(raw, model(window[:, :-1]), window, step)
                     out.loss.backward()
-                c = out.per_depth_count.double().cpu()
-                ce_sum += out.per_depth_loss.double().cpu() * c
-                correct += out.per_depth_acc.double().cpu() * c
+                c = out.per_depth_count.double()
+                ce_sum += out.per_depth_loss.double() * c
+                correct += out.per_depth_acc.double() * c
             grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -467,8 +467,8 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
             window_tokens += tokens_per_step
 
             if step % cfg.log_every == 0 or step == stop:
-                sums = parallel.all_reduce_sum(torch.cat([ce_sum, correct]).to(device)).cpu()
-                c = counts.double().clamp(min=1)
+                sums = parallel.all_reduce_sum(torch.cat([ce_sum, correct])).cpu()
+                c = counts.cpu().clamp(min=1)
                 per_depth = (sums[: raw.depth + 1] / c).tolist()
                 base_w = base_loss.depth_weights(step - 1)
                 now = time.perf_counter()
