@@ -211,3 +211,15 @@ def test_sigkill_leaves_loadable_run_and_resume_finishes(data, tmp_path, capsys)
     assert ckpt.read_json(run / "checkpoints" / "latest.json")["step"] == 30
     assert not list(run.rglob(".*.tmp"))
     check_run_dir_loadable(run)
+
+
+@pytest.mark.parametrize("kind", ["parallel", "sequential", "medusa"])
+def test_frozen_backbone_builds_no_graph(kind):
+    """With the backbone frozen, autograd records only the heads: the main hidden state has no graph."""
+    from conftest import tiny_model
+
+    model = tiny_model(kind, 2)
+    model.freeze_backbone()
+    hiddens = model(torch.randint(0, 61, (2, 8)))
+    assert hiddens[0].grad_fn is None and not hiddens[0].requires_grad
+    assert all(h.requires_grad for h in hiddens[1:])

@@ -479,6 +479,8 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
                               "loss_per_depth": per_depth, "accuracy_per_depth": (sums[raw.depth + 1:] / c).tolist(),
                               "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(gn), "tokens_per_s": tps,
                               "tokens": step * tokens_per_step, "time": time.time()}
+                if device.type == "cuda":
+                    last_train["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 log.log(last_train)
                 if bar is not None:
                     bar.set_postfix_str(" ".join(f"{'L' if k == 0 else '+' + str(k)} {v:.3f}" for k, v in enumerate(per_depth))
@@ -513,6 +515,7 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
         "tokens": tokens_done,
         "seconds": seconds,
         "tokens_per_s": tokens_done / max(seconds, 1e-9),
+        **({"max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}),
     }
 
 
