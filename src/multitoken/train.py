@@ -58,7 +58,10 @@ METRICS_FILE, PLOT_FILE, TB_DIR = "metrics.jsonl", "loss.png", "tb"
 def field_docs(cls: type) -> dict[str, str]:
     """The attribute docstrings of a dataclass (the string literal under each field), by field name."""
     docs: dict[str, str] = {}
-    tree = ast.parse(inspect.getsource(cls))
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError):  # no source shipped (e.g. a zipped install): options go without help text
+        return docs
     body = tree.body[0].body  # type: ignore[attr-defined]
     for a, b in zip(body, body[1:]):
         if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
