@@ -206,14 +206,14 @@ def test_cache_after_rollbacks_equals_a_cache_built_from_scratch(kind, mode):
             torch.testing.assert_close(cache.v[:layers, b, :, :T], fresh.v[:layers, 0, :, :T], atol=1e-5, rtol=1e-5)
 
 
-def test_sequential_drafts_equal_a_full_forward_over_the_accepted_tokens(monkeypatch):
+@pytest.mark.parametrize("mode,k", [("spec", 3), ("tree", 1)])
+def test_sequential_drafts_equal_a_full_forward_over_the_accepted_tokens(monkeypatch, mode, k):
     """Module k's draft at each step equals the uncached model's depth-k prediction on the same tokens.
 
     This pins the sliding-window invariant: every module's cache entries that a draft can see were
-    written from accepted tokens, never left over from rejected drafts.
+    written from accepted tokens, never left over from rejected drafts (chain and depth-1 tree).
     """
-    k, V = 3, 61
-    model = spread_model("sequential", k, 6)
+    model = spread_model("sequential", 3, 6)
     prompt = [4, 5, 6, 7, 8]
     calls = []
 
@@ -223,9 +223,9 @@ def test_sequential_drafts_equal_a_full_forward_over_the_accepted_tokens(monkeyp
         return lg
 
     monkeypatch.setattr(speculative, "draft_logits", record)
-    out, stats = generate(model, [prompt], 30, mode="spec")
+    out, stats = generate(model, [prompt], 30, mode=mode, draft=k, tree=4)
     tokens = prompt + out[0]
-    assert stats.steps > 3
+    assert stats.steps > 3 and len(calls) == k * (stats.steps + 1) - k
     with torch.no_grad():
         for i in range(0, len(calls), k):
             C = calls[i][1] - 1  # the pending token's position

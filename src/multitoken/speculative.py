@@ -306,7 +306,7 @@ def tree_steps(model, idx: Tensor, lengths: Tensor, emitter: Emitter, tally: Tal
         drafter.seq.scatter_(1, lengths[:, None], x[:, None])
         drafter.draft(lengths, s, gen, False, win=pos, at=lengths - 1, cache=cache)
     while True:
-        base = cache.pos  # (B,)
+        base = cache.pos.clone()  # (B,); a copy: advance() below changes cache.pos in place
         if sequential:
             lq = drafter.logits
         else:
