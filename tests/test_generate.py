@@ -141,7 +141,10 @@ def run_dir(tmp_path_factory):
 def test_text_stream_yields_the_decoded_text_and_stops_on_a_stop_string(run_dir):
     _, model, tok = run_dir
     stream = TextStream(model, tok, "def f(x):", max_new_tokens=20, mode="spec")
-    pieces = list(stream)
+    pieces = []
+    for piece in stream:
+        assert torch.is_grad_enabled()  # the stream's no_grad never leaks into the caller's code
+        pieces.append(piece)
     ids = [t for t in stream.token_ids if t != tok.eos_id]
     assert "".join(pieces) == stream.text == tok.decode(ids)
     assert stream.stats.new_tokens == len(stream.token_ids) and stream.stats.steps >= 1

@@ -362,30 +362,34 @@ class TextStream:
     def __iter__(self) -> Iterator[str]:
         from multitoken.data.tokenizer import StreamDecoder
 
-        with torch.no_grad():
-            t0 = time.perf_counter()
-            steps, emitter, tally, stats = decode(self.model, [self.ids], **self.kwargs)
-            dec = StreamDecoder(self.tokenizer)
-            eos = self.kwargs.get("eos_id")
-            hold = max((len(s) for s in self.stop), default=1) - 1
-            sent = 0  # characters of self.text already yielded
-            stopped = False
-            for tokens, taken in steps:
-                new = tokens[0, : int(taken[0])].tolist()
-                self.token_ids += new
-                self.text += dec.push([t for t in new if t != eos])
-                cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
-                if cut >= 0:
-                    self.text, stopped = self.text[:cut], True
-                    break
-                if len(self.text) - hold > sent:
-                    yield self.text[sent : len(self.text) - hold]
-                    sent = len(self.text) - hold
-            if not stopped:
-                self.text += dec.flush()
-            if len(self.text) > sent:
-                yield self.text[sent:]
-            self.stats = tally.finish(stats, len(self.token_ids), time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        steps, emitter, tally, stats = decode(self.model, [self.ids], **self.kwargs)
+        dec = StreamDecoder(self.tokenizer)
+        eos = self.kwargs.get("eos_id")
+        hold = max((len(s) for s in self.stop), default=1) - 1
+        sent = 0  # characters of self.text already yielded
+        stopped = False
+        while True:
+            with torch.no_grad():  # only around the model's work: no_grad must not leak into the caller
+                item = next(steps, None)
+            if item is None:
+                break
+            tokens, taken = item
+            new = tokens[0, : int(taken[0])].tolist()
+            self.token_ids += new
+            self.text += dec.push([t for t in new if t != eos])
+            cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
+            if cut >= 0:
+                self.text, stopped = self.text[:cut], True
+                break
+            if len(self.text) - hold > sent:
+                yield self.text[sent : len(self.text) - hold]
+                sent = len(self.text) - hold
+        if not stopped:
+            self.text += dec.flush()
+        if len(self.text) > sent:
+            yield self.text[sent:]
+        self.stats = tally.finish(stats, len(self.token_ids), time.perf_counter() - t0)
 
 
 # ---- command line ----------------------------------------------------------------------------------
