@@ -13,7 +13,7 @@ from multitoken.checkpoint import read_json, save_run
 from multitoken.cli import main
 from multitoken.errors import UserError
 from multitoken.trees import (DynamicTree, StaticTree, ancestors, as_tree, build_nodes, build_static, dynamic_nodes,
-                              expected_accept_length, measure_topk_accuracy)
+                              expected_accept_length, measure_topk_accuracy, resolve_tree)
 
 
 def test_static_tree_is_built_greedily_by_path_probability():
@@ -53,6 +53,10 @@ def test_tree_nodes_and_ancestors():
     with pytest.raises(UserError):
         as_tree(StaticTree([(0,), (0, 0), (0, 0, 0)]), None, 2)
     assert as_tree(StaticTree([(0,), (0, 0), (0, 0, 0)]), 2, 3).depth == 2
+    t = as_tree(resolve_tree("dynamic:16", "."), 1, 3)  # the CLI's form, cut to depth 1: widened to fit
+    assert (t.nodes, t.depth) == (16, 1) and t.width >= 15
+    with pytest.raises(UserError):
+        resolve_tree("dynamic:x", ".")
 
 
 def test_dynamic_tree_keeps_the_most_probable_paths():

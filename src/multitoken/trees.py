@@ -189,7 +189,8 @@ def as_tree(tree, draft: int | None, max_depth: int) -> StaticTree | DynamicTree
     if tree is None or isinstance(tree, int):
         return DynamicTree(DEFAULT_NODES if tree is None else tree, depth)
     if isinstance(tree, DynamicTree):
-        t = DynamicTree(tree.nodes, min(tree.depth, depth), tree.width)
+        d = min(tree.depth, depth)
+        t = DynamicTree(tree.nodes, d, tree.width if tree.width * d >= tree.nodes - 1 else 0)
     elif isinstance(tree, StaticTree):
         t = tree.truncate(draft) if draft else tree
     else:
