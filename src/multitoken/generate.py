@@ -195,7 +195,8 @@ class Emitter:
         self.budget = (max_seq_len - lengths).clamp(max=max_new_tokens)  # (B,)
         self.count = torch.zeros(B, dtype=torch.long, device=dev)
         self.done = self.budget <= 0
-        self.out = torch.zeros(B, max(max_new_tokens, 0) + q, dtype=torch.long, device=dev)
+        width = min(max(max_new_tokens, 0), max_seq_len)  # no row can take more than the context
+        self.out = torch.zeros(B, width + q, dtype=torch.long, device=dev)
         self.eos_id = eos_id
         self._cols = torch.arange(q, device=dev)
 
