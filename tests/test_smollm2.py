@@ -44,7 +44,7 @@ def reference(gguf_path):
 
 
 @pytest.fixture(scope="module")
-def converted(reference, tmp_path_factory):
+def converted_dir(reference, tmp_path_factory):
     """A fresh conversion into an empty cache folder (exercising the first-use path), loaded back."""
     from multitoken.retrofit import SMOLLM2_RUN, smollm2_run_dir
 
@@ -53,7 +53,12 @@ def converted(reference, tmp_path_factory):
     assert run_dir == cache / SMOLLM2_RUN
     assert [p.name for p in cache.iterdir()] == [SMOLLM2_RUN]  # no temporary folder left behind
     assert smollm2_run_dir(cache=cache) == run_dir  # second use: no conversion (no hf_model needed)
-    return load_run(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def converted(converted_dir):
+    return load_run(converted_dir)
 
 
 def test_conversion_matches_transformers_on_code(reference, converted):
@@ -68,3 +73,26 @@ def test_conversion_matches_transformers_on_code(reference, converted):
         got = model.logits(model(x)[0])
     torch.testing.assert_close(got, want, atol=FP32_ATOL, rtol=0)
     assert torch.equal(got.argmax(-1), want.argmax(-1))
+
+
+@pytest.mark.parametrize("heads,modes", [("medusa:2", ("spec", "tree")), ("sequential:1", ("spec",))])
+def test_speculative_greedy_equals_transformers_generate(reference, converted_dir, heads, modes):
+    """Fresh heads (Medusa: copies of the LM head; sequential: a copy of the last block) draft
+    poorly, which is the point: every rejected draft must still leave the output unchanged."""
+    from multitoken.config import HeadsConfig
+    from multitoken.generate import generate
+    from multitoken.retrofit import add_heads
+
+    torch.manual_seed(0)
+    model, tok = add_heads(converted_dir, HeadsConfig.parse(heads), max_seq_len=512)
+    eos, new = model.config.eos_id, 24
+    for prompt in PROMPTS[:2]:
+        ids = tok.encode(prompt)
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            want = reference.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, do_sample=False,
+                                      eos_token_id=eos, pad_token_id=eos)[0, len(ids):].tolist()
+            for mode in modes:
+                got, stats = generate(model, [ids], new, mode=mode, eos_id=eos)
+                assert got[0] == want, (heads, mode, prompt)
+                assert stats.tau >= 1.0

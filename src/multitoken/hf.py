@@ -352,6 +352,21 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], fresh_heads: b
     return model.eval()
 
 
+def limit_context(model: Transformer, max_seq_len: int) -> Transformer:
+    """Shorten the model's context to `max_seq_len` in place (positions below it are unchanged).
+
+    The static KV cache holds ``max_seq_len`` slots and every decoding step attends over all of
+    them (masked), so a pretrained 8k context makes each step of a short generation pay for 8k
+    keys; a context sized to the job (e.g. 1024) keeps the outputs identical and the steps cheap.
+    """
+    if not 1 <= max_seq_len <= model.config.max_seq_len:
+        raise UserError(f"--max-seq-len {max_seq_len}: choose between 1 and the model's {model.config.max_seq_len}")
+    model.config.max_seq_len = max_seq_len
+    model.rope_cos = model.rope_cos[:max_seq_len].clone()
+    model.rope_sin = model.rope_sin[:max_seq_len].clone()
+    return model
+
+
 def _resolve_heads(stored: HeadsConfig, asked: HeadsConfig | None, where: str) -> tuple[HeadsConfig, bool]:
     """(heads, fresh): the folder's own heads, or new ones when it has none."""
     if stored.kind != "none":
@@ -362,7 +377,7 @@ def _resolve_heads(stored: HeadsConfig, asked: HeadsConfig | None, where: str) -
 
 
 def convert_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None, heads: HeadsConfig | None = None,
-               tokenizer: str | None = None) -> Path:
+               tokenizer: str | None = None, max_seq_len: int | None = None) -> Path:
     """Convert a local Hugging Face Llama / Qwen2 / Mistral folder (safetensors) into a run directory.
 
     Args:
@@ -372,6 +387,7 @@ def convert_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None, he
         heads: new MTP heads to add (initialised from the backbone); heads the folder already
             carries (a `multitoken export`) are restored as they are.
         tokenizer: a tokenizer path when the folder has none.
+        max_seq_len: a shorter context than the checkpoint's (see `limit_context`).
     Returns:
         The run directory.
     """
@@ -386,11 +402,13 @@ def convert_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None, he
     if dtype is None:
         dtype = "bf16" if all(t.dtype == torch.bfloat16 for t in state.values() if t.is_floating_point()) else "fp32"
     model = build_model(cfg, state_from_hf(state, cfg, fresh), fresh)
+    if max_seq_len:
+        limit_context(model, max_seq_len)
     return _save(model, tok, out, dtype, source={"format": "hf", "path": str(hf_dir.resolve()), "model_type": hf["model_type"]})
 
 
 def convert_gguf(gguf_file: str | Path, out: str | Path, dtype: str | None = None, heads: HeadsConfig | None = None,
-                 hf_model=None) -> Path:
+                 hf_model=None, max_seq_len: int | None = None) -> Path:
     """Convert a GGUF file (read and dequantised by transformers) into a run directory.
 
     Args:
@@ -399,6 +417,7 @@ def convert_gguf(gguf_file: str | Path, out: str | Path, dtype: str | None = Non
         dtype: 'fp32' (default: the dequantised values exactly) or 'bf16'.
         heads: new MTP heads to add, initialised from the backbone.
         hf_model: the file already loaded by `load_gguf_transformers` (saves reading it twice).
+        max_seq_len: a shorter context than the file's (see `limit_context`).
     Returns:
         The run directory.
     """
@@ -408,6 +427,8 @@ def convert_gguf(gguf_file: str | Path, out: str | Path, dtype: str | None = Non
     model_heads, fresh = _resolve_heads(HeadsConfig(), heads, str(gguf_file))
     cfg = config_from_hf(hf, model_heads, eos_id=tok.eos_id)
     model = build_model(cfg, state_from_hf(hf_model.state_dict(), cfg, fresh), fresh)
+    if max_seq_len:
+        limit_context(model, max_seq_len)
     return _save(model, tok, out, dtype or "fp32",
                  source={"format": "gguf", "path": str(Path(gguf_file).resolve()), "model_type": hf["model_type"]})
 
@@ -487,6 +508,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="stored weight dtype (default: the source's; fp32 for GGUF)")
     p.add_argument("--heads", default=None, metavar="KIND:N", help="add fresh MTP heads initialised from the backbone (e.g. medusa:3)")
     p.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer to use when the folder has none")
+    p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+                   help="shorter context than the checkpoint's max_position_embeddings (sizes the static KV cache; positions < N unchanged)")
     p.set_defaults(func=run_convert)
 
     e = subparsers.add_parser("export", help="export a run as a Hugging Face folder (MTP heads kept)",
@@ -500,11 +523,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_convert(args: argparse.Namespace) -> int:
     heads = HeadsConfig.parse(args.heads) if args.heads else None
     if args.hf:
-        out = convert_hf(args.hf, args.out, args.dtype, heads, args.tokenizer)
+        out = convert_hf(args.hf, args.out, args.dtype, heads, args.tokenizer, args.max_seq_len)
     else:
         if args.tokenizer:
             raise UserError("--tokenizer is for --hf folders: a GGUF file carries its own tokenizer")
-        out = convert_gguf(args.gguf, args.out, args.dtype, heads)
+        out = convert_gguf(args.gguf, args.out, args.dtype, heads, max_seq_len=args.max_seq_len)
     cfg = load_config(out)
     print(f"wrote {out}: {cfg.n_layers} layers, d={cfg.dim}, vocab {cfg.vocab_size}, heads {cfg.heads}, eos_id {cfg.eos_id}")
     return 0
