@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -34,8 +35,16 @@ def torchrun(data: Path, out: Path, *extra: str) -> None:
            "-m", "multitoken", "train", "--data", str(data), "--out", str(out), "--device", "cpu", "--quiet",
            "--heads", "parallel:2", *cli_args(**ARGS), *extra]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # A session of its own so that a timeout kills the workers too, not only torchrun.
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            start_new_session=True)
+    try:
+        _, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, err = proc.communicate()
+        pytest.fail(f"torchrun did not finish in 300 s: {err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
 
 
 def losses(run: Path) -> list[list[float]]:
