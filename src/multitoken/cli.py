@@ -15,6 +15,7 @@ from multitoken.errors import UserError
 
 # Modules that register a subcommand, in the order `--help` lists them.
 COMMAND_MODULES: list[str] = [
+    "multitoken.demo",
     "multitoken.data.prepare",
     "multitoken.train",
     "multitoken.evaluate",
