@@ -25,6 +25,16 @@ PROMPTS = [
 FP32_ATOL = 1e-4
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Decoding is many small ops: with two OpenMP threads on a busy two-core box they spin and
+    wait on each other (this file took 4.5 min instead of 1 min); one thread keeps the tests bounded."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def gguf_path():
     from multitoken.retrofit import smollm2_gguf
