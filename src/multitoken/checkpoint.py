@@ -124,7 +124,7 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", dtype: tor
     with torch.device("meta"):
         model = Transformer(config)
     model = model.to_empty(device=device)
-    model.init_weights()  # buffers (RoPE tables) and any weight the file lacks
+    model.init_buffers()  # every weight comes from the file (strict load), only buffers need values
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
     load_weights(run_dir / WEIGHTS_FILE, model)

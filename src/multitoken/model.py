@@ -141,6 +141,10 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=std)
         if self.mtp is not None:
             self.mtp.reset_parameters(self)
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """Recompute the RoPE tables (after ``to_empty`` from the meta device, say)."""
         cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
