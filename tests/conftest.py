@@ -24,6 +24,11 @@ def tiny_model(kind: str = "none", depth: int = 0, seed: int = 0, **overrides) -
 
 
 @pytest.fixture(autouse=True)
-def _deterministic():
+def _deterministic_one_thread():
+    """Seeded, and one intra-op thread: tiny matmuls and attention run many times slower with two
+    OpenMP threads as soon as anything else runs on a 2-core machine."""
     torch.manual_seed(0)
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
     yield
+    torch.set_num_threads(n)

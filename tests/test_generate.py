@@ -15,15 +15,6 @@ from multitoken.errors import UserError
 from multitoken.generate import Emitter, Sampling, TextStream, draw, generate, prepare_prompts, probs, sample
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls and attention run ~50x slower with 2 OpenMP threads on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def varied(model, std: float = 0.15, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -17,15 +17,6 @@ TOP1_CHAIN = StaticTree([(0,), (0, 0), (0, 0, 0)])  # a chain as a tree: only ra
 SMALL_TREE = StaticTree([(0,), (1,), (0, 0), (0, 1), (1, 0)])
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matmuls and attention run ~50x slower with 2 OpenMP threads on a loaded 2-core box."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def spread_model(kind: str, depth: int, seed: int = 0, std: float = 0.15, **overrides):
     """A tiny model whose weights are large enough that its tokens vary and its heads disagree."""
     model = tiny_model(kind, depth, seed=seed, n_layers=4, **overrides).eval()

@@ -59,9 +59,19 @@ def shift_tokens(idx: Tensor, k: int, pad: int) -> Tensor:
     return torch.cat([idx[:, k:], idx.new_full((idx.shape[0], min(k, idx.shape[1])), pad)], dim=1)[:, : idx.shape[1]]
 
 
-class ParallelHeads(nn.Module):
+class _SharedLMHead(nn.Module):
+    """Defaults of the families whose depths all unembed with the model's own LM head."""
+
     recompute = True  # see _run
 
+    def unembed_weight(self, model, k: int) -> Tensor:
+        return model.lm_head.weight
+
+    def reset_parameters(self, model) -> None:
+        pass
+
+
+class ParallelHeads(_SharedLMHead):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         # Cache layers L..L+D-1 belong to the extra heads' blocks.
@@ -72,12 +82,6 @@ class ParallelHeads(nn.Module):
 
     def forward(self, model, *, trunk: Tensor, rope, cache=None, slots=None, mask=None, **_) -> list[Tensor]:
         return [model.norm(_run(self, block, trunk, rope, cache, slots, mask)) for block in self.blocks]
-
-    def unembed_weight(self, model, k: int) -> Tensor:
-        return model.lm_head.weight
-
-    def reset_parameters(self, model) -> None:
-        pass
 
     @torch.no_grad()
     def init_from_backbone(self, model) -> None:
@@ -102,9 +106,7 @@ class MTPModule(Block):
         return super().forward(x, rope, cache, slots, mask)
 
 
-class SequentialMTP(nn.Module):
-    recompute = True  # see _run
-
+class SequentialMTP(_SharedLMHead):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.heads.depth))
@@ -128,12 +130,6 @@ class SequentialMTP(nn.Module):
         Returns h^k before the final norm (feed it to module k+1; ``layers[k-1].norm`` it for logits).
         """
         return self.layers[k - 1](h_prev, model.embed_tokens(tokens), rope, cache, slots, mask)
-
-    def unembed_weight(self, model, k: int) -> Tensor:
-        return model.lm_head.weight
-
-    def reset_parameters(self, model) -> None:
-        pass
 
     @torch.no_grad()
     def init_from_backbone(self, model) -> None:
