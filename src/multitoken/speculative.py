@@ -97,6 +97,19 @@ def propose(logits: Tensor, s: Sampling, gen: torch.Generator | None, lossless: 
     return draw(q, gen), q
 
 
+def commit(emitter: Emitter, tally: Tally, cache, emitted: Tensor, n: Tensor) -> Tensor:
+    """Emit n+1 tokens per row (B, q), count them, and advance each unfinished row's cache.
+
+    Returns:
+        (B,) tokens each row actually took (fewer at EOS or the token limit).
+    """
+    active = ~emitter.done
+    taken = emitter.push(emitted, n + 1)
+    tally.step(active, taken, n)
+    cache.advance(torch.where(emitter.done, 0, n + 1))
+    return taken
+
+
 # ---- verification ----------------------------------------------------------------------------------
 def verify_greedy(logits: Tensor, drafts: Tensor) -> tuple[Tensor, Tensor]:
     """Greedy chain verification.
@@ -260,10 +273,7 @@ def chain_steps(model, idx: Tensor, lengths: Tensor, emitter: Emitter, tally: Ta
         else:
             n, final = verify_sampling(logits, drafts, qd, s, gen)
         emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, n[:, None], final[:, None])  # (B, q)
-        active = ~emitter.done
-        taken = emitter.push(emitted, n + 1)
-        tally.step(active, taken, n)
-        cache.advance(torch.where(emitter.done, 0, n + 1))
+        taken = commit(emitter, tally, cache, emitted, n)
         yield emitted, taken
         if emitter.done_all():
             return
@@ -337,10 +347,7 @@ def tree_steps(model, idx: Tensor, lengths: Tensor, emitter: Emitter, tally: Tal
         final = y.gather(1, best[:, None])[:, 0]
         emitted = torch.cat([tokens.gather(1, path[:, 1:]), x[:, None]], 1).scatter(1, n[:, None], final[:, None])
         cache.compact(base[:, None] + path, base[:, None] + levels)
-        active = ~emitter.done
-        taken = emitter.push(emitted, n + 1)
-        tally.step(active, taken, n)
-        cache.advance(torch.where(emitter.done, 0, n + 1))
+        taken = commit(emitter, tally, cache, emitted, n)
         yield emitted, taken
         if emitter.done_all():
             return
