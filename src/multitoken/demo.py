@@ -117,5 +117,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default="bytes", help="tokenizer for prepare: bytes or bpe:N (default: bytes)")
     p.add_argument("--max-new-tokens", type=int, default=96, help="tokens per completion (default: 96)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.set_defaults(func=lambda a: run_demo(a.workdir, a.preset, a.heads, a.steps, a.tokenizer, a.max_new_tokens,
-                                           a.threads) and 0)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_demo(args.workdir, args.preset, args.heads, args.steps, args.tokenizer, args.max_new_tokens, args.threads)
+    return 0
