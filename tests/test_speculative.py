@@ -7,9 +7,11 @@ import torch
 from scipy.stats import chisquare
 
 from conftest import FAMILIES, tiny_model
-from multitoken import speculative
+from multitoken.decoding import drafting
+from multitoken.decoding.api import engine_for
 from multitoken.errors import UserError
-from multitoken.generate import Emitter, Sampling, Tally, generate, new_cache, prepare_prompts, probs
+from multitoken.generate import Sampling, generate, probs
+from multitoken.kv_cache import KVCache
 from multitoken.trees import DynamicTree, StaticTree
 
 CHAIN_TREE = StaticTree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])
@@ -124,7 +126,7 @@ def test_stubbed_heads_give_the_expected_tau(kind, monkeypatch):
         (lambda c, d: d == 1, [2], [1.0] + [0.0] * (k - 1)),
     ]
     for right, pattern, acceptance in cases:
-        monkeypatch.setattr(speculative, "draft_logits", oracle(ref, V, right))
+        monkeypatch.setattr(drafting, "draft_logits", oracle(ref, V, right))
         steps = 4 * len(pattern)
         n = 1 + sum(pattern) * (steps // len(pattern))  # the prefill's token, then whole steps
         out, stats = generate(model, prompt, n, mode="spec")
@@ -143,7 +145,7 @@ def test_stubbed_module_one_gives_the_expected_tau_in_a_depth_one_tree(monkeypat
     full, _ = generate(model, prompt, 30)
     ref = torch.tensor([prompt[0] + full[0]])
     for right, tau in ((True, 2.0), (False, 1.0)):
-        monkeypatch.setattr(speculative, "draft_logits", oracle(ref, 61, lambda c, d, r=right: r))
+        monkeypatch.setattr(drafting, "draft_logits", oracle(ref, 61, lambda c, d, r=right: r))
         out, stats = generate(model, prompt, 21, mode="tree", tree=StaticTree([(0,), (1,)]))
         assert out[0] == full[0][:21] and stats.tau == pytest.approx(tau) and stats.steps == 20 // int(tau)
 
@@ -162,7 +164,7 @@ def test_rows_advance_by_different_amounts(monkeypatch):
         a, b = good(model, depth, h, next_pos), wrong(model, depth, h, next_pos)
         return torch.stack([a[0], b[1]])
 
-    monkeypatch.setattr(speculative, "draft_logits", mixed)
+    monkeypatch.setattr(drafting, "draft_logits", mixed)
     out, stats = generate(model, p, 25, mode="spec")
     assert out == [r[:25] for r in full]
     # Row 0 needs 8 steps (3 tokens each), row 1 needs 24: tau over row-steps = 48 / 32.
@@ -175,24 +177,16 @@ def test_cache_after_rollbacks_equals_a_cache_built_from_scratch(kind, mode):
     k = 3
     model = spread_model(kind, k, 5)
     p = prompts(11, 3)
-    idx, lengths = prepare_prompts(p, model.config.max_seq_len)
-    s = Sampling()
-    tree = DynamicTree(7, k)
-    emitter = Emitter(lengths, 30, model.config.max_seq_len, k + 1, None)
-    cache = new_cache(model, 3, extra=tree.nodes + 1)
-    run = speculative.chain_steps if mode == "spec" else speculative.tree_steps
+    out, _ = generate(model, p, 30, mode=mode, tree=DynamicTree(7, k))
+    cache = engine_for(model, 3).state.cache  # the engine's cache, as the last call left it
+    layers = model.config.n_layers + (k if kind == "parallel" else 0)  # sequential modules: next test
     with torch.no_grad():
-        for _ in run(model, idx, lengths, emitter, Tally(k, idx.device), k if mode == "spec" else tree, s, None,
-                     cache=cache):
-            pass
-        out = emitter.tokens()
-        layers = model.config.n_layers + (k if kind == "parallel" else 0)  # sequential modules: next test
         for b in range(3):
             seq = torch.tensor([p[b] + out[b]])[:, : int(cache.pos[b])]
-            fresh = new_cache(model, 1)
+            fresh = KVCache.for_model(model.config, 1)
             T = seq.shape[1]
             pos = torch.arange(T)[None]
-            speculative.forward_pieces(model, seq, fresh, pos, pos, fresh.causal_mask(pos), k)
+            drafting.decode_pass(model, seq, fresh, pos, pos, fresh.causal_mask(pos), k)
             torch.testing.assert_close(cache.k[:layers, b, :, :T], fresh.k[:layers, 0, :, :T], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(cache.v[:layers, b, :, :T], fresh.v[:layers, 0, :, :T], atol=1e-5, rtol=1e-5)
 
@@ -213,10 +207,10 @@ def test_sequential_drafts_equal_a_full_forward_over_the_accepted_tokens(monkeyp
         calls.append((depth, int(next_pos[0]), lg[0].clone()))
         return lg
 
-    monkeypatch.setattr(speculative, "draft_logits", record)
+    monkeypatch.setattr(drafting, "draft_logits", record)
     out, stats = generate(model, [prompt], 30, mode=mode, draft=k, tree=4)
     tokens = prompt + out[0]
-    assert stats.steps > 3 and len(calls) == k * (stats.steps + 1) - k
+    assert stats.steps > 3 and len(calls) == k * (stats.steps + 1)  # the prefill's drafts, then each step's
     with torch.no_grad():
         for i in range(0, len(calls), k):
             C = calls[i][1] - 1  # the pending token's position

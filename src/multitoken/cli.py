@@ -23,6 +23,7 @@ COMMAND_MODULES: list[str] = [
     "multitoken.retrofit",
     "multitoken.generate",
     "multitoken.trees",
+    "multitoken.bench",
 ]
 
 

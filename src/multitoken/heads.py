@@ -63,6 +63,9 @@ class _SharedLMHead(nn.Module):
     """Defaults of the families whose depths all unembed with the model's own LM head."""
 
     recompute = True  # see _run
+    drafts_from_verify = True
+    """Decoding: the verification pass itself yields the next drafts (`decode_states`); False for
+    families that draft with their own passes over committed tokens (sequential modules)."""
 
     def unembed_weight(self, model, k: int) -> Tensor:
         return model.lm_head.weight
@@ -82,6 +85,10 @@ class ParallelHeads(_SharedLMHead):
 
     def forward(self, model, *, trunk: Tensor, rope, cache=None, slots=None, mask=None, **_) -> list[Tensor]:
         return [model.norm(_run(self, block, trunk, rope, cache, slots, mask)) for block in self.blocks]
+
+    def decode_states(self, model, n: int, *, trunk: Tensor, rope, cache, slots, mask, **_) -> list[Tensor]:
+        """States (B, q, C) of the first n heads in a cached decoding pass (they draft the next step)."""
+        return [model.norm(block(trunk, rope, cache, slots, mask)) for block in self.blocks[:n]]
 
     @torch.no_grad()
     def init_from_backbone(self, model) -> None:
@@ -107,6 +114,8 @@ class MTPModule(Block):
 
 
 class SequentialMTP(_SharedLMHead):
+    drafts_from_verify = False  # decoding drafts with `step`, module by module (decoding/drafting.py)
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.layers = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.heads.depth))
@@ -123,6 +132,9 @@ class SequentialMTP(_SharedLMHead):
             h = _run(self, module, h, emb, rope)
             out.append(module.norm(h))
         return out
+
+    def decode_states(self, model, n: int, **_) -> list[Tensor]:
+        return []
 
     def step(self, model, k: int, h_prev: Tensor, tokens: Tensor, rope, cache=None, slots=None, mask=None) -> Tensor:
         """Run module k (1-based) on (B, q) positions: h^{k-1} there and the tokens t_{i+k}.
@@ -157,6 +169,7 @@ class MedusaHead(nn.Module):
 
 class MedusaHeads(nn.Module):
     recompute = False  # a residual block is cheaper to keep than to recompute
+    drafts_from_verify = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -167,6 +180,9 @@ class MedusaHeads(nn.Module):
 
     def forward(self, model, *, main: Tensor, **_) -> list[Tensor]:
         return [head.blocks(main) for head in self.heads]
+
+    def decode_states(self, model, n: int, *, main: Tensor, **_) -> list[Tensor]:
+        return [head.blocks(main) for head in self.heads[:n]]
 
     def unembed_weight(self, model, k: int) -> Tensor:
         return self.heads[k - 1].lm_head.weight

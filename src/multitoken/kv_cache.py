@@ -4,8 +4,9 @@ Every block of the model (the MTP heads' own blocks included) owns one layer of 
 Shapes never change after allocation, which is what CUDA graphs need. Each row keeps its own
 position, so rows of a batch can advance by different amounts; rejecting drafted tokens only
 moves a row's position back: entries past it are masked out and overwritten by the next write.
-Tree verification writes candidates to scratch slots past the committed prefix and `compact`
-moves the accepted path's entries into place.
+Blocks write their new keys and values themselves (`model.Block.cached`), which keeps the
+write inside a compiled block. Tree verification writes candidates to scratch slots past the
+committed prefix and `compact` moves the accepted path's entries into place.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ class KVCache:
         self.pos = torch.zeros(batch_size, dtype=torch.long, device=device)  # committed tokens per row
         self._rows = torch.arange(batch_size, device=device)[:, None]  # (B, 1), for per-row scatter
         self._slots = torch.arange(max_seq_len, device=device)
+        # Slots attention looks at: a step only attends to slots < live (the runner sets it from a
+        # bound on the rows' positions, in buckets), so its cost grows with the tokens in the cache,
+        # not with max_seq_len. A Python int: a compiled step specialises on it, one graph per bucket.
+        self.live = max_seq_len
+        self.block_fn = None  # a compiled `Block.cached`, set by the decoding runner (None: eager)
 
     @classmethod
     def for_model(cls, config, batch_size: int, max_seq_len: int | None = None,
@@ -50,25 +56,13 @@ class KVCache:
     def max_seq_len(self) -> int:
         return self.k.shape[3]
 
-    def update(self, layer: int, k: Tensor, v: Tensor, slots: Tensor) -> tuple[Tensor, Tensor]:
-        """Write new keys/values of one block at per-row slots; return that block's whole buffers.
-
-        Args:
-            layer: the block's cache layer.
-            k, v: (B, Hkv, q, Dh) for the q new tokens.
-            slots: (B, q) where each row's tokens go.
-        Returns:
-            (B, Hkv, S, Dh) keys and values, to be attended with a mask over slots.
-        """
-        kl, vl = self.k[layer], self.v[layer]
-        # Advanced indices separated by a slice put the indexed dims first: (B, q, Hkv, Dh).
-        kl[self._rows, :, slots] = k.transpose(1, 2).to(kl.dtype)
-        vl[self._rows, :, slots] = v.transpose(1, 2).to(vl.dtype)
-        return kl, vl
-
     def causal_mask(self, slots: Tensor) -> Tensor:
-        """(B, q, S) boolean mask: a token at slot s sees slots 0..s of its own row."""
-        return self._slots[None, None, :] <= slots[:, :, None]
+        """(B, q, live) boolean mask: a token at slot s sees slots 0..s of its own row."""
+        return self._slots[None, None, : self.live] <= slots[:, :, None]
+
+    def prefix_mask(self, base: Tensor, q: int) -> Tensor:
+        """(B, q, live) boolean mask: every one of q tokens sees the slots before its row's `base` (B,)."""
+        return (self._slots[None, None, : self.live] < base[:, None, None]).expand(-1, q, -1)
 
     def positions(self, q: int) -> Tensor:
         """(B, q) positions of the next q tokens of every row."""
@@ -84,10 +78,6 @@ class KVCache:
             self.pos.fill_(pos)
         else:
             self.pos.copy_(pos)
-
-    def reset(self) -> None:
-        """Forget everything (buffers keep their memory)."""
-        self.pos.zero_()
 
     def compact(self, src: Tensor, dst: Tensor, layers: slice | None = None) -> None:
         """Move entries of each row from slots `src` to slots `dst` (both (B, n)), for all layers.

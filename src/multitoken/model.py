@@ -60,19 +60,43 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None, layer: int = 0,
-                slots: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        """Causal self-attention over x (B, T, C) alone (training, evaluation)."""
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        gqa = self.n_kv_heads != self.n_heads
-        if cache is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-        else:
-            k, v = cache.update(layer, k, v, slots)  # (B, Hkv, S, Dh)
-            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask[:, None], enable_gqa=gqa)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def cached(self, x: Tensor, cos: Tensor, sin: Tensor, kl: Tensor, vl: Tensor, rows: Tensor, slots: Tensor,
+               mask: Tensor) -> Tensor:
+        """Attention for new tokens x (B, q, C) against one block's cache buffers.
+
+        Args:
+            kl, vl: (B, Hkv, S, Dh) this block's keys and values; the new ones are written at `slots`.
+            rows: (B, 1) row indices; slots: (B, q) where each row's new tokens go.
+            mask: (B, q, live) which of the first `live` slots each new token sees (live <= S).
+        """
+        B, T, _ = x.shape
+        q, k, v = self._qkv(x, cos, sin)
+        # Advanced indices separated by a slice put the indexed dims first: (B, q, Hkv, Dh).
+        kl[rows, :, slots] = k.transpose(1, 2).to(kl.dtype)
+        vl[rows, :, slots] = v.transpose(1, 2).to(vl.dtype)
+        live = mask.shape[-1]
+        # Decoding feeds few tokens: fold the query heads that share a KV head into the query
+        # length, (B, Hkv, rep*q, Dh), so every kernel sees plain multi-head attention and no KV
+        # head is copied (head h reads KV head h // rep, as Hugging Face's repeat_kv does).
+        rep = self.n_heads // self.n_kv_heads
+        qf = q.reshape(B, self.n_kv_heads, rep * T, self.head_dim)
+        m = mask[:, None, None].expand(B, 1, rep, T, live).reshape(B, 1, rep * T, live)
+        y = F.scaled_dot_product_attention(qf, kl[:, :, :live].to(q.dtype), vl[:, :, :live].to(q.dtype), attn_mask=m)
+        y = y.reshape(B, self.n_heads, T, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -100,7 +124,17 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
                 slots: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), *rope, cache, self.layer, slots, mask)
+        if cache is not None:
+            # The decoding runner may swap in a compiled `cached` (one compilation serves every block).
+            fn = cache.block_fn or Block.cached
+            return fn(self, x, rope[0], rope[1], cache.k[self.layer], cache.v[self.layer], cache._rows, slots, mask)
+        x = x + self.self_attn(self.input_layernorm(x), *rope)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+    def cached(self, x: Tensor, cos: Tensor, sin: Tensor, kl: Tensor, vl: Tensor, rows: Tensor, slots: Tensor,
+               mask: Tensor) -> Tensor:
+        """The block over new tokens x (B, q, C) with this block's cache buffers (see `Attention.cached`)."""
+        x = x + self.self_attn.cached(self.input_layernorm(x), cos, sin, kl, vl, rows, slots, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

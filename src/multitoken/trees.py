@@ -3,7 +3,7 @@
 A tree has N nodes; node 0 is the root (the pending token), every other node is a candidate
 token at depth d (1..k), drafted by head d. Nodes are stored parents-first, so one pass of
 ``ancestors`` after `depth` hops resolves every path. Children of one node always carry distinct
-tokens (distinct top-k ranks), which is what makes tree sampling exact (speculative.tree_steps).
+tokens (distinct top-k ranks), which is what makes tree sampling exact (decoding.verify.verify_tree).
 
 - `StaticTree`: a fixed set of rank paths ``(r_1, ..., r_d)``: node token = rank r_d of head d.
   `build_static` chooses the paths greedily, Medusa style: given measured per-depth top-r

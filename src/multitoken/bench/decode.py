@@ -1,0 +1,306 @@
+"""``multitoken bench decode``: decoding speed and exactness, ours and transformers', side by side.
+
+For one model (a run directory, a Hugging Face folder, or a preset with random weights), in one
+process and on the same prompts:
+- ours: plain decoding eager (the old path's launch pattern, batch 1), plain with CUDA graphs
+  of eager blocks (batch 1), plain with compiled blocks and CUDA graphs (the default on CUDA),
+  and every speculative mode that applies (chain with all heads, chain with the automatic
+  draft length, tree);
+- transformers' generate on the same weights (exported in-process): default cache, static
+  cache, and prompt lookup (batch 1), where transformers is installed;
+at each batch size and temperature asked. Reported: tokens/s as medians over repeats (the first
+call of each method is warm-up and holds its compile and capture time, reported apart), tau,
+acceptance per position, speed-up over our plain decoding with graphs, the measured cost of
+one step of each kind relative to a plain step, and at temperature 0 the token-match rate
+against our plain greedy output and the first position where they diverge.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from multitoken.errors import UserError
+
+
+def sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def match_rate(out: list[list[int]], ref: list[list[int]]) -> tuple[float, int | None]:
+    """(fraction of reference tokens reproduced before the first divergence, earliest divergence or None)."""
+    same, total, first = 0, 0, None
+    for o, r in zip(out, ref):
+        n = 0
+        while n < min(len(o), len(r)) and o[n] == r[n]:
+            n += 1
+        same += n
+        total += len(r)
+        if n < max(len(o), len(r)):
+            first = n if first is None else min(first, n)
+    return (same / total if total else 1.0), first
+
+
+def code_prompts(tokenizer, vocab: int, n: int, length: int, seed: int = 0) -> list[list[int]]:
+    """n prompts of `length` tokens: code from this interpreter's standard library through the
+    model's tokenizer, or random ids when there is no tokenizer."""
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(seed)
+        return torch.randint(3, vocab, (n, length), generator=g).tolist()
+    import sysconfig
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    out = []
+    for i in range(n):
+        text = files[(i * 37 + seed) % len(files)].read_text(errors="replace")
+        ids = tokenizer.encode(text[: length * 8])
+        out.append(ids[:length] if len(ids) >= length else (ids * (length // max(len(ids), 1) + 1))[:length])
+    return out
+
+
+def load_model(args) -> tuple:
+    """(model, tokenizer, run_dir or None, description) from --run, --hf or --preset."""
+    from multitoken.checkpoint import load_run
+
+    dtype = getattr(torch, args.dtype)
+    if args.run:
+        model, tok = load_run(args.run, device=args.device, dtype=dtype)
+        return model, tok, Path(args.run), f"run {args.run}"
+    if args.hf:
+        from multitoken.hf import convert_hf
+
+        tmp = Path(tempfile.mkdtemp(prefix="mt-bench-"))
+        convert_hf(args.hf, tmp / "run", None, None, None, args.max_seq_len)
+        model, tok = load_run(tmp / "run", device=args.device, dtype=dtype)
+        return model, tok, tmp / "run", f"hf {args.hf}"
+    from multitoken.config import HeadsConfig, ModelConfig
+    from multitoken.model import Transformer
+
+    over = {"max_seq_len": args.max_seq_len} if args.max_seq_len else {}
+    cfg = ModelConfig.from_preset(args.preset, heads=HeadsConfig.parse(args.heads), **over)
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(args.device, dtype).eval()
+    return model, None, None, f"preset {args.preset} ({args.heads}, random weights)"
+
+
+def hf_peer(model, run_dir: Path | None, device: str, dtype: torch.dtype):
+    """transformers' model with our weights, or None when transformers (or an export) is unavailable."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    from multitoken.checkpoint import save_run
+    from multitoken.hf import export_hf
+
+    tmp = Path(tempfile.mkdtemp(prefix="mt-bench-hf-"))
+    if run_dir is None:
+        run_dir = tmp / "run"
+        save_run(run_dir, model)
+    export_hf(run_dir, tmp / "hf")
+    hf = AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=dtype).to(device).eval()
+    return hf
+
+
+def time_calls(fn, repeats: int) -> tuple[float, list[float], object]:
+    """(warm-up seconds, timed seconds per repeat, last result)."""
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    warm = time.perf_counter() - t0
+    times, res = [], None
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        res = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return warm, times, res
+
+
+def bench(model, tok, run_dir, args) -> dict:
+    from multitoken.decoding.api import engine_for, generate
+
+    device = args.device
+    dtype = getattr(torch, args.dtype)
+    hf = hf_peer(model, run_dir, device, dtype) if args.transformers else None
+    results = []
+    step_costs = {}
+    modes: list[tuple[str, dict]] = [("ours plain eager", dict(mode="ntp", graphs=False, compile=False))]
+    if device.startswith("cuda"):
+        modes.append(("ours plain graphs, eager blocks", dict(mode="ntp", compile=False)))
+    modes.append(("ours plain", dict(mode="ntp")))
+    if model.depth:
+        modes += [("ours chain", dict(mode="spec", draft=model.depth)),
+                  ("ours chain auto", dict(mode="spec")),
+                  ("ours tree", dict(mode="tree", tree=args.tree_nodes,
+                                     draft=None if model.mtp.drafts_from_verify else 1))]
+    for B in args.batch:
+        prompts = code_prompts(tok, model.config.vocab_size, B, args.prompt_tokens)
+        for T in args.temperature:
+            ref = None
+            base_tps = None
+            for name, kw in modes:
+                if B > 1 and name.startswith("ours plain ") and name != "ours plain":
+                    continue
+                call = lambda: generate(model, prompts, args.new_tokens, temperature=T, seed=1, **kw)  # noqa: E731
+                warm, times, (out, st) = time_calls(call, args.repeats)
+                toks = sum(len(r) for r in out)
+                tps = statistics.median(toks / t for t in times)
+                if name == "ours plain":
+                    ref, base_tps = out, tps
+                row = dict(method=name, batch=B, temperature=T, tokens_per_s=tps, warmup_s=warm,
+                           compile_s=st.compile_time_s, tau=st.tau, acceptance=st.acceptance_per_position,
+                           chosen_draft=st.chosen_draft, host_syncs=st.host_syncs, times_s=times)
+                if T == 0 and ref is not None:
+                    row["token_match"], row["first_divergence"] = match_rate(out, ref)
+                results.append(row)
+            if hf is not None and B <= args.hf_max_batch:
+                ids = torch.tensor(prompts, device=device)
+                peers = [("transformers generate", {}), ("transformers static cache", dict(cache_implementation="static"))]
+                if B == 1:
+                    peers.append(("transformers prompt lookup", dict(prompt_lookup_num_tokens=10)))
+                for name, kw in peers:
+                    sample = dict(do_sample=True, temperature=T, top_k=0) if T else dict(do_sample=False)
+
+                    def call(kw=kw, sample=sample):
+                        o = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                                        min_new_tokens=args.new_tokens, pad_token_id=0, **sample, **kw)
+                        return o[:, ids.shape[1]:].tolist()
+
+                    try:
+                        warm, times, out = time_calls(call, args.repeats)
+                    except Exception as e:  # a peer that cannot run here is reported, not fatal
+                        results.append(dict(method=name, batch=B, temperature=T, error=f"{type(e).__name__}: {e}"[:300]))
+                        continue
+                    tps = statistics.median(sum(len(r) for r in out) / t for t in times)
+                    row = dict(method=name, batch=B, temperature=T, tokens_per_s=tps, warmup_s=warm, times_s=times)
+                    if T == 0 and ref is not None:
+                        row["token_match"], row["first_divergence"] = match_rate(out, ref)
+                    results.append(row)
+            for r in results:
+                if r["batch"] == B and r["temperature"] == T and "tokens_per_s" in r and base_tps:
+                    r["vs_our_plain"] = r["tokens_per_s"] / base_tps
+        eng = engine_for(model, B)  # the default engine (compiled blocks, graphs on CUDA)
+        costs = {repr(k): v for k, v in eng.runner.costs.items()}
+        step_costs[B] = costs
+    return dict(results=results, step_costs_s=step_costs)
+
+
+def relative_step_costs(step_costs: dict) -> dict:
+    """Per batch size and live bucket: each step kind's measured cost over the plain step's."""
+    out = {}
+    for B, costs in step_costs.items():
+        plain = {eval_key(k)[1]: v for k, v in costs.items() if eval_key(k)[0][0] == "plain"}
+        rel = {}
+        for k, v in costs.items():
+            (key, live) = eval_key(k)
+            if live in plain and key[0] != "plain":
+                rel[f"{key[0]}:{key[1]}@{live}"] = v / plain[live]
+        out[B] = rel
+    return out
+
+
+def eval_key(text: str):
+    """Keys are (strategy key, live); strategy keys hold a Sampling repr: parse back leniently."""
+    from multitoken.decoding.sampling import Sampling  # noqa: F401  (eval namespace)
+
+    return eval(text, {"Sampling": Sampling})  # our own repr strings, written above
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["results"] if "tokens_per_s" in r]
+    groups = sorted({(r["batch"], r["temperature"]) for r in rows})
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) + 3), 4.5))
+    w = 0.8 / max(len(methods), 1)
+    for i, m in enumerate(methods):
+        xs, ys = [], []
+        for j, g in enumerate(groups):
+            v = [r["tokens_per_s"] for r in rows if r["method"] == m and (r["batch"], r["temperature"]) == g]
+            if v:
+                xs.append(j + i * w)
+                ys.append(v[0])
+        ax.bar(xs, ys, w, label=m)
+    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(groups))], [f"B={b}, T={t:g}" for b, t in groups])
+    ax.set_ylabel("tokens/s (median)")
+    ax.set_yscale("log")
+    ax.set_title(data["model"][:90], fontsize=9)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def table(data: dict) -> str:
+    lines = [f"{'method':28s} {'B':>3s} {'T':>4s} {'tok/s':>9s} {'vs plain':>8s} {'tau':>5s} {'match':>6s} {'warm-up s':>9s}"]
+    for r in data["results"]:
+        if "error" in r:
+            lines.append(f"{r['method']:28s} {r['batch']:3d} {r['temperature']:4g} {'error: ' + r['error'][:60]}")
+            continue
+        lines.append(f"{r['method']:28s} {r['batch']:3d} {r['temperature']:4g} {r['tokens_per_s']:9.1f} "
+                     f"{r.get('vs_our_plain', float('nan')):8.2f} {r.get('tau', float('nan')):5.2f} "
+                     f"{r.get('token_match', float('nan')):6.3f} {r['warmup_s']:9.1f}")
+    for B, rel in data.get("relative_step_costs", {}).items():
+        if rel:
+            lines.append(f"step cost vs plain (B={B}): " + ", ".join(f"{k} {v:.2f}x" for k, v in sorted(rel.items())))
+    return "\n".join(lines)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("decode", help="decoding speed and exactness, ours and transformers', side by side")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="run directory")
+    src.add_argument("--hf", metavar="DIR", help="Hugging Face model folder (converted in-process)")
+    src.add_argument("--preset", help="a model preset with random weights (engine speed only)")
+    p.add_argument("--heads", default="none", help="with --preset: heads KIND:N")
+    p.add_argument("--max-seq-len", type=int, default=None, help="context (sizes the static KV cache)")
+    p.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64])
+    p.add_argument("--temperature", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 1.0])
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--prompt-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tree-nodes", type=int, default=16)
+    p.add_argument("--no-transformers", dest="transformers", action="store_false", help="skip transformers' generate")
+    p.add_argument("--hf-max-batch", type=int, default=16, help="largest batch to run transformers' generate at")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="bfloat16" if torch.cuda.is_available() else "float32",
+                   choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--out", default="bench-decode", help="folder for decode.json and decode.png")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import sys
+
+    if args.new_tokens < 1 or args.repeats < 1 or any(b < 1 for b in args.batch):
+        raise UserError("--new-tokens, --repeats and --batch must be positive")
+    model, tok, run_dir, desc = load_model(args)
+    t0 = time.perf_counter()
+    data = dict(command="multitoken " + " ".join(sys.argv[1:]), model=desc, dtype=args.dtype,
+                machine=dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
+                             torch=torch.__version__, python=platform.python_version()),
+                date=time.strftime("%Y-%m-%d"), new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
+                repeats=args.repeats)
+    data.update(bench(model, tok, run_dir, args))
+    data["relative_step_costs"] = relative_step_costs(data["step_costs_s"])
+    data["seconds"] = time.perf_counter() - t0
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "decode.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    plot(data, out / "decode.png")
+    print(table(data))
+    print(f"wrote {out / 'decode.json'} and {out / 'decode.png'}")
+    return 0

@@ -1,0 +1,109 @@
+"""Drafting: the cached decoding pass, and where each head family's drafts come from.
+
+- `decode_pass` runs the main model over fed tokens (same blocks and order as
+  ``Transformer.forward``, so greedy results match plain decoding) and, for families whose
+  ``drafts_from_verify`` is True (parallel heads, Medusa), their head states in the same pass:
+  at the last accepted position those are the next step's drafts, at no extra pass.
+- Sequential (DeepSeek-V3 / EAGLE) modules draft with `ModuleDrafter`: after verification,
+  module 1 runs over the newly committed positions with the un-normed main state h^0 and the
+  next tokens, module k over h^{k-1} and the previous depth's token; each module has its own
+  cache layer.
+- `draft_logits` is the single place draft logits come from (looked up in this module's
+  globals at call time): tests replace it to stub heads that are always right, always wrong,
+  or right every other step.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from multitoken.decoding.sampling import Sampling, draw, probs
+from multitoken.decoding.verify import rows_at
+
+
+def decode_pass(model, idx: Tensor, cache, rope_pos: Tensor, slots: Tensor, mask: Tensor, n_heads: int
+                ) -> tuple[Tensor, Tensor, list[Tensor]]:
+    """One cached pass of the main model, and of the first n_heads heads that draft from it.
+
+    Returns:
+        (main (B, q, C) normed, last (B, q, C) pre-norm, [head states (B, q, C)] * n_heads).
+    """
+    L = model.config.n_layers
+    rope = model.rope(rope_pos)
+    x = model.embed_tokens(idx)  # (B, q, C)
+    heads = model.mtp if (model.mtp is not None and n_heads) else None
+    cut = heads.trunk_layers(model.config) if heads is not None else L
+    trunk = model.run_layers(x, 0, cut, rope, cache, slots, mask)
+    last = model.run_layers(trunk, cut, L, rope, cache, slots, mask)
+    main = model.norm(last)
+    states = [] if heads is None else heads.decode_states(model, n_heads, trunk=trunk, main=main, rope=rope,
+                                                          cache=cache, slots=slots, mask=mask)
+    return main, last, states
+
+
+def draft_logits(model, depth: int, h: Tensor, next_pos: Tensor) -> Tensor:
+    """Logits (B, V) with which depth `depth` drafts the token at position next_pos (B,)."""
+    return model.logits(h, depth)
+
+
+def propose(logits: Tensor, s: Sampling, lossless: bool, u: Tensor) -> tuple[Tensor, Tensor | None]:
+    """A draft token (B,) from draft logits (B, V) and, when sampling losslessly, its distribution q."""
+    if s.greedy or not lossless:
+        return logits.argmax(-1), None
+    q = probs(logits, s)
+    return draw(q, u), q
+
+
+def head_drafts(model, states: list[Tensor], at: Tensor, next_pos: Tensor, s: Sampling, lossless: bool, u: Tensor
+                ) -> tuple[Tensor, Tensor | None, Tensor]:
+    """Drafts (B, k), their distributions (B, k, V) or None, and draft logits (B, k, V), from head
+    states [(B, q, C)] * k at fed index `at` (B,) per row; u (B, k) uniforms."""
+    logits = [draft_logits(model, j, rows_at(h, at), next_pos + j - 1) for j, h in enumerate(states, start=1)]
+    out = [propose(lg, s, lossless, u[:, j]) for j, lg in enumerate(logits)]
+    d = torch.stack([o[0] for o in out], 1)
+    return d, (torch.stack([o[1] for o in out], 1) if out[0][1] is not None else None), torch.stack(logits, 1)
+
+
+class ModuleDrafter:
+    """Drafting with sequential MTP modules over a sliding window of committed positions.
+
+    Module k at position i needs h^{k-1}_i and the token t_{i+k}. After a step has committed C
+    tokens (the pending one sits at position C), every module runs over the window of W = 2k
+    positions ending at C-1; at C-1 module k reads draft k-1 and writes draft k. Entries a module
+    wrote from drafted tokens lie inside the next step's window, so they are always rewritten from
+    accepted tokens; the window's start never passes a position that is still provisional.
+    The buffers (h^0 and tokens per position) live in the `DecodeState`.
+    """
+
+    def __init__(self, model, state, k: int) -> None:
+        self.model, self.state, self.k, self.W = model, state, k, 2 * k
+        self._w = torch.arange(self.W, device=state.device)
+
+    def record(self, pos: Tensor, last: Tensor, next_tokens: Tensor) -> None:
+        """Store h^0 (B, q, C) at positions pos (B, q) and the token after each (B, q)."""
+        st = self.state
+        st.hbuf.scatter_(1, pos[..., None].expand(-1, -1, last.shape[-1]), last.to(st.hbuf.dtype))
+        st.seq.scatter_(1, pos + 1, next_tokens)
+
+    def draft(self, C: Tensor, s: Sampling, lossless: bool, u: Tensor, win: Tensor | None = None,
+              at: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Drafts (B, k) (their distributions (B, k, V) when lossless) and draft logits (B, k, V) for
+        positions C+1..C+k; u (B, k) uniforms."""
+        model, st, cache = self.model, self.state, self.state.cache
+        if win is None:
+            win = (C[:, None] - self.W + self._w).clamp(min=0)  # (B, W); clamped duplicates recompute slot 0 alike
+            at = torch.full_like(C, self.W - 1)
+        rope = model.rope(win.clamp(max=model.config.max_seq_len - 1))
+        mask = cache.causal_mask(win)
+        h = st.hbuf.gather(1, win[..., None].expand(-1, -1, st.hbuf.shape[-1]))  # (B, W, C)
+        drafts, qs, logits = [], [], []
+        for kk in range(1, self.k + 1):
+            h = model.mtp.step(model, kk, h, st.seq.gather(1, win + kk), rope, cache, win, mask)  # (B, W, C)
+            hk = model.mtp.layers[kk - 1].norm(rows_at(h, at))
+            logits.append(draft_logits(model, kk, hk, C + kk))
+            d, q = propose(logits[-1], s, lossless, u[:, kk - 1])
+            st.seq.scatter_(1, (C + kk)[:, None], d[:, None])
+            drafts.append(d)
+            qs.append(q)
+        return torch.stack(drafts, 1), (torch.stack(qs, 1) if qs[0] is not None else None), torch.stack(logits, 1)

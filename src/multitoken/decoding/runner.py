@@ -1,0 +1,167 @@
+"""The runner: live-slot buckets, compilation, CUDA graphs and the measured cost of each step.
+
+A strategy's step reads and writes only the `DecodeState`, so the runner may run it
+- eagerly (the CPU default, and what the tests exercise);
+- with compiled blocks (`compile=True`, the CUDA default): torch.compile of `Block.cached`, one
+  compilation that every block of the model (and of the heads) reuses, with automatic dynamic
+  shapes after the first recompile, so a few compilations serve every step kind and bucket
+  (whole-step compilation unrolls every layer and took 35-45 s per graph);
+- captured as a CUDA graph (the CUDA default) and replayed: one launch per step instead of
+  hundreds, which is what batch-1 decoding is bound by.
+Attention only spans the live slots: the runner sets ``cache.live`` to the smallest bucket
+(a power of two) that holds every row's position plus the step's fed tokens, from a bound the
+host keeps without reading the device, so a step's cost grows with the tokens in the cache.
+
+Capturing a graph runs the step a few times for warm-up. It does so with every row marked
+done (nothing is emitted or committed, and the cache and drafter buffers are only written past
+the committed positions or rewritten with the values they hold) and gives the small loop state
+back afterwards, so a graph can be captured mid-generation when a new bucket is reached. The
+same warm-up times a few replays: those are the step costs the draft-length choice uses.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from multitoken.decoding.state import DecodeState
+
+MIN_BUCKET = 64
+
+
+def bucket(need: int, cap: int) -> int:
+    """The smallest power of two >= need (at least MIN_BUCKET), capped at `cap`."""
+    b = MIN_BUCKET
+    while b < need:
+        b *= 2
+    return min(b, cap)
+
+
+def use_compile_cache() -> None:
+    """Keep inductor's compiled artefacts across processes in ~/.cache/multitoken (unless set)."""
+    if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+        path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "multitoken" / "inductor"
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+
+
+class CompiledBlock:
+    """`Block.cached` under torch.compile, falling back to eager blocks if compilation fails.
+
+    Compilation happens at a first call, before any kernel runs, so falling back there is safe.
+    Each new model (new parameters) compiles again; the recompile limits are raised so that a
+    process decoding several models keeps compiling instead of failing.
+    """
+
+    def __init__(self, runner: "Runner") -> None:
+        import torch._dynamo
+
+        from multitoken.model import Block
+
+        cfg = torch._dynamo.config
+        for name, value in (("recompile_limit", 64), ("cache_size_limit", 64),
+                            ("accumulated_recompile_limit", 4096), ("accumulated_cache_size_limit", 4096)):
+            if hasattr(cfg, name):
+                setattr(cfg, name, max(getattr(cfg, name), value))
+        self.runner = runner
+        self.eager = Block.cached
+        self.compiled = torch.compile(Block.cached, fullgraph=True)
+
+    def __call__(self, *args):
+        if self.runner.compile_error is None:
+            try:
+                return self.compiled(*args)
+            except Exception as e:  # a compiler failure must not stop decoding
+                import sys
+
+                self.runner.compile_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+                print(f"warning: compiled decoding failed ({self.runner.compile_error}); decoding with eager blocks",
+                      file=sys.stderr)
+        return self.eager(*args)
+
+
+class Runner:
+    """Runs strategy steps over one `DecodeState` (see the module docstring).
+
+    Args:
+        state: the decode state.
+        compile: torch.compile each step (inductor), once per (strategy, bucket).
+        graphs: capture each step as a CUDA graph (default: on CUDA devices).
+    """
+
+    def __init__(self, state: DecodeState, compile: bool | None = None, graphs: bool | None = None) -> None:
+        cuda = state.device.type == "cuda"
+        self.state = state
+        self.graphs = cuda if graphs is None else (graphs and cuda)
+        self.compile = cuda if compile is None else compile
+        self._graphs: dict = {}
+        self._pool = None
+        self.compile_time_s = 0.0
+        """Seconds spent compiling and capturing (reported apart from decoding time)."""
+        self.costs: dict = {}
+        """(strategy key, bucket) -> measured seconds per step (CUDA graphs only)."""
+        self.compile_error: str | None = None
+        """Why compilation was given up (the step then runs eager blocks), or None."""
+        if self.compile:
+            use_compile_cache()
+            state.cache.block_fn = CompiledBlock(self)
+
+    def live_for(self, need: int) -> int:
+        return bucket(need, self.state.cache.max_seq_len)
+
+    def _fn(self, strategy):
+        return strategy.step
+
+    def step(self, strategy, need: int) -> None:
+        """Run one step of `strategy`; `need` bounds every row's position plus the fed tokens."""
+        live = self.live_for(need)
+        self.state.cache.live = live
+        if not self.graphs:
+            self._fn(strategy)()
+            return
+        g = self._graphs.get((strategy.key, live))
+        if g is None:
+            g = self._capture(strategy, live)
+        g.replay()
+
+    def _capture(self, strategy, live: int):
+        st = self.state
+        t0 = time.perf_counter()
+        saved = [t.clone() for t in st.small_tensors()]
+        st.emitter.done.fill_(True)
+        fn = self._fn(strategy)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=self._pool):
+            fn()
+        self._pool = g.pool()
+        torch.cuda.synchronize()
+        self.compile_time_s += time.perf_counter() - t0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        reps = 5
+        start.record()
+        for _ in range(reps):
+            g.replay()
+        end.record()
+        end.synchronize()
+        self.costs[(strategy.key, live)] = start.elapsed_time(end) / 1000 / reps
+        for t, s in zip(st.small_tensors(), saved):
+            t.copy_(s)
+        self._graphs[(strategy.key, live)] = g
+        return g
+
+    def cost(self, strategy, need: int) -> float | None:
+        """Measured seconds per step of `strategy` at the bucket for `need`, capturing it if needed."""
+        live = self.live_for(need)
+        key = (strategy.key, live)
+        if key not in self.costs and self.graphs:
+            self.state.cache.live = live
+            self._capture(strategy, live)
+        return self.costs.get(key)

@@ -1,0 +1,212 @@
+"""Strategies: plain, chain and tree decoding, each a prefill and a step that update a `DecodeState`.
+
+A step reads and writes only the state (in place), so the runner can compile it and capture it
+as a CUDA graph; everything it depends on besides the state (draft length, tree, sampling
+settings) is fixed when the strategy is built and named by its `key`.
+
+Every step feeds the pending token x (emitted, not yet in the cache), plus drafts:
+- `Plain`: x alone; samples the next token.
+- `Chain`: x and k drafted tokens in ONE pass; accepts the longest agreeing prefix and emits
+  the main head's own next token after it (the bonus): 1 to k+1 tokens. Rejected drafts' cache
+  entries lie past the row's new position and are simply overwritten.
+- `Tree`: N nodes (root = x) at RoPE position base + depth and cache slot base + i, each seeing
+  the committed prefix plus its ancestors; the deepest accepted node's path is compacted into
+  the slots after the prefix. Parallel and Medusa heads draft trees of any depth; sequential
+  modules draft depth-1 trees (module 1's top candidates).
+Uniforms: plain uses rand[:, 0]; chain rand[:, :k] (accept tests), rand[:, k] (emitted token),
+rand[:, k+1:2k+1] (next drafts); tree rand[:, :N] (one target draw per node).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from multitoken.decoding.drafting import ModuleDrafter, decode_pass, head_drafts
+from multitoken.decoding.sampling import Sampling, sample
+from multitoken.decoding.state import DecodeState
+from multitoken.decoding.verify import rows_at, rows_at_many, verify_greedy, verify_sampling, verify_tree, verify_typical
+from multitoken.trees import StaticTree, ancestors, build_nodes
+
+
+class Strategy:
+    """What every strategy has: `q` fed tokens per step, `k` draft positions, a `key`, prefill and step."""
+
+    q: int = 1
+    k: int = 0
+    key: tuple = ()
+
+    def __init__(self, model, state: DecodeState, s: Sampling) -> None:
+        self.model, self.state, self.s = model, state, s
+        self.L = model.config.max_seq_len
+
+    def rand_width(self) -> int:
+        return 1
+
+    def _prompt_pass(self, idx: Tensor, lengths: Tensor, n_heads: int) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """Prompt pass (right-padded, any width); returns (logits at each row's last token (B, V), last, states)."""
+        st, B, T = self.state, idx.shape[0], idx.shape[1]
+        pos = torch.arange(T, device=idx.device).expand(B, T)
+        main, last, states = decode_pass(self.model, idx, st.cache, pos, pos, st.cache.causal_mask(pos), n_heads)
+        st.cache.rewind(lengths)
+        return self.model.logits(rows_at(main, lengths - 1)), last, states
+
+    def _emit_first(self, logits: Tensor) -> None:
+        st = self.state
+        x = sample(logits, self.s, st.rand[:, 0])
+        st.x.copy_(x)
+        st.emitted[:, :1].copy_(x[:, None])
+        st.taken.copy_(st.emitter.push(x[:, None], torch.ones_like(x)))
+
+    def _commit(self, emitted: Tensor, n: Tensor) -> None:
+        """Emit n+1 tokens per row (B, q'), count them, advance each unfinished row's cache."""
+        st = self.state
+        active = ~st.emitter.done
+        taken = st.emitter.push(emitted, n + 1)
+        st.tally.step(active, taken, n if self.k else None)
+        st.cache.pos.add_(torch.where(st.emitter.done, 0, n + 1))
+        st.emitted[:, : emitted.shape[1]].copy_(emitted)
+        st.taken.copy_(taken)
+
+
+class Plain(Strategy):
+    """Plain next-token decoding: the main model only."""
+
+    def __init__(self, model, state: DecodeState, s: Sampling) -> None:
+        super().__init__(model, state, s)
+        self.key = ("plain", s)
+
+    def prefill(self, idx: Tensor, lengths: Tensor) -> None:
+        logits, _, _ = self._prompt_pass(idx, lengths, 0)
+        self._emit_first(logits)
+
+    def step(self) -> None:
+        st, model = self.state, self.model
+        pos = st.cache.pos[:, None]  # (B, 1)
+        main, _, _ = decode_pass(model, st.x[:, None], st.cache, pos.clamp(max=self.L - 1), pos,
+                                 st.cache.causal_mask(pos), 0)
+        y = sample(model.logits(main[:, 0]), self.s, st.rand[:, 0])  # (B,)
+        active = ~st.emitter.done
+        taken = st.emitter.push(y[:, None], torch.ones_like(y))
+        st.tally.step(active, taken)
+        st.cache.pos.add_(active.long())
+        st.x.copy_(y)
+        st.emitted[:, :1].copy_(y[:, None])
+        st.taken.copy_(taken)
+
+
+class _Drafting(Strategy):
+    """Shared by chain and tree: the family's drafter and the first drafts after the prompt."""
+
+    def __init__(self, model, state: DecodeState, s: Sampling, k: int, lossless: bool) -> None:
+        super().__init__(model, state, s)
+        self.k = k
+        self.lossless = lossless
+        self.from_verify = model.mtp.drafts_from_verify
+        self.drafter = None if self.from_verify else ModuleDrafter(model, state, k)
+
+    def _set_drafts(self, d: Tensor, qd: Tensor | None, lq: Tensor) -> None:
+        st = self.state
+        st.drafts[:, : self.k].copy_(d)
+        if qd is not None:
+            st.qd[:, : self.k].copy_(qd)
+        if st.lq is not None:
+            st.lq[:, : self.k].copy_(lq)
+
+    def prefill(self, idx: Tensor, lengths: Tensor) -> None:
+        st, k = self.state, self.k
+        logits, last, states = self._prompt_pass(idx, lengths, k if self.from_verify else 0)
+        self._emit_first(logits)
+        u = st.rand[:, k + 1 : 2 * k + 1] if st.rand.shape[1] >= 2 * k + 1 else st.rand[:, :k]
+        if self.from_verify:
+            self._set_drafts(*head_drafts(self.model, states, lengths - 1, lengths + 1, self.s, self.lossless, u))
+        else:
+            B, T = idx.shape
+            pos = torch.arange(T, device=idx.device).expand(B, T)
+            self.drafter.record(pos, last, torch.cat([idx[:, 1:], idx[:, :1]], 1))
+            st.seq.scatter_(1, lengths[:, None], st.x[:, None])
+            self._set_drafts(*self.drafter.draft(lengths, self.s, self.lossless, u, win=pos, at=lengths - 1))
+
+
+class Chain(_Drafting):
+    """Chain self-speculative decoding with k drafts (lossless, or Medusa's LOSSY typical acceptance)."""
+
+    def __init__(self, model, state: DecodeState, s: Sampling, k: int, typical: bool = False) -> None:
+        super().__init__(model, state, s, k, lossless=not typical)
+        self.q, self.typical = k + 1, typical
+        self.key = ("chain", k, typical, s)
+        self._ar = torch.arange(self.q, device=state.device)
+
+    def rand_width(self) -> int:
+        return 2 * self.k + 1
+
+    def step(self) -> None:
+        st, model, k, s = self.state, self.model, self.k, self.s
+        drafts = st.drafts[:, :k]
+        fed = torch.cat([st.x[:, None], drafts], 1)  # (B, q)
+        pos = st.cache.pos[:, None] + self._ar  # (B, q)
+        main, last, states = decode_pass(model, fed, st.cache, pos.clamp(max=self.L - 1), pos,
+                                         st.cache.causal_mask(pos), k if self.from_verify else 0)
+        logits = model.logits(main)  # (B, q, V)
+        if self.typical:
+            n, final = verify_typical(logits, drafts, s, st.rand[:, k])
+        elif s.greedy:
+            n, final = verify_greedy(logits, drafts)
+        else:
+            n, final = verify_sampling(logits, drafts, st.qd[:, :k], s, st.rand[:, :k], st.rand[:, k])
+        emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, n[:, None], final[:, None])  # (B, q)
+        self._commit(emitted, n)
+        st.x.copy_(final)
+        u = st.rand[:, k + 1 : 2 * k + 1]
+        if self.from_verify:
+            self._set_drafts(*head_drafts(model, states, n, st.cache.pos + 1, s, self.lossless, u))
+        else:
+            self.drafter.record(pos, last, emitted)
+            self._set_drafts(*self.drafter.draft(st.cache.pos, s, self.lossless, u))
+
+
+class Tree(_Drafting):
+    """Tree self-speculative decoding over a `StaticTree` or a `DynamicTree` (built on the device)."""
+
+    def __init__(self, model, state: DecodeState, s: Sampling, tree, typical: bool = False) -> None:
+        super().__init__(model, state, s, tree.depth, lossless=False)
+        self.tree, self.typical = tree, typical
+        self.q = tree.nodes
+        self.key = ("tree", repr(tree), typical, s)
+        dev, B, N = state.device, state.batch_size, tree.nodes
+        self._ar = torch.arange(N, device=dev)
+        self._levels = torch.arange(self.k + 1, device=dev)
+        self._anc = None
+        if isinstance(tree, StaticTree):  # a static tree's shape never changes: its ancestors once
+            parent = tree.tensors(dev)[0].expand(B, -1)
+            self._anc = ancestors(parent, self.k)
+
+    def rand_width(self) -> int:
+        return self.q
+
+    def step(self) -> None:
+        st, model, k, N, s = self.state, self.model, self.k, self.q, self.s
+        cache, B = st.cache, st.batch_size
+        base = cache.pos.clone()  # (B,); advancing below changes cache.pos in place
+        x = st.x.clone()
+        tokens, parent, depth = build_nodes(self.tree, x, st.lq[:, :k])  # (B, N) each
+        anc = self._anc if self._anc is not None else ancestors(parent, k)  # (B, N, N)
+        slots = base[:, None] + self._ar
+        mask = cache.prefix_mask(base, N).clone()  # committed prefix
+        mask.scatter_(2, slots[:, None, :].expand(B, N, N), anc)  # plus ancestors, self included
+        main, last, states = decode_pass(model, tokens, cache, (base[:, None] + depth).clamp(max=self.L - 1), slots,
+                                         mask, k if self.from_verify else 0)
+        logits = model.logits(main)  # (B, N, V)
+        best, n, final = verify_tree(logits, tokens, parent, depth, k, s, self.typical, st.rand[:, :N])
+        on_path = anc.gather(1, best[:, None, None].expand(B, 1, N))[:, 0]  # (B, N)
+        path = (on_path[:, None, :] & (depth[:, None, :] == self._levels[None, :, None])).int().argmax(-1)  # (B, k+1)
+        emitted = torch.cat([tokens.gather(1, path[:, 1:]), x[:, None]], 1).scatter(1, n[:, None], final[:, None])
+        cache.compact(base[:, None] + path, base[:, None] + self._levels)
+        self._commit(emitted, n)
+        st.x.copy_(final)
+        zero_u = st.rand[:, :k]  # drafts are top-k candidates: no draws
+        if self.from_verify:
+            self._set_drafts(*head_drafts(model, states, best, cache.pos + 1, s, False, zero_u))
+        else:
+            self.drafter.record(base[:, None] + self._levels, rows_at_many(last, path), emitted)
+            self._set_drafts(*self.drafter.draft(cache.pos, s, False, zero_u))
