@@ -311,3 +311,17 @@ def test_a_run_made_before_the_marker_is_still_ours(data, runs, tmp_path, capsys
     assert code == 0, err
     assert json.loads((run / ".multitoken.json").read_text())["multitoken"] == "train"
     assert_finished_like_the_uninterrupted_run(run, runs["full"])
+
+
+def test_resume_refuses_data_with_another_tokenizer(runs, tmp_path, capsys):
+    """Same corpus, a byte tokenizer (257 ids, fewer than the run's 300): resuming would have
+    trained on other ids and replaced the run's tokenizer.json."""
+    from multitoken.data.prepare import prepare
+
+    other = tmp_path / "bytes"
+    prepare(str(write_corpus(tmp_path / "corpus.txt")), "bytes", other, val_fraction=0.15, progress=False)
+    run = shutil.copytree(runs["cut"], tmp_path / "run")
+    before = tree(run)
+    code, err, _ = run_cli(["train", "--data", str(other), "--out", str(run), *TRAIN_ARGS, "--resume"], capsys)
+    assert_one_line_error(code, err, "tokenizer differs")
+    assert tree(run) == before
