@@ -6,53 +6,47 @@ A RUN_DIR holds what `train`, `convert` or a retrofit produced and what `eval`, 
     config.json        {"model": ModelConfig as a dict, ...anything else the writer records}
     model.safetensors  the weights (tied LM head stored once, as embed_tokens.weight)
     tokenizer.json     the tokenizer (or what `Tokenizer.save` writes)
+    .multitoken.json   the ownership marker (see outdir.py): which command wrote the folder
 
 Every file is written to a temporary name in the same directory and renamed into place, so a
 killed process leaves either the old file or the new one, never half of one. Loading never
-unpickles anything: weights come from safetensors and metadata from JSON.
+unpickles anything: weights come from safetensors and metadata from JSON. A missing, truncated
+or otherwise damaged file is a one-line `UserError` naming it, never a traceback.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import tempfile
+import re
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from multitoken.config import ModelConfig, from_dict
 from multitoken.errors import UserError
 from multitoken.model import Transformer
+# atomic_write and write_json are re-exported here: their one implementation lives in outdir.py.
+from multitoken.outdir import atomic_write, remove_temporaries, temporary_pattern, write_json  # noqa: F401
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
 
-def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` then rename the temporary file onto `path` (same filesystem)."""
+def read_safetensors(path: str | Path, fix: str) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file, or a one-line `UserError` naming the file and `fix` when
+    it is missing, truncated or its header is damaged."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    if not path.is_file():
+        raise UserError(f"{path} not found: {fix}")
     try:
-        write(tmp)
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def write_json(path: str | Path, data: Any) -> None:
-    def write(tmp: str) -> None:
-        with open(tmp, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
-
-    atomic_write(path, write)
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{path} is damaged ({reason}): {fix}") from None
 
 
 def read_json(path: str | Path) -> Any:
@@ -82,10 +76,15 @@ def load_weights(path: str | Path, model: Transformer, strict: bool = True) -> l
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path} not found: the run has no weights yet (train it, or point at another run)")
-    state = load_file(str(path))
+    state = read_safetensors(path, "restore it, or re-create the run (a training run's checkpoints/step_*/"
+                                   "model.safetensors holds the same weights)")
     if model.config.tie_embeddings:
         state.pop("lm_head.weight", None)
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a shape mismatch
+        raise UserError(f"{path} does not match the run's config ({str(e).splitlines()[-1].strip()}): "
+                        "was config.json edited?") from None
     missing = [k for k in result.missing_keys if not (model.config.tie_embeddings and k == "lm_head.weight")]
     if strict and (missing or result.unexpected_keys):
         raise UserError(f"{path} does not match the run's config: missing {missing[:5]}, unexpected "
@@ -160,10 +159,7 @@ def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor]) -> None:
 
 
 def load_tensors(path: str | Path) -> dict[str, torch.Tensor]:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path} not found: the checkpoint is incomplete; delete its folder to resume from the previous one")
-    return load_file(str(path))
+    return read_safetensors(path, "the checkpoint is incomplete or damaged; delete its folder to resume from the previous one")
 
 
 def optimizer_to_flat(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -204,7 +200,7 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
         weights: model tensors (see `model_state`).
         optimizer: optimizer state keyed by parameter name (see `optimizer_to_flat`), or None.
         rng: RNG state tensors.
-        state: JSON-able training state (data-loader state, ...); "step" is added.
+        state: JSON-able training state (data-loader state, the run's config, ...); "step" is added.
         keep: checkpoints to keep, newest first.
     Returns:
         The checkpoint folder.
@@ -221,10 +217,18 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     write_json(folder / STATE_FILE, {**state, "step": step, "optimizer_param_groups": groups,
                                      "has_optimizer": optimizer is not None})
     write_json(root / LATEST_FILE, {"step": step, "dir": folder.name})
-    for old in sorted(p for p in root.glob("step_*") if p.is_dir())[:-keep]:
+    for old in checkpoint_folders(run_dir)[keep:]:
         if old != folder:
-            _remove_tree(old)
+            _remove_checkpoint(old)
     return folder
+
+
+def checkpoint_folders(run_dir: str | Path) -> list[Path]:
+    """The ``checkpoints/step_NNNNNNNN`` folders of a run, newest first (only names we write)."""
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if _STEP_DIR.fullmatch(p.name) and p.is_dir()), reverse=True)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
@@ -233,8 +237,8 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     if not (root / LATEST_FILE).is_file():
         return None
     pointer = read_json(root / LATEST_FILE)
-    folder = root / str(pointer.get("dir", ""))
-    if not (folder / STATE_FILE).is_file():
+    folder = root / str(pointer.get("dir", "")) if isinstance(pointer, dict) else root
+    if not _STEP_DIR.fullmatch(folder.name) or not (folder / STATE_FILE).is_file():
         raise UserError(f"{root / LATEST_FILE} names {folder}, which is incomplete: delete the pointer to start over")
     return folder
 
@@ -244,35 +248,108 @@ def load_checkpoint(folder: str | Path) -> dict[str, Any]:
 
     Returns:
         {"step", "weights", "optimizer" (name-keyed state or None), "rng", "state"}.
+    Raises:
+        UserError: a file of the checkpoint is missing or damaged (one line naming it).
     """
     folder = Path(folder)
     state = read_json(folder / STATE_FILE)
-    optimizer = None
-    if state.get("has_optimizer"):
-        optimizer = optimizer_from_flat(load_tensors(folder / OPTIMIZER_FILE), state["optimizer_param_groups"])
-    return {"step": int(state["step"]), "weights": load_tensors(folder / WEIGHTS_FILE), "optimizer": optimizer,
+    try:
+        step = int(state["step"])
+        optimizer = None
+        if state.get("has_optimizer"):
+            optimizer = optimizer_from_flat(load_tensors(folder / OPTIMIZER_FILE), state["optimizer_param_groups"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{folder} is damaged ({type(e).__name__}: {e}): delete it to resume from the previous checkpoint") from None
+    return {"step": step, "weights": load_tensors(folder / WEIGHTS_FILE), "optimizer": optimizer,
             "rng": load_tensors(folder / RNG_FILE), "state": state}
 
 
-def remove_stale_temporaries(run_dir: str | Path) -> int:
-    """Delete what a killed writer left behind: ``.NAME.*.tmp`` files of `atomic_write` and
-    half-deleted ``.deleting-*`` checkpoint folders. Returns how many entries went."""
-    n = 0
-    for tmp in Path(run_dir).rglob(".*.tmp"):
-        if tmp.is_file():
-            tmp.unlink()
-            n += 1
-    for trash in Path(run_dir).glob(f"{CHECKPOINTS_DIR}/.deleting-*"):
-        _remove_tree(trash, rename=False)
-        n += 1
+def load_latest_checkpoint(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> dict[str, Any] | None:
+    """The newest intact checkpoint of a run: the one the latest pointer names, or, when any of its
+    files is damaged, the newest older one that loads (`warn` is told which, in one line).
+
+    Returns:
+        `load_checkpoint`'s dict plus "folder", or None when the run has no checkpoint yet.
+    Raises:
+        UserError: no checkpoint of the run loads (the message names the newest one's damage).
+    """
+    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    if not (root / LATEST_FILE).is_file():
+        return None
+    folders = checkpoint_folders(run_dir)
+    try:
+        named: Path | None = latest_checkpoint(run_dir)
+        folders = [named] + [f for f in folders if f.name < named.name]  # never one the pointer did not reach
+    except UserError as e:
+        named, first_error = None, str(e)
+    else:
+        first_error = ""
+    for folder in folders:
+        try:
+            loaded = load_checkpoint(folder)
+        except UserError as e:
+            first_error = first_error or str(e)
+            continue
+        if folder != named:
+            warn(f"warning: the latest checkpoint is damaged ({first_error}); resuming from {folder.name} "
+                 f"(step {loaded['step']}) instead")
+        return {**loaded, "folder": folder}
+    raise UserError(f"no checkpoint in {root} loads ({first_error}): train a new run with another --out")
+
+
+def checkpoint_run_config(run_dir: str | Path) -> dict[str, Any] | None:
+    """The run config ({"model", "train", ...}) recorded in the newest checkpoint whose state.json
+    holds one, or None: the fallback when RUN_DIR/config.json is damaged."""
+    for folder in checkpoint_folders(run_dir):
+        try:
+            config = read_json(folder / STATE_FILE).get("config")
+        except (UserError, AttributeError):
+            continue
+        if isinstance(config, dict) and isinstance(config.get("model"), dict):
+            return config
+    return None
+
+
+# The names save_checkpoint writes; cleanup and pruning delete these and nothing else.
+_STEP_DIR = re.compile(r"step_\d{8}")
+_CHECKPOINT_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
+_TRASH_PREFIX = ".deleting-"
+
+
+def remove_stale_temporaries(run_dir: str | Path, run_files: tuple[str, ...] = ()) -> int:
+    """Delete what a killed writer left behind, by exact name and never recursively:
+    ``.NAME.XXXXXXXX.tmp`` temporaries of `atomic_write` for the files `run_files` in RUN_DIR,
+    for latest.json in RUN_DIR/checkpoints and for the checkpoint files in each ``step_NNNNNNNN``
+    folder, and half-deleted ``checkpoints/.deleting-step_NNNNNNNN`` folders (their checkpoint
+    files only). Returns how many entries went."""
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS_DIR
+    n = remove_temporaries(run_dir, (CONFIG_FILE, WEIGHTS_FILE, *run_files))
+    n += remove_temporaries(root, (LATEST_FILE,))
+    for folder in checkpoint_folders(run_dir):
+        n += remove_temporaries(folder, _CHECKPOINT_FILES)
+    if root.is_dir():
+        for trash in root.iterdir():
+            if trash.name.startswith(_TRASH_PREFIX) and _STEP_DIR.fullmatch(trash.name[len(_TRASH_PREFIX):]) \
+                    and trash.is_dir() and _remove_checkpoint(trash, rename=False):
+                n += 1
     return n
 
 
-def _remove_tree(folder: Path, rename: bool = True) -> None:
+def _remove_checkpoint(folder: Path, rename: bool = True) -> bool:
+    """Delete a checkpoint folder that holds only what `save_checkpoint` writes (and its
+    temporaries); a folder with anything else in it is left alone. Returns whether it went."""
+    tmp = temporary_pattern(_CHECKPOINT_FILES)
+    entries = list(folder.iterdir())
+    if any(not (p.is_file() and not p.is_symlink() and (p.name in _CHECKPOINT_FILES or tmp.fullmatch(p.name)))
+           for p in entries):
+        return False
     # Rename first so that a kill halfway never leaves a half-deleted folder under a checkpoint name.
-    trash = folder.with_name(f".deleting-{folder.name}") if rename else folder
+    trash = folder.with_name(f"{_TRASH_PREFIX}{folder.name}") if rename else folder
     if rename:
         os.replace(folder, trash)
-    for p in sorted(trash.rglob("*"), reverse=True):
-        p.rmdir() if p.is_dir() else p.unlink()
+    for p in entries:
+        (trash / p.name).unlink()
     trash.rmdir()
+    return True

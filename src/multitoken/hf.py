@@ -48,6 +48,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from multitoken import outdir
 from multitoken.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, load_config, load_run, read_json, save_run, write_json
 from multitoken.config import HeadsConfig, ModelConfig
 from multitoken.errors import UserError
@@ -392,6 +393,7 @@ def convert_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None, he
         The run directory.
     """
     hf_dir = Path(hf_dir)
+    outdir.check(out, "convert")  # before the slow part: a folder holding someone else's files is refused
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"{hf_dir} has no config.json: point --hf at a Hugging Face model folder (or use --gguf for a .gguf file)")
     hf = read_json(hf_dir / "config.json")
@@ -421,6 +423,7 @@ def convert_gguf(gguf_file: str | Path, out: str | Path, dtype: str | None = Non
     Returns:
         The run directory.
     """
+    outdir.check(out, "convert")
     hf_model = hf_model if hf_model is not None else load_gguf_transformers(gguf_file)
     hf = hf_model.config.to_dict()
     tok = _load_tokenizer(Path(gguf_file), _config_eos(hf), None)
@@ -456,6 +459,7 @@ def _save(model: Transformer, tok, out: str | Path, dtype: str, source: dict[str
     if dtype not in DTYPES:
         raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
     model = model.to(DTYPES[dtype])
+    outdir.claim(out, "convert")
     save_run(out, model, tok, extra={"source": {**source, "dtype": dtype}})
     return Path(out)
 
@@ -468,7 +472,7 @@ def export_hf(run_dir: str | Path, out: str | Path, model_type: str | None = Non
 
     Args:
         run_dir: a run directory.
-        out: the folder to write (created; existing files of the same names are replaced).
+        out: the folder to write: new, empty, or an earlier export (whose files are replaced).
         model_type: 'llama', 'qwen2' or 'mistral'; default: the converted source's type, else
             'qwen2' for a model with attention biases and 'llama' otherwise.
     Returns:
@@ -477,6 +481,7 @@ def export_hf(run_dir: str | Path, out: str | Path, model_type: str | None = Non
     run_dir, out = Path(run_dir), Path(out)
     if out.resolve() == run_dir.resolve():
         raise UserError("--out must differ from --run: export writes Hugging Face files next to nothing of the run")
+    outdir.check(out, "export")
     model, tok = load_run(run_dir, with_tokenizer=(run_dir / "tokenizer.json").is_file())
     with safe_open(str(run_dir / WEIGHTS_FILE), framework="pt") as sf:
         dtype = sf.get_slice(next(iter(sf.keys()))).get_dtype()
@@ -485,7 +490,7 @@ def export_hf(run_dir: str | Path, out: str | Path, model_type: str | None = Non
     source = read_json(run_dir / CONFIG_FILE).get("source") or {}
     mt = model_type or source.get("model_type") or ("qwen2" if model.config.attention_bias else "llama")
     bos = tok.bos_id if tok is not None else None
-    out.mkdir(parents=True, exist_ok=True)
+    outdir.claim(out, "export")
     state = state_to_hf(model)
     atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     write_json(out / "config.json", config_to_hf(model.config, mt, dtype, bos))

@@ -33,6 +33,7 @@ import argparse
 import importlib.util
 import math
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -42,10 +43,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 
-from multitoken.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, load_run, read_json, save_run, write_json
+from multitoken import outdir
+from multitoken.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, load_run, read_json, read_safetensors, save_run, write_json
 from multitoken.config import HeadsConfig
 from multitoken.errors import UserError
 from multitoken.model import Transformer
@@ -114,6 +116,7 @@ def _is_complete(run_dir: Path) -> bool:
 
 FEATURES_META = "features.json"
 FEATURES_FORMAT = 1
+FEATURE_SHARD = re.compile(r"\.?features-\d{5}\.safetensors(?:\.[a-z0-9_]+\.tmp)?")  # a shard or atomic_write's temporary of one
 
 
 def feature_kind(heads: HeadsConfig) -> str:
@@ -159,6 +162,7 @@ def precompute_features(run_dir: str | Path, data_dir: str | Path, out: str | Pa
     from multitoken.data.loader import TokenLoader
 
     out = Path(out)
+    outdir.check(out, "features", "--features")
     args = {"run_dir": str(Path(run_dir).resolve()), "data_dir": str(Path(data_dir).resolve()), "kind": kind,
             "seq_len": seq_len, "max_tokens": max_tokens, "seed": seed}
     meta_path = out / FEATURES_META
@@ -176,9 +180,13 @@ def precompute_features(run_dir: str | Path, data_dir: str | Path, out: str | Pa
     n_windows = max(1, max_tokens // seq_len)
     if n_windows > len(loader._epoch_starts):
         n_windows = len(loader._epoch_starts)  # one epoch: every stored window distinct
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("features-*.safetensors"):
-        stale.unlink()
+    outdir.claim(out, "features", "--features")
+    for stale in out.iterdir():  # an incomplete earlier set (no features.json): our shard names only
+        if stale.name.startswith(".") != stale.name.endswith(".tmp"):
+            continue
+        if FEATURE_SHARD.fullmatch(stale.name) and stale.is_file():
+            stale.unlink()
+    outdir.remove_temporaries(out, [FEATURES_META])
     t0, done, shard, nbytes = time.perf_counter(), 0, 0, 0
     bar = None
     if progress:
@@ -229,7 +237,7 @@ class FeatureSet:
         self.meta = read_json(meta_path)
         tokens, feats = [], []
         for path in sorted(folder.glob("features-*.safetensors")):
-            part = load_file(str(path))
+            part = read_safetensors(path, f"delete {folder} and run `multitoken retrofit` again to recompute it")
             tokens.append(part["tokens"].long())
             feats.append(part["features"])
         self.tokens = torch.cat(tokens)  # (N, T+1)
@@ -388,7 +396,10 @@ def retrofit(init: str | Path, data_dir: str | Path, heads: HeadsConfig, out: st
 
     out = Path(out)
     kind = feature_kind(heads)
+    outdir.check(out, "retrofit")  # before the slow part: folders holding someone else's files are refused
     features = Path(features) if features is not None else out / "features"
+    outdir.check(features, "features", "--features")
+    outdir.claim(out, "retrofit")
     torch.manual_seed(seed)
     model, tok = add_heads(init, heads, max_seq_len)
     t0 = time.perf_counter()

@@ -39,10 +39,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from multitoken import checkpoint as ckpt
-from multitoken import parallel
+from multitoken import outdir, parallel
 from multitoken.config import HeadsConfig, ModelConfig, TrainConfig, from_dict
 from multitoken.errors import UserError
 from multitoken.evaluate import EvalStats, eval_stats, plot_accuracy, summarize
@@ -50,6 +49,17 @@ from multitoken.loss import IGNORE_INDEX, MTPLoss, default_weights, shift_target
 from multitoken.model import Transformer
 
 METRICS_FILE, PLOT_FILE, TB_DIR = "metrics.jsonl", "loss.png", "tb"
+# The files train writes into RUN_DIR besides config.json and model.safetensors: the only names
+# whose leftover temporaries it deletes (see checkpoint.remove_stale_temporaries).
+RUN_FILES = ("tokenizer.json", "tokenizer_config.json", METRICS_FILE, PLOT_FILE, "accuracy_per_depth.png", outdir.MARKER_FILE)
+
+# On --resume the run keeps its model: these options would reshape it, so a value that differs
+# from the run's is an error. RESUME_OPTIONS apply on resume (how long to train, how often to
+# log/evaluate/save, on what hardware); every other option keeps the run's value and, when given
+# with another value, is named in one "ignored on resume" line.
+MODEL_OPTIONS = ("preset", "heads", "init", "max_seq_len")
+RESUME_OPTIONS = ("steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "device",
+                  "dtype", "compile", "fsdp")
 
 
 # ---- configuration: dataclass fields -> CLI options, TOML, precedence --------------------------
@@ -137,6 +147,62 @@ def resolve_config(cli: dict[str, Any], toml_path: str | Path | None = None, sav
 # ---- model, optimizer, schedule -----------------------------------------------------------------
 
 
+def _option(key: str, value: Any) -> str:
+    return f"--{key.replace('_', '-')} {value if value != '' else repr(value)}"
+
+
+def _same(key: str, a: Any, b: Any) -> bool:
+    if key == "heads":
+        return HeadsConfig.parse(a) == HeadsConfig.parse(b)  # "parallel:02" is "parallel:2"
+    return a == b
+
+
+def check_model_options(cfg: TrainConfig, saved: TrainConfig) -> None:
+    """Raise a one-line `UserError` when `cfg` would reshape the model of the run `saved` came from."""
+    bad = [f"{_option(k, getattr(cfg, k))} differs from the run's {getattr(saved, k)!r}" for k in MODEL_OPTIONS
+           if not _same(k, getattr(cfg, k), getattr(saved, k))]
+    if bad:
+        raise UserError(f"{'; '.join(bad)}: a resumed run keeps its model; drop the option to continue the run, "
+                        "or train a new one into another --out")
+
+
+def resume_config(saved: dict[str, Any], given: dict[str, Any]) -> tuple[TrainConfig, list[str]]:
+    """The config of a resumed run: the run's own `saved` TrainConfig, with the options `given`
+    (command line and TOML) that apply on resume (`RESUME_OPTIONS`).
+
+    Returns:
+        (config, the given options that were ignored because they differ from the run's, as text).
+    Raises:
+        UserError: a model-shaping option (`MODEL_OPTIONS`) differs from the run's, or a key is unknown.
+    """
+    run_cfg = from_dict(TrainConfig, dict(saved))
+    asked = from_dict(TrainConfig, {**saved, **given})  # rejects unknown keys, normalises types (betas)
+    check_model_options(asked, run_cfg)
+    applied = {k: getattr(asked, k) for k in given if k in RESUME_OPTIONS}
+    ignored = [f"{_option(k, getattr(asked, k))} (run: {getattr(run_cfg, k)})" for k in given
+               if k not in RESUME_OPTIONS and k not in MODEL_OPTIONS and getattr(asked, k) != getattr(run_cfg, k)]
+    cfg = dataclasses.replace(run_cfg, **applied)
+    cfg.validate()
+    return cfg, ignored
+
+
+def saved_run_config(run_dir: str | Path, warn: Any = None) -> dict[str, Any]:
+    """A run's recorded config ({"model", "train", ...}): RUN_DIR/config.json, or when that is
+    damaged, the copy in its newest checkpoint (`warn` is told, in one line)."""
+    path = Path(run_dir) / ckpt.CONFIG_FILE
+    try:
+        data = ckpt.read_json(path)
+        if not (isinstance(data, dict) and isinstance(data.get("model"), dict) and isinstance(data.get("train"), dict)):
+            raise UserError(f"{path} has no 'model' and 'train' sections")
+        return data
+    except UserError as e:
+        saved = ckpt.checkpoint_run_config(run_dir)
+        if saved is None or not isinstance(saved.get("train"), dict):
+            raise
+        (warn or (lambda m: print(m, file=sys.stderr)))(f"warning: {e}; using the copy in the latest checkpoint")
+        return saved
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
     if cfg.warmup and step < cfg.warmup:
@@ -183,7 +249,8 @@ def load_backbone(model: Transformer, init_dir: str | Path) -> None:
     path = Path(init_dir) / ckpt.WEIGHTS_FILE
     if not path.is_file():
         raise UserError(f"--init {init_dir}: {path.name} not found; point at a run directory made by train or convert")
-    state = {k: v for k, v in load_file(str(path)).items() if not k.startswith("mtp.")}
+    state = {k: v for k, v in ckpt.read_safetensors(path, "restore it or point --init at another run").items()
+             if not k.startswith("mtp.")}
     result = model.load_state_dict(state, strict=False)
     missing = [k for k in result.missing_keys if not k.startswith("mtp.") and not (model.config.tie_embeddings and k == "lm_head.weight")]
     if missing or result.unexpected_keys:
@@ -336,9 +403,12 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
     from multitoken.data.prepare import load_meta, load_tokenizer
 
     say = (lambda m: print(m, file=sys.stderr)) if info.is_main and progress else (lambda m: None)
+    warn = (lambda m: print(m, file=sys.stderr)) if info.is_main else (lambda m: None)
+    outdir.check(out_dir, "train")  # before anything reads or writes there: a folder of someone else's is refused
     load_meta(data_dir)  # a one-line error for a missing or incomplete DATA_DIR
     tokenizer = load_tokenizer(data_dir)
-    if cfg.freeze_backbone and HeadsConfig.parse(cfg.heads).kind == "none" and not (resume and ckpt.latest_checkpoint(out_dir)):
+    has_checkpoint = (out_dir / ckpt.CHECKPOINTS_DIR / ckpt.LATEST_FILE).is_file()
+    if cfg.freeze_backbone and HeadsConfig.parse(cfg.heads).kind == "none" and not (resume and has_checkpoint):
         raise UserError("--freeze-backbone leaves nothing to train: the model has no MTP heads (add --heads KIND:N)")
     per_rank, rem = divmod(cfg.batch_size, info.world_size * cfg.grad_accum)
     if rem or per_rank < 1:
@@ -346,18 +416,16 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
                         f"{info.world_size} x {cfg.grad_accum}")
 
     # --- where we start from
-    latest = ckpt.latest_checkpoint(out_dir) if out_dir.is_dir() else None
-    if latest is not None and not resume:
-        raise UserError(f"{out_dir} already holds a run (step {ckpt.read_json(latest / ckpt.STATE_FILE)['step']}): "
-                        "pass --resume to continue it or choose another --out")
-    state = ckpt.load_checkpoint(latest) if latest is not None else None
+    if has_checkpoint and not resume:
+        raise UserError(f"{out_dir} already holds a run: pass --resume to continue it or choose another --out")
+    state = ckpt.load_latest_checkpoint(out_dir, warn) if resume else None  # falls back past a damaged latest one
     if resume and state is None:
         say(f"note: {out_dir} has no checkpoint yet; starting from step 0")
     if state is not None:
-        model_cfg = ckpt.load_config(out_dir)
-        if tokenizer.vocab_size > model_cfg.vocab_size:
-            raise UserError(f"DATA_DIR's tokenizer has {tokenizer.vocab_size} ids, more than the run's model ({model_cfg.vocab_size}): "
-                            "resume on the data the run was trained on")
+        saved = state["state"].get("config") or saved_run_config(out_dir, warn)
+        model_cfg = from_dict(ModelConfig, saved["model"])
+        check_model_options(cfg, from_dict(TrainConfig, saved["train"]))
+        check_resume_tokenizer(tokenizer, out_dir, model_cfg)
     else:
         model_cfg = build_model_config(cfg, tokenizer.vocab_size, tokenizer.eos_id)
     if cfg.seq_len > model_cfg.max_seq_len:
@@ -368,10 +436,13 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
     torch.manual_seed(cfg.seed)
     model = Transformer(model_cfg).to(device)
     if state is not None:
-        result = model.load_state_dict({k: v.to(device) for k, v in state["weights"].items()}, strict=False)
+        try:
+            result = model.load_state_dict({k: v.to(device) for k, v in state["weights"].items()}, strict=False)
+        except RuntimeError as e:  # a shape mismatch
+            raise UserError(f"{state['folder']}: weights do not match the run's config ({str(e).splitlines()[-1].strip()})") from None
         bad = [k for k in result.missing_keys if not (model_cfg.tie_embeddings and k == "lm_head.weight")]
         if bad or result.unexpected_keys:
-            raise UserError(f"{latest}: weights do not match {out_dir / ckpt.CONFIG_FILE}; was it edited?")
+            raise UserError(f"{state['folder']}: weights do not match {out_dir / ckpt.CONFIG_FILE}; was it edited?")
     elif cfg.init:
         load_backbone(model, cfg.init)
     if cfg.freeze_backbone:
@@ -404,11 +475,12 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
                         else default_weights(model_cfg.heads.kind, raw.depth), cfg.mtp_lambda, model_cfg.eos_id, cfg.distill)
 
     # --- run directory (rank 0)
+    run_config = {"model": model_cfg.to_dict(), "train": cfg.to_dict()}
     if info.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temporaries(out_dir)
+        outdir.claim(out_dir, "train")  # the ownership marker first, then our files
+        ckpt.remove_stale_temporaries(out_dir, RUN_FILES)
         tokenizer.save(out_dir)
-        ckpt.write_json(out_dir / ckpt.CONFIG_FILE, {"model": model_cfg.to_dict(), "train": cfg.to_dict(),
+        ckpt.write_json(out_dir / ckpt.CONFIG_FILE, {**run_config,
                                                      "data": {"dir": str(data_dir), "vocab_size": tokenizer.vocab_size}})
     log = MetricsLog(out_dir, info.is_main, step)
     tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -432,7 +504,8 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
         if info.is_main:
             ckpt.save_tensors(out_dir / ckpt.WEIGHTS_FILE, weights)  # what load_run reads: the latest weights
             ckpt.save_checkpoint(out_dir, step, weights, optim, rng_state(device),
-                                 {"loader": loader_state, "world_size": info.world_size}, cfg.keep_checkpoints)
+                                 {"loader": loader_state, "world_size": info.world_size, "config": run_config},
+                                 cfg.keep_checkpoints)
         parallel.barrier()
 
     bar = None
@@ -525,6 +598,24 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
 # ---- checkpoint plumbing: plain, DDP and FSDP2 ------------------------------------------------
 
 
+def check_resume_tokenizer(tokenizer, run_dir: Path, model_cfg: ModelConfig) -> None:
+    """Refuse to resume on data tokenized otherwise than the run (its tokenizer.json would be replaced)."""
+    from multitoken.data.tokenizer import Tokenizer
+
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise UserError(f"DATA_DIR's tokenizer has {tokenizer.vocab_size} ids, more than the run's model ({model_cfg.vocab_size}): "
+                        "resume on the data the run was trained on")
+    if not (run_dir / "tokenizer.json").is_file():
+        return
+    try:
+        own = Tokenizer.load(run_dir)
+    except UserError:  # damaged: rewritten from the data's below, whose ids the vocabulary check bounds
+        return
+    if own._tok.to_str() != tokenizer._tok.to_str():
+        raise UserError(f"DATA_DIR's tokenizer differs from the one {run_dir} was trained with: "
+                        "resume on the data the run was trained on")
+
+
 def gather_weights(model, raw: Transformer, info: parallel.DistInfo, fsdp: bool) -> dict[str, torch.Tensor]:
     """Full CPU weights as `checkpoint.model_state` stores them (complete on rank 0 under FSDP2)."""
     if not (fsdp and info.distributed):
@@ -589,11 +680,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     fields = {f.name for f in dataclasses.fields(TrainConfig)}
     cli = {k: v for k, v in vars(args).items() if k in fields}
-    saved = None
-    config_path = Path(args.out) / ckpt.CONFIG_FILE
-    if args.resume and config_path.is_file():
-        saved = ckpt.read_json(config_path).get("train")
-    cfg = resolve_config(cli, args.config, saved)
+    out = Path(args.out)
+    outdir.check(out, "train")  # before reading anything there
+    main_rank = int(os.environ.get("RANK", "0")) == 0
+    if args.resume and (out / ckpt.CHECKPOINTS_DIR / ckpt.LATEST_FILE).is_file():
+        saved = saved_run_config(out, None if main_rank else (lambda m: None))
+        cfg, ignored = resume_config(saved["train"], {**(load_toml(args.config) if args.config else {}), **cli})
+        if ignored and main_rank:
+            print(f"ignored on resume (the run keeps its own values): {', '.join(ignored)}", file=sys.stderr)
+    else:
+        cfg = resolve_config(cli, args.config)
     result = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary per job, not per process
         print(json.dumps(result, indent=2))

@@ -11,7 +11,8 @@ DATA_DIR holds:
 
 ``meta.json`` is written last and removed first: its presence marks a complete DATA_DIR, and every
 file is written to a temporary name and renamed, so a killed prepare never leaves a half file
-that looks complete. Re-running with the same arguments reuses the DATA_DIR (``--force``
+that looks complete. ``--out`` must be a new or empty folder or a DATA_DIR of ours (outdir.py):
+a folder holding other files is refused, so prepare never overwrites or deletes a user's file. Re-running with the same arguments reuses the DATA_DIR (``--force``
 rebuilds). The corpus's documents are held in memory while preparing (fine up to a few GB of text).
 """
 
@@ -21,7 +22,6 @@ import argparse
 import hashlib
 import itertools
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,11 +33,15 @@ from tqdm import tqdm
 from multitoken.data.corpora import STDLIB, Corpus, Document, split_documents
 from multitoken.data.shards import ShardWriter, dtype_for_vocab, read_header
 from multitoken.data.tokenizer import Tokenizer
+from multitoken import outdir
 from multitoken.errors import UserError
 
 FORMAT = 1
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
+# Every file prepare writes into DATA_DIR (with the ownership marker of outdir.py): the only names
+# whose leftover temporaries it deletes.
+DATA_FILES = (META_FILE, "train.bin", "val.bin", "tokenizer.json", "tokenizer_config.json", outdir.MARKER_FILE)
 DEFAULT_VAL_FRACTION = 0.02
 ENCODE_CHUNK_CHARS = 4 << 20  # text per encode_batch call: enough documents to keep every core busy
 
@@ -75,12 +79,12 @@ def prepare(
         raise UserError(f"--max-docs {max_docs}: give a positive number of documents")
     source = Corpus(corpus, glob=glob, field=field, include_tests=include_tests)
     out = Path(out)
+    outdir.check(out, "prepare")  # a folder holding someone else's files is refused before anything is read or written
     args = _arguments(source, tokenizer, field, val_fraction, max_docs)
     if not force and _is_complete(out, args):
         return {**load_meta(out), "reused": True}
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: give a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    outdir.claim(out, "prepare")  # the ownership marker first: a killed prepare leaves a folder we still own
+    outdir.remove_temporaries(out, DATA_FILES, fixed=[f"{s}.bin.tmp" for s in SPLITS])  # a killed run's leftovers
     (out / META_FILE).unlink(missing_ok=True)  # from here on, `out` is incomplete until meta.json is back
 
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
@@ -123,7 +127,7 @@ def prepare(
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "args": args,
     }
-    _write_json(out / META_FILE, meta)
+    outdir.write_json(out / META_FILE, meta)
     return {**meta, "reused": False}
 
 
@@ -278,8 +282,3 @@ def _sources_sha1(docs: list[Document]) -> str:
         h.update(d.source.encode("utf-8") + b"\n")
     return h.hexdigest()
 
-
-def _write_json(path: Path, data: dict[str, Any]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)

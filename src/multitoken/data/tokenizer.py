@@ -25,7 +25,6 @@ Choices:
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -370,6 +369,6 @@ def _first_in_vocab(tok: _RustTokenizer, candidates: Sequence[str]) -> str | Non
 
 def _atomic_write(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a killed process never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from multitoken.outdir import write_text  # the one implementation of atomic writes
+
+    write_text(path, text)
