@@ -117,3 +117,39 @@ def test_eval_rejects_data_with_a_larger_vocabulary(trained, tmp_path, capsys):
     assert main(["eval", "--run", str(small), "--data", str(data), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "100" in err
+
+
+def plant_id_past_vocabulary(data, split: str, offset: int) -> int:
+    """Overwrite one token of a DATA_DIR shard with an id past its vocabulary and recompute the shard's
+    CRC-32 (zlib over the token bytes, as the format documents), so only the range check can see it."""
+    import struct
+    import zlib
+
+    from multitoken.data.shards import HEADER_SIZE
+
+    vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
+    path = data / f"{split}.bin"
+    raw = bytearray(path.read_bytes())
+    raw[HEADER_SIZE + 2 * offset : HEADER_SIZE + 2 * offset + 2] = struct.pack("<H", vocab + 5)
+    raw[24:28] = struct.pack("<I", zlib.crc32(bytes(raw[HEADER_SIZE:])))
+    path.write_bytes(bytes(raw))
+    return vocab
+
+
+def test_id_past_the_vocabulary_is_one_line_in_train_and_eval(trained, tmp_path, capsys):
+    import shutil
+
+    data, run = trained
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    vocab = plant_id_past_vocabulary(bad, "val", 37)
+    assert main(["eval", "--run", str(run), "--data", str(bad), "--batches", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {bad / 'val.bin'} is damaged: token {vocab + 5} at token offset 37 is outside the vocabulary")
+    assert "multitoken prepare" in err
+    plant_id_past_vocabulary(bad, "train", 1234)
+    assert main(["train", "--data", str(bad), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
+                 "--seq-len", "16", "--device", "cpu", "--dtype", "fp32", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad / 'train.bin'} is damaged: token {vocab + 5} at token offset 1234 is" in err
