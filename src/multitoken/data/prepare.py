@@ -39,6 +39,7 @@ FORMAT = 1
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
 DEFAULT_VAL_FRACTION = 0.02
+MIN_SPLIT_TOKENS = 2  # one training window at the smallest --seq-len (1): an input token and its target
 ENCODE_CHUNK_CHARS = 4 << 20  # text per encode_batch call: enough documents to keep every core busy
 
 
@@ -88,6 +89,7 @@ def prepare(
     t = time.perf_counter()
     docs = list(itertools.islice(source, max_docs))
     train, val = split_documents(docs, val_fraction)
+    _check_split_docs(source, len(docs), train, val, val_fraction)  # before the tokenizer trains on the train split
     seconds["read"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -103,6 +105,7 @@ def prepare(
         for split, split_docs in zip(SPLITS, (train, val)):
             n = _write_split(out / f"{split}.bin", split_docs, tok, bar)
             counts[split] = {"docs": len(split_docs), "tokens": n, "file": f"{split}.bin"}
+    _check_split_tokens(source, counts)
     seconds["encode"] = time.perf_counter() - t
     tok.save(out)
 
@@ -206,6 +209,11 @@ def summary(meta: dict[str, Any], out: str | Path) -> str:
     for split in SPLITS:
         s = meta["splits"][split]
         lines.append(f"{split:<6} {s['docs']:>9,} {s['tokens']:>13,}")
+    short = [split for split in SPLITS if meta["splits"][split]["tokens"] < _default_seq_len() + 1]
+    for split in short:
+        n = meta["splits"][split]["tokens"]
+        lines.append(f"note: {split} holds {n} tokens, fewer than one window of train's default --seq-len {_default_seq_len()}: "
+                     f"train with --seq-len {n - 1} or less, or prepare a bigger corpus")
     if meta["skipped"]:
         lines.append(f"skipped {len(meta['skipped'])} file(s), e.g. {meta['skipped'][0][0]} ({meta['skipped'][0][1]})")
     if not meta.get("reused"):
@@ -270,6 +278,35 @@ def _is_complete(out: Path, args: dict[str, Any]) -> bool:
         return all(read_header(out / meta["splits"][s]["file"]).count == meta["splits"][s]["tokens"] for s in SPLITS)
     except (UserError, KeyError, TypeError):
         return False
+
+
+def _check_split_docs(source: Corpus, n_docs: int, train: list[Document], val: list[Document], val_fraction: float) -> None:
+    """Refuse a split that leaves train (the tokenizer's training text too) or validation without documents."""
+    if train and val:
+        return
+    empty = "train" if not train else "validation"
+    if val_fraction == 0:
+        fix = "give --val-fraction above 0 (e.g. 0.02): training evaluates on the validation split"
+    else:
+        fix = (f"the corpus has only {n_docs} document(s): use a bigger corpus of at least 2 documents "
+               "(a .txt file is cut at blank lines, a folder gives one document per file)")
+    raise UserError(f"prepare would leave the {empty} split of {source.spec} empty ({len(train)} train, {len(val)} validation "
+                    f"documents at --val-fraction {val_fraction}): {fix}")
+
+
+def _check_split_tokens(source: Corpus, counts: dict[str, dict[str, Any]]) -> None:
+    """Refuse a split too short to make one training window of any --seq-len."""
+    for split in SPLITS:
+        n = counts[split]["tokens"]
+        if n < MIN_SPLIT_TOKENS:
+            raise UserError(f"the {split} split of {source.spec} holds {n} token(s), fewer than the {MIN_SPLIT_TOKENS} of one "
+                            "training window: use a bigger corpus or a larger --val-fraction")
+
+
+def _default_seq_len() -> int:
+    from multitoken.config import TrainConfig
+
+    return TrainConfig.seq_len
 
 
 def _sources_sha1(docs: list[Document]) -> str:
