@@ -210,3 +210,21 @@ def test_summary_notes_a_split_shorter_than_the_default_window(tmp_path: Path, c
     assert len(short) == 1 and TrainConfig().seq_len == 128
     assert f"note: {short[0]} holds 41 tokens, fewer than one window of train's default --seq-len 128: train with --seq-len 40 or less" in out
     assert out.count("note:") == 1
+
+
+def test_meta_records_the_tokenizer_identity_and_load_tokenizer_checks_it(corpora: dict[str, Path], tmp_path: Path) -> None:
+    import hashlib
+
+    meta = prepare(str(corpora["dir"]), "bytes", tmp_path / "d", progress=False)
+    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}  # GPT-2's byte alphabet: these bytes stand for themselves
+    extra = iter(range(256, 512))
+    table = [chr(b) if b in printable else chr(next(extra)) for b in range(256)] + ["<|endoftext|>"]  # ids 0..256 in order
+    naive = hashlib.sha256(json.dumps({"vocab": table, "eos": "<|endoftext|>"}, ensure_ascii=False).encode()).hexdigest()
+    assert meta["tokenizer_sha256"] == naive == prep.tokenizer_sha256(tmp_path / "d")
+    # another tokenizer of the same size written over the DATA_DIR's own is refused
+    tok = json.loads((tmp_path / "d" / "tokenizer.json").read_text())
+    v = tok["model"]["vocab"]
+    v["a"], v["b"] = v["b"], v["a"]
+    (tmp_path / "d" / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(UserError, match=r"tokenizer\.json is not the tokenizer the shards were made with"):
+        load_tokenizer(tmp_path / "d")

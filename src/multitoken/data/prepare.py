@@ -6,7 +6,7 @@ DATA_DIR holds:
   EOS, documents in corpus order. The split is by a hash of each document's source id.
 - ``tokenizer.json`` + ``tokenizer_config.json``: the tokenizer (``bpe:N`` is trained here, on
   the train split only, so validation text never shapes the vocabulary).
-- ``meta.json``: what was prepared (corpus, tokenizer, vocab_size, eos_id, dtype, per-split
+- ``meta.json``: what was prepared (corpus, tokenizer, its fingerprint, vocab_size, eos_id, dtype, per-split
   document and token counts, the validation sources) and the arguments that made it.
 
 ``meta.json`` is written last and removed first: its presence marks a complete DATA_DIR, and every
@@ -116,6 +116,7 @@ def prepare(
         "tokenizer": tokenizer,
         "tokenizer_kind": tok.kind,
         "vocab_size": tok.vocab_size,
+        "tokenizer_sha256": tok.fingerprint(),
         "eos_id": tok.eos_id,
         "eos_token": tok.eos_token,
         "bos_id": tok.bos_id,
@@ -158,7 +159,16 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     tok = Tokenizer.load(data_dir)
     if tok.vocab_size != meta["vocab_size"] or tok.eos_id != meta["eos_id"]:
         raise UserError(f"{data_dir}: tokenizer.json does not match meta.json (vocab/eos differ): re-run `multitoken prepare --force`")
+    if meta.get("tokenizer_sha256") not in (None, tok.fingerprint()):
+        raise UserError(f"{data_dir}: tokenizer.json is not the tokenizer the shards were made with (its fingerprint differs from "
+                        "meta.json's): re-run `multitoken prepare --force`")
     return tok
+
+
+def tokenizer_sha256(data_dir: str | Path) -> str:
+    """The identity (`Tokenizer.fingerprint`) of a DATA_DIR's tokenizer: meta.json's record, or, for a DATA_DIR
+    prepared before it was recorded, computed from its tokenizer files."""
+    return load_meta(data_dir).get("tokenizer_sha256") or load_tokenizer(data_dir).fingerprint()
 
 
 def shard_path(data_dir: str | Path, split: str) -> Path:
