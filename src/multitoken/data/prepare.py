@@ -219,11 +219,11 @@ def summary(meta: dict[str, Any], out: str | Path) -> str:
     for split in SPLITS:
         s = meta["splits"][split]
         lines.append(f"{split:<6} {s['docs']:>9,} {s['tokens']:>13,}")
-    short = [split for split in SPLITS if meta["splits"][split]["tokens"] < _default_seq_len() + 1]
-    for split in short:
+    for split in SPLITS:
         n = meta["splits"][split]["tokens"]
-        lines.append(f"note: {split} holds {n} tokens, fewer than one window of train's default --seq-len {_default_seq_len()}: "
-                     f"train with --seq-len {n - 1} or less, or prepare a bigger corpus")
+        if n < _default_seq_len() + 1:
+            hint = f"train with --seq-len {n - 1} or less, or prepare a bigger corpus" if n >= MIN_SPLIT_TOKENS else "prepare a bigger corpus"
+            lines.append(f"note: {split} holds {n} tokens, fewer than one window of train's default --seq-len {_default_seq_len()}: {hint}")
     if meta["skipped"]:
         lines.append(f"skipped {len(meta['skipped'])} file(s), e.g. {meta['skipped'][0][0]} ({meta['skipped'][0][1]})")
     if not meta.get("reused"):
@@ -309,8 +309,9 @@ def _check_split_tokens(source: Corpus, counts: dict[str, dict[str, Any]]) -> No
     for split in SPLITS:
         n = counts[split]["tokens"]
         if n < MIN_SPLIT_TOKENS:
+            fix = "a larger --val-fraction or a bigger corpus" if split == "val" else "a bigger corpus"
             raise UserError(f"the {split} split of {source.spec} holds {n} token(s), fewer than the {MIN_SPLIT_TOKENS} of one "
-                            "training window: use a bigger corpus or a larger --val-fraction")
+                            f"training window: use {fix}")
 
 
 def _default_seq_len() -> int:
