@@ -130,3 +130,25 @@ def test_split_guarantees_one_of_each() -> None:
     assert split_documents(two, 0.0)[1] == []
     with pytest.raises(UserError):
         split_documents(two, 1.0)
+
+
+def test_non_utf8_corpus_names_the_file_and_the_encoding(tmp_path: Path) -> None:
+    latin1 = "café au lait\n\nsecond paragraph".encode("latin-1")  # 'é' is the single byte 0xe9 at offset 3
+    assert latin1[3] == 0xE9
+    (tmp_path / "book.txt").write_bytes(latin1)
+    with pytest.raises(UserError, match=r"book\.txt is not UTF-8 \(invalid continuation byte 0xe9 at byte offset 3\): convert it to UTF-8") as e:
+        list(Corpus(str(tmp_path / "book.txt")))
+    assert "\n" not in str(e.value)
+    rows = b'{"text": "fine"}\n{"text": "caf\xe9"}\n'  # line 2 starts at byte 17; its 0xe9 is at byte 17 + 13
+    (tmp_path / "rows.jsonl").write_bytes(rows)
+    assert rows.index(b"\xe9") == 30
+    with pytest.raises(UserError, match=r"rows\.jsonl line 2 is not UTF-8 \(invalid continuation byte 0xe9 at byte offset 30\)"):
+        list(Corpus(str(tmp_path / "rows.jsonl")))
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "a.txt").write_bytes(b"\xff\xfeh\x00i\x00")  # UTF-16 with its byte-order mark
+    with pytest.raises(UserError, match=r"has no documents: 1 matching file\(s\) are not UTF-8, e\.g\. sub/a\.txt is not UTF-8 "
+                                        r"\(invalid start byte 0xff at byte offset 0\): convert them to UTF-8"):
+        list(Corpus(str(folder)))
+    (folder / "b.txt").write_text("readable")
+    assert [d.text for d in Corpus(str(folder))] == ["readable"]  # a folder skips the unreadable file when others remain

@@ -117,3 +117,88 @@ def test_eval_rejects_data_with_a_larger_vocabulary(trained, tmp_path, capsys):
     assert main(["eval", "--run", str(small), "--data", str(data), "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "\n" not in err and "100" in err
+
+
+def plant_id_past_vocabulary(data, split: str, offset: int) -> int:
+    """Overwrite one token of a DATA_DIR shard with an id past its vocabulary and recompute the shard's
+    CRC-32 (zlib over the token bytes, as the format documents), so only the range check can see it."""
+    import struct
+    import zlib
+
+    from multitoken.data.shards import HEADER_SIZE
+
+    vocab = json.loads((data / "meta.json").read_text())["vocab_size"]
+    path = data / f"{split}.bin"
+    raw = bytearray(path.read_bytes())
+    raw[HEADER_SIZE + 2 * offset : HEADER_SIZE + 2 * offset + 2] = struct.pack("<H", vocab + 5)
+    raw[24:28] = struct.pack("<I", zlib.crc32(bytes(raw[HEADER_SIZE:])))
+    path.write_bytes(bytes(raw))
+    return vocab
+
+
+def test_id_past_the_vocabulary_is_one_line_in_train_and_eval(trained, tmp_path, capsys):
+    import shutil
+
+    data, run = trained
+    bad = tmp_path / "data"
+    shutil.copytree(data, bad)
+    vocab = plant_id_past_vocabulary(bad, "val", 37)
+    assert main(["eval", "--run", str(run), "--data", str(bad), "--batches", "1", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"error: {bad / 'val.bin'} is damaged: token {vocab + 5} at token offset 37 is outside the vocabulary")
+    assert "multitoken prepare" in err
+    plant_id_past_vocabulary(bad, "train", 1234)
+    assert main(["train", "--data", str(bad), "--out", str(tmp_path / "run"), "--steps", "1", "--batch-size", "2",
+                 "--seq-len", "16", "--device", "cpu", "--dtype", "fp32", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{bad / 'train.bin'} is damaged: token {vocab + 5} at token offset 1234 is" in err
+
+
+def same_size_other_tokenizer(run, folder):
+    """The run's tokenizer with the ids of two ordinary tokens swapped: same size, same EOS, other ids for the same text."""
+    from multitoken.data.tokenizer import Tokenizer
+
+    folder.mkdir()
+    tok = json.loads((run / "tokenizer.json").read_text())
+    vocab = tok["model"]["vocab"]
+    i, j = Tokenizer.load(run).encode("four five")  # two tokens the corpus is made of
+    a, b = [t for t, k in vocab.items() if k in (i, j)]
+    vocab[a], vocab[b] = vocab[b], vocab[a]
+    (folder / "tokenizer.json").write_text(json.dumps(tok))
+    (folder / "tokenizer_config.json").write_text((run / "tokenizer_config.json").read_text())
+    return folder
+
+
+def test_eval_and_resume_refuse_data_of_another_tokenizer_of_the_same_size(trained, tmp_path, capsys):
+    import shutil
+
+    from multitoken.data.prepare import prepare
+    from multitoken.data.tokenizer import Tokenizer
+
+    data, run = trained
+    other = same_size_other_tokenizer(run, tmp_path / "tok")
+    assert Tokenizer.load(other).vocab_size == Tokenizer.load(run).vocab_size
+    assert Tokenizer.load(other).encode("four five") != Tokenizer.load(run).encode("four five")
+    bad = tmp_path / "data"
+    prepare(str(data.parent / "corpus.txt"), str(other), bad, val_fraction=0.15, progress=False)
+    argv = ["eval", "--run", str(run), "--data", str(bad), "--batches", "1", "--device", "cpu"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: {bad} was prepared with a different tokenizer from the run {run}")
+    # Records made before the fingerprint existed: the tokenizer files themselves are compared.
+    old_run, old_bad, old_data = tmp_path / "old_run", tmp_path / "old_bad", tmp_path / "old_data"
+    for src, dst in ((run, old_run), (bad, old_bad), (data, old_data)):
+        shutil.copytree(src, dst)
+    for f, section in ((old_run / "config.json", "data"), (old_bad / "meta.json", None), (old_data / "meta.json", None)):
+        d = json.loads(f.read_text())
+        (d[section] if section else d).pop("tokenizer_sha256")
+        f.write_text(json.dumps(d))
+    assert main([*argv[:2], str(old_run), *argv[3:4], str(old_bad), *argv[5:]]) == 2
+    assert "different tokenizer" in capsys.readouterr().err
+    assert main([*argv[:2], str(old_run), *argv[3:4], str(old_data), *argv[5:]]) == 0  # the same tokenizer still passes
+    capsys.readouterr()
+    # train --resume on it is the same mistake
+    assert main(["train", "--data", str(bad), "--out", str(old_run), "--resume", "--steps", "13", "--device", "cpu", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "different tokenizer" in err and "resume on the data the run was trained on" in err

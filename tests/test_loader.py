@@ -113,3 +113,18 @@ def test_data_dir_and_errors(tmp_path: Path, shard: Path) -> None:
         TokenLoader(shard, batch_size=2, seq_len=T + 1).load_state_dict(loader.state_dict())
     with pytest.raises(UserError, match="rank"):
         TokenLoader(shard, rank=2, world_size=2)
+
+
+def test_damaged_data_dir_shard_is_refused_on_open(tmp_path: Path) -> None:
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for i in range(4):
+        (corpus / f"{i}.txt").write_text(f"document number {i} " * 20)
+    data = tmp_path / "data"
+    prepare(str(corpus), "bytes", data, val_fraction=0.3, progress=False)
+    raw = bytearray((data / "train.bin").read_bytes())
+    raw[32 + 2 * 50] ^= 0x01  # token 50 becomes another byte value: still inside the vocabulary
+    (data / "train.bin").write_bytes(bytes(raw))
+    with pytest.raises(UserError, match=r"train\.bin is damaged: the checksum"):
+        TokenLoader(data, "train", batch_size=2, seq_len=8)
+    assert TokenLoader(data, "val", batch_size=2, seq_len=8).n_eval_windows > 0  # the other split is intact

@@ -134,3 +134,97 @@ def test_gguf_tokenizer_data_dir(tmp_path: Path) -> None:
     assert (meta["vocab_size"], meta["eos_id"], meta["dtype"], meta["tokenizer_kind"]) == (49152, 2, "uint16", "pretrained")
     assert documents_in(tmp_path, "train")[0].startswith('"""Record of phased-in incompatible language changes.')
     assert prepare("python-stdlib", str(gguf), tmp_path, max_docs=6, progress=False)["reused"] is True
+
+
+# ---- splits that training could not use are refused by prepare, not at train time ---------------
+
+
+def one_document_corpus(root: Path, goes_to_validation: bool) -> Path:
+    """A .txt corpus of one paragraph, named so that the split's rule (sha1 of the source id '<name>#0' as a
+    fraction of 2**64, below --val-fraction 0.5 means validation) puts it where asked; sha1 computed here."""
+    import hashlib
+
+    for i in range(100):
+        name = f"one{i}.txt"
+        h = int.from_bytes(hashlib.sha1(f"{name}#0".encode()).digest()[:8], "big") / 2.0**64
+        if (h < 0.5) == goes_to_validation:
+            (root / name).write_text("a single paragraph of text\nwith two lines\n")
+            return root / name
+    raise AssertionError("no name found")
+
+
+def test_empty_validation_split_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    corpus = one_document_corpus(tmp_path, goes_to_validation=False)
+    for frac in ("0.02", "0.5"):
+        assert main(["prepare", "--corpus", str(corpus), "--tokenizer", "bytes", "--out", str(tmp_path / "d"), "--val-fraction", frac, "--quiet"]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("error: prepare would leave the validation split")
+        assert "--val-fraction" in err and "bigger corpus" in err
+    assert not (tmp_path / "d" / "meta.json").exists()
+    with pytest.raises(UserError, match=r"validation split .* empty .*: give --val-fraction above 0"):
+        prepare(str(make_many_documents(tmp_path)), "bytes", tmp_path / "d", val_fraction=0.0, progress=False)
+
+
+def make_many_documents(root: Path) -> Path:
+    path = root / "many.txt"
+    path.write_text("\n\n".join(f"paragraph {i}" for i in range(20)))
+    return path
+
+
+def test_bpe_never_trains_on_an_empty_train_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    corpus = one_document_corpus(tmp_path, goes_to_validation=True)
+    trained: list[list[str]] = []
+    real = Tokenizer.train_bpe.__func__
+
+    def spy(cls, texts, vocab_size, length=None):  # type: ignore[no-untyped-def]
+        texts = list(texts)
+        trained.append(texts)
+        return real(cls, texts, vocab_size, length)
+
+    monkeypatch.setattr(Tokenizer, "train_bpe", classmethod(spy))
+    with pytest.raises(UserError, match=r"train split .* empty \(0 train, 1 validation documents at --val-fraction 0\.5\): .*bigger corpus"):
+        prepare(str(corpus), "bpe:400", tmp_path / "d", val_fraction=0.5, progress=False)
+    assert trained == []
+
+
+def test_split_shorter_than_one_window_is_refused(tmp_path: Path) -> None:
+    from tokenizers import Regex, normalizers
+
+    tok = Tokenizer.bytes()
+    tok._tok.normalizer = normalizers.Replace(Regex(r"[\s\S]"), "")  # every document encodes to no tokens: EOS alone
+    tok.save(tmp_path / "tok")
+    assert Tokenizer.load(tmp_path / "tok").encode_batch(["some text"]) == [[]]
+    with pytest.raises(UserError, match=r"split of .* holds 1 token\(s\), fewer than the 2 of one training window"):
+        prepare(str(make_many_documents(tmp_path)), str(tmp_path / "tok"), tmp_path / "d", val_fraction=0.02, progress=False)
+    assert not (tmp_path / "d" / "meta.json").exists()
+
+
+def test_summary_notes_a_split_shorter_than_the_default_window(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from multitoken.config import TrainConfig
+
+    (tmp_path / "c.txt").write_text("x" * 40 + "\n\n" + "y" * 300)  # with bytes: documents of 41 and 301 tokens
+    assert main(["prepare", "--corpus", str(tmp_path / "c.txt"), "--tokenizer", "bytes", "--out", str(tmp_path / "d"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    meta = load_meta(tmp_path / "d")
+    short = [s for s in ("train", "val") if meta["splits"][s]["tokens"] == 41]
+    assert len(short) == 1 and TrainConfig().seq_len == 128
+    assert f"note: {short[0]} holds 41 tokens, fewer than one window of train's default --seq-len 128: train with --seq-len 40 or less" in out
+    assert out.count("note:") == 1
+
+
+def test_meta_records_the_tokenizer_identity_and_load_tokenizer_checks_it(corpora: dict[str, Path], tmp_path: Path) -> None:
+    import hashlib
+
+    meta = prepare(str(corpora["dir"]), "bytes", tmp_path / "d", progress=False)
+    printable = {*range(33, 127), *range(161, 173), *range(174, 256)}  # GPT-2's byte alphabet: these bytes stand for themselves
+    extra = iter(range(256, 512))
+    table = [chr(b) if b in printable else chr(next(extra)) for b in range(256)] + ["<|endoftext|>"]  # ids 0..256 in order
+    naive = hashlib.sha256(json.dumps({"vocab": table, "eos": "<|endoftext|>"}, ensure_ascii=False).encode()).hexdigest()
+    assert meta["tokenizer_sha256"] == naive == prep.tokenizer_sha256(tmp_path / "d")
+    # another tokenizer of the same size written over the DATA_DIR's own is refused
+    tok = json.loads((tmp_path / "d" / "tokenizer.json").read_text())
+    v = tok["model"]["vocab"]
+    v["a"], v["b"] = v["b"], v["a"]
+    (tmp_path / "d" / "tokenizer.json").write_text(json.dumps(tok))
+    with pytest.raises(UserError, match=r"tokenizer\.json is not the tokenizer the shards were made with"):
+        load_tokenizer(tmp_path / "d")

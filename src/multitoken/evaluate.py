@@ -236,6 +236,37 @@ def evaluate(model, data, n_batches: int = 20, eos_id: int | None = None, *, bat
     return summarize(stats)
 
 
+def run_tokenizer_sha256(run_dir: str | Path) -> str | None:
+    """The identity (`Tokenizer.fingerprint`) of the tokenizer a run was trained with: config.json's record, else
+    computed from the run's tokenizer files; None for a run that holds neither (only its vocabulary size is known)."""
+    from multitoken.checkpoint import CONFIG_FILE, read_json
+    from multitoken.data.tokenizer import TOKENIZER_FILE, Tokenizer
+
+    run_dir = Path(run_dir)
+    config = read_json(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).is_file() else {}
+    recorded = (config.get("data") or {}).get("tokenizer_sha256")
+    if recorded:
+        return recorded
+    return Tokenizer.load(run_dir).fingerprint() if (run_dir / TOKENIZER_FILE).is_file() else None
+
+
+def check_same_tokenizer(run_dir: str | Path, data_dir: str | Path, fix: str) -> None:
+    """Refuse DATA_DIR when its tokenizer is not the run's (compared by identity: equal sizes are not enough).
+
+    Args:
+        run_dir: the run directory.
+        data_dir: a prepared DATA_DIR.
+        fix: what the user should do instead, for the error message.
+    """
+    from multitoken.data.prepare import tokenizer_sha256
+
+    mine = run_tokenizer_sha256(run_dir)
+    theirs = tokenizer_sha256(data_dir)
+    if mine is not None and mine != theirs:
+        raise UserError(f"{data_dir} was prepared with a different tokenizer from the run {run_dir} (fingerprints "
+                        f"{theirs[:12]} and {mine[:12]}): {fix}")
+
+
 def plot_accuracy(result: dict[str, Any], path: str | Path, title: str = "") -> None:
     """Bar chart of top-1 accuracy per depth, with the per-position acceptance of simulated drafting."""
     import matplotlib
@@ -294,6 +325,8 @@ def run(args: argparse.Namespace) -> int:
     from multitoken.parallel import resolve_device
 
     device = resolve_device(args.device)
+    check_same_tokenizer(args.run, args.data, f"evaluate on data prepared with the run's tokenizer "
+                         f"(`multitoken prepare --tokenizer {Path(args.run) / 'tokenizer.json'} ...`)")
     model, _ = load_run(args.run, device=device, with_tokenizer=False)
     seq_len = args.seq_len or read_json(Path(args.run) / CONFIG_FILE).get("train", {}).get("seq_len", 0)
     seq_len = min(seq_len or 256, model.config.max_seq_len)

@@ -44,7 +44,7 @@ from multitoken import checkpoint as ckpt
 from multitoken import outdir, parallel
 from multitoken.config import HeadsConfig, ModelConfig, TrainConfig, from_dict
 from multitoken.errors import UserError
-from multitoken.evaluate import EvalStats, eval_stats, plot_accuracy, summarize
+from multitoken.evaluate import EvalStats, check_same_tokenizer, eval_stats, plot_accuracy, summarize
 from multitoken.loss import IGNORE_INDEX, MTPLoss, default_weights, shift_targets
 from multitoken.model import Transformer
 
@@ -426,6 +426,7 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
         model_cfg = from_dict(ModelConfig, saved["model"])
         check_model_options(cfg, from_dict(TrainConfig, saved["train"]))
         check_resume_tokenizer(tokenizer, out_dir, model_cfg)
+        check_same_tokenizer(out_dir, data_dir, "resume on the data the run was trained on")
     else:
         model_cfg = build_model_config(cfg, tokenizer.vocab_size, tokenizer.eos_id)
     if cfg.seq_len > model_cfg.max_seq_len:
@@ -481,7 +482,8 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
         ckpt.remove_stale_temporaries(out_dir, RUN_FILES)
         tokenizer.save(out_dir)
         ckpt.write_json(out_dir / ckpt.CONFIG_FILE, {**run_config,
-                                                     "data": {"dir": str(data_dir), "vocab_size": tokenizer.vocab_size}})
+                                                     "data": {"dir": str(data_dir), "vocab_size": tokenizer.vocab_size,
+                                                              "tokenizer_sha256": tokenizer.fingerprint()}})
     log = MetricsLog(out_dir, info.is_main, step)
     tokens_per_step = cfg.batch_size * cfg.seq_len
     say(f"model: {raw.num_parameters(heads=False) / 1e6:.2f}M backbone + "

@@ -16,6 +16,10 @@
   (column ``field``), or a Hugging Face dataset saved with ``datasets.save_to_disk`` (column
   ``field``; every split of a DatasetDict, in sorted split order).
 
+Text must be UTF-8. A single-file corpus that is not is refused, naming the file, the offending
+byte and its offset; a directory skips such files (listed in `Corpus.skipped`, and named in the
+error if nothing readable is left); a .jsonl line that is not is refused, naming the line.
+
 Empty (whitespace-only) documents are dropped. Every document has a ``source`` id that does not depend on where the
 corpus lives (a relative path, ``file.jsonl#row``), and the train/validation split is a
 function of that id alone (`is_validation`): adding or removing other documents never moves a
@@ -74,6 +78,8 @@ class Corpus:
     """'python-stdlib', 'dir', 'txt', 'jsonl', 'parquet' or 'hf-dataset' (set from `spec`)."""
     root: Path = dc_field(default=Path(), init=False)
     """Where the corpus lives."""
+    _not_utf8: list[str] = dc_field(default_factory=list, init=False, repr=False)
+    # why each skipped file is not UTF-8, for the error when nothing readable is left
 
     def __post_init__(self) -> None:
         if self.spec == STDLIB:
@@ -94,12 +100,17 @@ class Corpus:
 
     def __iter__(self) -> Iterator[Document]:
         self.skipped = []
+        self._not_utf8 = []
         n = 0
         for doc in self._documents():
             if doc.text.strip():
                 n += 1
                 yield doc
         if n == 0:
+            if self._not_utf8:
+                first, count = self._not_utf8[0], len(self._not_utf8)
+                raise UserError(f"corpus {self.spec} has no documents: {count} matching file(s) are not UTF-8, e.g. {first}: "
+                                "convert them to UTF-8")
             what = f" (glob {self.glob or DEFAULT_GLOB} matched no readable file with text)" if self.kind == "dir" else ""
             raise UserError(f"corpus {self.spec} has no documents{what}: point --corpus at text, or fix --glob/--field")
 
@@ -119,7 +130,10 @@ class Corpus:
         elif path.suffix == ".parquet":
             yield from _parquet_rows(path, source, self.field)
         else:
-            text = self._read_text(path, source)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError as e:  # the whole corpus: refuse rather than skip
+                raise UserError(f"{path} {_not_utf8(e)}: convert it to UTF-8") from None
             paragraphs = (p.strip("\n") for p in re.split(r"\n[ \t\r\f\v]*\n", text or ""))
             for i, para in enumerate(p for p in paragraphs if p.strip()):
                 yield Document(f"{source}#{i}", para)
@@ -148,8 +162,9 @@ class Corpus:
     def _read_text(self, path: Path, source: str) -> str | None:
         try:
             return path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
+        except UnicodeDecodeError as e:
             self.skipped.append((source, "not UTF-8"))
+            self._not_utf8.append(f"{source} {_not_utf8(e)}")
             return None
 
 
@@ -207,6 +222,11 @@ def split_documents(docs: Sequence[Document], val_fraction: float) -> tuple[list
 # ---- readers ----------------------------------------------------------------------------------
 
 
+def _not_utf8(e: UnicodeDecodeError, base: int = 0) -> str:
+    """'is not UTF-8 (invalid start byte 0xff at offset 12)': what and where, for an error message."""
+    return f"is not UTF-8 ({e.reason} 0x{e.object[e.start]:02x} at byte offset {base + e.start})"
+
+
 def _unit_hash(source: str) -> float:
     return int.from_bytes(hashlib.sha1(source.encode("utf-8")).digest()[:8], "big") / 2.0**64
 
@@ -232,8 +252,14 @@ def _text_of(value: Any, where: str, field: str) -> str:
 
 
 def _jsonl_rows(path: Path, source: str, field: str) -> Iterator[Document]:
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f):
+    offset = 0
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"{path} line {i + 1} {_not_utf8(e, offset)}: convert the file to UTF-8") from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:

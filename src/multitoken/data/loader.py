@@ -43,6 +43,7 @@ class TokenLoader:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        vocab_size: int | None = None,
     ) -> None:
         """Args:
             path: a DATA_DIR made by `multitoken prepare` (its ``{split}.bin`` is read) or a shard file.
@@ -52,6 +53,9 @@ class TokenLoader:
             seed: seeds the window order; equal on every rank.
             rank: this process's rank.
             world_size: number of processes sharing each global batch.
+            vocab_size: every id must be below it; default, for a DATA_DIR, its tokenizer's (meta.json).
+                The shard is checked once here (checksum and ids), so a damaged one is a one-line
+                error naming the file and offset, not an IndexError in the embedding mid-run.
         """
         if batch_size < 1 or seq_len < 1:
             raise UserError(f"batch_size={batch_size} and seq_len={seq_len} must be positive")
@@ -59,11 +63,13 @@ class TokenLoader:
             raise UserError(f"rank {rank} is outside world_size {world_size}")
         p = Path(path)
         if p.is_dir():
-            from multitoken.data.prepare import shard_path  # prepare imports the tokenizer stack; keep it lazy
+            from multitoken.data.prepare import load_meta, shard_path  # prepare imports the tokenizer stack; keep it lazy
 
+            if vocab_size is None:
+                vocab_size = load_meta(p)["vocab_size"]
             p = shard_path(p, split)
         self.path = p
-        self.tokens = read_shard(p)  # memory-mapped (N,) uint16/uint32
+        self.tokens = read_shard(p, vocab_size)  # memory-mapped (N,) uint16/uint32, verified
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.seed = seed

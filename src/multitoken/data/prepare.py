@@ -6,7 +6,7 @@ DATA_DIR holds:
   EOS, documents in corpus order. The split is by a hash of each document's source id.
 - ``tokenizer.json`` + ``tokenizer_config.json``: the tokenizer (``bpe:N`` is trained here, on
   the train split only, so validation text never shapes the vocabulary).
-- ``meta.json``: what was prepared (corpus, tokenizer, vocab_size, eos_id, dtype, per-split
+- ``meta.json``: what was prepared (corpus, tokenizer, its fingerprint, vocab_size, eos_id, dtype, per-split
   document and token counts, the validation sources) and the arguments that made it.
 
 ``meta.json`` is written last and removed first: its presence marks a complete DATA_DIR, and every
@@ -43,6 +43,7 @@ SPLITS = ("train", "val")
 # whose leftover temporaries it deletes.
 DATA_FILES = (META_FILE, "train.bin", "val.bin", "tokenizer.json", "tokenizer_config.json", outdir.MARKER_FILE)
 DEFAULT_VAL_FRACTION = 0.02
+MIN_SPLIT_TOKENS = 2  # one training window at the smallest --seq-len (1): an input token and its target
 ENCODE_CHUNK_CHARS = 4 << 20  # text per encode_batch call: enough documents to keep every core busy
 
 
@@ -92,6 +93,7 @@ def prepare(
     t = time.perf_counter()
     docs = list(itertools.islice(source, max_docs))
     train, val = split_documents(docs, val_fraction)
+    _check_split_docs(source, len(docs), train, val, val_fraction)  # before the tokenizer trains on the train split
     seconds["read"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -107,6 +109,7 @@ def prepare(
         for split, split_docs in zip(SPLITS, (train, val)):
             n = _write_split(out / f"{split}.bin", split_docs, tok, bar)
             counts[split] = {"docs": len(split_docs), "tokens": n, "file": f"{split}.bin"}
+    _check_split_tokens(source, counts)
     seconds["encode"] = time.perf_counter() - t
     tok.save(out)
 
@@ -117,6 +120,7 @@ def prepare(
         "tokenizer": tokenizer,
         "tokenizer_kind": tok.kind,
         "vocab_size": tok.vocab_size,
+        "tokenizer_sha256": tok.fingerprint(),
         "eos_id": tok.eos_id,
         "eos_token": tok.eos_token,
         "bos_id": tok.bos_id,
@@ -159,7 +163,16 @@ def load_tokenizer(data_dir: str | Path) -> Tokenizer:
     tok = Tokenizer.load(data_dir)
     if tok.vocab_size != meta["vocab_size"] or tok.eos_id != meta["eos_id"]:
         raise UserError(f"{data_dir}: tokenizer.json does not match meta.json (vocab/eos differ): re-run `multitoken prepare --force`")
+    if meta.get("tokenizer_sha256") not in (None, tok.fingerprint()):
+        raise UserError(f"{data_dir}: tokenizer.json is not the tokenizer the shards were made with (its fingerprint differs from "
+                        "meta.json's): re-run `multitoken prepare --force`")
     return tok
+
+
+def tokenizer_sha256(data_dir: str | Path) -> str:
+    """The identity (`Tokenizer.fingerprint`) of a DATA_DIR's tokenizer: meta.json's record, or, for a DATA_DIR
+    prepared before it was recorded, computed from its tokenizer files."""
+    return load_meta(data_dir).get("tokenizer_sha256") or load_tokenizer(data_dir).fingerprint()
 
 
 def shard_path(data_dir: str | Path, split: str) -> Path:
@@ -210,6 +223,11 @@ def summary(meta: dict[str, Any], out: str | Path) -> str:
     for split in SPLITS:
         s = meta["splits"][split]
         lines.append(f"{split:<6} {s['docs']:>9,} {s['tokens']:>13,}")
+    for split in SPLITS:
+        n = meta["splits"][split]["tokens"]
+        if n < _default_seq_len() + 1:
+            hint = f"train with --seq-len {n - 1} or less, or prepare a bigger corpus" if n >= MIN_SPLIT_TOKENS else "prepare a bigger corpus"
+            lines.append(f"note: {split} holds {n} tokens, fewer than one window of train's default --seq-len {_default_seq_len()}: {hint}")
     if meta["skipped"]:
         lines.append(f"skipped {len(meta['skipped'])} file(s), e.g. {meta['skipped'][0][0]} ({meta['skipped'][0][1]})")
     if not meta.get("reused"):
@@ -274,6 +292,36 @@ def _is_complete(out: Path, args: dict[str, Any]) -> bool:
         return all(read_header(out / meta["splits"][s]["file"]).count == meta["splits"][s]["tokens"] for s in SPLITS)
     except (UserError, KeyError, TypeError):
         return False
+
+
+def _check_split_docs(source: Corpus, n_docs: int, train: list[Document], val: list[Document], val_fraction: float) -> None:
+    """Refuse a split that leaves train (the tokenizer's training text too) or validation without documents."""
+    if train and val:
+        return
+    empty = "train" if not train else "validation"
+    if val_fraction == 0:
+        fix = "give --val-fraction above 0 (e.g. 0.02): training evaluates on the validation split"
+    else:
+        fix = (f"the corpus has only {n_docs} document(s): use a bigger corpus of at least 2 documents "
+               "(a .txt file is cut at blank lines, a folder gives one document per file)")
+    raise UserError(f"prepare would leave the {empty} split of {source.spec} empty ({len(train)} train, {len(val)} validation "
+                    f"documents at --val-fraction {val_fraction}): {fix}")
+
+
+def _check_split_tokens(source: Corpus, counts: dict[str, dict[str, Any]]) -> None:
+    """Refuse a split too short to make one training window of any --seq-len."""
+    for split in SPLITS:
+        n = counts[split]["tokens"]
+        if n < MIN_SPLIT_TOKENS:
+            fix = "a larger --val-fraction or a bigger corpus" if split == "val" else "a bigger corpus"
+            raise UserError(f"the {split} split of {source.spec} holds {n} token(s), fewer than the {MIN_SPLIT_TOKENS} of one "
+                            f"training window: use {fix}")
+
+
+def _default_seq_len() -> int:
+    from multitoken.config import TrainConfig
+
+    return TrainConfig.seq_len
 
 
 def _sources_sha1(docs: list[Document]) -> str:
