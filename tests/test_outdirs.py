@@ -323,5 +323,5 @@ def test_resume_refuses_data_with_another_tokenizer(runs, tmp_path, capsys):
     run = shutil.copytree(runs["cut"], tmp_path / "run")
     before = tree(run)
     code, err, _ = run_cli(["train", "--data", str(other), "--out", str(run), *TRAIN_ARGS, "--resume"], capsys)
-    assert_one_line_error(code, err, "tokenizer differs")
+    assert_one_line_error(code, err, "different tokenizer")
     assert tree(run) == before

@@ -243,11 +243,17 @@ def run_tokenizer_sha256(run_dir: str | Path) -> str | None:
     from multitoken.data.tokenizer import TOKENIZER_FILE, Tokenizer
 
     run_dir = Path(run_dir)
-    config = read_json(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).is_file() else {}
+    try:
+        config = read_json(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).is_file() else {}
+    except UserError:  # a damaged config.json (resume restores it from the checkpoint): use the tokenizer file
+        config = {}
     recorded = (config.get("data") or {}).get("tokenizer_sha256")
     if recorded:
         return recorded
-    return Tokenizer.load(run_dir).fingerprint() if (run_dir / TOKENIZER_FILE).is_file() else None
+    try:
+        return Tokenizer.load(run_dir).fingerprint() if (run_dir / TOKENIZER_FILE).is_file() else None
+    except UserError:  # damaged too: resume rewrites it from the data's, whose ids the vocabulary check bounds
+        return None
 
 
 def check_same_tokenizer(run_dir: str | Path, data_dir: str | Path, fix: str) -> None:

@@ -425,8 +425,7 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
         saved = state["state"].get("config") or saved_run_config(out_dir, warn)
         model_cfg = from_dict(ModelConfig, saved["model"])
         check_model_options(cfg, from_dict(TrainConfig, saved["train"]))
-        check_resume_tokenizer(tokenizer, out_dir, model_cfg)
-        check_same_tokenizer(out_dir, data_dir, "resume on the data the run was trained on")
+        check_resume_tokenizer(tokenizer, out_dir, data_dir, model_cfg)
     else:
         model_cfg = build_model_config(cfg, tokenizer.vocab_size, tokenizer.eos_id)
     if cfg.seq_len > model_cfg.max_seq_len:
@@ -600,22 +599,12 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
 # ---- checkpoint plumbing: plain, DDP and FSDP2 ------------------------------------------------
 
 
-def check_resume_tokenizer(tokenizer, run_dir: Path, model_cfg: ModelConfig) -> None:
+def check_resume_tokenizer(tokenizer, run_dir: Path, data_dir: Path, model_cfg: ModelConfig) -> None:
     """Refuse to resume on data tokenized otherwise than the run (its tokenizer.json would be replaced)."""
-    from multitoken.data.tokenizer import Tokenizer
-
     if tokenizer.vocab_size > model_cfg.vocab_size:
         raise UserError(f"DATA_DIR's tokenizer has {tokenizer.vocab_size} ids, more than the run's model ({model_cfg.vocab_size}): "
                         "resume on the data the run was trained on")
-    if not (run_dir / "tokenizer.json").is_file():
-        return
-    try:
-        own = Tokenizer.load(run_dir)
-    except UserError:  # damaged: rewritten from the data's below, whose ids the vocabulary check bounds
-        return
-    if own._tok.to_str() != tokenizer._tok.to_str():
-        raise UserError(f"DATA_DIR's tokenizer differs from the one {run_dir} was trained with: "
-                        "resume on the data the run was trained on")
+    check_same_tokenizer(run_dir, data_dir, "resume on the data the run was trained on")
 
 
 def gather_weights(model, raw: Transformer, info: parallel.DistInfo, fsdp: bool) -> dict[str, torch.Tensor]:
