@@ -129,3 +129,34 @@ def test_compile_and_fsdp_units_keep_parameter_names(kind):
         assert all(not any(p is h.lm_head.weight for p in u.parameters()) for u, h in zip(units, model.mtp.heads))
     parallel.apply_compile(model)  # lazy: compiles at the first call, which this test does not make
     assert list(model.state_dict()) == names
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["parallel", "sequential"])
+def test_compiled_training_step_equals_eager(kind):
+    """`apply_compile` really compiles (inductor, C++ on CPU): loss and gradients of one training
+    step equal eager's to float32 rounding (measured: loss identical, gradients within 6e-7 of
+    each tensor's largest entry). Slow: the first compile takes ~30 s on one CPU thread."""
+    import copy
+
+    from conftest import tiny_config
+    from multitoken.loss import MTPLoss
+
+    torch.manual_seed(0)
+    eager = Transformer(tiny_config(kind, 2))
+    compiled = copy.deepcopy(eager)
+    parallel.apply_compile(compiled)
+    window = torch.randint(2, 61, (2, 17))
+    torch._dynamo.reset()
+    results = []
+    for model in (eager, compiled):
+        out = MTPLoss(2, eos_id=1)(model, model(window[:, :-1]), window)
+        out.loss.backward()
+        results.append((out.loss.detach(), {n: p.grad for n, p in model.named_parameters()}))
+    units = [*compiled.layers, *parallel._mtp_units(compiled)]
+    assert all(getattr(b, "_compiled_call_impl", None) is not None for b in units)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # dynamo traced the blocks
+    (la, ga), (lb, gb) = results
+    torch.testing.assert_close(lb, la, rtol=1e-5, atol=0)
+    for n in ga:
+        torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=n)
