@@ -3,18 +3,33 @@
 import json
 
 import pytest
+import torch
 
+from multitoken.checkpoint import load_run
 from multitoken.cli import main
+from test_exactness import replay
 
 
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
+    """The demo's completions and tau, checked against decoding done here: plain greedy by full
+    forward passes (no cache, no heads) and tau replayed from the drafts its heads make on them."""
     args = ["demo", "--workdir", str(tmp_path), "--steps", "3", "--max-new-tokens", "8", "--threads", "1"]
     assert main(args) == 0
     summary = json.loads((tmp_path / "demo.json").read_text())
     assert summary["steps"] == 3 and len(summary["prompts"]) == 3
-    assert all(p["identical"] for p in summary["prompts"])  # speculative == plain greedy
-    assert all(1.0 <= p["tau"] <= 4.0 for p in summary["prompts"])
+    model, tok = load_run(tmp_path / "run")
+    for p in summary["prompts"]:
+        prompt = tok.encode(p["prompt"])
+        seq = list(prompt)
+        with torch.no_grad():
+            for _ in range(8):
+                seq.append(int(model.logits(model(torch.tensor([seq]), heads=False)[0][0, -1]).argmax()))
+        assert p["completion"] == tok.decode(seq[len(prompt):])
+        steps, taken, accepted = replay(model, prompt, seq[len(prompt):], 8, model.depth,
+                                        lambda j, d, logits: d == int(logits.argmax()))
+        assert p["tau"] == pytest.approx(taken / steps, rel=1e-12)
+        assert p["acceptance_per_position"] == pytest.approx([a / steps for a in accepted], rel=1e-12)
     assert (tmp_path / "run" / "loss.png").is_file()
     capsys.readouterr()
     assert main(args) == 0  # a second run reuses the data and the finished run

@@ -21,8 +21,9 @@ from multitoken.errors import UserError
 from multitoken.hf import config_from_hf, convert_hf, export_hf
 from multitoken.model import Transformer
 
-transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is needed to compare against it")
-from multitoken.data.tokenizer import Tokenizer  # noqa: E402
+import transformers  # CI installs it (the dev extra): a missing install must fail, not skip 21 tests
+
+from multitoken.data.tokenizer import Tokenizer
 
 VOCAB = 300  # > the byte tokenizer's 257 ids: rows past the tokenizer are allowed, as in real models
 FP32_ATOL, BF16_ATOL = 1e-5, 5e-2
@@ -74,17 +75,41 @@ def test_convert_gives_transformers_logits_fp32(tmp_path, model_type, overrides)
     assert model.config.tie_embeddings == bool(overrides.get("tie_word_embeddings", False))
 
 
-def test_convert_bf16_matches_transformers_in_bf16(tmp_path):
+def test_convert_bf16_runs_in_bf16_and_matches_transformers(tmp_path):
+    """load_run(dtype=bf16) really computes in bf16, within a bound set by bf16's epsilon.
+
+    Comparing against transformers in bf16 alone cannot tell bf16 from fp32: two bf16
+    implementations differ by as much as fp32 and bf16 do (measured max 0.039 vs 0.036 on
+    logits of magnitude ~3). So the dtypes are asserted, and both runs are compared with an fp32
+    reference of the same bf16-rounded weights: the fp32 run agrees to 1e-5, the bf16 run differs
+    measurably (mean > 1e-4; measured 5e-3) and by at most 4 bf16 epsilons of the largest logit.
+    """
     ref = hf_model("qwen2")
     convert_hf(save_hf(ref, tmp_path / "hf"), tmp_path / "run", dtype="bf16")
     from safetensors import safe_open
     with safe_open(str(tmp_path / "run" / "model.safetensors"), framework="pt") as f:
         assert all(f.get_tensor(k).dtype == torch.bfloat16 for k in f.keys())
     model, _ = load_run(tmp_path / "run", dtype=torch.bfloat16)
+    assert {n: p.dtype for n, p in model.named_parameters()} == {n: torch.bfloat16 for n, _ in model.named_parameters()}
+    assert all(b.dtype == torch.bfloat16 for b in model.buffers())
+    model32, _ = load_run(tmp_path / "run")
+    assert all(p.dtype == torch.float32 for p in model32.parameters())
+    with torch.no_grad():
+        for p in ref.parameters():  # the fp32 reference holds exactly the stored (bf16) weights
+            p.copy_(p.to(torch.bfloat16).float())
     x = ids()
     with torch.no_grad():
-        want, got = ref.to(torch.bfloat16)(x).logits.float(), model.logits(model(x)[0]).float()
-    torch.testing.assert_close(got, want, atol=BF16_ATOL, rtol=0)
+        want32 = ref(x).logits
+        got = model.logits(model(x)[0])
+        got32 = model32.logits(model32(x)[0])
+        want16 = ref.to(torch.bfloat16)(x).logits.float()
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got32, want32, atol=FP32_ATOL, rtol=0)
+    diff = (got.float() - want32).abs()
+    eps = torch.finfo(torch.bfloat16).eps
+    assert float(diff.mean()) > 1e-4, "bf16 run agrees with fp32 like an fp32 run: it did not compute in bf16"
+    assert float(diff.max()) <= 4 * eps * float(want32.abs().max())
+    torch.testing.assert_close(got.float(), want16, atol=BF16_ATOL, rtol=0)  # both in bf16: one rounding step
 
 
 def test_config_fields_map_exactly():
@@ -213,3 +238,125 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli_main(["convert", "--hf", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error:") and "config.json" in err and "\n" not in err
+
+
+# ---- export layouts pinned to the published names (not to our own mapping) -------------------------------
+# DeepSeek-V3 (README_WEIGHTS.md): MTP module k is model.layers.{num_hidden_layers + k} with enorm, hnorm,
+# eh_proj, shared_head.norm and a full decoder block; eh_proj takes cat[enorm(embedding), hnorm(h)] (the
+# embedding first, as vLLM's and SGLang's DeepSeek MTP loaders compute it). Medusa (FasterDecoding/Medusa,
+# medusa_model.py): medusa_head = ModuleList of Sequential(ResBlock x medusa_num_layers, Linear(bias=False)),
+# ResBlock.linear has a bias; medusa_head.{i} predicts i+2 tokens ahead, i.e. our depth i+1.
+DEEPSEEK_MTP_SUFFIXES = [
+    "enorm.weight", "hnorm.weight", "eh_proj.weight", "shared_head.norm.weight",
+    "input_layernorm.weight", "post_attention_layernorm.weight",
+    "self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight", "self_attn.o_proj.weight",
+    "mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight",
+]
+
+
+def random_native(tmp_path, kind: str, depth: int, tie: bool = True, seed: int = 5) -> Transformer:
+    """A saved native run whose every tensor is random and distinct (norms included), so that two
+    tensors exported under each other's names change the numbers."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=VOCAB, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=96, max_seq_len=64,
+                      rope_theta=5000.0, tie_embeddings=tie, eos_id=256, heads=HeadsConfig(kind, depth))
+    model = Transformer(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.3 * torch.randn_like(p) if "norm" in name else 0.15 * torch.randn_like(p))
+    save_run(tmp_path / "native", model, Tokenizer.bytes())
+    return model.eval()
+
+
+def rms(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    return weight * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+
+
+def test_deepseek_mtp_export_has_the_published_names_and_computes_the_published_formula(tmp_path):
+    """Names: exactly the published ones per module. Numbers: depth-k logits recomputed from the
+    exported tensors alone (enorm on the embedding of t_{i+k}, hnorm on h^{k-1}, eh_proj, then the
+    module's block and shared_head.norm run as a one-layer transformers Llama, then the LM head)
+    equal our model's. Catches enorm/hnorm swapped (in export or in the module) and the
+    concatenation order reversed, which keep every name."""
+    L, D = 3, 2
+    model = random_native(tmp_path, "sequential", D)
+    export_hf(tmp_path / "native", tmp_path / "export")
+    st = load_file(tmp_path / "export" / "model.safetensors")
+    for k in range(D):
+        got = {n.removeprefix(f"model.layers.{L + k}.") for n in st if n.startswith(f"model.layers.{L + k}.")}
+        assert got == set(DEEPSEEK_MTP_SUFFIXES)
+    assert not any(n.startswith("mtp.") or n.startswith(f"model.layers.{L + D}.") for n in st)
+    assert json.loads((tmp_path / "export" / "config.json").read_text())["num_nextn_predict_layers"] == D
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    one = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, rope_theta=5000.0, rms_norm_eps=1e-5,
+        tie_word_embeddings=False)).eval()
+    x = ids()
+    T = x.shape[1]
+    captured = {}
+    for m, key in ((hf, "main"), (one, "module")):
+        m.model.norm.register_forward_hook(lambda mod, inp, out, key=key: captured.__setitem__(key, inp[0]))
+    emb = st["model.embed_tokens.weight"]
+    head = st.get("lm_head.weight", emb)
+    with torch.no_grad():
+        hf(x)
+        h = captured["main"]  # h^0: the main model's last hidden state before its final norm
+        ours = model(x)
+        for k in range(1, D + 1):
+            p = f"model.layers.{L + k - 1}."
+            e = emb[x[:, k:]]  # embeddings of t_{i+k}, positions 0..T-k-1
+            z = torch.cat([rms(e, st[p + "enorm.weight"]), rms(h[:, : T - k], st[p + "hnorm.weight"])], -1)
+            z = z @ st[p + "eh_proj.weight"].T
+            block = {"model.layers.0." + s: st[p + s] for s in DEEPSEEK_MTP_SUFFIXES[4:]}
+            one.load_state_dict({**block, "model.norm.weight": st[p + "shared_head.norm.weight"],
+                                 "lm_head.weight": head, "model.embed_tokens.weight": emb})
+            want = one(inputs_embeds=z).logits
+            h = captured["module"]  # h^k (before shared_head.norm) at positions 0..T-k-1, for depth k+1
+            torch.testing.assert_close(model.logits(ours[k], k)[:, : T - k], want, atol=1e-4, rtol=1e-4)
+
+
+def test_medusa_export_has_the_published_names_in_head_order(tmp_path):
+    """medusa_head.{i}.{j}.linear.{weight,bias} and medusa_head.{i}.{L}.weight, and head i's logits
+    recomputed from those tensors (W_i (x + silu(A x + b)) on the final normed hidden state, taken
+    from transformers) equal our depth i+1: heads exported in reverse order fail."""
+    D = 3
+    model = random_native(tmp_path, "medusa", D)
+    export_hf(tmp_path / "native", tmp_path / "export")
+    st = load_file(tmp_path / "export" / "model.safetensors")
+    expected = {f"medusa_head.{i}.{s}" for i in range(D) for s in ("0.linear.weight", "0.linear.bias", "1.weight")}
+    assert {n for n in st if n.startswith("medusa_head.")} == expected
+    cfg = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert (cfg["medusa_num_heads"], cfg["medusa_num_layers"]) == (D, 1)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "export").eval()
+    x = ids()
+    with torch.no_grad():
+        hs = hf.model(x).last_hidden_state  # normed, as Medusa's heads read it
+        ours = model(x)
+        for i in range(D):
+            a, b, w = st[f"medusa_head.{i}.0.linear.weight"], st[f"medusa_head.{i}.0.linear.bias"], st[f"medusa_head.{i}.1.weight"]
+            want = (hs + torch.nn.functional.silu(hs @ a.T + b)) @ w.T
+            torch.testing.assert_close(model.logits(ours[i + 1], i + 1), want, atol=1e-4, rtol=1e-4)
+
+
+def test_convert_takes_the_first_id_of_an_eos_list(tmp_path):
+    """transformers' configs list several EOS ids with the primary one first (e.g. Llama 3)."""
+    ref = hf_model("llama", eos_token_id=[256, 255, 10])
+    convert_hf(save_hf(ref, tmp_path / "hf"), tmp_path / "run")
+    model, tok = load_run(tmp_path / "run")
+    assert model.config.eos_id == 256 and tok.eos_id == 256
+
+
+def test_convert_refuses_a_tied_lm_head_that_differs_from_the_embedding(tmp_path):
+    ref = hf_model("llama", tie_word_embeddings=True)
+    folder = tmp_path / "hf"
+    save_hf(ref, folder)
+    state = load_file(folder / "model.safetensors")
+    state["lm_head.weight"] = state["model.embed_tokens.weight"].clone()
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    convert_hf(folder, tmp_path / "ok")  # an explicit copy that equals the embedding is fine
+    state["lm_head.weight"][5, 3] += 0.5
+    save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UserError, match="lm_head.weight differs from the embedding"):
+        convert_hf(folder, tmp_path / "run")

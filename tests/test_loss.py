@@ -75,7 +75,10 @@ TOL = dict(atol=2e-5, rtol=1e-5)  # float32: chunked sums reorder additions, not
 
 @pytest.mark.parametrize("kind", FAMILIES)
 @pytest.mark.parametrize("distill", [False, True])
-def test_memory_efficient_loss_equals_naive_in_value_and_gradient(kind, distill):
+@pytest.mark.parametrize("upstream", [1.0, 3.7])
+def test_memory_efficient_loss_equals_naive_in_value_and_gradient(kind, distill, upstream):
+    """Also with an upstream gradient other than 1 (a scaled loss, as under a grad scaler): a
+    custom backward that ignored it would still agree at 1."""
     window = torch.randint(0, 61, (3, 17))
     window[1, 5] = 1
     results = []
@@ -84,7 +87,7 @@ def test_memory_efficient_loss_equals_naive_in_value_and_gradient(kind, distill)
         loss_fn = MTPLoss(3, weights=None if kind == "sequential" else [1.0, 0.5, 0.3, 0.2], eos_id=1,
                           distill=distill, chunk_rows=5, memory_efficient=efficient)
         out = loss_fn(model, model(window[:, :-1]), window)
-        out.loss.backward()
+        (out.loss * upstream).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((out, grads))
     (a, ga), (b, gb) = results
@@ -130,3 +133,34 @@ def test_distillation_targets_are_the_main_heads_later_distribution():
     for k in (1, 2):
         torch.testing.assert_close(out.per_depth_loss[k], entropy[k:11].mean().detach(), atol=1e-5, rtol=0)
         assert out.per_depth_acc[k] == 1.0
+
+
+@pytest.mark.parametrize("upstream", [3.7, -0.25])
+@pytest.mark.parametrize("teacher", [False, True])
+def test_linear_cross_entropy_backward_scales_by_its_upstream_gradient(upstream, teacher):
+    """Gradients of (loss * c) against plain autograd of the written-out loss in float64.
+
+    Inputs are float32 (the loss accumulates gradients in float32): relative error 1e-5 of the
+    largest gradient entry; doubled or unscaled gradients are off by 100% or more."""
+    torch.manual_seed(2)
+    N, C, V = 29, 8, 19
+    h = torch.randn(N, C, requires_grad=True)
+    w = torch.randn(V, C, requires_grad=True)
+    t = torch.randint(0, V, (N,))
+    t[::4] = X
+    scale = torch.rand(N)
+    th, tw = (torch.randn(N, C), torch.randn(V, C)) if teacher else (None, None)
+    loss, _, _ = linear_cross_entropy(h, w, t, scale, th, tw, chunk_rows=4)
+    (loss * upstream).backward()
+    h64, w64 = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    logp = torch.log_softmax(h64 @ w64.T, -1)
+    if teacher:
+        target = torch.softmax(th.double() @ tw.double().T, -1)
+        ce = -(target * logp).sum(-1) * (t != X)
+    else:
+        ce = -logp.gather(1, t.clamp(min=0)[:, None])[:, 0] * (t != X)
+    ref = (ce * scale.double()).sum()
+    (ref * upstream).backward()
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)
+    for got, want in ((h.grad, h64.grad), (w.grad, w64.grad)):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * float(want.abs().max()))
