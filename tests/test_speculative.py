@@ -8,7 +8,7 @@ from scipy.stats import chisquare
 
 from conftest import FAMILIES, tiny_model
 from multitoken.decoding import drafting
-from multitoken.decoding.api import engine_for
+from multitoken.decoding.api import best_draft, engine_for
 from multitoken.errors import UserError
 from multitoken.generate import Sampling, generate, probs
 from multitoken.kv_cache import KVCache
@@ -300,3 +300,31 @@ def test_user_errors_are_one_line():
         with pytest.raises(UserError) as e:
             case()
         assert "\n" not in str(e.value)
+
+
+# ---- live-slot buckets and the draft-length choice ------------------------------------------------------
+def test_attention_over_live_buckets_equals_a_full_forward():
+    """With a long context, steps attend only to a power-of-two bucket of live slots; crossing
+    buckets (64 -> 128 -> 256) must not change anything: cached plain greedy equals recomputing
+    each row's whole sequence without a cache, and speculative output equals plain."""
+    from multitoken.decoding.runner import bucket
+
+    assert [bucket(n, 1000) for n in (1, 64, 65, 129, 999)] == [64, 64, 128, 256, 1000]
+    model = spread_model("parallel", 3, 9, max_seq_len=512)
+    rows = [list(range(2, 52)), [5, 6, 7]]
+    out, _ = generate(model, rows, 120)
+    with torch.no_grad():
+        for r, o in zip(rows, out):
+            seq = torch.tensor([r + o])
+            full = model.logits(model(seq[:, :-1], heads=False)[0]).argmax(-1)[0, len(r) - 1 :]
+            assert full.tolist() == o
+    for mode in ("spec", "tree"):
+        assert generate(model, rows, 120, mode=mode)[0] == out
+
+
+def test_best_draft_maximises_expected_tokens_per_second():
+    costs = {0: 1.0, 1: 1.15, 2: 1.25, 3: 1.35}
+    assert best_draft([0.9, 0.8, 0.7], costs) == 3  # (1 + 2.4) / 1.35 beats the rest
+    assert best_draft([0.1, 0.05, 0.0], costs) == 0  # drafts that are rarely right do not pay
+    assert best_draft([0.5, 0.05, 0.0], costs) == 1  # 1.5 / 1.15 = 1.30 beats 1.55 / 1.25 = 1.24
+    assert best_draft([0.0, 0.0, 0.0], {0: 1.0, 3: 1.0}) == 0  # ties go to the shorter draft

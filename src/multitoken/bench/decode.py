@@ -66,6 +66,15 @@ def code_prompts(tokenizer, vocab: int, n: int, length: int, seed: int = 0) -> l
     return out
 
 
+def val_prompts(data_dir: str, n: int, length: int) -> list[list[int]]:
+    """n prompts of `length` tokens cut from DATA_DIR's validation split (held-out documents) at spread-out offsets."""
+    from multitoken.data.loader import TokenLoader
+
+    val = TokenLoader(data_dir, "val", batch_size=1, seq_len=length).tokens
+    step = max((len(val) - length) // n, 1)
+    return [val[i * step : i * step + length].astype("int64").tolist() for i in range(n)]
+
+
 def load_model(args) -> tuple:
     """(model, tokenizer, run_dir or None, description) from --run, --hf or --preset."""
     from multitoken.checkpoint import load_run
@@ -134,8 +143,8 @@ def bench(model, tok, run_dir, args) -> dict:
     hf = hf_peer(model, run_dir, device, dtype) if args.transformers else None
     results = []
     step_costs = {}
-    modes: list[tuple[str, dict]] = [("ours plain eager", dict(mode="ntp", graphs=False, compile=False))]
-    if device.startswith("cuda"):
+    modes: list[tuple[str, dict]] = [("ours plain eager", dict(mode="ntp", graphs=False, compile=False))] if args.eager else []
+    if device.startswith("cuda") and args.eager:
         modes.append(("ours plain graphs, eager blocks", dict(mode="ntp", compile=False)))
     modes.append(("ours plain", dict(mode="ntp")))
     if model.depth:
@@ -144,7 +153,8 @@ def bench(model, tok, run_dir, args) -> dict:
                   ("ours tree", dict(mode="tree", tree=args.tree_nodes,
                                      draft=None if model.mtp.drafts_from_verify else 1))]
     for B in args.batch:
-        prompts = code_prompts(tok, model.config.vocab_size, B, args.prompt_tokens)
+        prompts = (val_prompts(args.data, B, args.prompt_tokens) if args.data
+                   else code_prompts(tok, model.config.vocab_size, B, args.prompt_tokens))
         for T in args.temperature:
             ref = None
             base_tps = None
@@ -269,6 +279,8 @@ def register(sub) -> None:
     p.add_argument("--max-seq-len", type=int, default=None, help="context (sizes the static KV cache)")
     p.add_argument("--batch", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4, 16, 64])
     p.add_argument("--temperature", type=lambda s: [float(x) for x in s.split(",")], default=[0.0, 1.0])
+    p.add_argument("--data", default=None, help="DATA_DIR: cut prompts from its validation split (held-out documents)")
+    p.add_argument("--no-eager", dest="eager", action="store_false", help="skip the eager baselines (batch 1)")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--prompt-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)

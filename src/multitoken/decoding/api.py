@@ -252,30 +252,43 @@ def decode(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", draft
     return pieces(), engine, stats
 
 
+def best_draft(acceptance: list[float], costs: dict[int, float]) -> int:
+    """The draft length with the most expected tokens per second.
+
+    Args:
+        acceptance: acceptance[j-1] = fraction of row-steps in which draft position j was accepted.
+        costs: measured seconds per step for each candidate draft length (0 = a plain step).
+    Returns:
+        argmax over k of (1 + sum_{j<=k} acceptance[j-1]) / costs[k] (the shortest on ties).
+    """
+    rate = {k: (1 + sum(acceptance[:k])) / c for k, c in sorted(costs.items()) if c and c > 0}
+    return max(rate, key=lambda k: (rate[k], -k))
+
+
 def choose_draft(engine: Engine, current, mode: str, s: Sampling, tree, typical: bool, maxpos: int):
-    """The strategy with the best expected tokens per second (see the module docstring); never
-    goes back from plain steps (drafts made before a plain stretch are stale, and lossless
-    sampling needs drafts drawn from the q it holds)."""
+    """The strategy `best_draft` picks from the acceptance so far and the measured step costs.
+
+    Never goes back from plain steps: drafts made before a plain stretch are stale, and lossless
+    sampling needs drafts drawn from the q it holds. A tree competes with plain steps only.
+    """
     if current.k == 0:
         return current
     st, runner, K = engine.state, engine.runner, current.k
     _, row_steps, _, acc = st.tally.read(K)
     if row_steps < 8:
         return current
-    a = [x / row_steps for x in acc]
+    acceptance = [x / row_steps for x in acc]
     if mode == "tree":
-        options = [current, engine.strategy("ntp", 0, s)]
-        expect = [1 + sum(a), 1.0]
+        options = {K: current, 0: engine.strategy("ntp", 0, s)}
+        acceptance = [sum(acceptance)] + [0.0] * (K - 1)  # the tree's tokens per step, as one "position"
+        costs = {0: runner.cost(options[0], maxpos + 9), K: runner.cost(current, maxpos + current.q + 8 * (K + 1))}
     else:
-        options = [engine.strategy("spec", j, s, None, typical) if j else engine.strategy("ntp", 0, s) for j in range(K + 1)]
-        expect = [1 + sum(a[:j]) for j in range(K + 1)]
-    best, best_rate = current, -1.0
-    for opt, e in zip(options, expect):
-        need = maxpos + opt.q + 8 * (opt.k + 1)
-        c = runner.cost(opt, need)
-        if c and e / c > best_rate:
-            best, best_rate = opt, e / c
-    return best
+        options = {j: (engine.strategy("spec", j, s, None, typical) if j else engine.strategy("ntp", 0, s))
+                   for j in range(K + 1)}
+        costs = {j: runner.cost(o, maxpos + o.q + 8 * (j + 1)) for j, o in options.items()}
+    if any(c is None for c in costs.values()):
+        return current
+    return options[best_draft(acceptance, costs)]
 
 
 def finish(engine: Engine, stats: GenerationStats, wall: float) -> tuple[list[list[int]], GenerationStats]:
