@@ -36,10 +36,16 @@ def main() -> int:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--work", default="/tmp/mt-trained")
+    ap.add_argument("--shape-bench", action="store_true",
+                    help="first, plain and speculative speed on a SmolLM2-135M-shaped model (random weights) at batch 1")
     a = ap.parse_args()
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    if a.shape_bench:
+        cli(["bench", "decode", "--preset", "smollm2-135m", "--heads", "medusa:3", "--max-seq-len", "8192", "--batch", "1",
+             "--temperature", "0", "--new-tokens", "256", "--repeats", "3", "--no-eager", "--no-transformers", "--device", a.device,
+             "--out", str(out / "smollm2shape")])
     prepare("python-stdlib", "bpe:8192", work / "data", progress=False)
     summary = dict(command="PYTHONPATH=src python3 bench/gpu_trained_decode.py " + " ".join(sys.argv[1:]),
                    gpu=torch.cuda.get_device_name() if a.device == "cuda" else "cpu", torch=torch.__version__, prepare_s=time.time() - t0, runs={})

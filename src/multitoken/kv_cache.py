@@ -40,6 +40,7 @@ class KVCache:
         # not with max_seq_len. A Python int: a compiled step specialises on it, one graph per bucket.
         self.live = max_seq_len
         self.block_fn = None  # a compiled `Block.cached`, set by the decoding runner (None: eager)
+        self._bias: tuple | None = None  # (mask, rep, dtype, bias) of the last `attention_bias`
 
     @classmethod
     def for_model(cls, config, batch_size: int, max_seq_len: int | None = None,
@@ -59,6 +60,20 @@ class KVCache:
     def causal_mask(self, slots: Tensor) -> Tensor:
         """(B, q, live) boolean mask: a token at slot s sees slots 0..s of its own row."""
         return self._slots[None, None, : self.live] <= slots[:, :, None]
+
+    def attention_bias(self, mask: Tensor, rep: int, dtype: torch.dtype) -> Tensor:
+        """The additive form of a (B, q, live) boolean mask, query heads folded: (B, 1, rep*q, live).
+
+        Every block of one pass gets the same mask object, so the conversion runs once per pass,
+        not once per block (in a captured step: once per replay).
+        """
+        if self._bias is not None and self._bias[0] is mask and self._bias[1:3] == (rep, dtype):
+            return self._bias[3]
+        B, q, live = mask.shape
+        folded = mask[:, None, None].expand(B, 1, rep, q, live).reshape(B, 1, rep * q, live)
+        bias = torch.zeros(folded.shape, dtype=dtype, device=mask.device).masked_fill_(~folded, float("-inf"))
+        self._bias = (mask, rep, dtype, bias)
+        return bias
 
     def prefix_mask(self, base: Tensor, q: int) -> Tensor:
         """(B, q, live) boolean mask: every one of q tokens sees the slots before its row's `base` (B,)."""

@@ -75,27 +75,26 @@ class Attention(nn.Module):
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def cached(self, x: Tensor, cos: Tensor, sin: Tensor, kl: Tensor, vl: Tensor, rows: Tensor, slots: Tensor,
-               mask: Tensor) -> Tensor:
+               bias: Tensor) -> Tensor:
         """Attention for new tokens x (B, q, C) against one block's cache buffers.
 
         Args:
             kl, vl: (B, Hkv, S, Dh) this block's keys and values; the new ones are written at `slots`.
             rows: (B, 1) row indices; slots: (B, q) where each row's new tokens go.
-            mask: (B, q, live) which of the first `live` slots each new token sees (live <= S).
+            bias: (B, 1, rep*q, live) additive mask over the first `live` slots, query heads folded
+                (`KVCache.attention_bias`): 0 where a token may look, -inf elsewhere.
         """
         B, T, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
         # Advanced indices separated by a slice put the indexed dims first: (B, q, Hkv, Dh).
         kl[rows, :, slots] = k.transpose(1, 2).to(kl.dtype)
         vl[rows, :, slots] = v.transpose(1, 2).to(vl.dtype)
-        live = mask.shape[-1]
+        live = bias.shape[-1]
         # Decoding feeds few tokens: fold the query heads that share a KV head into the query
         # length, (B, Hkv, rep*q, Dh), so every kernel sees plain multi-head attention and no KV
         # head is copied (head h reads KV head h // rep, as Hugging Face's repeat_kv does).
-        rep = self.n_heads // self.n_kv_heads
-        qf = q.reshape(B, self.n_kv_heads, rep * T, self.head_dim)
-        m = mask[:, None, None].expand(B, 1, rep, T, live).reshape(B, 1, rep * T, live)
-        y = F.scaled_dot_product_attention(qf, kl[:, :, :live].to(q.dtype), vl[:, :, :live].to(q.dtype), attn_mask=m)
+        qf = q.reshape(B, self.n_kv_heads, -1, self.head_dim)
+        y = F.scaled_dot_product_attention(qf, kl[:, :, :live].to(q.dtype), vl[:, :, :live].to(q.dtype), attn_mask=bias)
         y = y.reshape(B, self.n_heads, T, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
@@ -127,14 +126,15 @@ class Block(nn.Module):
         if cache is not None:
             # The decoding runner may swap in a compiled `cached` (one compilation serves every block).
             fn = cache.block_fn or Block.cached
-            return fn(self, x, rope[0], rope[1], cache.k[self.layer], cache.v[self.layer], cache._rows, slots, mask)
+            bias = cache.attention_bias(mask, self.self_attn.n_heads // self.self_attn.n_kv_heads, x.dtype)
+            return fn(self, x, rope[0], rope[1], cache.k[self.layer], cache.v[self.layer], cache._rows, slots, bias)
         x = x + self.self_attn(self.input_layernorm(x), *rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def cached(self, x: Tensor, cos: Tensor, sin: Tensor, kl: Tensor, vl: Tensor, rows: Tensor, slots: Tensor,
-               mask: Tensor) -> Tensor:
+               bias: Tensor) -> Tensor:
         """The block over new tokens x (B, q, C) with this block's cache buffers (see `Attention.cached`)."""
-        x = x + self.self_attn.cached(self.input_layernorm(x), cos, sin, kl, vl, rows, slots, mask)
+        x = x + self.self_attn.cached(self.input_layernorm(x), cos, sin, kl, vl, rows, slots, bias)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

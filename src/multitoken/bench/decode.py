@@ -301,7 +301,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--new-tokens, --repeats and --batch must be positive")
     model, tok, run_dir, desc = load_model(args)
     t0 = time.perf_counter()
-    data = dict(command="multitoken " + " ".join(sys.argv[1:]), model=desc, dtype=args.dtype,
+    data = dict(command="multitoken " + " ".join(getattr(args, "argv", sys.argv[1:])), model=desc, dtype=args.dtype,
                 machine=dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
                              torch=torch.__version__, python=platform.python_version()),
                 date=time.strftime("%Y-%m-%d"), new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
