@@ -220,7 +220,7 @@ def decode(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", draft
         syncs = 0
         if stream:
             yield new_tokens()
-        periodic = strategy.k > 0 or eos_id is not None
+        periodic = strategy.k > 0 or eos_id is not None or stream
         done = max_budget <= 1
         if not done and periodic and device.type != "cuda":
             done = bool(st.emitter.done.all())
@@ -234,13 +234,17 @@ def decode(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", draft
             if 1 + steps >= max_budget:  # every active step emits >= 1 token per row: all rows are done
                 break
             if periodic and since >= sync_every:
-                flag, mp = torch.stack([st.emitter.done.all().long(), st.cache.pos.max()]).tolist()
+                # One read of the device: done, the largest position, and the acceptance so far.
+                flag, mp, row_steps, *acc = torch.cat([st.emitter.done.all().long()[None], st.cache.pos.max()[None],
+                                                       st.tally.row_steps[None], st.tally.accepted]).tolist()
                 syncs += 1
                 maxpos, since, done = mp, 0, bool(flag)
-                if auto and not done:
-                    strategy = choose_draft(engine, strategy, mode, s, t, lossy_typical, maxpos)
+                if auto and not done and strategy.k:
+                    strategy = choose_draft(engine, strategy, mode, s, t, lossy_typical, maxpos, row_steps, acc)
                     if strategy.k != chosen[-1]:
                         chosen.append(strategy.k)
+                        # Plain steps from here on: without EOS or streaming nothing needs a check.
+                        periodic = strategy.k > 0 or eos_id is not None or stream
                 if stream and not done:
                     yield new_tokens()
         stats.chosen_draft = chosen
@@ -265,19 +269,17 @@ def best_draft(acceptance: list[float], costs: dict[int, float]) -> int:
     return max(rate, key=lambda k: (rate[k], -k))
 
 
-def choose_draft(engine: Engine, current, mode: str, s: Sampling, tree, typical: bool, maxpos: int):
+def choose_draft(engine: Engine, current, mode: str, s: Sampling, tree, typical: bool, maxpos: int, row_steps: int,
+                 accepted: list[int]):
     """The strategy `best_draft` picks from the acceptance so far and the measured step costs.
 
     Never goes back from plain steps: drafts made before a plain stretch are stale, and lossless
     sampling needs drafts drawn from the q it holds. A tree competes with plain steps only.
     """
-    if current.k == 0:
+    runner, K = engine.runner, current.k
+    if K == 0 or row_steps < 8:
         return current
-    st, runner, K = engine.state, engine.runner, current.k
-    _, row_steps, _, acc = st.tally.read(K)
-    if row_steps < 8:
-        return current
-    acceptance = [x / row_steps for x in acc]
+    acceptance = [x / row_steps for x in accepted[:K]]
     if mode == "tree":
         options = {K: current, 0: engine.strategy("ntp", 0, s)}
         acceptance = [sum(acceptance)] + [0.0] * (K - 1)  # the tree's tokens per step, as one "position"
