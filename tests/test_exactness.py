@@ -129,10 +129,11 @@ def test_chain_sampling_has_the_exact_joint_distribution(kind):
 
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_tree_sampling_has_the_exact_joint_distribution(kind):
-    """Tree decoding (two candidates per level; depth-1 tree for sequential modules)."""
-    tree = StaticTree([(0,)] + [(1,)] + ([] if kind == "sequential" else [(0, 0), (0, 1), (1, 0)]))
+    """Tree decoding: two candidates per level, two levels (sequential modules: level 2 from
+    module 2 on the top-1 chain)."""
+    tree = StaticTree([(0,), (1,), (0, 0), (0, 1), (1, 0)])
     for seed in range(2):
-        assert_exact(kind, seed, "tree", tree=tree, draft=1 if kind == "sequential" else 2)
+        assert_exact(kind, seed, "tree", tree=tree, draft=2)
 
 
 @pytest.mark.parametrize("kind", ["parallel", "sequential"])
@@ -208,12 +209,11 @@ PLUMBING_PROMPTS = [[3, 5, 2], [7, 1, 4, 4, 6], [2], [6, 6, 0, 3]]
 def test_greedy_tau_and_acceptance_equal_a_replay_from_full_forward_passes(kind, mode):
     """Exact tau and acceptance per position, with heads whose drafts depend on the hidden state.
 
-    Tree mode uses a chain-shaped tree (rank 0 at every level; depth 1 for sequential modules),
-    whose acceptance is the chain's. Catches drafts read at fed index 0 instead of the last
+    Tree mode uses a chain-shaped tree (rank 0 at every level), whose acceptance is the chain's. Catches drafts read at fed index 0 instead of the last
     accepted position (chain and tree planted separately), and a sequential drafter reading h^0
     one position early; the outputs alone stay correct under all three.
     """
-    k = 1 if (kind == "sequential" and mode == "tree") else 2
+    k = 2
     tree = StaticTree([(0,) * d for d in range(1, k + 1)]) if mode == "tree" else None
     max_new = 24
     total_accepted = 0

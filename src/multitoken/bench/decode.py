@@ -150,8 +150,7 @@ def bench(model, tok, run_dir, args) -> dict:
     if model.depth:
         modes += [("ours chain", dict(mode="spec", draft=model.depth)),
                   ("ours chain auto", dict(mode="spec")),
-                  ("ours tree", dict(mode="tree", tree=args.tree_nodes,
-                                     draft=None if model.mtp.drafts_from_verify else 1))]
+                  ("ours tree", dict(mode="tree", tree=args.tree_nodes))]
     for B in args.batch:
         prompts = (val_prompts(args.data, B, args.prompt_tokens) if args.data
                    else code_prompts(tok, model.config.vocab_size, B, args.prompt_tokens))

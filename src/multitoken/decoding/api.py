@@ -171,10 +171,7 @@ def decode(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", draft
         from multitoken.trees import as_tree
 
         check_draft(model, draft)
-        sequential = not model.mtp.drafts_from_verify
-        t = as_tree(tree, draft or (1 if sequential else None), model.depth)
-        if sequential and t.depth > 1:
-            raise UserError("sequential MTP modules draft trees of depth 1 only: pass --draft 1, or use --mode spec (chain) for deeper drafts")
+        t = as_tree(tree, draft, model.depth)
         k, q = t.depth, t.nodes
     engine = engine_for(model, B, q + 1, compile, graphs)
     st, runner = engine.state, engine.runner

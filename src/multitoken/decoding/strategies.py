@@ -11,8 +11,11 @@ Every step feeds the pending token x (emitted, not yet in the cache), plus draft
   entries lie past the row's new position and are simply overwritten.
 - `Tree`: N nodes (root = x) at RoPE position base + depth and cache slot base + i, each seeing
   the committed prefix plus its ancestors; the deepest accepted node's path is compacted into
-  the slots after the prefix. Parallel and Medusa heads draft trees of any depth; sequential
-  modules draft depth-1 trees (module 1's top candidates).
+  the slots after the prefix. Every family drafts trees of any depth: parallel and Medusa
+  heads give each depth's candidates from the verification pass; sequential modules give
+  module d's candidates conditioned on the top-1 draft of depths < d (the drafter's chain), the
+  side branches of a deeper level reusing that distribution as parallel heads do (exact either
+  way: verification decides).
 Uniforms: plain uses rand[:, 0]; chain rand[:, :k] (accept tests), rand[:, k] (emitted token),
 rand[:, k+1:2k+1] (next drafts); tree rand[:, :N] (one target draw per node).
 """
