@@ -2,7 +2,9 @@
 
 Each job's module owns its subcommand: it defines ``register(subparsers)``, which adds a parser
 and sets ``func`` to the function that runs it. This file only collects them and turns a
-`UserError` into one line on stderr (exit status 2) instead of a traceback.
+`UserError` into one line on stderr (exit status 2) instead of a traceback. A bad option is one
+such line too (``error: multitoken train: argument --lr: ...``), not argparse's usage block;
+`main` returns the exit status in every case and never raises SystemExit.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
+import typing
 
 from multitoken.errors import UserError
 
@@ -26,8 +29,17 @@ COMMAND_MODULES: list[str] = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line, ``error: PROG: MESSAGE (see PROG --help)``,
+    exit status 2. Subcommand parsers inherit it (add_subparsers uses the parent's class)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        message = " ".join(message.split())  # argparse's own messages never need more than one line
+        self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="multitoken", description="Multi-token prediction: train MTP heads, decode faster, exactly.")
+    parser = Parser(prog="multitoken", description="Multi-token prediction: train MTP heads, decode faster, exactly.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -35,8 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns the exit status (0 ok, 2 bad input, 130 interrupted)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a bad option (2, its line already printed)
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -41,12 +41,13 @@ class Sampling:
     """Keep the smallest set of tokens whose probability reaches top_p (1 = all)."""
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise UserError(f"--temperature {self.temperature}: must be >= 0 (0 = greedy)")
-        if self.top_k < 0:
-            raise UserError(f"--top-k {self.top_k}: must be >= 0 (0 = no top-k filter)")
-        if not 0.0 < self.top_p <= 1.0:
-            raise UserError(f"--top-p {self.top_p}: must be in (0, 1]")
+        from multitoken.checks import SAMPLING_RANGES
+
+        # Range checks fail NaN too (a NaN temperature once sampled token 0 forever).
+        for name, rng in SAMPLING_RANGES.items():
+            why = rng.problem(getattr(self, name))
+            if why is not None:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {why}")
 
     @property
     def greedy(self) -> bool:
@@ -395,22 +396,25 @@ class TextStream:
 
 # ---- command line ----------------------------------------------------------------------------------
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from multitoken.checks import INT63, MAX_NEW_TOKENS, SAMPLING_RANGES, Ints, path_arg, text_arg
+    from multitoken.config import MAX_HEAD_DEPTH
+
     p = subparsers.add_parser("generate", help="generate text from a run, plainly or self-speculatively")
-    p.add_argument("--run", required=True, help="run directory (from train, convert or a retrofit)")
+    p.add_argument("--run", required=True, type=path_arg, help="run directory (from train, convert or a retrofit)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--prompt-file", help="file holding the prompt text")
+    src.add_argument("--prompt-file", type=path_arg, help="file holding the prompt text")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="ntp: plain; spec: chain drafts; tree: draft tree (default: spec when the run has heads, else ntp)")
-    p.add_argument("--draft", type=int, default=None, help="drafted tokens per step (default: all heads)")
-    p.add_argument("--tree", default=None,
+    p.add_argument("--draft", type=Ints(1, MAX_HEAD_DEPTH), default=None, help="drafted tokens per step (default: all heads)")
+    p.add_argument("--tree", default=None, type=path_arg,
                    help="tree mode: a tree.json, or 'dynamic:N' (default: RUN_DIR/tree.json if present, else dynamic:16)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--temperature", type=SAMPLING_RANGES["temperature"], default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=SAMPLING_RANGES["top_k"], default=0)
+    p.add_argument("--top-p", type=SAMPLING_RANGES["top_p"], default=1.0)
+    p.add_argument("--seed", type=Ints(0, INT63), default=None)
+    p.add_argument("--max-new-tokens", type=Ints(1, MAX_NEW_TOKENS), default=128)
+    p.add_argument("--stop", action="append", default=[], type=text_arg, help="stop string (repeatable)")
     p.add_argument("--typical", "--typical-lossy", dest="typical", action="store_true",
                    help="LOSSY Medusa typical acceptance: faster at temperature > 0, changes the output distribution")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

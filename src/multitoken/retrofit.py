@@ -407,23 +407,26 @@ def retrofit(init: str | Path, data_dir: str | Path, heads: HeadsConfig, out: st
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from multitoken.checks import INT63, Ints, path_arg, text_arg
+    from multitoken.config import MAX_SEQ_LEN, TRAIN_RANGES
+
     p = subparsers.add_parser("retrofit", help="train MTP heads on a frozen pretrained model from backbone features computed once",
                               description="Add heads to a frozen pretrained run, precompute its backbone states once over DATA_DIR, "
                                           "train the heads on them by self-distillation, and write a run directory.")
-    p.add_argument("--init", required=True, metavar="RUN_DIR", help="the pretrained run (e.g. from `multitoken convert`)")
-    p.add_argument("--data", required=True, metavar="DATA_DIR", help="data prepared with the model's tokenizer")
-    p.add_argument("--heads", required=True, metavar="KIND:N", help="heads to add: medusa:N, sequential:N or parallel:N")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
-    p.add_argument("--features", default=None, metavar="DIR", help="where to store (or reuse) backbone features (default OUT/features)")
-    p.add_argument("--tokens", type=int, default=200_000, help="training tokens to compute features for")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--eval-batches", type=int, default=8, help="validation batches for accuracy and expected tau")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", required=True, type=path_arg, metavar="RUN_DIR", help="the pretrained run (e.g. from `multitoken convert`)")
+    p.add_argument("--data", required=True, type=path_arg, metavar="DATA_DIR", help="data prepared with the model's tokenizer")
+    p.add_argument("--heads", required=True, type=text_arg, metavar="KIND:N", help="heads to add: medusa:N, sequential:N or parallel:N")
+    p.add_argument("--out", required=True, type=path_arg, metavar="RUN_DIR", help="run directory to write")
+    p.add_argument("--features", default=None, type=path_arg, metavar="DIR", help="where to store (or reuse) backbone features (default OUT/features)")
+    p.add_argument("--tokens", type=Ints(1, 1 << 40), default=200_000, help="training tokens to compute features for")
+    p.add_argument("--seq-len", type=Ints(2, MAX_SEQ_LEN), default=256, help="tokens per training window")
+    p.add_argument("--steps", type=Ints(1), default=200, help="optimizer steps")
+    p.add_argument("--batch-size", type=Ints(1, 1 << 20), default=8, help="windows per step")
+    p.add_argument("--lr", type=TRAIN_RANGES["lr"], default=1e-3, help="peak learning rate")
+    p.add_argument("--eval-batches", type=Ints(1, 1 << 20), default=8, help="validation batches for accuracy and expected tau")
+    p.add_argument("--seed", type=Ints(0, INT63), default=0)
     p.add_argument("--freeze-head-lm", action="store_true", help="Medusa: train the residual blocks only, keep each head's LM-head copy")
-    p.add_argument("--max-seq-len", type=int, default=None, metavar="N", help="context of the written run (sizes the static KV cache)")
+    p.add_argument("--max-seq-len", type=Ints(1, MAX_SEQ_LEN), default=None, metavar="N", help="context of the written run (sizes the static KV cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 

@@ -170,19 +170,21 @@ def shard_path(data_dir: str | Path, split: str) -> Path:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``multitoken prepare``."""
+    from multitoken.checks import Floats, Ints, path_arg, text_arg
+
     p = subparsers.add_parser(
         "prepare",
         help="tokenize a corpus into a DATA_DIR (train.bin, val.bin, tokenizer, meta.json)",
         description="Tokenize a corpus into DATA_DIR: train.bin and val.bin (documents separated by EOS), "
         "the tokenizer, and meta.json. Re-running with the same arguments reuses DATA_DIR.",
     )
-    p.add_argument("--corpus", required=True, help=f"{STDLIB}, a directory, a .txt/.jsonl/.parquet file, or a saved HF dataset")
-    p.add_argument("--tokenizer", required=True, help="bpe:N (train a byte-level BPE of N ids), bytes, or a tokenizer.json / model folder / .gguf")
-    p.add_argument("--out", required=True, metavar="DATA_DIR", help="directory to write")
-    p.add_argument("--glob", default=None, help="files of a directory corpus (default **/*.txt)")
-    p.add_argument("--field", default="text", help="text field of .jsonl/.parquet/dataset corpora (default: text)")
-    p.add_argument("--max-docs", type=int, default=None, metavar="N", help="read only the first N documents")
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help=f"share of documents for validation (default {DEFAULT_VAL_FRACTION})")
+    p.add_argument("--corpus", required=True, type=path_arg, help=f"{STDLIB}, a directory, a .txt/.jsonl/.parquet file, or a saved HF dataset")
+    p.add_argument("--tokenizer", required=True, type=text_arg, help="bpe:N (train a byte-level BPE of N ids), bytes, or a tokenizer.json / model folder / .gguf")
+    p.add_argument("--out", required=True, type=path_arg, metavar="DATA_DIR", help="directory to write")
+    p.add_argument("--glob", default=None, type=text_arg, help="files of a directory corpus (default **/*.txt)")
+    p.add_argument("--field", default="text", type=text_arg, help="text field of .jsonl/.parquet/dataset corpora (default: text)")
+    p.add_argument("--max-docs", type=Ints(1), default=None, metavar="N", help="read only the first N documents")
+    p.add_argument("--val-fraction", type=Floats(0, 1, lo_open=True, hi_open=True), default=DEFAULT_VAL_FRACTION, help=f"share of documents for validation (default {DEFAULT_VAL_FRACTION})")
     p.add_argument("--include-tests", action="store_true", help=f"{STDLIB}: keep the test folders")
     p.add_argument("--force", action="store_true", help="rebuild even if DATA_DIR already holds this prepare")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
