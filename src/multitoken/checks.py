@@ -164,3 +164,14 @@ def text_arg(text: str) -> str:
     if not text:
         raise argparse.ArgumentTypeError("empty value: give at least one character")
     return text
+
+
+def tokenizer_arg(text: str) -> str:
+    """argparse ``type=`` for ``--tokenizer``: ``bpe:N`` is checked here (N from 257, the byte
+    alphabet plus EOS), before anything is read or written; paths are checked when loaded."""
+    if text.startswith("bpe:"):
+        try:
+            Ints(257, 1 << 24).parse(text[4:])
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected bpe:N with N a vocabulary size from 257, e.g. bpe:8192 ({e})") from None
+    return text_arg(text)

@@ -123,8 +123,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"--config {path}: file not found")
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--config {path} is not valid TOML ({e})") from None
     if isinstance(data.get("train"), dict) and len(data) == 1:
         data = data["train"]  # a [train] table is accepted too

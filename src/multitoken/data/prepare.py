@@ -170,7 +170,7 @@ def shard_path(data_dir: str | Path, split: str) -> Path:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``multitoken prepare``."""
-    from multitoken.checks import Floats, Ints, path_arg, text_arg
+    from multitoken.checks import Floats, Ints, path_arg, text_arg, tokenizer_arg
 
     p = subparsers.add_parser(
         "prepare",
@@ -179,7 +179,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "the tokenizer, and meta.json. Re-running with the same arguments reuses DATA_DIR.",
     )
     p.add_argument("--corpus", required=True, type=path_arg, help=f"{STDLIB}, a directory, a .txt/.jsonl/.parquet file, or a saved HF dataset")
-    p.add_argument("--tokenizer", required=True, type=text_arg, help="bpe:N (train a byte-level BPE of N ids), bytes, or a tokenizer.json / model folder / .gguf")
+    p.add_argument("--tokenizer", required=True, type=tokenizer_arg, help="bpe:N (train a byte-level BPE of N ids), bytes, or a tokenizer.json / model folder / .gguf")
     p.add_argument("--out", required=True, type=path_arg, metavar="DATA_DIR", help="directory to write")
     p.add_argument("--glob", default=None, type=text_arg, help="files of a directory corpus (default **/*.txt)")
     p.add_argument("--field", default="text", type=text_arg, help="text field of .jsonl/.parquet/dataset corpora (default: text)")
