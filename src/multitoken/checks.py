@@ -1,8 +1,9 @@
 """Numbers from users: parsed from ASCII text only, finite, and inside a stated range.
 
-One `Range` serves both sides of the library: called on a command-line string it is an argparse
-``type=`` (a bad value becomes argparse's one-line error), and `Range.check` guards a value that
-arrived through Python, a TOML file or a config.json with a one-line `UserError`.
+One `Range` serves both sides: `Range.parse` reads a command-line string (cli.py turns it into
+an option type, so a bad value is the parser's one-line error before any work starts), and
+`Range.check` guards a value that arrived through Python, a TOML file or a config.json with a
+one-line `UserError`.
 
 Why not ``int()`` and ``float()``: they accept ``nan`` and ``inf`` (a NaN temperature compares
 False with everything, so ``t < 0`` lets it through and sampling emits token 0 forever), and
@@ -13,7 +14,6 @@ written so that NaN fails it.
 
 from __future__ import annotations
 
-import argparse
 import math
 import re
 from dataclasses import dataclass
@@ -38,7 +38,7 @@ def _fmt(x: float) -> str:
 class Range:
     """Allowed values: integers or finite floats between `lo` and `hi` (either may be open or absent).
 
-    Called with a string, it parses it (argparse ``type=``); `check` validates a Python value.
+    `parse` reads a string, `check` validates a Python value.
     """
 
     lo: float | None = None
@@ -107,12 +107,6 @@ class Range:
             raise ValueError(f"{text!r} is not {self.describe()}")
         return value
 
-    def __call__(self, text: str) -> int | float:
-        try:
-            return self.parse(text)
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(str(e)) from None
-
 
 def Ints(lo: int | None = None, hi: int | None = INT63) -> Range:
     """Integers from `lo` to `hi` inclusive (by default at most `INT63`)."""
@@ -142,36 +136,3 @@ def parse_int(text: str, lo: int | None = None, hi: int | None = INT63, what: st
         return int(Ints(lo, hi).parse(text))
     except ValueError as e:
         raise UserError(f"{what}: {e}") from None
-
-
-def parse_float(text: str, rng: Range, what: str = "value") -> float:
-    """A float from a spec fragment, or a `UserError` naming `what`."""
-    try:
-        return float(rng.parse(text))
-    except ValueError as e:
-        raise UserError(f"{what}: {e}") from None
-
-
-def path_arg(text: str) -> str:
-    """argparse ``type=`` for paths: an empty string would mean the current directory."""
-    if not text.strip():
-        raise argparse.ArgumentTypeError("empty path: name a file or folder")
-    return text
-
-
-def text_arg(text: str) -> str:
-    """argparse ``type=`` for a string that must not be empty (a stop string, a field name)."""
-    if not text:
-        raise argparse.ArgumentTypeError("empty value: give at least one character")
-    return text
-
-
-def tokenizer_arg(text: str) -> str:
-    """argparse ``type=`` for ``--tokenizer``: ``bpe:N`` is checked here (N from 257, the byte
-    alphabet plus EOS), before anything is read or written; paths are checked when loaded."""
-    if text.startswith("bpe:"):
-        try:
-            Ints(257, 1 << 24).parse(text[4:])
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"{text!r}: expected bpe:N with N a vocabulary size from 257, e.g. bpe:8192 ({e})") from None
-    return text_arg(text)

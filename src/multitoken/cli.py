@@ -14,6 +14,7 @@ import importlib
 import sys
 import typing
 
+from multitoken.checks import Floats, Ints, Range
 from multitoken.errors import UserError
 
 # Modules that register a subcommand, in the order `--help` lists them.
@@ -36,6 +37,57 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         message = " ".join(message.split())  # argparse's own messages never need more than one line
         self.exit(2, f"error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
+# ---- option types: a bad value is the parser's one-line error, before any work -----------------
+
+
+def option(rng: Range) -> typing.Callable[[str], int | float]:
+    """An option ``type=`` that parses with `rng` (ASCII digits, finite, in range)."""
+    def parse(text: str) -> int | float:
+        try:
+            return rng.parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return parse
+
+
+def ints(lo: int | None = None, hi: int | None = None) -> typing.Callable[[str], int | float]:
+    """``type=`` for an integer option from `lo` to `hi` (default: up to 2**63-1)."""
+    return option(Ints(lo) if hi is None else Ints(lo, hi))
+
+
+def floats(lo: float | None = None, hi: float | None = None, **kw: bool) -> typing.Callable[[str], int | float]:
+    """``type=`` for a finite float option (see `checks.Floats` for open bounds)."""
+    return option(Floats(lo, hi, **kw))
+
+
+def path_arg(text: str) -> str:
+    """``type=`` for paths: an empty string would mean the current directory."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty path: name a file or folder")
+    return text
+
+
+def text_arg(text: str) -> str:
+    """``type=`` for a string that must not be empty (a stop string, a head spec, a device)."""
+    if not text:
+        raise argparse.ArgumentTypeError("empty value: give at least one character")
+    return text
+
+
+def tokenizer_arg(text: str) -> str:
+    """``type=`` for ``--tokenizer``: ``bpe:N`` is checked here (N from 257, the byte alphabet plus
+    EOS), before anything is read or written; paths are checked when loaded."""
+    if text.startswith("bpe:"):
+        try:
+            Ints(257, 1 << 24).parse(text[4:])
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected bpe:N with N a vocabulary size from 257, e.g. bpe:8192 ({e})") from None
+    return text_arg(text)
+
+
+# ---- the parser ----------------------------------------------------------------------------------
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -324,7 +324,7 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
-# Bounds of TrainConfig's numbers (the CLI options use them as argparse types, validate() as checks).
+# Bounds of TrainConfig's numbers: the CLI options parse with them, validate() checks with them.
 TRAIN_RANGES: dict[str, Range] = {
     "steps": Ints(1),
     "batch_size": Ints(1, 1 << 20),

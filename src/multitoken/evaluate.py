@@ -276,7 +276,8 @@ def format_table(result: dict[str, Any]) -> str:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``multitoken eval``."""
-    from multitoken.checks import Ints, Range, path_arg, text_arg
+    from multitoken.checks import Range
+    from multitoken.cli import ints, option, path_arg, text_arg
     from multitoken.config import MAX_SEQ_LEN
 
     p = subparsers.add_parser("eval", help="per-depth validation loss/accuracy and expected tau of a run",
@@ -284,9 +285,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               "depth, and the mean accepted length greedy chain drafting would reach.")
     p.add_argument("--run", required=True, type=path_arg, metavar="RUN_DIR", help="a run directory (from train or convert)")
     p.add_argument("--data", required=True, type=path_arg, metavar="DATA_DIR", help="a prepared DATA_DIR (its val split is read)")
-    p.add_argument("--batches", type=Ints(1, 1 << 20), default=20, metavar="N", help="validation batches (default 20)")
-    p.add_argument("--batch-size", type=Ints(1, 1 << 20), default=8, help="windows per batch (default 8)")
-    p.add_argument("--seq-len", type=Range(2, MAX_SEQ_LEN, integer=True, or_zero=True), default=0, help="tokens per window (default: the run's training seq_len, else 256)")
+    p.add_argument("--batches", type=ints(1, 1 << 20), default=20, metavar="N", help="validation batches (default 20)")
+    p.add_argument("--batch-size", type=ints(1, 1 << 20), default=8, help="windows per batch (default 8)")
+    p.add_argument("--seq-len", type=option(Range(2, MAX_SEQ_LEN, integer=True, or_zero=True)), default=0, help="tokens per window (default: the run's training seq_len, else 256)")
     p.add_argument("--device", default="auto", type=text_arg, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)

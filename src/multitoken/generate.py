@@ -396,7 +396,8 @@ class TextStream:
 
 # ---- command line ----------------------------------------------------------------------------------
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from multitoken.checks import INT63, MAX_NEW_TOKENS, SAMPLING_RANGES, Ints, path_arg, text_arg
+    from multitoken.checks import INT63, MAX_NEW_TOKENS, SAMPLING_RANGES
+    from multitoken.cli import ints, option, path_arg, text_arg
     from multitoken.config import MAX_HEAD_DEPTH
 
     p = subparsers.add_parser("generate", help="generate text from a run, plainly or self-speculatively")
@@ -406,14 +407,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     src.add_argument("--prompt-file", type=path_arg, help="file holding the prompt text")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="ntp: plain; spec: chain drafts; tree: draft tree (default: spec when the run has heads, else ntp)")
-    p.add_argument("--draft", type=Ints(1, MAX_HEAD_DEPTH), default=None, help="drafted tokens per step (default: all heads)")
+    p.add_argument("--draft", type=ints(1, MAX_HEAD_DEPTH), default=None, help="drafted tokens per step (default: all heads)")
     p.add_argument("--tree", default=None, type=path_arg,
                    help="tree mode: a tree.json, or 'dynamic:N' (default: RUN_DIR/tree.json if present, else dynamic:16)")
-    p.add_argument("--temperature", type=SAMPLING_RANGES["temperature"], default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=SAMPLING_RANGES["top_k"], default=0)
-    p.add_argument("--top-p", type=SAMPLING_RANGES["top_p"], default=1.0)
-    p.add_argument("--seed", type=Ints(0, INT63), default=None)
-    p.add_argument("--max-new-tokens", type=Ints(1, MAX_NEW_TOKENS), default=128)
+    p.add_argument("--temperature", type=option(SAMPLING_RANGES["temperature"]), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=option(SAMPLING_RANGES["top_k"]), default=0)
+    p.add_argument("--top-p", type=option(SAMPLING_RANGES["top_p"]), default=1.0)
+    p.add_argument("--seed", type=ints(0, INT63), default=None)
+    p.add_argument("--max-new-tokens", type=ints(1, MAX_NEW_TOKENS), default=128)
     p.add_argument("--stop", action="append", default=[], type=text_arg, help="stop string (repeatable)")
     p.add_argument("--typical", "--typical-lossy", dest="typical", action="store_true",
                    help="LOSSY Medusa typical acceptance: faster at temperature > 0, changes the output distribution")

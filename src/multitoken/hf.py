@@ -499,7 +499,7 @@ def export_hf(run_dir: str | Path, out: str | Path, model_type: str | None = Non
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from multitoken.checks import Ints, path_arg, text_arg
+    from multitoken.cli import ints, path_arg, text_arg
     from multitoken.config import MAX_SEQ_LEN
 
     p = subparsers.add_parser("convert", help="convert a Hugging Face folder or GGUF file into a run directory",
@@ -511,7 +511,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="stored weight dtype (default: the source's; fp32 for GGUF)")
     p.add_argument("--heads", default=None, type=text_arg, metavar="KIND:N", help="add fresh MTP heads initialised from the backbone (e.g. medusa:3)")
     p.add_argument("--tokenizer", default=None, type=path_arg, metavar="PATH", help="tokenizer to use when the folder has none")
-    p.add_argument("--max-seq-len", type=Ints(1, MAX_SEQ_LEN), default=None, metavar="N",
+    p.add_argument("--max-seq-len", type=ints(1, MAX_SEQ_LEN), default=None, metavar="N",
                    help="shorter context than the checkpoint's max_position_embeddings (sizes the static KV cache; positions < N unchanged)")
     p.set_defaults(func=run_convert)
 

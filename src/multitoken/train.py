@@ -43,7 +43,7 @@ from safetensors.torch import load_file
 
 from multitoken import checkpoint as ckpt
 from multitoken import parallel
-from multitoken.checks import Ints, Range, path_arg, text_arg
+from multitoken.checks import Range
 from multitoken.config import BETA_RANGE, LOSS_WEIGHT_RANGE, TRAIN_RANGES, HeadsConfig, ModelConfig, TrainConfig, from_dict
 from multitoken.errors import UserError
 from multitoken.evaluate import EvalStats, eval_stats, plot_accuracy, summarize
@@ -94,6 +94,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, ranges: 
     float fields are parsed by their `Range` in `ranges` (ASCII digits, finite, in range), so a
     bad number is argparse's one-line error before any work starts.
     """
+    from multitoken.cli import option, text_arg
+
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
     ranges = ranges or {}
@@ -111,7 +113,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, ranges: 
         elif hint in (int, float):
             if f.name not in ranges:
                 raise AssertionError(f"{cls.__name__}.{f.name} has no Range: add it to the config's RANGES table")
-            kw.update(type=ranges[f.name], metavar=f.name.upper())
+            kw.update(type=option(ranges[f.name]), metavar=f.name.upper())
         else:
             kw.update(type=text_arg if hint is str else hint, metavar=f.name.upper())
         parser.add_argument("--" + f.name.replace("_", "-"), **kw)
@@ -584,6 +586,8 @@ def load_optimizer(model, optimizer: torch.optim.Optimizer, saved: dict[str, Any
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``multitoken train``."""
+    from multitoken.cli import ints, path_arg
+
     p = subparsers.add_parser("train", help="train a model with MTP heads on a prepared DATA_DIR",
                               description="Train a model (or heads on a frozen one) on DATA_DIR into RUN_DIR. Options "
                               "override --config FILE.toml, which overrides the defaults; --resume continues exactly.")
@@ -591,7 +595,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=path_arg, metavar="RUN_DIR", help="run directory to write (or to continue with --resume)")
     p.add_argument("--config", default=None, type=path_arg, metavar="FILE.toml", help="TOML file of training settings (keys as the options below, with _)")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest checkpoint, exactly")
-    p.add_argument("--stop-after", type=Ints(1), default=None, metavar="STEP",
+    p.add_argument("--stop-after", type=ints(1), default=None, metavar="STEP",
                    help="stop with a checkpoint after this step, keeping the schedule of --steps (resume later)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_dataclass_arguments(p, TrainConfig, TRAIN_RANGES)

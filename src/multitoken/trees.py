@@ -277,17 +277,17 @@ def measure_topk_accuracy(model, batches, ranks: int = 10, eos_id: int | None = 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from multitoken.checks import Ints, path_arg, text_arg
+    from multitoken.cli import ints, path_arg, text_arg
     from multitoken.config import MAX_SEQ_LEN
 
     p = subparsers.add_parser("tree", help="measure the heads' top-k accuracy and write RUN_DIR/tree.json (static draft tree)")
     p.add_argument("--run", required=True, type=path_arg, help="run directory with MTP heads")
     p.add_argument("--data", required=True, type=path_arg, help="DATA_DIR from `multitoken prepare` (its validation split is used)")
-    p.add_argument("--nodes", type=Ints(2, MAX_TREE_NODES), default=DEFAULT_NODES * 4, help="tree size, root included")
-    p.add_argument("--ranks", type=Ints(1, MAX_TREE_RANKS), default=10, help="candidates per depth to measure")
-    p.add_argument("--batches", type=Ints(1, 1 << 20), default=16, help="validation batches to score")
-    p.add_argument("--batch-size", type=Ints(1, 1 << 20), default=8)
-    p.add_argument("--seq-len", type=Ints(2, MAX_SEQ_LEN), default=None, help="window length (default: the model's context)")
+    p.add_argument("--nodes", type=ints(2, MAX_TREE_NODES), default=DEFAULT_NODES * 4, help="tree size, root included")
+    p.add_argument("--ranks", type=ints(1, MAX_TREE_RANKS), default=10, help="candidates per depth to measure")
+    p.add_argument("--batches", type=ints(1, 1 << 20), default=16, help="validation batches to score")
+    p.add_argument("--batch-size", type=ints(1, 1 << 20), default=8)
+    p.add_argument("--seq-len", type=ints(2, MAX_SEQ_LEN), default=None, help="window length (default: the model's context)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=text_arg)
     p.set_defaults(func=run)
 

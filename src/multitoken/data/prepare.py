@@ -170,7 +170,7 @@ def shard_path(data_dir: str | Path, split: str) -> Path:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``multitoken prepare``."""
-    from multitoken.checks import Floats, Ints, path_arg, text_arg, tokenizer_arg
+    from multitoken.cli import floats, ints, path_arg, text_arg, tokenizer_arg
 
     p = subparsers.add_parser(
         "prepare",
@@ -183,8 +183,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, type=path_arg, metavar="DATA_DIR", help="directory to write")
     p.add_argument("--glob", default=None, type=text_arg, help="files of a directory corpus (default **/*.txt)")
     p.add_argument("--field", default="text", type=text_arg, help="text field of .jsonl/.parquet/dataset corpora (default: text)")
-    p.add_argument("--max-docs", type=Ints(1), default=None, metavar="N", help="read only the first N documents")
-    p.add_argument("--val-fraction", type=Floats(0, 1, lo_open=True, hi_open=True), default=DEFAULT_VAL_FRACTION, help=f"share of documents for validation (default {DEFAULT_VAL_FRACTION})")
+    p.add_argument("--max-docs", type=ints(1), default=None, metavar="N", help="read only the first N documents")
+    p.add_argument("--val-fraction", type=floats(0, 1, lo_open=True, hi_open=True), default=DEFAULT_VAL_FRACTION, help=f"share of documents for validation (default {DEFAULT_VAL_FRACTION})")
     p.add_argument("--include-tests", action="store_true", help=f"{STDLIB}: keep the test folders")
     p.add_argument("--force", action="store_true", help="rebuild even if DATA_DIR already holds this prepare")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
