@@ -292,6 +292,9 @@ for opt, v in [("--nodes", "1"), ("--nodes", "1000000"), ("--ranks", "0"), ("--r
     case(f"tree{opt}={v}", tre(opt, v), expect=re.escape(opt))
 for opt, v in [("--seq-len", "1"), ("--steps", "0"), ("--batch-size", "0"), ("--seed", "-1"), ("--max-seq-len", "0")]:
     case(f"retrofit{opt}={v}", retro(opt, v), expect=re.escape(opt))
+# fewer tokens than one batch of windows: the head fit once looped forever waiting for a full batch
+case("retrofit--tokens=3", retro("--tokens", "3"), expect="--tokens 3")
+case("retrofit-data-smaller-than-a-batch", retro("--tokens", str(1 << 24), "--batch-size", "4096"), expect="fewer than one batch")
 for opt, v in [("--max-new-tokens", "0"), ("--threads", "0"), ("--threads", "١")]:
     case(f"demo{opt}={v}", demo(opt, v), expect=re.escape(opt))
 

@@ -176,6 +176,9 @@ def precompute_features(run_dir: str | Path, data_dir: str | Path, out: str | Pa
     n_windows = max(1, max_tokens // seq_len)
     if n_windows > len(loader._epoch_starts):
         n_windows = len(loader._epoch_starts)  # one epoch: every stored window distinct
+    if n_windows < batch_size:  # the head fit needs one full batch
+        raise UserError(f"{data_dir} holds {n_windows} training window(s) of {seq_len} tokens, fewer than one batch of "
+                        f"{batch_size}: lower --batch-size or --seq-len, or prepare more data")
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob("features-*.safetensors"):
         stale.unlink()
@@ -241,6 +244,9 @@ class FeatureSet:
 
     def batches(self, batch_size: int, seed: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Endless shuffled (windows (B, T+1), features (B, T, C) float32) batches, epoch after epoch."""
+        if len(self) < batch_size:  # would loop forever yielding nothing
+            raise UserError(f"the feature set holds {len(self)} window(s), fewer than one batch of {batch_size}: "
+                            "lower --batch-size or use more data")
         g = torch.Generator().manual_seed(seed)
         while True:
             order = torch.randperm(len(self), generator=g)
@@ -387,6 +393,9 @@ def retrofit(init: str | Path, data_dir: str | Path, heads: HeadsConfig, out: st
     from multitoken.evaluate import evaluate
 
     out = Path(out)
+    if tokens // seq_len < batch_size:
+        raise UserError(f"--tokens {tokens} covers {tokens // seq_len} window(s) of {seq_len}, fewer than one batch of "
+                        f"{batch_size}: give --tokens {batch_size * seq_len} or more, or lower --batch-size")
     kind = feature_kind(heads)
     features = Path(features) if features is not None else out / "features"
     torch.manual_seed(seed)
