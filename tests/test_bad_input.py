@@ -324,6 +324,8 @@ for cmd, argv in [("generate", lambda b, w: ["generate", "--run", "", "--prompt"
     case(f"{cmd}-empty-path", argv)
 case("generate--mode=tree--tree=dynamic:²", gen("--mode", "tree", "--tree", "dynamic:²"))
 case("generate--mode=tree--tree=dynamic:1000000", gen("--mode", "tree", "--tree", "dynamic:1000000"))
+for cmd, argv in [("generate", gen()), ("eval", ev()), ("tree", tre()), ("train", trn())]:
+    case(f"{cmd}--device=bogus", lambda b, w, argv=argv: argv(b, w) + ["--device", "bogus"], expect="--device")
 case("demo--preset=gigantic", demo("--preset", "gigantic"))
 case("train--preset=gigantic", trn("--preset", "gigantic"))
 case("train--dtype=fp8", trn("--dtype", "fp8"))

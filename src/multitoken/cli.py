@@ -76,6 +76,17 @@ def text_arg(text: str) -> str:
     return text
 
 
+def device_arg(text: str) -> str:
+    """``type=`` for a single-process ``--device``: auto, cpu, cuda or cuda:N, resolved now (so that
+    a typo or a missing GPU is the parser's one-line error, not a traceback at load time)."""
+    from multitoken.parallel import resolve_device
+
+    try:
+        return str(resolve_device(text))
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def tokenizer_arg(text: str) -> str:
     """``type=`` for ``--tokenizer``: ``bpe:N`` is checked here (N from 257, the byte alphabet plus
     EOS), before anything is read or written; paths are checked when loaded."""

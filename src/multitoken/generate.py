@@ -397,7 +397,7 @@ class TextStream:
 # ---- command line ----------------------------------------------------------------------------------
 def register(subparsers: argparse._SubParsersAction) -> None:
     from multitoken.checks import INT63, MAX_NEW_TOKENS, SAMPLING_RANGES
-    from multitoken.cli import ints, option, path_arg, text_arg
+    from multitoken.cli import device_arg, ints, option, path_arg, text_arg
     from multitoken.config import MAX_HEAD_DEPTH
 
     p = subparsers.add_parser("generate", help="generate text from a run, plainly or self-speculatively")
@@ -418,7 +418,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stop", action="append", default=[], type=text_arg, help="stop string (repeatable)")
     p.add_argument("--typical", "--typical-lossy", dest="typical", action="store_true",
                    help="LOSSY Medusa typical acceptance: faster at temperature > 0, changes the output distribution")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.set_defaults(func=run)

@@ -277,7 +277,7 @@ def measure_topk_accuracy(model, batches, ranks: int = 10, eos_id: int | None = 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from multitoken.cli import ints, path_arg, text_arg
+    from multitoken.cli import device_arg, ints, path_arg
     from multitoken.config import MAX_SEQ_LEN
 
     p = subparsers.add_parser("tree", help="measure the heads' top-k accuracy and write RUN_DIR/tree.json (static draft tree)")
@@ -288,7 +288,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batches", type=ints(1, 1 << 20), default=16, help="validation batches to score")
     p.add_argument("--batch-size", type=ints(1, 1 << 20), default=8)
     p.add_argument("--seq-len", type=ints(2, MAX_SEQ_LEN), default=None, help="window length (default: the model's context)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", type=text_arg)
+    p.add_argument("--device", default="auto", type=device_arg, help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.set_defaults(func=run)
 
 
