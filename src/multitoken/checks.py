@@ -119,8 +119,9 @@ def Floats(lo: float | None = None, hi: float | None = None, *, lo_open: bool = 
     return Range(lo, hi, lo_open, hi_open, or_zero=or_zero)
 
 
-# Sampling (generate.Sampling and the generate options). Temperature 0 is greedy; below 1e-6
-# dividing float32 logits by it can overflow to inf, and softmax of inf is NaN.
+# Sampling (generate.Sampling and the generate options). Temperature 0 is greedy. A tiny positive
+# one (1e-40) overflows float32 logits to inf when dividing, and softmax of inf is NaN; the floor
+# of 1e-6 (already one-hot in practice) leaves a wide margin. NaN and inf are refused everywhere.
 SAMPLING_RANGES: dict[str, Range] = {
     "temperature": Floats(1e-6, 1e6, or_zero=True),
     "top_k": Ints(0),
