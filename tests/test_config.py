@@ -1,6 +1,12 @@
+import dataclasses
+import math
+import typing
+
 import pytest
 
-from multitoken.config import PRESETS, HeadsConfig, ModelConfig, from_dict
+from multitoken.checks import INT63, Floats, Ints
+from multitoken.cli import main
+from multitoken.config import MAX_HEAD_DEPTH, PRESETS, HeadsConfig, ModelConfig, TrainConfig, from_dict
 from multitoken.errors import UserError
 from multitoken.model import Transformer
 
@@ -62,3 +68,128 @@ def test_round_trip_through_dict_and_unknown_keys_rejected():
         from_dict(ModelConfig, {**cfg.to_dict(), "n_layer": 3})
     with pytest.raises(UserError, match="unknown preset"):
         ModelConfig.from_preset("gigantic")
+
+
+# ---- numbers from users: ASCII, finite, in range --------------------------------------------------
+
+
+@pytest.mark.parametrize("text,value", [("8", 8), ("+8", 8), (" 8 ", 8), ("007", 7), (str(INT63), INT63)])
+def test_ints_parse_ascii_decimal(text, value):
+    assert Ints(0).parse(text) == value
+
+
+# int() accepts '١٠' (Arabic-Indic ten), '1_000' and surrounding Unicode; isdigit() accepts '²', which int() refuses.
+@pytest.mark.parametrize("text", ["²", "١٠", "٣", "1_000", "8.0", "1e3", "", " ", "0x10", "nan", "-1", str(INT63 + 1), "８"])
+def test_ints_refuse_everything_else(text):
+    with pytest.raises(ValueError):
+        Ints(0).parse(text)
+
+
+@pytest.mark.parametrize("text,value", [("0.5", 0.5), (".5", 0.5), ("5.", 5.0), ("1e-3", 1e-3), ("1E3", 1000.0), ("-0", 0.0),
+                                        ("+2.5e+2", 250.0)])
+def test_floats_parse_ascii_decimal(text, value):
+    assert Floats().parse(text) == value
+
+
+@pytest.mark.parametrize("text", ["nan", "NaN", "-nan", "inf", "-Infinity", "1e999", "-1e999", "٠.٥", "0x1p3", "1_0.5", "", " ",
+                                  "half", "1,5"])
+def test_floats_refuse_non_finite_and_non_ascii(text):
+    with pytest.raises(ValueError):
+        Floats().parse(text)
+
+
+def test_ranges_fail_nan_whatever_the_bounds():
+    nan = float("nan")
+    for rng in (Floats(), Floats(0), Floats(0, 1), Floats(0, lo_open=True), Floats(hi=1), Floats(1e-6, 1e6, or_zero=True)):
+        assert rng.problem(nan) is not None and rng.problem(math.inf) is not None and rng.problem(-math.inf) is not None
+    assert Floats(0, 1, lo_open=True).problem(0.0) and Floats(0, 1, hi_open=True).problem(1.0)
+    assert Floats(0, 1).problem(0.0) is None and Floats(0, 1).problem(1.0) is None
+    assert Ints(1, 3).problem(True) and Ints(1, 3).problem(2.0) and Ints(1, 3).problem("2") and Ints(1, 3).problem(2) is None
+
+
+def _numeric_fields(cls):
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if hints[f.name] in (int, float)]
+
+
+def _bad_values(cls, name):
+    """Values no numeric field may hold; ints also refuse floats and sizes past int64."""
+    bad = [float("nan"), float("inf"), float("-inf"), "12", None, True]
+    return bad + ([2.0, -(2**70), 2**70] if typing.get_type_hints(cls)[name] is int else [])
+
+
+@pytest.mark.parametrize("name", _numeric_fields(TrainConfig))
+def test_every_number_of_train_config_is_checked(name):
+    for bad in _bad_values(TrainConfig, name):
+        with pytest.raises(UserError, match=name) as e:
+            TrainConfig(**{name: bad}).validate()
+        assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("name", _numeric_fields(ModelConfig))
+def test_every_number_of_model_config_is_checked(name):
+    for bad in _bad_values(ModelConfig, name):
+        with pytest.raises(UserError, match=name):
+            ModelConfig(**{name: bad})
+
+
+@pytest.mark.parametrize("name", _numeric_fields(HeadsConfig))
+def test_every_number_of_heads_config_is_checked(name):
+    for bad in _bad_values(HeadsConfig, name):
+        with pytest.raises(UserError, match=name):
+            ModelConfig(heads=dataclasses.replace(HeadsConfig("medusa", 2), **{name: bad}))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(betas=(float("nan"), 0.9)), "betas"), (dict(betas=(1.0, 0.9)), "betas"), (dict(betas=(0.9,)), "betas"),
+    (dict(loss_weights=[1.0, float("nan"), 1.0]), "loss_weights"), (dict(loss_weights=[1.0, -1.0]), "loss_weights"),
+    (dict(loss_weights=[0.0, 0.0]), "positive"), (dict(mtp_lambda="nan"), "schedule"), (dict(mtp_lambda="0.3,inf@5"), "schedule"),
+    (dict(mtp_lambda="-0.1"), "schedule"), (dict(mtp_lambda="0.3,0.1@²"), "schedule"), (dict(min_lr=0.1, lr=0.01), "min_lr"),
+    (dict(heads="medusa:1000000"), "--heads"), (dict(compile=1), "compile"), (dict(preset=3), "preset"),
+])
+def test_train_config_lists_schedules_and_types_are_checked(kwargs, match):
+    with pytest.raises(UserError, match=match):
+        TrainConfig(**kwargs).validate()
+
+
+def test_loss_weights_and_schedules_refuse_nan_in_the_library():
+    from multitoken.loss import MTPLoss, parse_schedule
+
+    with pytest.raises(UserError, match="loss weight"):
+        MTPLoss(1, weights=[1.0, float("nan")])
+    for spec in (float("nan"), float("inf"), -1.0, "nan", [(0, float("nan"))], [(-1, 0.3)]):
+        with pytest.raises(UserError, match="schedule"):
+            parse_schedule(spec)
+    assert parse_schedule("0.3,0.1@10") == [(0, 0.3), (10, 0.1)]
+
+
+@pytest.mark.parametrize("spec", ["parallel:²", "parallel:١", "medusa:1000000", f"medusa:{MAX_HEAD_DEPTH + 1}", "medusa:0",
+                                  "medusa:2.0", "medusa: 2x"])
+def test_head_depths_are_ascii_and_bounded(spec):
+    with pytest.raises(UserError, match=f"expected parallel:N.*from 1 to {MAX_HEAD_DEPTH}"):
+        HeadsConfig.parse(spec)
+    assert HeadsConfig.parse(f"medusa:{MAX_HEAD_DEPTH}").depth == MAX_HEAD_DEPTH
+
+
+def test_bounds_do_not_refuse_real_shapes():
+    """Llama-3.1-405B's shape (126 layers, d=16384, 128k context, 128k vocabulary) and SmolLM2's pass."""
+    ModelConfig(vocab_size=128256, dim=16384, n_layers=126, n_heads=128, n_kv_heads=8, intermediate_size=53248,
+                max_seq_len=131072, rope_theta=500000.0, norm_eps=1e-5, heads=HeadsConfig("medusa", 5))
+    ModelConfig.from_preset("smollm2-135m", max_seq_len=8192, heads=HeadsConfig("sequential", 1))
+    TrainConfig(batch_size=4096, seq_len=8192, steps=10**7, lr=1.0, weight_decay=0.0, grad_clip=0.0, seed=INT63).validate()
+
+
+@pytest.mark.parametrize("name", [n for n in _numeric_fields(TrainConfig)])
+def test_every_numeric_train_option_refuses_nan_in_one_line(name, capsys):
+    opt = "--" + name.replace("_", "-")
+    assert main(["train", "--data", "d", "--out", "o", opt, "nan"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"error: multitoken train: argument {opt}: 'nan' is not"), err
+
+
+def test_parser_errors_are_one_line_and_help_still_works(capsys):
+    assert main(["generate", "--run", "r"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: multitoken generate: ") and "--help" in err
+    assert main(["train", "--help"]) == 0
+    assert "--lr LR" in capsys.readouterr().out

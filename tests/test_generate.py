@@ -51,10 +51,22 @@ def test_draw_matches_the_distribution_and_is_seeded():
     assert draw(torch.tensor([0.0, 0.5, 0.3, 0.2, 0.0]).expand(5, 5), edges).tolist() == [1, 2, 1, 3, 3]
 
 
-def test_bad_sampling_settings_are_user_errors():
-    for kwargs in (dict(temperature=-0.1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5)):
-        with pytest.raises(UserError):
-            Sampling(**kwargs)
+@pytest.mark.parametrize("kwargs", [
+    dict(temperature=-0.1), dict(top_k=-1), dict(top_p=0.0), dict(top_p=1.5),
+    # NaN compares False with everything: a NaN temperature once passed `t < 0` and emitted token 0 forever
+    dict(temperature=float("nan")), dict(temperature=float("inf")), dict(temperature=1e-30),
+    dict(top_p=float("nan")), dict(top_p=float("inf")), dict(top_k=2.5), dict(temperature="1"),
+])
+def test_bad_sampling_settings_are_user_errors(kwargs):
+    with pytest.raises(UserError, match="--(temperature|top-k|top-p)") as e:
+        Sampling(**kwargs)
+    assert "\n" not in str(e.value)
+
+
+def test_sampling_accepts_the_edges_of_its_ranges():
+    for kwargs in (dict(temperature=0), dict(temperature=1e-6), dict(temperature=1e6), dict(top_p=1.0), dict(top_p=1e-9),
+                   dict(top_k=0), dict(top_k=10**9), dict(temperature=2)):
+        Sampling(**kwargs)
 
 
 # ---- plain decoding ----------------------------------------------------------------------------------

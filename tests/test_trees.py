@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 
 import pytest
@@ -123,3 +124,28 @@ def test_tree_command_writes_a_tree_that_generate_uses(tmp_path, capsys):
     assert main(["generate", "--run", str(run), "--prompt", "def", "--mode", "tree", "--max-new-tokens", "6",
                  "--json"]) == 0
     assert len(__import__("json").loads(capsys.readouterr().out)["token_ids"]) == 6
+
+
+def test_tree_files_missing_or_malformed_are_one_line_errors_that_say_how_to_make_one(tmp_path):
+    with pytest.raises(UserError, match=r"tree file .*missing.json not found: write one with `multitoken tree --run"):
+        resolve_tree(str(tmp_path / "missing.json"), tmp_path)
+    bad = {"not-json": b"{paths", "not-utf8": b"\xff\xfe", "no-paths": b'{"nodes": 3}', "number": b'{"paths": 5}',
+           "strings": b'{"paths": [["a"]]}', "negative": b'{"paths": [[-1]]}', "orphan": b'{"paths": [[0, 0]]}',
+           "list": b"[1]", "huge-rank": b'{"paths": [[100000]]}', "bool": b'{"paths": [[true]]}',
+           "too-many": json.dumps({"paths": [[i] for i in range(2000)]}).encode()}
+    for name, data in bad.items():
+        f = tmp_path / f"{name}.json"
+        f.write_bytes(data)
+        with pytest.raises(UserError, match=f"tree file .*{name}.json") as e:
+            resolve_tree(str(f), tmp_path)
+        assert "\n" not in str(e.value), name
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"paths": [[0], [1], [0, 0]], "nodes": 4}))
+    assert resolve_tree(str(good), tmp_path).paths == [(0,), (1,), (0, 0)]
+
+
+@pytest.mark.parametrize("spec", ["dynamic:²", "dynamic:١٦", "dynamic:1", "dynamic:1000000", "dynamic:-4", "dynamic:4.0"])
+def test_dynamic_tree_sizes_are_ascii_and_bounded(spec):
+    with pytest.raises(UserError, match="dynamic:N"):
+        resolve_tree(spec, ".")
+    assert resolve_tree("dynamic:1024", ".").nodes == 1024

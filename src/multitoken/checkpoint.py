@@ -54,8 +54,8 @@ def read_json(path: str | Path) -> Any:
     if not path.is_file():
         raise UserError(f"{path} not found: is this a run directory made by `multitoken train` or `multitoken convert`?")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path} is not valid JSON ({e}): restore it or re-create the run") from None
 
 
@@ -104,7 +104,7 @@ def save_run(run_dir: str | Path, model: Transformer, tokenizer=None, extra: dic
 
 def load_config(run_dir: str | Path) -> ModelConfig:
     data = read_json(Path(run_dir) / CONFIG_FILE)
-    if "model" not in data:
+    if not isinstance(data, dict) or "model" not in data:
         raise UserError(f"{Path(run_dir) / CONFIG_FILE} has no 'model' section: not a multitoken run directory")
     return from_dict(ModelConfig, data["model"])
 

@@ -12,9 +12,15 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
+from multitoken.checks import INT63, Floats, Ints, Range
 from multitoken.errors import UserError
 
 HEAD_KINDS = ("none", "parallel", "sequential", "medusa")
+MAX_HEAD_DEPTH = 16
+"""Most extra heads a model may have: Medusa ships 5, Gloeckle et al. train up to n=8 (depth 7),
+DeepSeek-V3 one; far beyond that a typo (``medusa:1000000``) would only run out of memory."""
+MAX_SEQ_LEN = 1 << 21
+"""Longest context we build a static KV cache for (2M positions)."""
 
 
 @dataclass
@@ -32,12 +38,19 @@ class HeadsConfig:
     @classmethod
     def parse(cls, spec: str) -> "HeadsConfig":
         """Parse the CLI form ``KIND:DEPTH`` (e.g. ``parallel:3``) or ``none``."""
-        kind, _, n = spec.partition(":")
+        kind, _, n = str(spec).partition(":")
         if kind == "none" and not n:
             return cls()
-        if kind not in HEAD_KINDS[1:] or not n.isdigit():
-            raise UserError(f"--heads {spec!r}: expected parallel:N, sequential:N, medusa:N or none (N >= 1)")
-        return cls(kind=kind, depth=int(n))
+        try:
+            if kind not in HEAD_KINDS[1:]:
+                raise ValueError(kind)
+            depth = int(HEADS_RANGES["depth"].parse(n))
+            if depth < 1:
+                raise ValueError(n)
+        except ValueError:
+            raise UserError(f"--heads {spec!r}: expected parallel:N, sequential:N, medusa:N or none, "
+                            f"N from 1 to {MAX_HEAD_DEPTH}") from None
+        return cls(kind=kind, depth=depth)
 
     def __str__(self) -> str:
         return "none" if self.kind == "none" else f"{self.kind}:{self.depth}"
@@ -79,6 +92,10 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if isinstance(self.heads, dict):
             self.heads = from_dict(HeadsConfig, self.heads)
+        check_fields(self, MODEL_RANGES)  # types and ranges first: the divisions below need them
+        if not isinstance(self.heads, HeadsConfig):
+            raise UserError(f"heads={self.heads!r}: give a HeadsConfig or a dict with kind and depth")
+        check_fields(self.heads, HEADS_RANGES)
         if self.head_dim == 0:
             if self.dim % self.n_heads:
                 raise UserError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}: set head_dim or change one of them")
@@ -87,9 +104,10 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise a one-line `UserError` for a configuration that cannot be built."""
+        check_fields(self, MODEL_RANGES)
         h = self.heads
+        check_fields(h, HEADS_RANGES)
         checks = [
-            (self.vocab_size > 0 and self.dim > 0 and self.n_layers > 0, "vocab_size, dim and n_layers must be positive"),
             (self.n_heads > 0 and self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
              f"n_heads={self.n_heads} must be a positive multiple of n_kv_heads={self.n_kv_heads}"),
             (self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE"),
@@ -123,6 +141,50 @@ class ModelConfig:
         return dataclasses.asdict(self)
 
 
+# Bounds of every number of the configs below. Generous on purpose (Llama-3.1-405B's 126 layers,
+# d=16384 and 128k context fit), they stop values that are typos (NaN, a negative size, a size
+# that would allocate terabytes) with a one-line error naming the field.
+HEADS_RANGES: dict[str, Range] = {
+    "depth": Ints(0, MAX_HEAD_DEPTH),
+    "medusa_layers": Ints(1, 16),
+}
+MODEL_RANGES: dict[str, Range] = {
+    "vocab_size": Ints(1, 1 << 24),
+    "dim": Ints(1, 1 << 16),
+    "n_layers": Ints(1, 1024),
+    "n_heads": Ints(1, 1024),
+    "n_kv_heads": Ints(1, 1024),
+    "head_dim": Ints(0, 1 << 16),
+    "intermediate_size": Ints(1, 1 << 20),
+    "max_seq_len": Ints(1, MAX_SEQ_LEN),
+    "rope_theta": Floats(0, lo_open=True),
+    "norm_eps": Floats(0, 1, lo_open=True, hi_open=True),
+    "eos_id": Ints(0, 1 << 24),
+}
+
+
+def check_fields(obj: Any, ranges: dict[str, Range]) -> None:
+    """Check every field of dataclass `obj` against its type hint, and numbers against `ranges`
+    (a float field given as an int is stored as a float). One-line `UserError` on the first bad one.
+
+    A config read from TOML or a damaged config.json can hold any JSON value: a string where a
+    number belongs would otherwise fail later with a TypeError deep inside the model.
+    """
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        name, hint, value = f.name, hints[f.name], getattr(obj, f.name)
+        if name in ranges:
+            checked = ranges[name].check(name, value)
+            if type(checked) is not type(value):  # an int given for a float field
+                object.__setattr__(obj, name, checked)
+        elif hint in (int, float):
+            raise AssertionError(f"{type(obj).__name__}.{name} has no range in its RANGES table")  # a developer's slip
+        elif hint is str and not isinstance(value, str):
+            raise UserError(f"{name}={value!r}: must be a string")
+        elif hint is bool and not isinstance(value, bool):
+            raise UserError(f"{name}={value!r}: must be true or false")
+
+
 # Shapes; vocab_size is usually replaced by the tokenizer's. Parameter counts at a 32k vocabulary.
 PRESETS: dict[str, dict[str, Any]] = {
     # ~0.8M parameters at a 4k vocabulary (~1M with heads): trains in seconds on a CPU, for tests and smoke runs.
@@ -143,6 +205,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 def from_dict(cls: type, data: dict[str, Any]) -> Any:
     """Build dataclass `cls` from a dict, rejecting unknown keys with a message that lists the known ones."""
+    if not isinstance(data, dict):
+        raise UserError(f"a {cls.__name__} must be a table of keys and values, not {type(data).__name__} {str(data)[:40]!r}")
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
     if unknown:
@@ -228,23 +292,28 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
+        if isinstance(self.mtp_lambda, (int, float)) and not isinstance(self.mtp_lambda, bool):
+            self.mtp_lambda = str(self.mtp_lambda)  # TOML `mtp_lambda = 0.3`
 
     def validate(self) -> None:
-        """Raise a one-line `UserError` for values that cannot work."""
+        """Raise a one-line `UserError` for values that cannot work (types, ranges, NaN and inf included)."""
         from multitoken.loss import parse_schedule  # loss.py is model-side; import only when needed
 
+        check_fields(self, TRAIN_RANGES)
+        if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
+            raise UserError(f"betas={self.betas!r}: give two values, e.g. 0.9,0.95")
+        self.betas = tuple(BETA_RANGE.check("betas", b) for b in self.betas)  # type: ignore[assignment]
+        if self.loss_weights is not None:
+            if not isinstance(self.loss_weights, (list, tuple)) or not self.loss_weights:
+                raise UserError(f"loss_weights={self.loss_weights!r}: give one weight per depth, main head first, e.g. 1,0.5")
+            self.loss_weights = [LOSS_WEIGHT_RANGE.check("loss_weights", w) for w in self.loss_weights]
+            if not sum(self.loss_weights) > 0:
+                raise UserError(f"loss_weights={self.loss_weights}: at least one weight must be positive")
         HeadsConfig.parse(self.heads)
         parse_schedule(self.mtp_lambda)
         checks = [
-            (self.steps >= 1, f"steps={self.steps}: train at least one step"),
-            (self.batch_size >= 1 and self.grad_accum >= 1, "batch_size and grad_accum must be at least 1"),
             (self.seq_len >= 2, f"seq_len={self.seq_len}: use at least 2 tokens per window"),
-            (self.lr > 0 and 0 <= self.min_lr <= self.lr, f"need 0 <= min_lr ({self.min_lr}) <= lr ({self.lr}) and lr > 0"),
-            (self.warmup >= 0 and self.eval_every >= 0 and self.save_every >= 0 and self.log_every >= 1,
-             "warmup, eval_every and save_every must be >= 0 and log_every >= 1"),
-            (self.eval_batches >= 1, "eval_batches must be at least 1"),
-            (self.keep_checkpoints >= 1, "keep_checkpoints must be at least 1"),
-            (len(self.betas) == 2, f"betas={self.betas}: give two values, e.g. 0.9,0.95"),
+            (self.min_lr <= self.lr, f"min_lr={self.min_lr} is above lr={self.lr}: the decay goes down to min_lr"),
             (self.dtype in ("auto", "bf16", "fp32"), f"dtype={self.dtype!r}: choose auto, bf16 or fp32"),
         ]
         for ok, msg in checks:
@@ -253,3 +322,28 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+# Bounds of TrainConfig's numbers: the CLI options parse with them, validate() checks with them.
+TRAIN_RANGES: dict[str, Range] = {
+    "steps": Ints(1),
+    "batch_size": Ints(1, 1 << 20),
+    "seq_len": Ints(2, MAX_SEQ_LEN),
+    "grad_accum": Ints(1, 1 << 20),
+    "lr": Floats(0, lo_open=True),
+    "min_lr": Floats(0),
+    "warmup": Ints(0),
+    "weight_decay": Floats(0),
+    "grad_clip": Floats(0),
+    "max_seq_len": Ints(0, MAX_SEQ_LEN),
+    "eval_every": Ints(0),
+    "eval_batches": Ints(1, 1 << 20),
+    "save_every": Ints(0),
+    "keep_checkpoints": Ints(1, 1 << 20),
+    "log_every": Ints(1),
+    "seed": Ints(0, INT63),
+}
+BETA_RANGE = Floats(0, 1, hi_open=True)
+"""Each AdamW beta: a decay rate in [0, 1)."""
+LOSS_WEIGHT_RANGE = Floats(0)
+"""Each per-depth loss weight."""

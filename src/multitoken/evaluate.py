@@ -247,6 +247,8 @@ def run_tokenizer_sha256(run_dir: str | Path) -> str | None:
         config = read_json(run_dir / CONFIG_FILE) if (run_dir / CONFIG_FILE).is_file() else {}
     except UserError:  # a damaged config.json (resume restores it from the checkpoint): use the tokenizer file
         config = {}
+    if not isinstance(config, dict):
+        config = {}
     recorded = (config.get("data") or {}).get("tokenizer_sha256")
     if recorded:
         return recorded
@@ -313,15 +315,19 @@ def format_table(result: dict[str, Any]) -> str:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``multitoken eval``."""
+    from multitoken.checks import Range
+    from multitoken.cli import ints, option, path_arg, text_arg
+    from multitoken.config import MAX_SEQ_LEN
+
     p = subparsers.add_parser("eval", help="per-depth validation loss/accuracy and expected tau of a run",
                               description="Evaluate RUN_DIR on DATA_DIR's validation split: loss and top-1 accuracy per "
                               "depth, and the mean accepted length greedy chain drafting would reach.")
-    p.add_argument("--run", required=True, metavar="RUN_DIR", help="a run directory (from train or convert)")
-    p.add_argument("--data", required=True, metavar="DATA_DIR", help="a prepared DATA_DIR (its val split is read)")
-    p.add_argument("--batches", type=int, default=20, metavar="N", help="validation batches (default 20)")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per batch (default 8)")
-    p.add_argument("--seq-len", type=int, default=0, help="tokens per window (default: the run's training seq_len, else 256)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--run", required=True, type=path_arg, metavar="RUN_DIR", help="a run directory (from train or convert)")
+    p.add_argument("--data", required=True, type=path_arg, metavar="DATA_DIR", help="a prepared DATA_DIR (its val split is read)")
+    p.add_argument("--batches", type=ints(1, 1 << 20), default=20, metavar="N", help="validation batches (default 20)")
+    p.add_argument("--batch-size", type=ints(1, 1 << 20), default=8, help="windows per batch (default 8)")
+    p.add_argument("--seq-len", type=option(Range(2, MAX_SEQ_LEN, integer=True, or_zero=True)), default=0, help="tokens per window (default: the run's training seq_len, else 256)")
+    p.add_argument("--device", default="auto", type=text_arg, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=run)
 

@@ -21,25 +21,29 @@ from multitoken.errors import UserError
 
 # ---- command line ----------------------------------------------------------------------------------
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from multitoken.checks import INT63, MAX_NEW_TOKENS, SAMPLING_RANGES
+    from multitoken.cli import device_arg, ints, option, path_arg, text_arg
+    from multitoken.config import MAX_HEAD_DEPTH
+
     p = subparsers.add_parser("generate", help="generate text from a run, plainly or self-speculatively")
-    p.add_argument("--run", required=True, help="run directory (from train, convert or a retrofit)")
+    p.add_argument("--run", required=True, type=path_arg, help="run directory (from train, convert or a retrofit)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text")
-    src.add_argument("--prompt-file", help="file holding the prompt text")
+    src.add_argument("--prompt-file", type=path_arg, help="file holding the prompt text")
     p.add_argument("--mode", choices=MODES, default=None,
                    help="ntp: plain; spec: chain drafts; tree: draft tree (default: spec when the run has heads, else ntp)")
-    p.add_argument("--draft", type=int, default=None, help="drafted tokens per step (default: all heads)")
-    p.add_argument("--tree", default=None,
+    p.add_argument("--draft", type=ints(1, MAX_HEAD_DEPTH), default=None, help="drafted tokens per step (default: all heads)")
+    p.add_argument("--tree", default=None, type=path_arg,
                    help="tree mode: a tree.json, or 'dynamic:N' (default: RUN_DIR/tree.json if present, else dynamic:16)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=128)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--temperature", type=option(SAMPLING_RANGES["temperature"]), default=0.0, help="0 = greedy")
+    p.add_argument("--top-k", type=option(SAMPLING_RANGES["top_k"]), default=0)
+    p.add_argument("--top-p", type=option(SAMPLING_RANGES["top_p"]), default=1.0)
+    p.add_argument("--seed", type=ints(0, INT63), default=None)
+    p.add_argument("--max-new-tokens", type=ints(1, MAX_NEW_TOKENS), default=128)
+    p.add_argument("--stop", action="append", default=[], type=text_arg, help="stop string (repeatable)")
     p.add_argument("--typical", "--typical-lossy", dest="typical", action="store_true",
                    help="LOSSY Medusa typical acceptance: faster at temperature > 0, changes the output distribution")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming")
     p.set_defaults(func=run)

@@ -504,23 +504,26 @@ def export_hf(run_dir: str | Path, out: str | Path, model_type: str | None = Non
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from multitoken.cli import ints, path_arg, text_arg
+    from multitoken.config import MAX_SEQ_LEN
+
     p = subparsers.add_parser("convert", help="convert a Hugging Face folder or GGUF file into a run directory",
                               description="Convert a local Llama / Qwen2 / Mistral checkpoint (safetensors folder or GGUF file) into a run directory.")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", metavar="DIR", help="Hugging Face model folder (config.json + safetensors)")
-    src.add_argument("--gguf", metavar="FILE", help="GGUF file (read through transformers; needs gguf and accelerate)")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
+    src.add_argument("--hf", type=path_arg, metavar="DIR", help="Hugging Face model folder (config.json + safetensors)")
+    src.add_argument("--gguf", type=path_arg, metavar="FILE", help="GGUF file (read through transformers; needs gguf and accelerate)")
+    p.add_argument("--out", required=True, type=path_arg, metavar="RUN_DIR", help="run directory to write")
     p.add_argument("--dtype", choices=list(DTYPES), default=None, help="stored weight dtype (default: the source's; fp32 for GGUF)")
-    p.add_argument("--heads", default=None, metavar="KIND:N", help="add fresh MTP heads initialised from the backbone (e.g. medusa:3)")
-    p.add_argument("--tokenizer", default=None, metavar="PATH", help="tokenizer to use when the folder has none")
-    p.add_argument("--max-seq-len", type=int, default=None, metavar="N",
+    p.add_argument("--heads", default=None, type=text_arg, metavar="KIND:N", help="add fresh MTP heads initialised from the backbone (e.g. medusa:3)")
+    p.add_argument("--tokenizer", default=None, type=path_arg, metavar="PATH", help="tokenizer to use when the folder has none")
+    p.add_argument("--max-seq-len", type=ints(1, MAX_SEQ_LEN), default=None, metavar="N",
                    help="shorter context than the checkpoint's max_position_embeddings (sizes the static KV cache; positions < N unchanged)")
     p.set_defaults(func=run_convert)
 
     e = subparsers.add_parser("export", help="export a run as a Hugging Face folder (MTP heads kept)",
                               description="Write a run directory as a folder that transformers' AutoModelForCausalLM loads; MTP weights ride along.")
-    e.add_argument("--run", required=True, metavar="RUN_DIR", help="run directory to export")
-    e.add_argument("--out", required=True, metavar="HF_DIR", help="folder to write")
+    e.add_argument("--run", required=True, type=path_arg, metavar="RUN_DIR", help="run directory to export")
+    e.add_argument("--out", required=True, type=path_arg, metavar="HF_DIR", help="folder to write")
     e.add_argument("--model-type", choices=SUPPORTED_TYPES, default=None, help="config model_type (default: the source's, else llama/qwen2)")
     e.set_defaults(func=run_export)
 

@@ -20,9 +20,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from multitoken.checks import Floats, Ints
 from multitoken.errors import UserError
 
 IGNORE_INDEX = -100
+SCHEDULE_VALUE = Floats(0)
+SCHEDULE_STEP = Ints(0)
 
 
 def shift_targets(window: Tensor, depth: int, eos_id: int | None = None) -> Tensor:
@@ -54,20 +57,32 @@ def shift_targets(window: Tensor, depth: int, eos_id: int | None = None) -> Tens
 def parse_schedule(spec: str | float | list) -> list[tuple[int, float]]:
     """Parse a piecewise-constant schedule: ``"0.3"`` or ``"0.3,0.1@10000"`` (0.1 from step 10000 on).
 
+    Values must be finite and >= 0, steps integers >= 0 (ASCII digits).
+
     Returns:
         [(first_step, value), ...] sorted by step, starting at step 0.
+    Raises:
+        UserError: a malformed spec, a NaN/inf/negative value or a bad step, in one line.
     """
+    usage = "expected VALUE or VALUE,VALUE@STEP,... with values >= 0 (e.g. 0.3,0.1@10000)"
+    if isinstance(spec, bool):
+        raise UserError(f"schedule {spec!r}: {usage}")
     if isinstance(spec, (int, float)):
-        return [(0, float(spec))]
-    if isinstance(spec, list):
-        return sorted((int(s), float(v)) for s, v in spec)
+        return [(0, SCHEDULE_VALUE.check("schedule value", spec))]
     out = []
     try:
-        for part in str(spec).split(","):
-            value, _, step = part.strip().partition("@")
-            out.append((int(step) if step else 0, float(value)))
-    except ValueError:
-        raise UserError(f"schedule {spec!r}: expected VALUE or VALUE,VALUE@STEP,... (e.g. 0.3,0.1@10000)") from None
+        if isinstance(spec, list):
+            pairs = [(s, v) for s, v in spec]
+            out = [(int(SCHEDULE_STEP.check("schedule step", s)), float(SCHEDULE_VALUE.check("schedule value", v)))
+                   for s, v in pairs]
+        else:
+            for part in str(spec).split(","):
+                value, _, step = part.strip().partition("@")
+                out.append((int(SCHEDULE_STEP.parse(step)) if step else 0, float(SCHEDULE_VALUE.parse(value))))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"schedule {spec!r}: {usage} ({e})") from None
+    if not out:
+        raise UserError(f"schedule {spec!r}: {usage}")
     out.sort()
     if out[0][0] != 0:
         out.insert(0, (0, out[0][1]))
@@ -124,6 +139,10 @@ class MTPLoss:
                  memory_efficient: bool = True) -> None:
         if weights is not None and len(weights) != depth + 1:
             raise UserError(f"loss weights {weights} need {depth + 1} values (main head first, then one per extra depth)")
+        if weights is not None and not any(isinstance(w, Tensor) for w in weights):
+            # Python numbers are checked here; tensors (the training loop's per-micro-batch weights,
+            # derived from checked ones) are not, which would cost a host sync per step.
+            weights = [SCHEDULE_VALUE.check("loss weight", w) for w in weights]
         self.depth, self.weights, self.eos_id = depth, weights, eos_id
         self.schedule = parse_schedule(mtp_lambda)
         self.distill, self.chunk_rows, self.memory_efficient = distill, chunk_rows, memory_efficient

@@ -136,6 +136,18 @@ def backbone_features(model: Transformer, inputs: Tensor, kind: str) -> Tensor:
     return model.run_layers(model.embed_tokens(inputs), 0, cut, rope)
 
 
+def feature_windows(data_dir: str | Path, seq_len: int, max_tokens: int, batch_size: int, seed: int):
+    """(loader, windows to store): at most one epoch of distinct windows, and at least one batch."""
+    from multitoken.data.loader import TokenLoader
+
+    loader = TokenLoader(data_dir, "train", batch_size, seq_len, seed)
+    n_windows = min(max(1, max_tokens // seq_len), len(loader._epoch_starts))
+    if n_windows < batch_size:  # the head fit needs one full batch
+        raise UserError(f"{data_dir} holds {n_windows} training window(s) of {seq_len} tokens, fewer than one batch of "
+                        f"{batch_size}: lower --batch-size or --seq-len, or prepare more data")
+    return loader, n_windows
+
+
 def precompute_features(run_dir: str | Path, data_dir: str | Path, out: str | Path, kind: str, seq_len: int = 256,
                         max_tokens: int = 200_000, batch_size: int = 8, seed: int = 0, shard_windows: int = 256,
                         progress: bool = True) -> dict[str, Any]:
@@ -176,10 +188,7 @@ def precompute_features(run_dir: str | Path, data_dir: str | Path, out: str | Pa
     model, _ = load_run(run_dir, with_tokenizer=False)
     if seq_len > model.config.max_seq_len:
         raise UserError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}: lower --seq-len")
-    loader = TokenLoader(data_dir, "train", batch_size, seq_len, seed)
-    n_windows = max(1, max_tokens // seq_len)
-    if n_windows > len(loader._epoch_starts):
-        n_windows = len(loader._epoch_starts)  # one epoch: every stored window distinct
+    loader, n_windows = feature_windows(data_dir, seq_len, max_tokens, batch_size, seed)
     outdir.claim(out, "features", "--features")
     for stale in out.iterdir():  # an incomplete earlier set (no features.json): our shard names only
         if stale.name.startswith(".") != stale.name.endswith(".tmp"):
@@ -249,6 +258,9 @@ class FeatureSet:
 
     def batches(self, batch_size: int, seed: int = 0) -> Iterator[tuple[Tensor, Tensor]]:
         """Endless shuffled (windows (B, T+1), features (B, T, C) float32) batches, epoch after epoch."""
+        if len(self) < batch_size:  # would loop forever yielding nothing
+            raise UserError(f"the feature set holds {len(self)} window(s), fewer than one batch of {batch_size}: "
+                            "lower --batch-size or use more data")
         g = torch.Generator().manual_seed(seed)
         while True:
             order = torch.randperm(len(self), generator=g)
@@ -395,13 +407,17 @@ def retrofit(init: str | Path, data_dir: str | Path, heads: HeadsConfig, out: st
     from multitoken.evaluate import evaluate
 
     out = Path(out)
+    if tokens // seq_len < batch_size:
+        raise UserError(f"--tokens {tokens} covers {tokens // seq_len} window(s) of {seq_len}, fewer than one batch of "
+                        f"{batch_size}: give --tokens {batch_size * seq_len} or more, or lower --batch-size")
     kind = feature_kind(heads)
     outdir.check(out, "retrofit")  # before the slow part: folders holding someone else's files are refused
     features = Path(features) if features is not None else out / "features"
     outdir.check(features, "features", "--features")
-    outdir.claim(out, "retrofit")
+    feature_windows(data_dir, seq_len, tokens, batch_size, seed)  # refuse too little data before writing anything
     torch.manual_seed(seed)
-    model, tok = add_heads(init, heads, max_seq_len)
+    model, tok = add_heads(init, heads, max_seq_len)  # and a missing or damaged --init
+    outdir.claim(out, "retrofit")
     t0 = time.perf_counter()
     meta = precompute_features(init, data_dir, features, kind, seq_len, tokens, batch_size, seed, progress=progress)
     t1 = time.perf_counter()
@@ -418,23 +434,27 @@ def retrofit(init: str | Path, data_dir: str | Path, heads: HeadsConfig, out: st
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from multitoken.checks import INT63
+    from multitoken.cli import ints, option, path_arg, text_arg
+    from multitoken.config import MAX_SEQ_LEN, TRAIN_RANGES
+
     p = subparsers.add_parser("retrofit", help="train MTP heads on a frozen pretrained model from backbone features computed once",
                               description="Add heads to a frozen pretrained run, precompute its backbone states once over DATA_DIR, "
                                           "train the heads on them by self-distillation, and write a run directory.")
-    p.add_argument("--init", required=True, metavar="RUN_DIR", help="the pretrained run (e.g. from `multitoken convert`)")
-    p.add_argument("--data", required=True, metavar="DATA_DIR", help="data prepared with the model's tokenizer")
-    p.add_argument("--heads", required=True, metavar="KIND:N", help="heads to add: medusa:N, sequential:N or parallel:N")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write")
-    p.add_argument("--features", default=None, metavar="DIR", help="where to store (or reuse) backbone features (default OUT/features)")
-    p.add_argument("--tokens", type=int, default=200_000, help="training tokens to compute features for")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per training window")
-    p.add_argument("--steps", type=int, default=200, help="optimizer steps")
-    p.add_argument("--batch-size", type=int, default=8, help="windows per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
-    p.add_argument("--eval-batches", type=int, default=8, help="validation batches for accuracy and expected tau")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--init", required=True, type=path_arg, metavar="RUN_DIR", help="the pretrained run (e.g. from `multitoken convert`)")
+    p.add_argument("--data", required=True, type=path_arg, metavar="DATA_DIR", help="data prepared with the model's tokenizer")
+    p.add_argument("--heads", required=True, type=text_arg, metavar="KIND:N", help="heads to add: medusa:N, sequential:N or parallel:N")
+    p.add_argument("--out", required=True, type=path_arg, metavar="RUN_DIR", help="run directory to write")
+    p.add_argument("--features", default=None, type=path_arg, metavar="DIR", help="where to store (or reuse) backbone features (default OUT/features)")
+    p.add_argument("--tokens", type=ints(1, 1 << 40), default=200_000, help="training tokens to compute features for")
+    p.add_argument("--seq-len", type=ints(2, MAX_SEQ_LEN), default=256, help="tokens per training window")
+    p.add_argument("--steps", type=ints(1), default=200, help="optimizer steps")
+    p.add_argument("--batch-size", type=ints(1, 1 << 20), default=8, help="windows per step")
+    p.add_argument("--lr", type=option(TRAIN_RANGES["lr"]), default=1e-3, help="peak learning rate")
+    p.add_argument("--eval-batches", type=ints(1, 1 << 20), default=8, help="validation batches for accuracy and expected tau")
+    p.add_argument("--seed", type=ints(0, INT63), default=0)
     p.add_argument("--freeze-head-lm", action="store_true", help="Medusa: train the residual blocks only, keep each head's LM-head copy")
-    p.add_argument("--max-seq-len", type=int, default=None, metavar="N", help="context of the written run (sizes the static KV cache)")
+    p.add_argument("--max-seq-len", type=ints(1, MAX_SEQ_LEN), default=None, metavar="N", help="context of the written run (sizes the static KV cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 

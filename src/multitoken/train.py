@@ -42,7 +42,8 @@ import torch
 
 from multitoken import checkpoint as ckpt
 from multitoken import outdir, parallel
-from multitoken.config import HeadsConfig, ModelConfig, TrainConfig, from_dict
+from multitoken.checks import Range
+from multitoken.config import BETA_RANGE, LOSS_WEIGHT_RANGE, TRAIN_RANGES, HeadsConfig, ModelConfig, TrainConfig, from_dict
 from multitoken.errors import UserError
 from multitoken.evaluate import EvalStats, check_same_tokenizer, eval_stats, plot_accuracy, summarize
 from multitoken.loss import IGNORE_INDEX, MTPLoss, default_weights, shift_targets
@@ -80,25 +81,34 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
-def _floats(text: str) -> list[float]:
+def _floats(text: str, rng: Range) -> list[float]:
+    """Comma-separated numbers, each in `rng` (ASCII digits; NaN and inf refused)."""
+    parts = [x for x in text.split(",") if x.strip()]
+    if not parts:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 1,0.5,0.25")
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 1,0.5,0.25") from None
+        return [float(rng.parse(x)) for x in parts]
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"{e}; expected comma-separated numbers, e.g. 1,0.5,0.25") from None
 
 
 def _optional_floats(text: str) -> list[float] | None:
-    return None if text.strip().lower() in ("", "none", "default") else _floats(text)
+    return None if text.strip().lower() in ("", "none", "default") else _floats(text, LOSS_WEIGHT_RANGE)
 
 
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
+def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, ranges: dict[str, Range] | None = None) -> None:
     """Add ``--field-name`` for every field of dataclass `cls`; unset options stay absent from the
     namespace (default SUPPRESS) so that a TOML file or a saved config can fill them.
 
-    bool fields become ``--x/--no-x``; tuples and lists of floats are comma-separated.
+    bool fields become ``--x/--no-x``; tuples and lists of floats are comma-separated; int and
+    float fields are parsed by their `Range` in `ranges` (ASCII digits, finite, in range), so a
+    bad number is argparse's one-line error before any work starts.
     """
+    from multitoken.cli import option, text_arg
+
     hints = typing.get_type_hints(cls)
     docs = field_docs(cls)
+    ranges = ranges or {}
     for f in dataclasses.fields(cls):
         hint = hints[f.name]
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
@@ -107,11 +117,15 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
         if hint is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is tuple:
-            kw.update(type=lambda s: tuple(_floats(s)), metavar="A,B")
+            kw.update(type=lambda s: tuple(_floats(s, BETA_RANGE)), metavar="A,B")
         elif hint in (list[float] | None, typing.Optional[list[float]]):
             kw.update(type=_optional_floats, metavar="W0,W1,...")
+        elif hint in (int, float):
+            if f.name not in ranges:
+                raise AssertionError(f"{cls.__name__}.{f.name} has no Range: add it to the config's RANGES table")
+            kw.update(type=option(ranges[f.name]), metavar=f.name.upper())
         else:
-            kw.update(type=hint, metavar=f.name.upper())
+            kw.update(type=text_arg if hint is str else hint, metavar=f.name.upper())
         parser.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
@@ -121,8 +135,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"--config {path}: file not found")
     try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
+        data = tomllib.loads(path.read_bytes().decode("utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"--config {path} is not valid TOML ({e})") from None
     if isinstance(data.get("train"), dict) and len(data) == 1:
         data = data["train"]  # a [train] table is accepted too
@@ -654,17 +668,19 @@ def load_optimizer(model, optimizer: torch.optim.Optimizer, saved: dict[str, Any
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``multitoken train``."""
+    from multitoken.cli import ints, path_arg
+
     p = subparsers.add_parser("train", help="train a model with MTP heads on a prepared DATA_DIR",
                               description="Train a model (or heads on a frozen one) on DATA_DIR into RUN_DIR. Options "
                               "override --config FILE.toml, which overrides the defaults; --resume continues exactly.")
-    p.add_argument("--data", required=True, metavar="DATA_DIR", help="a DATA_DIR made by `multitoken prepare`")
-    p.add_argument("--out", required=True, metavar="RUN_DIR", help="run directory to write (or to continue with --resume)")
-    p.add_argument("--config", default=None, metavar="FILE.toml", help="TOML file of training settings (keys as the options below, with _)")
+    p.add_argument("--data", required=True, type=path_arg, metavar="DATA_DIR", help="a DATA_DIR made by `multitoken prepare`")
+    p.add_argument("--out", required=True, type=path_arg, metavar="RUN_DIR", help="run directory to write (or to continue with --resume)")
+    p.add_argument("--config", default=None, type=path_arg, metavar="FILE.toml", help="TOML file of training settings (keys as the options below, with _)")
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest checkpoint, exactly")
-    p.add_argument("--stop-after", type=int, default=None, metavar="STEP",
+    p.add_argument("--stop-after", type=ints(1), default=None, metavar="STEP",
                    help="stop with a checkpoint after this step, keeping the schedule of --steps (resume later)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_dataclass_arguments(p, TrainConfig)
+    add_dataclass_arguments(p, TrainConfig, TRAIN_RANGES)
     p.set_defaults(func=run)
 
 

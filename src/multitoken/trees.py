@@ -33,6 +33,10 @@ from multitoken.errors import UserError
 
 TREE_FILE = "tree.json"
 DEFAULT_NODES = 16
+MAX_TREE_NODES = 1024
+"""Largest tree, root included (Medusa's trees have 64 nodes, EAGLE-2's 60); attention masks grow as N^2."""
+MAX_TREE_RANKS = 256
+"""Most candidates per depth a tree may use (Medusa measures the top 10)."""
 
 
 @dataclass
@@ -201,12 +205,31 @@ def as_tree(tree, draft: int | None, max_depth: int) -> StaticTree | DynamicTree
 
 
 def load_tree(path: str | Path) -> StaticTree:
-    from multitoken.checkpoint import read_json
+    """A static tree from a tree.json written by `multitoken tree`; a one-line `UserError` when the
+    file is missing, unreadable or malformed."""
+    import json
 
-    data = read_json(path)
-    if "paths" not in data:
-        raise UserError(f"{path} has no 'paths': write it with `multitoken tree`")
-    return StaticTree([tuple(p) for p in data["paths"]])
+    from multitoken.config import MAX_HEAD_DEPTH
+
+    path = Path(path)
+    remedy = "write one with `multitoken tree --run RUN_DIR --data DATA_DIR`, or use --tree dynamic:N"
+    if not path.is_file():
+        raise UserError(f"tree file {path} not found: {remedy}")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"tree file {path} is not valid JSON ({e}): {remedy}") from None
+    paths = data.get("paths") if isinstance(data, dict) else None
+    ok = isinstance(paths, list) and 0 < len(paths) < MAX_TREE_NODES and all(
+        isinstance(p, list) and 0 < len(p) <= MAX_HEAD_DEPTH
+        and all(isinstance(r, int) and not isinstance(r, bool) and 0 <= r < MAX_TREE_RANKS for r in p) for p in paths)
+    if not ok:
+        raise UserError(f"tree file {path} is malformed: expected {{\"paths\": [[rank, ...], ...]}} with 1 to "
+                        f"{MAX_TREE_NODES - 1} paths of 1 to {MAX_HEAD_DEPTH} ranks from 0 to {MAX_TREE_RANKS - 1}; {remedy}")
+    try:
+        return StaticTree([tuple(p) for p in paths])
+    except UserError as e:
+        raise UserError(f"tree file {path}: {e}") from None
 
 
 def resolve_tree(spec: str | None, run_dir: str | Path) -> StaticTree | DynamicTree | None:
@@ -215,10 +238,11 @@ def resolve_tree(spec: str | None, run_dir: str | Path) -> StaticTree | DynamicT
         path = Path(run_dir) / TREE_FILE
         return load_tree(path) if path.is_file() else None
     if spec.startswith("dynamic"):
+        from multitoken.checks import parse_int
+
         _, _, n = spec.partition(":")
-        if n and not n.isdigit():
-            raise UserError(f"--tree {spec!r}: expected dynamic:N with N a node count")
-        return DynamicTree(int(n) if n else DEFAULT_NODES, 1 << 30)  # depth capped by the model in as_tree
+        nodes = parse_int(n, 2, MAX_TREE_NODES, what=f"--tree {spec!r}: expected dynamic:N, N nodes") if n else DEFAULT_NODES
+        return DynamicTree(nodes, 1 << 30)  # depth capped by the model in as_tree
     return load_tree(spec)
 
 
@@ -253,15 +277,18 @@ def measure_topk_accuracy(model, batches, ranks: int = 10, eos_id: int | None = 
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from multitoken.cli import device_arg, ints, path_arg
+    from multitoken.config import MAX_SEQ_LEN
+
     p = subparsers.add_parser("tree", help="measure the heads' top-k accuracy and write RUN_DIR/tree.json (static draft tree)")
-    p.add_argument("--run", required=True, help="run directory with MTP heads")
-    p.add_argument("--data", required=True, help="DATA_DIR from `multitoken prepare` (its validation split is used)")
-    p.add_argument("--nodes", type=int, default=DEFAULT_NODES * 4, help="tree size, root included")
-    p.add_argument("--ranks", type=int, default=10, help="candidates per depth to measure")
-    p.add_argument("--batches", type=int, default=16, help="validation batches to score")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=None, help="window length (default: the model's context)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--run", required=True, type=path_arg, help="run directory with MTP heads")
+    p.add_argument("--data", required=True, type=path_arg, help="DATA_DIR from `multitoken prepare` (its validation split is used)")
+    p.add_argument("--nodes", type=ints(2, MAX_TREE_NODES), default=DEFAULT_NODES * 4, help="tree size, root included")
+    p.add_argument("--ranks", type=ints(1, MAX_TREE_RANKS), default=10, help="candidates per depth to measure")
+    p.add_argument("--batches", type=ints(1, 1 << 20), default=16, help="validation batches to score")
+    p.add_argument("--batch-size", type=ints(1, 1 << 20), default=8)
+    p.add_argument("--seq-len", type=ints(2, MAX_SEQ_LEN), default=None, help="window length (default: the model's context)")
+    p.add_argument("--device", default="auto", type=device_arg, help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.set_defaults(func=run)
 
 

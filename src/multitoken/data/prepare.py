@@ -84,10 +84,6 @@ def prepare(
     args = _arguments(source, tokenizer, field, val_fraction, max_docs)
     if not force and _is_complete(out, args):
         return {**load_meta(out), "reused": True}
-    outdir.claim(out, "prepare")  # the ownership marker first: a killed prepare leaves a folder we still own
-    outdir.remove_temporaries(out, DATA_FILES, fixed=[f"{s}.bin.tmp" for s in SPLITS])  # a killed run's leftovers
-    (out / META_FILE).unlink(missing_ok=True)  # from here on, `out` is incomplete until meta.json is back
-
     say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -95,6 +91,10 @@ def prepare(
     train, val = split_documents(docs, val_fraction)
     _check_split_docs(source, len(docs), train, val, val_fraction)  # before the tokenizer trains on the train split
     seconds["read"] = time.perf_counter() - t
+    # Only now, with a corpus that can be prepared, does anything in `out` change.
+    outdir.claim(out, "prepare")  # the ownership marker first: a killed prepare leaves a folder we still own
+    outdir.remove_temporaries(out, DATA_FILES, fixed=[f"{s}.bin.tmp" for s in SPLITS])  # a killed run's leftovers
+    (out / META_FILE).unlink(missing_ok=True)  # from here on, `out` is incomplete until meta.json is back
 
     t = time.perf_counter()
     if tokenizer.startswith("bpe:"):
@@ -187,19 +187,21 @@ def shard_path(data_dir: str | Path, split: str) -> Path:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``multitoken prepare``."""
+    from multitoken.cli import floats, ints, path_arg, text_arg, tokenizer_arg
+
     p = subparsers.add_parser(
         "prepare",
         help="tokenize a corpus into a DATA_DIR (train.bin, val.bin, tokenizer, meta.json)",
         description="Tokenize a corpus into DATA_DIR: train.bin and val.bin (documents separated by EOS), "
         "the tokenizer, and meta.json. Re-running with the same arguments reuses DATA_DIR.",
     )
-    p.add_argument("--corpus", required=True, help=f"{STDLIB}, a directory, a .txt/.jsonl/.parquet file, or a saved HF dataset")
-    p.add_argument("--tokenizer", required=True, help="bpe:N (train a byte-level BPE of N ids), bytes, or a tokenizer.json / model folder / .gguf")
-    p.add_argument("--out", required=True, metavar="DATA_DIR", help="directory to write")
-    p.add_argument("--glob", default=None, help="files of a directory corpus (default **/*.txt)")
-    p.add_argument("--field", default="text", help="text field of .jsonl/.parquet/dataset corpora (default: text)")
-    p.add_argument("--max-docs", type=int, default=None, metavar="N", help="read only the first N documents")
-    p.add_argument("--val-fraction", type=float, default=DEFAULT_VAL_FRACTION, help=f"share of documents for validation (default {DEFAULT_VAL_FRACTION})")
+    p.add_argument("--corpus", required=True, type=path_arg, help=f"{STDLIB}, a directory, a .txt/.jsonl/.parquet file, or a saved HF dataset")
+    p.add_argument("--tokenizer", required=True, type=tokenizer_arg, help="bpe:N (train a byte-level BPE of N ids), bytes, or a tokenizer.json / model folder / .gguf")
+    p.add_argument("--out", required=True, type=path_arg, metavar="DATA_DIR", help="directory to write")
+    p.add_argument("--glob", default=None, type=text_arg, help="files of a directory corpus (default **/*.txt)")
+    p.add_argument("--field", default="text", type=text_arg, help="text field of .jsonl/.parquet/dataset corpora (default: text)")
+    p.add_argument("--max-docs", type=ints(1), default=None, metavar="N", help="read only the first N documents")
+    p.add_argument("--val-fraction", type=floats(0, 1, lo_open=True, hi_open=True), default=DEFAULT_VAL_FRACTION, help=f"share of documents for validation (default {DEFAULT_VAL_FRACTION})")
     p.add_argument("--include-tests", action="store_true", help=f"{STDLIB}: keep the test folders")
     p.add_argument("--force", action="store_true", help="rebuild even if DATA_DIR already holds this prepare")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -198,12 +198,12 @@ class Tokenizer:
         if spec == "bytes":
             return cls.bytes()
         if spec.startswith("bpe:"):
-            n = spec[4:]
-            if not n.isdigit():
-                raise UserError(f"--tokenizer {spec!r}: expected bpe:N with N a vocabulary size, e.g. bpe:8192")
+            from multitoken.checks import parse_int
+
+            n = parse_int(spec[4:], 1, 1 << 24, what=f"--tokenizer {spec!r}: expected bpe:N with N a vocabulary size, e.g. bpe:8192; N")
             if train_texts is None:
                 raise UserError(f"--tokenizer {spec} must be trained: run `multitoken prepare` with it, or pass train_texts")
-            return cls.train_bpe(train_texts, int(n), length=length)
+            return cls.train_bpe(train_texts, n, length=length)
         return cls.load(spec)
 
     # ---- use ----------------------------------------------------------------------------------

@@ -152,8 +152,10 @@ def decode(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", draft
     """
     if mode not in MODES:
         raise UserError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
-    if not 1 <= max_new_tokens <= 1 << 24:
-        raise UserError(f"--max-new-tokens {max_new_tokens}: must be between 1 and {1 << 24}")
+    from multitoken.checks import MAX_NEW_TOKENS
+
+    if not (isinstance(max_new_tokens, int) and 1 <= max_new_tokens <= MAX_NEW_TOKENS):
+        raise UserError(f"--max-new-tokens {max_new_tokens!r}: must be an integer between 1 and {MAX_NEW_TOKENS}")
     s = Sampling(temperature, top_k, top_p)
     device = next(model.parameters()).device
     L = model.config.max_seq_len

@@ -9,7 +9,6 @@ from the user's seeded generator without any random-number kernel of its own.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -30,13 +29,13 @@ class Sampling:
     """Keep the smallest set of tokens whose probability reaches top_p (1 = all)."""
 
     def __post_init__(self) -> None:
-        # Written as `not (x >= 0)` so that NaN fails too.
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            raise UserError(f"--temperature {self.temperature}: must be a finite number >= 0 (0 = greedy)")
-        if self.top_k < 0:
-            raise UserError(f"--top-k {self.top_k}: must be >= 0 (0 = no top-k filter)")
-        if not (0.0 < self.top_p <= 1.0):
-            raise UserError(f"--top-p {self.top_p}: must be in (0, 1]")
+        from multitoken.checks import SAMPLING_RANGES
+
+        # Range checks fail NaN too (a NaN temperature once sampled token 0 forever).
+        for name, rng in SAMPLING_RANGES.items():
+            why = rng.problem(getattr(self, name))
+            if why is not None:
+                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {why}")
 
     @property
     def greedy(self) -> bool:
