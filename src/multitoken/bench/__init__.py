@@ -2,7 +2,9 @@
 
 - ``bench decode``: our plain, chain and tree decoding (eager, CUDA graphs, compiled) against
   transformers' generate (default and static cache) and prompt lookup, on the same weights and
-  prompts, at several batch sizes and temperatures (bench/decode.py).
+  prompts, at several batch sizes and temperatures (bench/decode.py);
+- ``bench train``: training tokens/s, MFU, FLOP-ideal and measured ratios against plain
+  training, and peak memory, per head family (bench/train.py).
 Each prints a table, and writes JSON and a plot.
 """
 
@@ -12,8 +14,9 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from multitoken.bench import decode
+    from multitoken.bench import decode, train
 
-    p = subparsers.add_parser("bench", help="benchmarks: decoding speed side by side with transformers")
+    p = subparsers.add_parser("bench", help="benchmarks: decoding and training speed, side by side")
     sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True)
     decode.register(sub)
+    train.register(sub)

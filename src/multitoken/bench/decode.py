@@ -226,6 +226,7 @@ def eval_key(text: str):
 
 
 def plot(data: dict, path: Path) -> None:
+    """Tokens/s per method (log scale) and speed-up over our plain decoding, per (batch, temperature)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -234,21 +235,24 @@ def plot(data: dict, path: Path) -> None:
     rows = [r for r in data["results"] if "tokens_per_s" in r]
     groups = sorted({(r["batch"], r["temperature"]) for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.6 * len(groups) + 3), 4.5))
+    fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.6 * len(groups) + 3), 7), sharex=True)
     w = 0.8 / max(len(methods), 1)
-    for i, m in enumerate(methods):
-        xs, ys = [], []
-        for j, g in enumerate(groups):
-            v = [r["tokens_per_s"] for r in rows if r["method"] == m and (r["batch"], r["temperature"]) == g]
-            if v:
-                xs.append(j + i * w)
-                ys.append(v[0])
-        ax.bar(xs, ys, w, label=m)
-    ax.set_xticks([j + 0.4 - w / 2 for j in range(len(groups))], [f"B={b}, T={t:g}" for b, t in groups])
-    ax.set_ylabel("tokens/s (median)")
-    ax.set_yscale("log")
-    ax.set_title(data["model"][:90], fontsize=9)
-    ax.legend(fontsize=7, ncol=2)
+    for ax, key in zip(axes, ("tokens_per_s", "vs_our_plain")):
+        for i, m in enumerate(methods):
+            xs, ys = [], []
+            for j, g in enumerate(groups):
+                v = [r.get(key) for r in rows if r["method"] == m and (r["batch"], r["temperature"]) == g]
+                if v and v[0] is not None:
+                    xs.append(j + i * w)
+                    ys.append(v[0])
+            ax.bar(xs, ys, w, label=m)
+    axes[0].set(ylabel="tokens/s (median)", yscale="log")
+    axes[1].set(ylabel="speed-up vs our plain decoding")
+    axes[1].axhline(1.0, color="k", lw=0.6)
+    axes[1].set_xticks([j + 0.4 - w / 2 for j in range(len(groups))], [f"B={b}, T={t:g}" for b, t in groups])
+    axes[0].set_title(f"{data['model'][:80]} ({data.get('machine', {}).get('device', '')}, {data.get('dtype', '')})",
+                      fontsize=9)
+    axes[0].legend(fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

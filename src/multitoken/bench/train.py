@@ -1,0 +1,211 @@
+"""``multitoken bench train``: training throughput per head family, against plain training and its FLOPs.
+
+For one preset and a list of head specs (``none`` first is the baseline), on random tokens:
+tokens/s (median of timed steps after warm-up), model FLOPs utilisation, the FLOP-ideal ratio
+and the measured ratio against plain training, peak memory, and optionally the same with the
+naive loss (full logits per depth) next to the memory-efficient one.
+
+FLOPs per token (`train_flops`), forward + backward = 3x the forward's multiply-adds x 2:
+- 6 x P, with P the weights of every matrix the step multiplies by: every block that runs
+  (the backbone's, the parallel heads' and the sequential modules'), `eh_proj`, Medusa's
+  residual layers, and one vocabulary projection (V x d) per depth, since every depth's logits
+  enter the loss;
+- 6 x d x T x (blocks that run), for causal attention over T tokens (QK^T and AV are
+  2 x d x T/2 multiply-adds per token and block, on average);
+- recomputation (heads whose blocks are recomputed in backward) adds one more forward of those
+  blocks: 2 x P_heads + 2 x d x T x (their blocks).
+MFU counts the model's FLOPs (without recomputation) against the device's dense bf16 peak
+(`--peak-tflops`, 989 for an H100/H200). The FLOP-ideal ratio is plain training's FLOPs per
+token over this configuration's, recomputation included: the speed a head family would reach
+if it cost exactly its FLOPs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from multitoken.errors import UserError
+
+
+def train_flops(model, seq_len: int, causal: bool = True) -> dict[str, float]:
+    """FLOPs per trained token of `model` at context `seq_len` (see the module docstring).
+
+    Returns:
+        {"model": FLOPs the model needs, "recompute": extra FLOPs of recomputed head blocks,
+         "total": their sum}.
+    """
+    cfg = model.config
+    V, d, D = cfg.vocab_size, cfg.dim, model.depth
+    skip = {id(model.embed_tokens.weight), id(model.lm_head.weight)}
+    heads = model.mtp
+    head_params = 0
+    matrix_params = 0
+    for name, p in model.named_parameters():
+        if p.dim() != 2 or id(p) in skip or name.endswith("lm_head.weight"):
+            continue  # embeddings are lookups; vocabulary projections are counted per depth below
+        matrix_params += p.numel()
+        if name.startswith("mtp."):
+            head_params += p.numel()
+    head_blocks = sum(1 for m in heads.modules() if hasattr(m, "self_attn")) if heads is not None else 0
+    blocks = cfg.n_layers + head_blocks
+    attn = (3 if causal else 6) * 2 * d * seq_len  # per block and token, forward + backward
+    model_flops = 6 * (matrix_params + (1 + D) * V * d) + attn * blocks
+    recompute = 0.0
+    if heads is not None and getattr(heads, "recompute", False):
+        recompute = 2 * head_params + attn / 3 * head_blocks
+    return {"model": float(model_flops), "recompute": float(recompute), "total": float(model_flops + recompute)}
+
+
+def measure(preset: str, heads: str, batch_size: int, seq_len: int, vocab: int, steps: int, warmup: int,
+            device: torch.device, compile: bool, memory_efficient: bool) -> dict:
+    """Train `steps` timed steps (after `warmup`) on random tokens; tokens/s, memory, FLOPs."""
+    from multitoken.config import HeadsConfig, ModelConfig
+    from multitoken.loss import MTPLoss, default_weights
+    from multitoken.model import Transformer
+    from multitoken.parallel import apply_compile
+
+    torch.manual_seed(0)
+    cfg = ModelConfig.from_preset(preset, heads=HeadsConfig.parse(heads), vocab_size=vocab, max_seq_len=seq_len)
+    model = Transformer(cfg).to(device)
+    flops = train_flops(model, seq_len)
+    if compile:
+        apply_compile(model)
+    cuda = device.type == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    weights = default_weights(cfg.heads.kind, model.depth) if model.depth else [1.0]  # what `train` uses
+    loss_fn = MTPLoss(model.depth, weights, eos_id=cfg.eos_id, memory_efficient=memory_efficient)
+    g = torch.Generator().manual_seed(1)
+    windows = [torch.randint(2, vocab, (batch_size, seq_len + 1), generator=g).to(device) for _ in range(4)]
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+
+    def step(i: int) -> None:
+        w = windows[i % len(windows)]
+        with autocast:
+            out = loss_fn(model, model(w[:, :-1]), w)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    warm = time.perf_counter() - t0
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        step(i)
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    tps = batch_size * seq_len / statistics.median(times)
+    return dict(heads=heads, loss="memory-efficient" if memory_efficient else "naive", tokens_per_s=tps,
+                step_s=statistics.median(times), warmup_s=warm, flops_per_token=flops,
+                peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
+                parameters=model.num_parameters())
+
+
+def register(sub) -> None:
+    from multitoken.cli import device_arg, floats, ints, path_arg
+
+    p = sub.add_parser("train", help="training throughput per head family: tokens/s, MFU, FLOP-ideal ratio, memory")
+    p.add_argument("--preset", default="base", help="model preset (tiny, small, medium, base, large, ...)")
+    p.add_argument("--heads", default="none,parallel:3,sequential:1,medusa:3",
+                   help="comma-separated head specs; 'none' is the baseline (added first when missing)")
+    p.add_argument("--batch-size", type=ints(1, 4096), default=16)
+    p.add_argument("--seq-len", type=ints(2, 1 << 17), default=2048)
+    p.add_argument("--vocab", type=ints(16, 1 << 20), default=32768, help="vocabulary size of the random tokens")
+    p.add_argument("--steps", type=ints(1, 10_000), default=10, help="timed steps (median)")
+    p.add_argument("--warmup", type=ints(0, 10_000), default=3, help="untimed steps first (compilation, autotuning)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the blocks (parallel.apply_compile)")
+    p.add_argument("--compare-naive", action="store_true", help="also measure the naive loss (full logits per depth)")
+    p.add_argument("--peak-tflops", type=floats(0, 1e6, lo_open=True), default=989.0,
+                   help="dense bf16 peak of the device, for MFU (989 for an H100/H200)")
+    p.add_argument("--device", default="auto", type=device_arg)
+    p.add_argument("--out", default="bench-train", type=path_arg, help="folder for train.json and train.png")
+    p.set_defaults(func=run)
+
+
+def table(data: dict) -> str:
+    lines = [f"{'heads':16s} {'loss':16s} {'tok/s':>10s} {'MFU':>6s} {'vs none':>8s} {'FLOP-ideal':>10s} "
+             f"{'of ideal':>8s} {'peak GiB':>8s}"]
+    for r in data["results"]:
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        mem = f"{r['peak_memory_gib']:.2f}" if r.get("peak_memory_gib") is not None else "-"
+        lines.append(f"{r['heads']:16s} {r['loss']:16s} {r['tokens_per_s']:10.0f} {mfu:>6s} {r['vs_none']:8.2f} "
+                     f"{r['flop_ideal']:10.2f} {r['share_of_ideal']:8.1%} {mem:>8s}")
+    return "\n".join(lines)
+
+
+def plot(data: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in data["results"] if r["loss"] == "memory-efficient"]
+    fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows) + 2), 4))
+    xs = range(len(rows))
+    ax.bar([x - 0.2 for x in xs], [r["vs_none"] for r in rows], 0.4, label="measured tokens/s vs none")
+    ax.bar([x + 0.2 for x in xs], [r["flop_ideal"] for r in rows], 0.4, label="FLOP-ideal ratio")
+    ax.set_xticks(list(xs), [r["heads"] for r in rows])
+    ax.axhline(1.0, color="k", lw=0.6)
+    ax.set(ylabel="relative to plain training", title=f"{data['preset']}, {data['batch_size']} x {data['seq_len']} tokens "
+                                                      f"({data['machine']['device']})")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run(args: argparse.Namespace) -> int:
+    from multitoken.config import PRESETS, HeadsConfig
+
+    if args.preset not in PRESETS:
+        raise UserError(f"--preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
+    specs = [s.strip() for s in args.heads.split(",") if s.strip()]
+    for s in specs:
+        HeadsConfig.parse(s)  # one-line error for a bad spec before anything runs
+    if "none" not in specs:
+        specs.insert(0, "none")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} is a file: name a folder for train.json and train.png")
+    device = torch.device(args.device)
+    results = []
+    for spec in specs:
+        for efficient in ([True, False] if args.compare_naive else [True]):
+            r = measure(args.preset, spec, args.batch_size, args.seq_len, args.vocab, args.steps, args.warmup, device,
+                        args.compile, efficient)
+            print(f"{spec} ({r['loss']}): {r['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+            results.append(r)
+    base = next(r for r in results if r["heads"] == "none" and r["loss"] == "memory-efficient")
+    for r in results:
+        r["vs_none"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["flop_ideal"] = base["flops_per_token"]["total"] / r["flops_per_token"]["total"]
+        r["share_of_ideal"] = r["vs_none"] / r["flop_ideal"]
+        r["mfu"] = (r["tokens_per_s"] * r["flops_per_token"]["model"] / (args.peak_tflops * 1e12)
+                    if device.type == "cuda" else None)
+        if r["peak_memory_gib"] is not None and base["peak_memory_gib"]:
+            r["memory_vs_none"] = r["peak_memory_gib"] / base["peak_memory_gib"]
+    data = dict(command="multitoken " + " ".join(getattr(args, "argv", sys.argv[1:])), preset=args.preset,
+                batch_size=args.batch_size, seq_len=args.seq_len, vocab=args.vocab, compile=args.compile,
+                dtype="bf16 autocast" if device.type == "cuda" else "float32", peak_tflops=args.peak_tflops,
+                machine=dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+                             torch=torch.__version__, python=platform.python_version()),
+                date=time.strftime("%Y-%m-%d"), results=results)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "train.json").write_text(json.dumps(data, indent=1) + "\n")
+    plot(data, out / "train.png")
+    print(table(data))
+    print(f"wrote {out / 'train.json'} and {out / 'train.png'}")
+    return 0

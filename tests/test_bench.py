@@ -1,0 +1,57 @@
+"""Benchmarks' own arithmetic against outside references: the FLOP formula of `bench train`
+against torch's FLOP counter, and `bench decode`'s token-match rate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
+
+from multitoken.bench.decode import match_rate
+from multitoken.bench.train import train_flops
+from multitoken.config import HeadsConfig, ModelConfig
+from multitoken.loss import MTPLoss, default_weights
+from multitoken.model import Transformer
+
+
+@pytest.mark.parametrize("spec", ["none", "parallel:2", "sequential:2", "medusa:2"])
+def test_train_flops_equal_torch_flop_counter(spec):
+    """One training step's matmul FLOPs as torch counts them (math attention, which the counter sees
+    as two batched matmuls over all T x T pairs) equal the formula with causal=False."""
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=64, max_seq_len=64,
+                      eos_id=1, heads=HeadsConfig.parse(spec))
+    model = Transformer(cfg).train()
+    if model.mtp is not None:
+        model.mtp.recompute = False  # recomputation is counted apart (torch may stop it early)
+    B, T = 2, 64
+    window = torch.randint(2, 97, (B, T + 1))
+    loss = MTPLoss(model.depth, default_weights(cfg.heads.kind, model.depth) if model.depth else [1.0], eos_id=1)
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        loss(model, model(window[:, :-1]), window).loss.backward()
+    assert counter.get_total_flops() / (B * T) == pytest.approx(train_flops(model, T, causal=False)["model"], rel=1e-9)
+
+
+def test_recompute_flops_bound_what_torch_recomputes():
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=64, max_seq_len=64,
+                      eos_id=1, heads=HeadsConfig.parse("parallel:2"))
+    model = Transformer(cfg).train()
+    window = torch.randint(2, 97, (2, 65))
+    loss = MTPLoss(2, [1.0, 1.0, 1.0], eos_id=1)
+    counts = []
+    for recompute in (False, True):
+        model.mtp.recompute = recompute
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            loss(model, model(window[:, :-1]), window).loss.backward()
+        counts.append(counter.get_total_flops() / 128)
+    extra = counts[1] - counts[0]
+    f = train_flops(model, 64, causal=False)
+    assert 0.8 * f["recompute"] <= extra <= f["recompute"]  # the head blocks' matmuls, at most their attention too
+
+
+def test_match_rate_counts_tokens_before_the_first_divergence():
+    assert match_rate([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]) == (1.0, None)
+    assert match_rate([[1, 9, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]) == (4 / 6, 1)
+    assert match_rate([[1, 2], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]) == (5 / 6, 2)
