@@ -360,3 +360,41 @@ def test_convert_refuses_a_tied_lm_head_that_differs_from_the_embedding(tmp_path
     save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(UserError, match="lm_head.weight differs from the embedding"):
         convert_hf(folder, tmp_path / "run")
+
+
+# ---- transformers' own MTP decoding on our exported modules ---------------------------------------------
+@pytest.mark.parametrize("depth", [1, 2])
+def test_exported_sequential_modules_draft_in_transformers_use_mtp(tmp_path, depth):
+    """An exported sequential model loads through `load_transformers_mtp`; transformers' generic MTP
+    layer then computes exactly our depth-1 logits (norm weights random, so that a hidden state
+    taken after the final norm would differ), and generate(use_mtp=True) gives our greedy output."""
+    from transformers.modeling_layers import MtpModel
+
+    from conftest import tiny_model
+    from multitoken.decoding import generate
+    from multitoken.hf import load_transformers_mtp
+
+    torch.manual_seed(depth)
+    model = tiny_model("sequential", depth, vocab_size=61, max_seq_len=64, n_layers=3).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            (p.uniform_(0.5, 1.5) if p.dim() == 1 else p.normal_(0, 0.15))
+    save_run(tmp_path / "run", model)
+    export_hf(tmp_path / "run", tmp_path / "hf")
+    hf = load_transformers_mtp(tmp_path / "hf", dtype=torch.float32).eval()
+    x = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13]])
+    T = x.shape[1]
+    with torch.no_grad():
+        ours = model(x)
+        mtp = MtpModel.from_pretrained(hf)
+        h = hf(x, output_hidden_states=True).hidden_states[-1]
+        _, theirs, _ = mtp(input_ids=x[:, 1:T - depth + 1], last_hidden_states=h[:, : T - depth], attention_mask=None,
+                           position_ids=torch.arange(1, T - depth + 1)[None], mtp_cache=None)
+    # Module 1 at position T-depth-1 predicts token T-depth+1. Deeper modules differ by design:
+    # transformers hands the next layer the state after each layer's own norm, DeepSeek-V3 (and
+    # we, and vLLM) the state before it (docs/interop.md); drafts differ, output does not.
+    torch.testing.assert_close(theirs[:, 0], model.logits(ours[1][:, T - depth - 1], 1), atol=1e-4, rtol=1e-4)
+    prompt = [[5, 6, 7, 8, 9, 10, 11]]
+    ref, _ = generate(model, prompt, 24)
+    out = hf.generate(torch.tensor(prompt), max_new_tokens=24, do_sample=False, use_mtp=True, pad_token_id=0)
+    assert out[0, 7:].tolist() == ref[0]

@@ -178,7 +178,11 @@ def config_to_hf(cfg: ModelConfig, model_type: str, dtype: torch.dtype, bos_id: 
         hf.update(sliding_window=None)
     h = cfg.heads
     if h.kind == "sequential":
-        hf.update(num_nextn_predict_layers=h.depth, num_mtp_layers=h.depth)
+        # num_mtp_layers and tie_last_hidden_states: false let transformers' generic MTP layer
+        # (generate(..., use_mtp=True)) read h^0 before the final norm, as our modules do.
+        hf.update(num_nextn_predict_layers=h.depth, num_mtp_layers=h.depth, tie_last_hidden_states=False)
+        if "layer_types" in hf:
+            hf["mtp_layer_types"] = ["full_attention"] * h.depth
     elif h.kind == "medusa":
         hf.update(medusa_num_heads=h.depth, medusa_num_layers=h.medusa_layers)
     hf["multitoken"] = {"format": FORMAT_VERSION, "heads": {"kind": h.kind, "depth": h.depth, "medusa_layers": h.medusa_layers}}
@@ -498,6 +502,29 @@ def export_hf(run_dir: str | Path, out: str | Path, model_type: str | None = Non
     if tok is not None:
         tok.save(out)
     return out
+
+
+def load_transformers_mtp(hf_dir: str | Path, **kwargs):
+    """transformers' model for a folder `export` wrote with sequential heads, ready for
+    ``model.generate(..., use_mtp=True)`` (transformers' own MTP drafting with our modules).
+
+    The exported config already says how many MTP layers there are and that they read the hidden
+    state before the final norm; what a Llama-type model lacks is the pattern under which
+    transformers looks up MTP weights (`model.layers.{L+k}.*`), set here on the instance.
+
+    Args:
+        hf_dir: the exported folder.
+        kwargs: passed to ``AutoModelForCausalLM.from_pretrained`` (dtype, device_map, ...).
+    """
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, **kwargs)
+    n = getattr(model.config, "num_mtp_layers", None)
+    if not n:
+        raise UserError(f"{hf_dir} has no MTP layers (num_mtp_layers): export a run with sequential heads")
+    L = model.config.num_hidden_layers
+    model._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{L + k}\..*" for k in range(n)]
+    return model
 
 
 # ---- CLI ------------------------------------------------------------------------------------------

@@ -7,7 +7,8 @@ process and on the same prompts:
   and every speculative mode that applies (chain with all heads, chain with the automatic
   draft length, tree);
 - transformers' generate on the same weights (exported in-process): default cache, static
-  cache, and prompt lookup (batch 1), where transformers is installed;
+  cache, prompt lookup (batch 1) and, for sequential modules, its own MTP drafting with our
+  modules (`use_mtp`, batch 1), where transformers is installed;
 at each batch size and temperature asked. Reported: tokens/s as medians over repeats (the first
 call of each method is warm-up and holds its compile and capture time, reported apart), tau,
 acceptance per position, speed-up over our plain decoding with graphs, the measured cost of
@@ -114,8 +115,11 @@ def hf_peer(model, run_dir: Path | None, device: str, dtype: torch.dtype):
         run_dir = tmp / "run"
         save_run(run_dir, model)
     export_hf(run_dir, tmp / "hf")
-    hf = AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=dtype).to(device).eval()
-    return hf
+    if model.mtp is not None and not model.mtp.drafts_from_verify:  # sequential modules: transformers' use_mtp too
+        from multitoken.hf import load_transformers_mtp
+
+        return load_transformers_mtp(tmp / "hf", dtype=dtype).to(device).eval()
+    return AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=dtype).to(device).eval()
 
 
 def time_calls(fn, repeats: int) -> tuple[float, list[float], object]:
@@ -177,6 +181,8 @@ def bench(model, tok, run_dir, args) -> dict:
                 peers = [("transformers generate", {}), ("transformers static cache", dict(cache_implementation="static"))]
                 if B == 1:
                     peers.append(("transformers prompt lookup", dict(prompt_lookup_num_tokens=10)))
+                if B == 1 and getattr(hf.config, "num_mtp_layers", None):
+                    peers.append(("transformers use_mtp", dict(use_mtp=True)))
                 for name, kw in peers:
                     sample = dict(do_sample=True, temperature=T, top_k=0) if T else dict(do_sample=False)
 
