@@ -332,3 +332,17 @@ def test_best_draft_maximises_expected_tokens_per_second():
     assert best_draft([0.1, 0.05, 0.0], costs) == 0  # drafts that are rarely right do not pay
     assert best_draft([0.5, 0.05, 0.0], costs) == 1  # 1.5 / 1.15 = 1.30 beats 1.55 / 1.25 = 1.24
     assert best_draft([0.0, 0.0, 0.0], {0: 1.0, 3: 1.0}) == 0  # ties go to the shorter draft
+
+
+@pytest.mark.slow
+def test_compiled_blocks_decode_like_eager_blocks_and_report_compile_time():
+    """The runner's compiled `Block.cached` (inductor on the CPU) gives the eager blocks' greedy
+    output for plain, chain and tree decoding; the first call reports its compilation time."""
+    model = spread_model("parallel", 2, 7)
+    p = prompts(3, 2)
+    ref, _ = generate(model, p, 12)
+    out, stats = generate(model, p, 12, compile=True)
+    assert out == ref and stats.compile_time_s > 0
+    for mode in ("spec", "tree"):
+        assert generate(model, p, 12, mode=mode, compile=True)[0] == ref
+    assert generate(model, p, 12, compile=True)[1].compile_time_s == 0  # compiled once, reused

@@ -11,7 +11,7 @@ Two things live here:
    ``~/.cache/multitoken``), after which a load takes ~2 s. fp32 keeps the dequantised values
    exactly (Q4_1 values d*q+m are not bf16-representable), so the cached model equals the GGUF one.
 
-2. **Precomputed backbone features** (`precompute_features`, CLI ``multitoken retrofit-cache``).
+2. **Precomputed backbone features** (`precompute_features`; ``multitoken retrofit --features DIR`` keeps them).
    With a frozen backbone, every epoch of head training recomputes the same backbone forward
    pass. Medusa heads read only the final normed hidden state, so storing it once (bf16, one
    safetensors shard per chunk of windows) plus the backbone's own next-token distribution (the

@@ -65,7 +65,7 @@ class GenerationStats:
     chosen_draft: list[int] = field(default_factory=list)
     """The draft lengths the loop ran, in order (0 = plain steps); one entry when it never changed."""
     compile_time_s: float = 0.0
-    """Seconds this call spent compiling and capturing graphs (included in wall_time_s)."""
+    """Seconds this call spent compiling blocks and capturing graphs (included in wall_time_s)."""
     host_syncs: int = 0
     """Times the loop read the device to decide whether to go on."""
 
@@ -189,7 +189,7 @@ def decode(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", draft
         gen = torch.Generator(device=device)
         gen.manual_seed(seed)
     sync_every = sync_every or (8 if device.type == "cuda" else 1)
-    compile_before = runner.compile_time_s
+    compile_before = runner.compile_time_s  # read before prefill: the first compilation happens there
     st.emitter.reset(lengths, max_new_tokens, L, eos_id)
     st.tally.reset()
     len_host = lengths.tolist()

@@ -71,8 +71,15 @@ class CompiledBlock:
 
     def __call__(self, *args):
         if self.runner.compile_error is None:
+            from torch._dynamo.utils import counters
+
+            before = counters["stats"]["unique_graphs"]
+            t0 = time.perf_counter()
             try:
-                return self.compiled(*args)
+                out = self.compiled(*args)
+                if counters["stats"]["unique_graphs"] != before:  # this call compiled: count its time
+                    self.runner.compile_time_s += time.perf_counter() - t0
+                return out
             except Exception as e:  # a compiler failure must not stop decoding
                 import sys
 
