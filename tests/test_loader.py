@@ -93,13 +93,19 @@ def test_eval_batches(shard: Path) -> None:
     assert all(torch.equal(torch.cat([ranks[0][k], ranks[1][k]]), batches[k]) for k in range(5))
 
 
-def test_data_dir_and_errors(tmp_path: Path, shard: Path) -> None:
+def small_data_dir(tmp_path: Path) -> Path:
+    """A bytes DATA_DIR of four short documents."""
     corpus = tmp_path / "c"
     corpus.mkdir()
     for i in range(4):
         (corpus / f"{i}.txt").write_text(f"document number {i} " * 20)
     data = tmp_path / "data"
     prepare(str(corpus), "bytes", data, val_fraction=0.3, progress=False)
+    return data
+
+
+def test_data_dir_and_errors(tmp_path: Path, shard: Path) -> None:
+    data = small_data_dir(tmp_path)
     val = TokenLoader(data, "val", batch_size=2, seq_len=8)
     assert val.path == data / "val.bin" and next(val).shape == (2, 9)
     with pytest.raises(UserError, match="fewer than one window"):
@@ -116,12 +122,7 @@ def test_data_dir_and_errors(tmp_path: Path, shard: Path) -> None:
 
 
 def test_damaged_data_dir_shard_is_refused_on_open(tmp_path: Path) -> None:
-    corpus = tmp_path / "c"
-    corpus.mkdir()
-    for i in range(4):
-        (corpus / f"{i}.txt").write_text(f"document number {i} " * 20)
-    data = tmp_path / "data"
-    prepare(str(corpus), "bytes", data, val_fraction=0.3, progress=False)
+    data = small_data_dir(tmp_path)
     raw = bytearray((data / "train.bin").read_bytes())
     raw[32 + 2 * 50] ^= 0x01  # token 50 becomes another byte value: still inside the vocabulary
     (data / "train.bin").write_bytes(bytes(raw))
