@@ -85,7 +85,7 @@ def load_weights(path: str | Path, model: Transformer, strict: bool = True) -> l
     except RuntimeError as e:  # a shape mismatch
         raise UserError(f"{path} does not match the run's config ({str(e).splitlines()[-1].strip()}): "
                         "was config.json edited?") from None
-    missing = [k for k in result.missing_keys if not (model.config.tie_embeddings and k == "lm_head.weight")]
+    missing = model.missing_weights(result.missing_keys)
     if strict and (missing or result.unexpected_keys):
         raise UserError(f"{path} does not match the run's config: missing {missing[:5]}, unexpected "
                         f"{result.unexpected_keys[:5]}; was config.json edited?")

@@ -350,7 +350,7 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], fresh_heads: b
         model.lm_head.weight = model.embed_tokens.weight
     model.init_weights()  # RoPE buffers and random head weights, before the real weights land
     result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("mtp.") and not (cfg.tie_embeddings and k == "lm_head.weight")]
+    missing = model.missing_weights(result.missing_keys, heads=False)
     assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
     if fresh_heads and model.mtp is not None:
         model.mtp.init_from_backbone(model)

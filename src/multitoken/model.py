@@ -195,6 +195,12 @@ class Transformer(nn.Module):
         for p in self.backbone_parameters():
             p.requires_grad_(False)
 
+    def missing_weights(self, missing_keys: list[str], heads: bool = True) -> list[str]:
+        """The keys of a non-strict ``load_state_dict`` that are really missing: a tied LM head is the
+        embedding, not a weight of its own; with heads=False the MTP heads may be absent too."""
+        return [k for k in missing_keys if not (self.config.tie_embeddings and k == "lm_head.weight")
+                and (heads or not k.startswith("mtp."))]
+
     def num_parameters(self, heads: bool = True) -> int:
         params = {id(p): p for n, p in self.named_parameters() if heads or not n.startswith("mtp.")}
         return sum(p.numel() for p in params.values())

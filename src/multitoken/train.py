@@ -266,7 +266,7 @@ def load_backbone(model: Transformer, init_dir: str | Path) -> None:
     state = {k: v for k, v in ckpt.read_safetensors(path, "restore it or point --init at another run").items()
              if not k.startswith("mtp.")}
     result = model.load_state_dict(state, strict=False)
-    missing = [k for k in result.missing_keys if not k.startswith("mtp.") and not (model.config.tie_embeddings and k == "lm_head.weight")]
+    missing = model.missing_weights(result.missing_keys, heads=False)
     if missing or result.unexpected_keys:
         raise UserError(f"--init {init_dir}: weights do not match its config.json (missing {missing[:3]}, "
                         f"unexpected {result.unexpected_keys[:3]})")
@@ -454,7 +454,7 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
             result = model.load_state_dict({k: v.to(device) for k, v in state["weights"].items()}, strict=False)
         except RuntimeError as e:  # a shape mismatch
             raise UserError(f"{state['folder']}: weights do not match the run's config ({str(e).splitlines()[-1].strip()})") from None
-        bad = [k for k in result.missing_keys if not (model_cfg.tie_embeddings and k == "lm_head.weight")]
+        bad = model.missing_weights(result.missing_keys)
         if bad or result.unexpected_keys:
             raise UserError(f"{state['folder']}: weights do not match {out_dir / ckpt.CONFIG_FILE}; was it edited?")
     elif cfg.init:
