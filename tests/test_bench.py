@@ -55,3 +55,14 @@ def test_match_rate_counts_tokens_before_the_first_divergence():
     assert match_rate([[1, 2, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]) == (1.0, None)
     assert match_rate([[1, 9, 3], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]) == (4 / 6, 1)
     assert match_rate([[1, 2], [4, 5, 6]], [[1, 2, 3], [4, 5, 6]]) == (5 / 6, 2)
+
+
+def test_relative_step_costs_compare_with_the_plain_step_of_the_same_temperature_and_bucket():
+    from multitoken.bench.decode import relative_step_costs
+
+    rows = [dict(step="plain", detail="", temperature=0.0, live=128, seconds=1.0),
+            dict(step="plain", detail="", temperature=1.0, live=128, seconds=2.0),
+            dict(step="chain", detail="3", temperature=0.0, live=128, seconds=1.2),
+            dict(step="chain", detail="3", temperature=1.0, live=128, seconds=2.6),
+            dict(step="tree", detail="t", temperature=0.0, live=256, seconds=9.0)]  # no plain step at 256: left out
+    assert relative_step_costs({1: rows}) == {1: {"chain:3@128,T=0": pytest.approx(1.2), "chain:3@128,T=1": pytest.approx(1.3)}}

@@ -205,30 +205,19 @@ def bench(model, tok, run_dir, args) -> dict:
                 if r["batch"] == B and r["temperature"] == T and "tokens_per_s" in r and base_tps:
                     r["vs_our_plain"] = r["tokens_per_s"] / base_tps
         eng = engine_for(model, B)  # the default engine (compiled blocks, graphs on CUDA)
-        costs = {repr(k): v for k, v in eng.runner.costs.items()}
-        step_costs[B] = costs
+        step_costs[B] = [dict(step=key[0], detail=str(key[1]), temperature=key[-1].temperature, live=live, seconds=v)
+                         for (key, live), v in eng.runner.costs.items()]
     return dict(results=results, step_costs_s=step_costs)
 
 
 def relative_step_costs(step_costs: dict) -> dict:
-    """Per batch size and live bucket: each step kind's measured cost over the plain step's."""
+    """Per batch size: each step kind's measured cost over a plain step's at the same temperature and live bucket."""
     out = {}
-    for B, costs in step_costs.items():
-        plain = {eval_key(k)[1]: v for k, v in costs.items() if eval_key(k)[0][0] == "plain"}
-        rel = {}
-        for k, v in costs.items():
-            (key, live) = eval_key(k)
-            if live in plain and key[0] != "plain":
-                rel[f"{key[0]}:{key[1]}@{live}"] = v / plain[live]
-        out[B] = rel
+    for B, rows in step_costs.items():
+        plain = {(r["temperature"], r["live"]): r["seconds"] for r in rows if r["step"] == "plain"}
+        out[B] = {f"{r['step']}:{r['detail']}@{r['live']},T={r['temperature']:g}": r["seconds"] / plain[(r["temperature"], r["live"])]
+                  for r in rows if r["step"] != "plain" and (r["temperature"], r["live"]) in plain}
     return out
-
-
-def eval_key(text: str):
-    """Keys are (strategy key, live); strategy keys hold a Sampling repr: parse back leniently."""
-    from multitoken.decoding.sampling import Sampling  # noqa: F401  (eval namespace)
-
-    return eval(text, {"Sampling": Sampling})  # our own repr strings, written above
 
 
 def plot(data: dict, path: Path) -> None:

@@ -65,14 +65,16 @@ class CompiledBlock:
                             ("accumulated_recompile_limit", 4096), ("accumulated_cache_size_limit", 4096)):
             if hasattr(cfg, name):
                 setattr(cfg, name, max(getattr(cfg, name), value))
+        from torch._dynamo.utils import counters
+
         self.runner = runner
+        self._counters = counters  # dynamo's graph count: a call that raises it compiled
         self.eager = Block.cached
         self.compiled = torch.compile(Block.cached, fullgraph=True)
 
     def __call__(self, *args):
         if self.runner.compile_error is None:
-            from torch._dynamo.utils import counters
-
+            counters = self._counters
             before = counters["stats"]["unique_graphs"]
             t0 = time.perf_counter()
             try:
@@ -118,15 +120,12 @@ class Runner:
     def live_for(self, need: int) -> int:
         return bucket(need, self.state.cache.max_seq_len)
 
-    def _fn(self, strategy):
-        return strategy.step
-
     def step(self, strategy, need: int) -> None:
         """Run one step of `strategy`; `need` bounds every row's position plus the fed tokens."""
         live = self.live_for(need)
         self.state.cache.live = live
         if not self.graphs:
-            self._fn(strategy)()
+            strategy.step()
             return
         g = self._graphs.get((strategy.key, live))
         if g is None:
@@ -138,7 +137,7 @@ class Runner:
         t0 = time.perf_counter()
         saved = [t.clone() for t in st.small_tensors()]
         st.emitter.done.fill_(True)
-        fn = self._fn(strategy)
+        fn = strategy.step
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):

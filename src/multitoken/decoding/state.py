@@ -150,7 +150,6 @@ class DecodeState:
         self.lengths = torch.zeros(B, dtype=torch.long, device=dev)
         self.hbuf: Tensor | None = None  # sequential drafter: h^0 per position (B, S, C)
         self.seq: Tensor | None = None  # sequential drafter: token per position (B, S + k + 1)
-        self.draft_logits: Tensor | None = None  # (B, k, V) the sequential drafter's last logits
         if model.mtp is not None and not model.mtp.drafts_from_verify:
             S = L + scratch
             self.hbuf = torch.zeros(B, S, cfg.dim, dtype=dtype, device=dev)
@@ -171,4 +170,4 @@ class DecodeState:
         ts = [self.cache.pos, self.emitter.budget, self.emitter.count, self.emitter.done, self.tally.steps,
               self.tally.row_steps, self.tally.step_tokens, self.tally.accepted, self.x, self.drafts, self.at,
               self.rand, self.emitted, self.taken]
-        return ts + [t for t in (self.qd, self.lq, self.draft_logits) if t is not None]
+        return ts + [t for t in (self.qd, self.lq) if t is not None]
