@@ -2,15 +2,13 @@
 
 Each case runs the CLI in process (``multitoken.cli.main``) and asserts what a careful user must
 see: a non-zero exit status, exactly one line on stderr (``error: ...``) and no traceback, and
-that no file changed: a tree hash (relative path, size and sha256 of every file) of the test's own folder and of the shared fixtures is taken before and after. Every case
-here is a refusal, so nothing may change at all.
+that no file changed: a tree hash (relative path, size and sha256 of every file) of the test's
+own folder and of the shared fixtures is taken before and after. Every case here is a refusal,
+so nothing may change at all.
 
 The fixtures are built once per module: a corpus folder of a few .py files, a DATA_DIR prepared
 from it with the ``bytes`` tokenizer, a run trained for a few steps with Medusa heads, and a
 Hugging Face folder exported from it. A case that damages a file damages a copy in its own folder.
-
-Cases that other branches of issue 8 fix are marked xfail (not strict) with the branch they wait
-for; the marks come off when those branches are merged.
 """
 
 from __future__ import annotations
