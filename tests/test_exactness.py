@@ -2,7 +2,7 @@
 
 Every reference here is computed from the model's own no-cache forward (``model(idx)`` ->
 ``[main, d1..dD]`` normed hidden states, ``model.logits(h, depth)``), never from the decoding
-code, and nothing in speculative.py or generate.py is patched: these tests pin behaviour, not
+code, and nothing in the decoding package is patched: these tests pin behaviour, not
 internals, so they survive a rewrite of the decoding engine.
 
 - Sampling: the joint distribution of the first m generated tokens (bonus tokens included) is
