@@ -11,7 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from multitoken.bench.decode import match_rate
 from multitoken.bench.train import train_flops
 from multitoken.config import HeadsConfig, ModelConfig
-from multitoken.loss import MTPLoss, default_weights
+from multitoken.loss import MTPLoss
 from multitoken.model import Transformer
 
 
@@ -27,7 +27,7 @@ def test_train_flops_equal_torch_flop_counter(spec):
         model.mtp.recompute = False  # recomputation is counted apart (torch may stop it early)
     B, T = 2, 64
     window = torch.randint(2, 97, (B, T + 1))
-    loss = MTPLoss(model.depth, default_weights(cfg.heads.kind, model.depth) if model.depth else [1.0], eos_id=1)
+    loss = MTPLoss(model.depth, model.default_loss_weights(), eos_id=1)
     with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
         loss(model, model(window[:, :-1]), window).loss.backward()
     assert counter.get_total_flops() / (B * T) == pytest.approx(train_flops(model, T, causal=False)["model"], rel=1e-9)

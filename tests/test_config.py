@@ -145,7 +145,7 @@ def test_every_number_of_heads_config_is_checked(name):
     (dict(loss_weights=[1.0, float("nan"), 1.0]), "loss_weights"), (dict(loss_weights=[1.0, -1.0]), "loss_weights"),
     (dict(loss_weights=[0.0, 0.0]), "positive"), (dict(mtp_lambda="nan"), "schedule"), (dict(mtp_lambda="0.3,inf@5"), "schedule"),
     (dict(mtp_lambda="-0.1"), "schedule"), (dict(mtp_lambda="0.3,0.1@²"), "schedule"), (dict(min_lr=0.1, lr=0.01), "min_lr"),
-    (dict(heads="medusa:1000000"), "--heads"), (dict(compile=1), "compile"), (dict(preset=3), "preset"),
+    (dict(heads="medusa:1000000"), "^heads="), (dict(compile=1), "compile"), (dict(preset=3), "preset"),
 ])
 def test_train_config_lists_schedules_and_types_are_checked(kwargs, match):
     with pytest.raises(UserError, match=match):

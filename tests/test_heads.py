@@ -5,7 +5,7 @@ import torch
 
 from conftest import FAMILIES, tiny_model
 from multitoken.errors import UserError
-from multitoken.heads import shift_tokens
+from multitoken.model.heads.sequential import shift_tokens
 from multitoken.loss import MTPLoss
 
 
@@ -115,7 +115,7 @@ def test_freeze_without_heads_is_a_clear_error():
 @pytest.mark.parametrize("kind", FAMILIES)
 def test_init_from_backbone(kind):
     model = tiny_model(kind, 2).eval()
-    model.mtp.init_from_backbone(model)
+    model.init_heads_from_backbone()
     idx = torch.randint(0, 61, (1, 10))
     with torch.no_grad():
         out = model(idx)

@@ -5,7 +5,7 @@ import torch
 
 from conftest import FAMILIES, tiny_model
 from multitoken.errors import UserError
-from multitoken.kv_cache import KVCache
+from multitoken.model.kv_cache import KVCache
 
 ATOL = 1e-5  # float32; different matmul shapes round differently, nothing more
 

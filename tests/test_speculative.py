@@ -11,7 +11,7 @@ from multitoken.decoding import drafting
 from multitoken.decoding.api import best_draft, engine_for
 from multitoken.errors import UserError
 from multitoken.generate import Sampling, generate, probs
-from multitoken.kv_cache import KVCache
+from multitoken.model.kv_cache import KVCache
 from multitoken.trees import DynamicTree, StaticTree
 
 CHAIN_TREE = StaticTree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])

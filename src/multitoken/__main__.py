@@ -2,6 +2,6 @@
 
 import sys
 
-from multitoken.cli import main
+from multitoken.cli.main import main
 
 sys.exit(main())

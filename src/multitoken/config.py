@@ -13,9 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from multitoken.checks import INT63, Floats, Ints, Range
-from multitoken.errors import UserError
+from multitoken.errors import BadValue, UserError
 
-HEAD_KINDS = ("none", "parallel", "sequential", "medusa")
 MAX_HEAD_DEPTH = 16
 """Most extra heads a model may have: Medusa ships 5, Gloeckle et al. train up to n=8 (depth 7),
 DeepSeek-V3 one; far beyond that a typo (``medusa:1000000``) would only run out of memory."""
@@ -28,7 +27,8 @@ class HeadsConfig:
     """Which multi-token-prediction heads sit on top of the backbone."""
 
     kind: str = "none"
-    """'none', 'parallel' (Gloeckle et al.), 'sequential' (DeepSeek-V3 MTP modules) or 'medusa'."""
+    """'none' or a head family's kind (model/heads/registry.py): 'parallel' (Gloeckle et al.),
+    'sequential' (DeepSeek-V3 MTP modules) or 'medusa'."""
     depth: int = 0
     """Extra future tokens predicted per position, beyond the next one. `parallel` with depth 3 is
     the paper's n=4 (main head + 3); `sequential` with depth 1 is DeepSeek-V3's D=1."""
@@ -38,18 +38,20 @@ class HeadsConfig:
     @classmethod
     def parse(cls, spec: str) -> "HeadsConfig":
         """Parse the CLI form ``KIND:DEPTH`` (e.g. ``parallel:3``) or ``none``."""
+        from multitoken.model.heads.registry import kinds
+
         kind, _, n = str(spec).partition(":")
         if kind == "none" and not n:
             return cls()
         try:
-            if kind not in HEAD_KINDS[1:]:
+            if kind not in kinds():
                 raise ValueError(kind)
             depth = int(HEADS_RANGES["depth"].parse(n))
             if depth < 1:
                 raise ValueError(n)
         except ValueError:
-            raise UserError(f"--heads {spec!r}: expected parallel:N, sequential:N, medusa:N or none, "
-                            f"N from 1 to {MAX_HEAD_DEPTH}") from None
+            raise BadValue("heads", repr(spec), f"expected {', '.join(f'{k}:N' for k in kinds())} or none, "
+                           f"N from 1 to {MAX_HEAD_DEPTH}") from None
         return cls(kind=kind, depth=depth)
 
     def __str__(self) -> str:
@@ -104,6 +106,8 @@ class ModelConfig:
 
     def validate(self) -> None:
         """Raise a one-line `UserError` for a configuration that cannot be built."""
+        from multitoken.model.heads.registry import family, kinds
+
         check_fields(self, MODEL_RANGES)
         h = self.heads
         check_fields(h, HEADS_RANGES)
@@ -111,24 +115,25 @@ class ModelConfig:
             (self.n_heads > 0 and self.n_kv_heads > 0 and self.n_heads % self.n_kv_heads == 0,
              f"n_heads={self.n_heads} must be a positive multiple of n_kv_heads={self.n_kv_heads}"),
             (self.head_dim % 2 == 0, f"head_dim={self.head_dim} must be even for RoPE"),
-            (h.kind in HEAD_KINDS, f"heads.kind={h.kind!r}: choose one of {', '.join(HEAD_KINDS)}"),
+            (h.kind in ("none", *kinds()), f"heads.kind={h.kind!r}: choose one of {', '.join(('none', *kinds()))}"),
             (h.kind == "none" or h.depth >= 1, f"heads {h.kind} with depth {h.depth}: give at least one extra head (e.g. {h.kind}:2) or use 'none'"),
-            (h.kind != "none" or h.depth == 0, f"heads kind 'none' with depth {h.depth}: name a head family (parallel, sequential or medusa)"),
-            (h.kind != "parallel" or self.n_layers >= 2,
-             f"parallel heads need a trunk: n_layers={self.n_layers} must be at least 2"),
-            (h.kind != "parallel" or h.depth < self.n_layers,
-             f"parallel:{h.depth} asks for more heads than the model has layers ({self.n_layers}): use at most parallel:{self.n_layers - 1} or a deeper preset"),
+            (h.kind != "none" or h.depth == 0, f"heads kind 'none' with depth {h.depth}: name a head family ({_or(kinds())})"),
             (h.medusa_layers >= 1, "heads.medusa_layers must be at least 1"),
             (0 <= self.eos_id < self.vocab_size, f"eos_id={self.eos_id} is outside the vocabulary (size {self.vocab_size})"),
         ]
         for ok, msg in checks:
             if not ok:
                 raise UserError(msg)
+        problem = family(h.kind).check_config(self) if h.kind != "none" else None
+        if problem:
+            raise UserError(problem)
 
     @property
     def n_cache_layers(self) -> int:
         """KV-cache slots: one per block, the MTP heads' own blocks included."""
-        return self.n_layers + (self.heads.depth if self.heads.kind in ("parallel", "sequential") else 0)
+        from multitoken.model.heads.registry import family
+
+        return self.n_layers + (family(self.heads.kind).cache_layers(self) if self.heads.kind != "none" else 0)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> "ModelConfig":
@@ -139,6 +144,11 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def _or(names: list[str]) -> str:
+    """'a, b or c'."""
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
 # Bounds of every number of the configs below. Generous on purpose (Llama-3.1-405B's 126 layers,

@@ -38,8 +38,6 @@ Every export's config.json also has a ``multitoken`` dict (``{"format": 1, "head
 
 from __future__ import annotations
 
-import argparse
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -49,16 +47,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from multitoken import outdir
-from multitoken.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, load_config, load_run, read_json, save_run, write_json
+from multitoken.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, load_run, read_json, save_run, write_json
 from multitoken.config import HeadsConfig, ModelConfig
-from multitoken.errors import UserError
+from multitoken.errors import BadValue, UserError
 from multitoken.model import Transformer
+from multitoken.model.heads import family, kinds
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FORMAT_VERSION = 1
-PARALLEL_PREFIX, MEDUSA_PREFIX = "mtp.parallel.", "medusa_head."
 
 
 # ---- config ---------------------------------------------------------------------------------------
@@ -177,14 +175,8 @@ def config_to_hf(cfg: ModelConfig, model_type: str, dtype: torch.dtype, bos_id: 
     else:
         hf.update(sliding_window=None)
     h = cfg.heads
-    if h.kind == "sequential":
-        # num_mtp_layers and tie_last_hidden_states: false let transformers' generic MTP layer
-        # (generate(..., use_mtp=True)) read h^0 before the final norm, as our modules do.
-        hf.update(num_nextn_predict_layers=h.depth, num_mtp_layers=h.depth, tie_last_hidden_states=False)
-        if "layer_types" in hf:
-            hf["mtp_layer_types"] = ["full_attention"] * h.depth
-    elif h.kind == "medusa":
-        hf.update(medusa_num_heads=h.depth, medusa_num_layers=h.medusa_layers)
+    if h.kind != "none":
+        hf.update(family(h.kind).hf_config(cfg, hf))
     hf["multitoken"] = {"format": FORMAT_VERSION, "heads": {"kind": h.kind, "depth": h.depth, "medusa_layers": h.medusa_layers}}
     return hf
 
@@ -196,11 +188,10 @@ def heads_from_hf(hf: dict[str, Any]) -> HeadsConfig:
         if int(mt.get("format", 0)) > FORMAT_VERSION:
             raise UserError(f"config.json's multitoken format {mt['format']} is newer than this release reads ({FORMAT_VERSION}): upgrade multitoken")
         return HeadsConfig(**mt["heads"])
-    n = int(hf.get("num_nextn_predict_layers") or hf.get("num_mtp_layers") or 0)
-    if n:
-        return HeadsConfig(kind="sequential", depth=n)
-    if hf.get("medusa_num_heads"):
-        return HeadsConfig(kind="medusa", depth=int(hf["medusa_num_heads"]), medusa_layers=int(hf.get("medusa_num_layers") or 1))
+    for kind in kinds():
+        found = family(kind).heads_from_hf(hf)
+        if found is not None:
+            return found
     return HeadsConfig()
 
 
@@ -209,20 +200,10 @@ def heads_from_hf(hf: dict[str, Any]) -> HeadsConfig:
 
 def native_to_hf_name(name: str, cfg: ModelConfig) -> str:
     """The Hugging Face (export) name of native parameter `name` (layout in the module docstring)."""
-    L = cfg.n_layers
     if name == "lm_head.weight":
         return name
-    if m := re.fullmatch(r"mtp\.layers\.(\d+)\.(.+)", name):
-        k, rest = int(m[1]), m[2]
-        return f"model.layers.{L + k}.{'shared_head.norm.weight' if rest == 'norm.weight' else rest}"
-    if m := re.fullmatch(r"mtp\.blocks\.(\d+)\.(.+)", name):
-        return f"{PARALLEL_PREFIX}{m[1]}.{m[2]}"
-    if m := re.fullmatch(r"mtp\.heads\.(\d+)\.blocks\.(\d+)\.(.+)", name):
-        return f"{MEDUSA_PREFIX}{m[1]}.{m[2]}.{m[3]}"
-    if m := re.fullmatch(r"mtp\.heads\.(\d+)\.lm_head\.weight", name):
-        return f"{MEDUSA_PREFIX}{m[1]}.{cfg.heads.medusa_layers}.weight"
     if name.startswith("mtp."):
-        raise AssertionError(f"no export name for head parameter {name}")  # a new head family needs a mapping here
+        return family(cfg.heads.kind).export_name(name.removeprefix("mtp."), cfg)  # each family names its own
     return "model." + name
 
 
@@ -258,7 +239,7 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, fresh_hea
         if name in reverse:
             out[reverse[name]] = t
             continue
-        shared = _shared_copy(name, cfg)
+        shared = family(cfg.heads.kind).shared_copy(name, cfg) if cfg.heads.kind != "none" else None
         if shared is not None:
             # DeepSeek-style checkpoints may repeat the shared embedding / LM head per MTP module:
             # accept them only when they really are copies.
@@ -284,16 +265,6 @@ def _native_names(cfg: ModelConfig) -> list[str]:
     with torch.device("meta"):
         names = list(Transformer(cfg).state_dict())
     return [n for n in names if not (n == "lm_head.weight" and cfg.tie_embeddings)]
-
-
-def _shared_copy(name: str, cfg: ModelConfig) -> str | None:
-    """For a per-MTP-module copy of a shared tensor, the tensor it must equal."""
-    if cfg.heads.kind != "sequential":
-        return None
-    m = re.fullmatch(r"model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight)", name)
-    if not m or not cfg.n_layers <= int(m[1]) < cfg.n_layers + cfg.heads.depth:
-        return None
-    return "model.embed_tokens.weight" if m[2].startswith("embed") else "lm_head.weight"
 
 
 def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
@@ -352,8 +323,8 @@ def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], fresh_heads: b
     result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     missing = model.missing_weights(result.missing_keys, heads=False)
     assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
-    if fresh_heads and model.mtp is not None:
-        model.mtp.init_from_backbone(model)
+    if fresh_heads:
+        model.init_heads_from_backbone()
     return model.eval()
 
 
@@ -365,7 +336,7 @@ def limit_context(model: Transformer, max_seq_len: int) -> Transformer:
     keys; a context sized to the job (e.g. 1024) keeps the outputs identical and the steps cheap.
     """
     if not 1 <= max_seq_len <= model.config.max_seq_len:
-        raise UserError(f"--max-seq-len {max_seq_len}: choose between 1 and the model's {model.config.max_seq_len}")
+        raise BadValue("max_seq_len", max_seq_len, f"choose between 1 and the model's {model.config.max_seq_len}")
     model.config.max_seq_len = max_seq_len
     model.rope_cos = model.rope_cos[:max_seq_len].clone()
     model.rope_sin = model.rope_sin[:max_seq_len].clone()
@@ -461,7 +432,7 @@ def load_gguf_transformers(gguf_file: str | Path):
 
 def _save(model: Transformer, tok, out: str | Path, dtype: str, source: dict[str, Any]) -> Path:
     if dtype not in DTYPES:
-        raise UserError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+        raise BadValue("dtype", repr(dtype), f"choose one of {', '.join(DTYPES)}")
     model = model.to(DTYPES[dtype])
     outdir.claim(out, "convert")
     save_run(out, model, tok, extra={"source": {**source, "dtype": dtype}})
@@ -525,51 +496,3 @@ def load_transformers_mtp(hf_dir: str | Path, **kwargs):
     L = model.config.num_hidden_layers
     model._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{L + k}\..*" for k in range(n)]
     return model
-
-
-# ---- CLI ------------------------------------------------------------------------------------------
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    from multitoken.cli import ints, path_arg, text_arg
-    from multitoken.config import MAX_SEQ_LEN
-
-    p = subparsers.add_parser("convert", help="convert a Hugging Face folder or GGUF file into a run directory",
-                              description="Convert a local Llama / Qwen2 / Mistral checkpoint (safetensors folder or GGUF file) into a run directory.")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--hf", type=path_arg, metavar="DIR", help="Hugging Face model folder (config.json + safetensors)")
-    src.add_argument("--gguf", type=path_arg, metavar="FILE", help="GGUF file (read through transformers; needs gguf and accelerate)")
-    p.add_argument("--out", required=True, type=path_arg, metavar="RUN_DIR", help="run directory to write")
-    p.add_argument("--dtype", choices=list(DTYPES), default=None, help="stored weight dtype (default: the source's; fp32 for GGUF)")
-    p.add_argument("--heads", default=None, type=text_arg, metavar="KIND:N", help="add fresh MTP heads initialised from the backbone (e.g. medusa:3)")
-    p.add_argument("--tokenizer", default=None, type=path_arg, metavar="PATH", help="tokenizer to use when the folder has none")
-    p.add_argument("--max-seq-len", type=ints(1, MAX_SEQ_LEN), default=None, metavar="N",
-                   help="shorter context than the checkpoint's max_position_embeddings (sizes the static KV cache; positions < N unchanged)")
-    p.set_defaults(func=run_convert)
-
-    e = subparsers.add_parser("export", help="export a run as a Hugging Face folder (MTP heads kept)",
-                              description="Write a run directory as a folder that transformers' AutoModelForCausalLM loads; MTP weights ride along.")
-    e.add_argument("--run", required=True, type=path_arg, metavar="RUN_DIR", help="run directory to export")
-    e.add_argument("--out", required=True, type=path_arg, metavar="HF_DIR", help="folder to write")
-    e.add_argument("--model-type", choices=SUPPORTED_TYPES, default=None, help="config model_type (default: the source's, else llama/qwen2)")
-    e.set_defaults(func=run_export)
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    heads = HeadsConfig.parse(args.heads) if args.heads else None
-    if args.hf:
-        out = convert_hf(args.hf, args.out, args.dtype, heads, args.tokenizer, args.max_seq_len)
-    else:
-        if args.tokenizer:
-            raise UserError("--tokenizer is for --hf folders: a GGUF file carries its own tokenizer")
-        out = convert_gguf(args.gguf, args.out, args.dtype, heads, max_seq_len=args.max_seq_len)
-    cfg = load_config(out)
-    print(f"wrote {out}: {cfg.n_layers} layers, d={cfg.dim}, vocab {cfg.vocab_size}, heads {cfg.heads}, eos_id {cfg.eos_id}")
-    return 0
-
-
-def run_export(args: argparse.Namespace) -> int:
-    out = export_hf(args.run, args.out, args.model_type)
-    cfg = load_config(args.run)
-    print(f"wrote {out}: loads with AutoModelForCausalLM.from_pretrained; heads {cfg.heads} kept in model.safetensors")
-    return 0

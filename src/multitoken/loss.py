@@ -97,15 +97,6 @@ def schedule_value(schedule: list[tuple[int, float]], step: int) -> float:
     return value
 
 
-def default_weights(kind: str, depth: int) -> list[float] | None:
-    """Per-depth weights each family's paper uses; None for DeepSeek's lambda / D form."""
-    if kind == "sequential":
-        return None
-    if kind == "medusa":
-        return [1.0] + [0.8**k for k in range(1, depth + 1)]
-    return [1.0] * (depth + 1)  # Gloeckle et al.: equal weights
-
-
 @dataclass
 class LossOutput:
     """What one loss call returns; per-depth tensors are detached, index 0 is the main head."""

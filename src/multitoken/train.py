@@ -23,11 +23,9 @@ Run directory (see checkpoint.py for the checkpoint layout):
 
 from __future__ import annotations
 
-import argparse
 import ast
 import contextlib
 import dataclasses
-import inspect
 import json
 import math
 import os
@@ -42,11 +40,10 @@ import torch
 
 from multitoken import checkpoint as ckpt
 from multitoken import outdir, parallel
-from multitoken.checks import Range
-from multitoken.config import BETA_RANGE, LOSS_WEIGHT_RANGE, TRAIN_RANGES, HeadsConfig, ModelConfig, TrainConfig, from_dict
+from multitoken.config import HeadsConfig, ModelConfig, TrainConfig, from_dict
 from multitoken.errors import UserError
 from multitoken.evaluate import EvalStats, check_same_tokenizer, eval_stats, plot_accuracy, summarize
-from multitoken.loss import IGNORE_INDEX, MTPLoss, default_weights, shift_targets
+from multitoken.loss import IGNORE_INDEX, MTPLoss, shift_targets
 from multitoken.model import Transformer
 
 METRICS_FILE, PLOT_FILE, TB_DIR = "metrics.jsonl", "loss.png", "tb"
@@ -64,69 +61,6 @@ RESUME_OPTIONS = ("steps", "eval_every", "eval_batches", "save_every", "keep_che
 
 
 # ---- configuration: dataclass fields -> CLI options, TOML, precedence --------------------------
-
-
-def field_docs(cls: type) -> dict[str, str]:
-    """The attribute docstrings of a dataclass (the string literal under each field), by field name."""
-    docs: dict[str, str] = {}
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):  # no source shipped (e.g. a zipped install): options go without help text
-        return docs
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for a, b in zip(body, body[1:]):
-        if isinstance(a, ast.AnnAssign) and isinstance(a.target, ast.Name) and isinstance(b, ast.Expr) \
-                and isinstance(b.value, ast.Constant) and isinstance(b.value.value, str):
-            docs[a.target.id] = " ".join(b.value.value.split())
-    return docs
-
-
-def _floats(text: str, rng: Range) -> list[float]:
-    """Comma-separated numbers, each in `rng` (ASCII digits; NaN and inf refused)."""
-    parts = [x for x in text.split(",") if x.strip()]
-    if not parts:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated numbers, e.g. 1,0.5,0.25")
-    try:
-        return [float(rng.parse(x)) for x in parts]
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f"{e}; expected comma-separated numbers, e.g. 1,0.5,0.25") from None
-
-
-def _optional_floats(text: str) -> list[float] | None:
-    return None if text.strip().lower() in ("", "none", "default") else _floats(text, LOSS_WEIGHT_RANGE)
-
-
-def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, ranges: dict[str, Range] | None = None) -> None:
-    """Add ``--field-name`` for every field of dataclass `cls`; unset options stay absent from the
-    namespace (default SUPPRESS) so that a TOML file or a saved config can fill them.
-
-    bool fields become ``--x/--no-x``; tuples and lists of floats are comma-separated; int and
-    float fields are parsed by their `Range` in `ranges` (ASCII digits, finite, in range), so a
-    bad number is argparse's one-line error before any work starts.
-    """
-    from multitoken.cli import option, text_arg
-
-    hints = typing.get_type_hints(cls)
-    docs = field_docs(cls)
-    ranges = ranges or {}
-    for f in dataclasses.fields(cls):
-        hint = hints[f.name]
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
-        kw: dict[str, Any] = dict(default=argparse.SUPPRESS, dest=f.name,
-                                  help=f"{docs.get(f.name, '')} (default: {default})".replace("%", "%%"))
-        if hint is bool:
-            kw["action"] = argparse.BooleanOptionalAction
-        elif typing.get_origin(hint) is tuple:
-            kw.update(type=lambda s: tuple(_floats(s, BETA_RANGE)), metavar="A,B")
-        elif hint in (list[float] | None, typing.Optional[list[float]]):
-            kw.update(type=_optional_floats, metavar="W0,W1,...")
-        elif hint in (int, float):
-            if f.name not in ranges:
-                raise AssertionError(f"{cls.__name__}.{f.name} has no Range: add it to the config's RANGES table")
-            kw.update(type=option(ranges[f.name]), metavar=f.name.upper())
-        else:
-            kw.update(type=text_arg if hint is str else hint, metavar=f.name.upper())
-        parser.add_argument("--" + f.name.replace("_", "-"), **kw)
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -270,8 +204,7 @@ def load_backbone(model: Transformer, init_dir: str | Path) -> None:
     if missing or result.unexpected_keys:
         raise UserError(f"--init {init_dir}: weights do not match its config.json (missing {missing[:3]}, "
                         f"unexpected {result.unexpected_keys[:3]})")
-    if model.mtp is not None:
-        model.mtp.init_from_backbone(model)
+    model.init_heads_from_backbone()
 
 
 def global_depth_weights(base: list[float], windows: list[torch.Tensor], eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -486,7 +419,7 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
         step = state["step"]
 
     base_loss = MTPLoss(raw.depth, cfg.loss_weights if cfg.loss_weights is not None
-                        else default_weights(model_cfg.heads.kind, raw.depth), cfg.mtp_lambda, model_cfg.eos_id, cfg.distill)
+                        else raw.default_loss_weights(), cfg.mtp_lambda, model_cfg.eos_id, cfg.distill)
 
     # --- run directory (rank 0)
     run_config = {"model": model_cfg.to_dict(), "train": cfg.to_dict()}
@@ -661,43 +594,3 @@ def load_optimizer(model, optimizer: torch.optim.Optimizer, saved: dict[str, Any
     index = {n: i for i, n in enumerate(order)}
     groups = [{**g, "params": [index[n] for n in g["params"]]} for g in saved["param_groups"]]
     optimizer.load_state_dict({"state": {index[n]: s for n, s in saved["state"].items()}, "param_groups": groups})
-
-
-# ---- CLI ---------------------------------------------------------------------------------------
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``multitoken train``."""
-    from multitoken.cli import ints, path_arg
-
-    p = subparsers.add_parser("train", help="train a model with MTP heads on a prepared DATA_DIR",
-                              description="Train a model (or heads on a frozen one) on DATA_DIR into RUN_DIR. Options "
-                              "override --config FILE.toml, which overrides the defaults; --resume continues exactly.")
-    p.add_argument("--data", required=True, type=path_arg, metavar="DATA_DIR", help="a DATA_DIR made by `multitoken prepare`")
-    p.add_argument("--out", required=True, type=path_arg, metavar="RUN_DIR", help="run directory to write (or to continue with --resume)")
-    p.add_argument("--config", default=None, type=path_arg, metavar="FILE.toml", help="TOML file of training settings (keys as the options below, with _)")
-    p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest checkpoint, exactly")
-    p.add_argument("--stop-after", type=ints(1), default=None, metavar="STEP",
-                   help="stop with a checkpoint after this step, keeping the schedule of --steps (resume later)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    add_dataclass_arguments(p, TrainConfig, TRAIN_RANGES)
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    fields = {f.name for f in dataclasses.fields(TrainConfig)}
-    cli = {k: v for k, v in vars(args).items() if k in fields}
-    out = Path(args.out)
-    outdir.check(out, "train")  # before reading anything there
-    main_rank = int(os.environ.get("RANK", "0")) == 0
-    if args.resume and (out / ckpt.CHECKPOINTS_DIR / ckpt.LATEST_FILE).is_file():
-        saved = saved_run_config(out, None if main_rank else (lambda m: None))
-        cfg, ignored = resume_config(saved["train"], {**(load_toml(args.config) if args.config else {}), **cli})
-        if ignored and main_rank:
-            print(f"ignored on resume (the run keeps its own values): {', '.join(ignored)}", file=sys.stderr)
-    else:
-        cfg = resolve_config(cli, args.config)
-    result = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after)
-    if int(os.environ.get("RANK", "0")) == 0:  # one summary per job, not per process
-        print(json.dumps(result, indent=2))
-    return 0

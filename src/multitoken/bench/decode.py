@@ -18,9 +18,6 @@ against our plain greedy output and the first position where they diverge.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
 import tempfile
 import time
@@ -28,7 +25,6 @@ from pathlib import Path
 
 import torch
 
-from multitoken.errors import UserError
 
 
 def sync() -> None:
@@ -265,69 +261,3 @@ def table(data: dict) -> str:
         if rel:
             lines.append(f"step cost vs plain (B={B}): " + ", ".join(f"{k} {v:.2f}x" for k, v in sorted(rel.items())))
     return "\n".join(lines)
-
-
-def register(sub) -> None:
-    from multitoken.checks import MAX_NEW_TOKENS, SAMPLING_RANGES
-    from multitoken.cli import device_arg, ints, option, path_arg
-    from multitoken.config import MAX_SEQ_LEN
-
-    def listed(parse):
-        def parse_list(text: str) -> list:
-            return [parse(x) for x in text.split(",")]
-        return parse_list
-
-    p = sub.add_parser("decode", help="decoding speed and exactness, ours and transformers', side by side")
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--run", type=path_arg, help="run directory")
-    src.add_argument("--hf", metavar="DIR", type=path_arg, help="Hugging Face model folder (converted in-process)")
-    src.add_argument("--preset", help="a model preset with random weights (engine speed only)")
-    p.add_argument("--heads", default="none", help="with --preset: heads KIND:N")
-    p.add_argument("--max-seq-len", type=ints(2, MAX_SEQ_LEN), default=None, help="context (sizes the static KV cache)")
-    p.add_argument("--batch", type=listed(ints(1, 4096)), default=[1, 4, 16, 64], help="batch sizes, comma-separated")
-    p.add_argument("--temperature", type=listed(option(SAMPLING_RANGES["temperature"])), default=[0.0, 1.0],
-                   help="temperatures, comma-separated (0 = greedy)")
-    p.add_argument("--data", default=None, type=path_arg, help="DATA_DIR: cut prompts from its validation split (held-out documents)")
-    p.add_argument("--no-eager", dest="eager", action="store_false", help="skip the eager baselines (batch 1)")
-    p.add_argument("--new-tokens", type=ints(1, MAX_NEW_TOKENS), default=256)
-    p.add_argument("--prompt-tokens", type=ints(1, MAX_SEQ_LEN), default=64)
-    p.add_argument("--repeats", type=ints(1, 1000), default=3)
-    p.add_argument("--tree-nodes", type=ints(2, 1024), default=16)
-    p.add_argument("--no-transformers", dest="transformers", action="store_false", help="skip transformers' generate")
-    p.add_argument("--hf-max-batch", type=ints(0, 4096), default=16, help="largest batch to run transformers' generate at")
-    p.add_argument("--device", default="auto", type=device_arg, help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
-                   help="default: bfloat16 on CUDA, float32 on the CPU")
-    p.add_argument("--out", default="bench-decode", type=path_arg, help="folder for decode.json and decode.png")
-    p.set_defaults(func=run)
-
-
-def run(args: argparse.Namespace) -> int:
-    import sys
-
-    if args.dtype is None:
-        args.dtype = "bfloat16" if str(args.device).startswith("cuda") else "float32"
-    if args.preset is not None:
-        from multitoken.config import PRESETS
-
-        if args.preset not in PRESETS:
-            raise UserError(f"--preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: name a folder for decode.json and decode.png")
-    model, tok, run_dir, desc = load_model(args)
-    t0 = time.perf_counter()
-    data = dict(command="multitoken " + " ".join(getattr(args, "argv", sys.argv[1:])), model=desc, dtype=args.dtype,
-                machine=dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
-                             torch=torch.__version__, python=platform.python_version()),
-                date=time.strftime("%Y-%m-%d"), new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
-                repeats=args.repeats)
-    data.update(bench(model, tok, run_dir, args))
-    data["relative_step_costs"] = relative_step_costs(data["step_costs_s"])
-    data["seconds"] = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
-    plot(data, out / "decode.png")
-    print(table(data))
-    print(f"wrote {out / 'decode.json'} and {out / 'decode.png'}")
-    return 0

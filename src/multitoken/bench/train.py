@@ -22,17 +22,12 @@ if it cost exactly its FLOPs.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-from multitoken.errors import UserError
 
 
 def train_flops(model, seq_len: int, causal: bool = True) -> dict[str, float]:
@@ -68,7 +63,7 @@ def measure(preset: str, heads: str, batch_size: int, seq_len: int, vocab: int, 
             device: torch.device, compile: bool, memory_efficient: bool) -> dict:
     """Train `steps` timed steps (after `warmup`) on random tokens; tokens/s, memory, FLOPs."""
     from multitoken.config import HeadsConfig, ModelConfig
-    from multitoken.loss import MTPLoss, default_weights
+    from multitoken.loss import MTPLoss
     from multitoken.model import Transformer
     from multitoken.parallel import apply_compile
 
@@ -80,7 +75,7 @@ def measure(preset: str, heads: str, batch_size: int, seq_len: int, vocab: int, 
         apply_compile(model)
     cuda = device.type == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
-    weights = default_weights(cfg.heads.kind, model.depth) if model.depth else [1.0]  # what `train` uses
+    weights = model.default_loss_weights()  # what `train` uses
     loss_fn = MTPLoss(model.depth, weights, eos_id=cfg.eos_id, memory_efficient=memory_efficient)
     g = torch.Generator().manual_seed(1)
     windows = [torch.randint(2, vocab, (batch_size, seq_len + 1), generator=g).to(device) for _ in range(4)]
@@ -115,27 +110,6 @@ def measure(preset: str, heads: str, batch_size: int, seq_len: int, vocab: int, 
                 parameters=model.num_parameters())
 
 
-def register(sub) -> None:
-    from multitoken.cli import device_arg, floats, ints, path_arg
-
-    p = sub.add_parser("train", help="training throughput per head family: tokens/s, MFU, FLOP-ideal ratio, memory")
-    p.add_argument("--preset", default="base", help="model preset (tiny, small, medium, base, large, ...)")
-    p.add_argument("--heads", default="none,parallel:3,sequential:1,medusa:3",
-                   help="comma-separated head specs; 'none' is the baseline (added first when missing)")
-    p.add_argument("--batch-size", type=ints(1, 4096), default=16)
-    p.add_argument("--seq-len", type=ints(2, 1 << 17), default=2048)
-    p.add_argument("--vocab", type=ints(16, 1 << 20), default=32768, help="vocabulary size of the random tokens")
-    p.add_argument("--steps", type=ints(1, 10_000), default=10, help="timed steps (median)")
-    p.add_argument("--warmup", type=ints(0, 10_000), default=3, help="untimed steps first (compilation, autotuning)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the blocks (parallel.apply_compile)")
-    p.add_argument("--compare-naive", action="store_true", help="also measure the naive loss (full logits per depth)")
-    p.add_argument("--peak-tflops", type=floats(0, 1e6, lo_open=True), default=989.0,
-                   help="dense bf16 peak of the device, for MFU (989 for an H100/H200)")
-    p.add_argument("--device", default="auto", type=device_arg)
-    p.add_argument("--out", default="bench-train", type=path_arg, help="folder for train.json and train.png")
-    p.set_defaults(func=run)
-
-
 def table(data: dict) -> str:
     lines = [f"{'heads':16s} {'loss':16s} {'tok/s':>10s} {'MFU':>6s} {'vs none':>8s} {'FLOP-ideal':>10s} "
              f"{'of ideal':>8s} {'peak GiB':>8s}"]
@@ -165,47 +139,3 @@ def plot(data: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-
-
-def run(args: argparse.Namespace) -> int:
-    from multitoken.config import PRESETS, HeadsConfig
-
-    if args.preset not in PRESETS:
-        raise UserError(f"--preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
-    specs = [s.strip() for s in args.heads.split(",") if s.strip()]
-    for s in specs:
-        HeadsConfig.parse(s)  # one-line error for a bad spec before anything runs
-    if "none" not in specs:
-        specs.insert(0, "none")
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: name a folder for train.json and train.png")
-    device = torch.device(args.device)
-    results = []
-    for spec in specs:
-        for efficient in ([True, False] if args.compare_naive else [True]):
-            r = measure(args.preset, spec, args.batch_size, args.seq_len, args.vocab, args.steps, args.warmup, device,
-                        args.compile, efficient)
-            print(f"{spec} ({r['loss']}): {r['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
-            results.append(r)
-    base = next(r for r in results if r["heads"] == "none" and r["loss"] == "memory-efficient")
-    for r in results:
-        r["vs_none"] = r["tokens_per_s"] / base["tokens_per_s"]
-        r["flop_ideal"] = base["flops_per_token"]["total"] / r["flops_per_token"]["total"]
-        r["share_of_ideal"] = r["vs_none"] / r["flop_ideal"]
-        r["mfu"] = (r["tokens_per_s"] * r["flops_per_token"]["model"] / (args.peak_tflops * 1e12)
-                    if device.type == "cuda" else None)
-        if r["peak_memory_gib"] is not None and base["peak_memory_gib"]:
-            r["memory_vs_none"] = r["peak_memory_gib"] / base["peak_memory_gib"]
-    data = dict(command="multitoken " + " ".join(getattr(args, "argv", sys.argv[1:])), preset=args.preset,
-                batch_size=args.batch_size, seq_len=args.seq_len, vocab=args.vocab, compile=args.compile,
-                dtype="bf16 autocast" if device.type == "cuda" else "float32", peak_tflops=args.peak_tflops,
-                machine=dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-                             torch=torch.__version__, python=platform.python_version()),
-                date=time.strftime("%Y-%m-%d"), results=results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").write_text(json.dumps(data, indent=1) + "\n")
-    plot(data, out / "train.png")
-    print(table(data))
-    print(f"wrote {out / 'train.json'} and {out / 'train.png'}")
-    return 0

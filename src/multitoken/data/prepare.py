@@ -18,7 +18,6 @@ rebuilds). The corpus's documents are held in memory while preparing (fine up to
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import json
@@ -34,7 +33,7 @@ from multitoken.data.corpora import STDLIB, Corpus, Document, split_documents
 from multitoken.data.shards import ShardWriter, dtype_for_vocab, read_header
 from multitoken.data.tokenizer import Tokenizer
 from multitoken import outdir
-from multitoken.errors import UserError
+from multitoken.errors import BadValue, UserError
 
 FORMAT = 1
 META_FILE = "meta.json"
@@ -77,7 +76,7 @@ def prepare(
         The contents of ``meta.json``, plus ``"reused": True/False``.
     """
     if max_docs is not None and max_docs < 1:
-        raise UserError(f"--max-docs {max_docs}: give a positive number of documents")
+        raise BadValue("max_docs", max_docs, "give a positive number of documents")
     source = Corpus(corpus, glob=glob, field=field, include_tests=include_tests)
     out = Path(out)
     outdir.check(out, "prepare")  # a folder holding someone else's files is refused before anything is read or written
@@ -183,36 +182,6 @@ def shard_path(data_dir: str | Path, split: str) -> Path:
 
 
 # ---- CLI --------------------------------------------------------------------------------------
-
-
-def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``multitoken prepare``."""
-    from multitoken.cli import floats, ints, path_arg, text_arg, tokenizer_arg
-
-    p = subparsers.add_parser(
-        "prepare",
-        help="tokenize a corpus into a DATA_DIR (train.bin, val.bin, tokenizer, meta.json)",
-        description="Tokenize a corpus into DATA_DIR: train.bin and val.bin (documents separated by EOS), "
-        "the tokenizer, and meta.json. Re-running with the same arguments reuses DATA_DIR.",
-    )
-    p.add_argument("--corpus", required=True, type=path_arg, help=f"{STDLIB}, a directory, a .txt/.jsonl/.parquet file, or a saved HF dataset")
-    p.add_argument("--tokenizer", required=True, type=tokenizer_arg, help="bpe:N (train a byte-level BPE of N ids), bytes, or a tokenizer.json / model folder / .gguf")
-    p.add_argument("--out", required=True, type=path_arg, metavar="DATA_DIR", help="directory to write")
-    p.add_argument("--glob", default=None, type=text_arg, help="files of a directory corpus (default **/*.txt)")
-    p.add_argument("--field", default="text", type=text_arg, help="text field of .jsonl/.parquet/dataset corpora (default: text)")
-    p.add_argument("--max-docs", type=ints(1), default=None, metavar="N", help="read only the first N documents")
-    p.add_argument("--val-fraction", type=floats(0, 1, lo_open=True, hi_open=True), default=DEFAULT_VAL_FRACTION, help=f"share of documents for validation (default {DEFAULT_VAL_FRACTION})")
-    p.add_argument("--include-tests", action="store_true", help=f"{STDLIB}: keep the test folders")
-    p.add_argument("--force", action="store_true", help="rebuild even if DATA_DIR already holds this prepare")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_run)
-
-
-def _run(args: argparse.Namespace) -> int:
-    meta = prepare(args.corpus, args.tokenizer, args.out, glob=args.glob, field=args.field, val_fraction=args.val_fraction,
-                   max_docs=args.max_docs, include_tests=args.include_tests, force=args.force, progress=not args.quiet)
-    print(summary(meta, args.out))
-    return 0
 
 
 def summary(meta: dict[str, Any], out: str | Path) -> str:
@@ -331,4 +300,3 @@ def _sources_sha1(docs: list[Document]) -> str:
     for d in docs:
         h.update(d.source.encode("utf-8") + b"\n")
     return h.hexdigest()
-

@@ -31,7 +31,7 @@ from multitoken.decoding.runner import Runner, bucket
 from multitoken.decoding.sampling import Sampling
 from multitoken.decoding.state import DecodeState, prepare_prompts
 from multitoken.decoding.strategies import Chain, Plain, Tree
-from multitoken.errors import UserError
+from multitoken.errors import BadValue, UserError
 
 MODES = ("ntp", "spec", "tree")
 DEFAULT_SCRATCH = 65  # cache slots past the context: a 64-node tree (or 64 drafts) plus one
@@ -135,7 +135,7 @@ def check_draft(model, draft: int | None) -> int:
         raise UserError("speculative decoding needs MTP heads and this model has none: use --mode ntp, or train with --heads KIND:N")
     k = model.depth if draft is None else draft
     if not 1 <= k <= model.depth:
-        raise UserError(f"--draft {k}: this model has {model.depth} MTP head(s), so draft between 1 and {model.depth}")
+        raise BadValue("draft", k, f"this model has {model.depth} MTP head(s), so draft between 1 and {model.depth}")
     return k
 
 
@@ -151,11 +151,11 @@ def decode(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", draft
         since the last piece; the engine's emitter holds the output; `finish` fills stats.
     """
     if mode not in MODES:
-        raise UserError(f"--mode {mode!r}: choose one of {', '.join(MODES)}")
+        raise BadValue("mode", repr(mode), f"choose one of {', '.join(MODES)}")
     from multitoken.checks import MAX_NEW_TOKENS
 
     if not (isinstance(max_new_tokens, int) and 1 <= max_new_tokens <= MAX_NEW_TOKENS):
-        raise UserError(f"--max-new-tokens {max_new_tokens!r}: must be an integer between 1 and {MAX_NEW_TOKENS}")
+        raise BadValue("max_new_tokens", repr(max_new_tokens), f"must be an integer between 1 and {MAX_NEW_TOKENS}")
     s = Sampling(temperature, top_k, top_p)
     device = next(model.parameters()).device
     L = model.config.max_seq_len

@@ -1,7 +1,7 @@
 """Drafting: the cached decoding pass, and where each head family's drafts come from.
 
-- `decode_pass` runs the main model over fed tokens (same blocks and order as
-  ``Transformer.forward``, so greedy results match plain decoding) and, for families whose
+- `decode_pass` runs the main model over fed tokens (``Transformer.backbone``, as
+  ``Transformer.forward`` does, so greedy results match plain decoding) and, for families whose
   ``drafts_from_verify`` is True (parallel heads, Medusa), their head states in the same pass:
   at the last accepted position those are the next step's drafts, at no extra pass.
 - Sequential (DeepSeek-V3 / EAGLE) modules draft with `ModuleDrafter`: after verification,
@@ -29,17 +29,11 @@ def decode_pass(model, idx: Tensor, cache, rope_pos: Tensor, slots: Tensor, mask
     Returns:
         (main (B, q, C) normed, last (B, q, C) pre-norm, [head states (B, q, C)] * n_heads).
     """
-    L = model.config.n_layers
     rope = model.rope(rope_pos)
-    x = model.embed_tokens(idx)  # (B, q, C)
     heads = model.mtp if (model.mtp is not None and n_heads) else None
-    cut = heads.trunk_layers(model.config) if heads is not None else L
-    trunk = model.run_layers(x, 0, cut, rope, cache, slots, mask)
-    last = model.run_layers(trunk, cut, L, rope, cache, slots, mask)
-    main = model.norm(last)
-    states = [] if heads is None else heads.decode_states(model, n_heads, trunk=trunk, main=main, rope=rope,
-                                                          cache=cache, slots=slots, mask=mask)
-    return main, last, states
+    s = model.backbone(idx, rope, cache, slots, mask, heads=heads is not None)  # (B, q, C) each
+    drafts = [] if heads is None else heads.decode_states(model.shared, n_heads, s, rope, cache, slots, mask)
+    return s.main, s.last, drafts
 
 
 def draft_logits(model, depth: int, h: Tensor, next_pos: Tensor) -> Tensor:
@@ -99,8 +93,8 @@ class ModuleDrafter:
         h = st.hbuf.gather(1, win[..., None].expand(-1, -1, st.hbuf.shape[-1]))  # (B, W, C)
         drafts, qs, logits = [], [], []
         for kk in range(1, self.k + 1):
-            h = model.mtp.step(model, kk, h, st.seq.gather(1, win + kk), rope, cache, win, mask)  # (B, W, C)
-            hk = model.mtp.layers[kk - 1].norm(rows_at(h, at))
+            h = model.mtp.step(model.shared, kk, h, st.seq.gather(1, win + kk), rope, cache, win, mask)  # (B, W, C)
+            hk = model.mtp.draft_state(kk, rows_at(h, at))
             logits.append(draft_logits(model, kk, hk, C + kk))
             d, q = propose(logits[-1], s, lossless, u[:, kk - 1])
             st.seq.scatter_(1, (C + kk)[:, None], d[:, None])

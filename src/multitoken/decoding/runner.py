@@ -58,7 +58,7 @@ class CompiledBlock:
     def __init__(self, runner: "Runner") -> None:
         import torch._dynamo
 
-        from multitoken.model import Block
+        from multitoken.model.layers import Block
 
         cfg = torch._dynamo.config
         for name, value in (("recompile_limit", 64), ("cache_size_limit", 64),

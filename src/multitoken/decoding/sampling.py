@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from multitoken.errors import UserError
+from multitoken.errors import BadValue
 
 
 @dataclass(frozen=True)
@@ -35,7 +35,7 @@ class Sampling:
         for name, rng in SAMPLING_RANGES.items():
             why = rng.problem(getattr(self, name))
             if why is not None:
-                raise UserError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: {why}")
+                raise BadValue(name, repr(getattr(self, name)), why)
 
     @property
     def greedy(self) -> bool:

@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from multitoken.errors import UserError
-from multitoken.kv_cache import KVCache
+from multitoken.model.kv_cache import KVCache
 
 
 def prepare_prompts(prompt_ids, max_seq_len: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:

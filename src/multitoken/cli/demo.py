@@ -1,0 +1,32 @@
+"""``multitoken demo``: the whole pipeline on a small model (see `multitoken.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+
+from multitoken import demo
+from multitoken.demo import run_demo
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from multitoken.checks import MAX_NEW_TOKENS
+    from multitoken.cli.options import ints, path_arg, text_arg, tokenizer_arg
+    from multitoken.config import PRESETS
+
+    p = subparsers.add_parser("demo", help="prepare python-stdlib, train a small MTP model, evaluate, decode faster",
+                              description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", default="runs/demo", type=path_arg, help="where data and run go; reused by later runs (default: runs/demo)")
+    p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model preset (default: tiny)")
+    # Medusa heads by default: on a 4-layer CPU model a parallel head costs a whole block per
+    # draft, more than its acceptance buys back; Medusa's residual heads are nearly free.
+    p.add_argument("--heads", default="medusa:3", type=text_arg, help="MTP heads (default: medusa:3, trained jointly with the model)")
+    p.add_argument("--steps", type=ints(1), default=1200, help="training steps of 16 x 256 tokens (default: 1200)")
+    p.add_argument("--tokenizer", default="bytes", type=tokenizer_arg, help="tokenizer for prepare: bytes or bpe:N (default: bytes)")
+    p.add_argument("--max-new-tokens", type=ints(1, MAX_NEW_TOKENS), default=96, help="tokens per completion (default: 96)")
+    p.add_argument("--threads", type=ints(1, 4096), default=None, help="torch CPU threads (default: torch's choice)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    run_demo(args.workdir, args.preset, args.heads, args.steps, args.tokenizer, args.max_new_tokens, args.threads)
+    return 0

@@ -1,0 +1,146 @@
+"""The interface every multi-token-prediction head family implements.
+
+A family is one ``nn.Module`` (stored as ``Transformer.mtp``, so its parameters are named
+``mtp.*``) that owns everything about itself: how many backbone blocks run before it branches
+off, its training forward, how it drafts when decoding, its KV-cache layers, its export names,
+its FSDP units, its default loss weights and which backbone state retrofitting stores for it.
+It receives only the main model's shared modules (`SharedModules`), never the model, so its
+parameters are all its own and FSDP can shard it unit by unit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from multitoken.config import HeadsConfig, ModelConfig
+
+Rope = tuple[Tensor, Tensor]
+
+
+@dataclass(frozen=True)
+class SharedModules:
+    """The main model's modules a head family may use; the family neither owns nor registers them."""
+
+    embed_tokens: nn.Embedding
+    """Token embedding (sequential modules embed the tokens ahead)."""
+    norm: nn.Module
+    """The final norm before the LM head."""
+    lm_head: nn.Linear
+    """The unembedding (tied to the embedding or not)."""
+
+
+@dataclass
+class BackboneStates:
+    """What the main model computed for tokens idx (B, T); each state is (B, T, C)."""
+
+    idx: Tensor
+    """(B, T) token ids."""
+    trunk: Tensor
+    """After the family's `trunk_layers` blocks."""
+    last: Tensor
+    """After every block, before the final norm (h^0 of the sequential modules)."""
+    main: Tensor
+    """``norm(last)``: the main head's state."""
+
+
+class HeadFamily(nn.Module):
+    """Base class of the head families; the defaults suit families that unembed with the LM head."""
+
+    kind: ClassVar[str]
+    """The kind string configs store (``HeadsConfig.kind``)."""
+    recompute: bool = True
+    """Training: recompute each head's block in backward instead of storing its activations (`run`)."""
+    drafts_from_verify: ClassVar[bool] = True
+    """Decoding: the verification pass itself yields the next drafts (`decode_states`); False for
+    families that draft with their own passes over committed tokens (`step`)."""
+    feature_kind: ClassVar[str] = "last"
+    """Retrofitting: which backbone state to store, 'trunk' (after `trunk_layers` < L blocks) or
+    'last' (after every block); recorded in a feature set's metadata."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+
+    # ---- configuration ----------------------------------------------------------------------
+    @classmethod
+    def check_config(cls, cfg: ModelConfig) -> str | None:
+        """What makes `cfg` impossible for this family (one line naming the fix), or None."""
+        return None
+
+    @classmethod
+    def trunk_layers(cls, cfg: ModelConfig) -> int:
+        """How many backbone blocks run before the heads branch off."""
+        return cfg.n_layers
+
+    @classmethod
+    def cache_layers(cls, cfg: ModelConfig) -> int:
+        """KV-cache layers the heads' own blocks need, after the backbone's (indices L, L+1, ...)."""
+        return 0
+
+    @classmethod
+    def default_loss_weights(cls, depth: int) -> list[float] | None:
+        """Per-depth loss weights, main first; None for DeepSeek's ``1, lambda/D, ...`` form."""
+        return [1.0] * (depth + 1)
+
+    # ---- training and evaluation ------------------------------------------------------------
+    def forward(self, shared: SharedModules, states: BackboneStates, rope: Rope, cache=None, slots=None,
+                mask=None) -> list[Tensor]:
+        """Hidden states (B, T, C) of depths 1..D, final norms applied (depth k predicts the token k+1 ahead)."""
+        raise NotImplementedError
+
+    def unembed_weight(self, shared: SharedModules, k: int) -> Tensor:
+        """The (V, C) matrix that turns depth k's state into logits."""
+        return shared.lm_head.weight
+
+    def run(self, module: nn.Module, *args: Any) -> Tensor:
+        """Call one head's module; in training with `recompute` its activations are recomputed in
+        backward instead of stored, so only one head's activations are alive at a time (the role of
+        Gloeckle et al.'s head-by-head backward, in a single backward pass that DDP/FSDP accept)."""
+        if self.recompute and self.training and torch.is_grad_enabled():
+            return checkpoint(module, *args, use_reentrant=False)
+        return module(*args)
+
+    # ---- decoding ---------------------------------------------------------------------------
+    def decode_states(self, shared: SharedModules, n: int, states: BackboneStates, rope: Rope, cache, slots,
+                      mask) -> list[Tensor]:
+        """States (B, q, C) of the first n heads in a cached decoding pass: they draft the next step
+        (only for families with `drafts_from_verify`)."""
+        return []
+
+    # ---- initialisation ---------------------------------------------------------------------
+    def reset_parameters(self, shared: SharedModules) -> None:
+        """After the model's random init: the family's own init, if any."""
+
+    def init_from_backbone(self, shared: SharedModules, last_block: nn.Module) -> None:
+        """Start the heads from a pretrained backbone (its last block and shared modules)."""
+
+    # ---- parallelism ------------------------------------------------------------------------
+    def fsdp_units(self) -> Iterator[nn.Module]:
+        """The modules called as a whole in forward, each sharded (and compiled) as one unit."""
+        return iter(())
+
+    # ---- Hugging Face / DeepSeek layout -----------------------------------------------------
+    @classmethod
+    def export_name(cls, name: str, cfg: ModelConfig) -> str:
+        """The export name of head parameter `name` (without the ``mtp.`` prefix)."""
+        raise AssertionError(f"no export name for head parameter mtp.{name}")
+
+    @classmethod
+    def hf_config(cls, cfg: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
+        """Keys this family adds to an exported config.json (`hf` is the rest of it)."""
+        return {}
+
+    @classmethod
+    def heads_from_hf(cls, hf: dict[str, Any]) -> HeadsConfig | None:
+        """The heads a foreign config.json declares in this family's own keys, or None."""
+        return None
+
+    @classmethod
+    def shared_copy(cls, hf_name: str, cfg: ModelConfig) -> str | None:
+        """For a checkpoint tensor that repeats a shared one per head, the name it must equal."""
+        return None

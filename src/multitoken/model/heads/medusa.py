@@ -1,0 +1,97 @@
+"""Medusa heads (Cai et al. 2024), for retrofitting a frozen pretrained model.
+
+Head k is a stack of residual blocks ``h + SiLU(W h)`` on the final normed hidden state, then
+its own vocabulary projection, initialised from the LM head. No KV cache of their own: the
+verification pass yields the next drafts. Exported in Medusa's layout, ``medusa_head.{k}.{j}.*``
+with the projection as the last index.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from multitoken.config import HeadsConfig, ModelConfig
+from multitoken.model.heads.base import BackboneStates, HeadFamily, Rope, SharedModules
+
+EXPORT_PREFIX = "medusa_head."
+
+
+class ResBlock(nn.Module):
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + nn.functional.silu(self.linear(x))
+
+
+class MedusaHead(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.blocks = nn.Sequential(*(ResBlock(cfg.dim) for _ in range(cfg.heads.medusa_layers)))
+        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+
+
+class MedusaHeads(HeadFamily):
+    kind = "medusa"
+    recompute = False  # a residual block is cheaper to keep than to recompute
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__(cfg)
+        self.heads = nn.ModuleList(MedusaHead(cfg) for _ in range(cfg.heads.depth))
+
+    @classmethod
+    def default_loss_weights(cls, depth: int) -> list[float] | None:
+        return [1.0] + [0.8**k for k in range(1, depth + 1)]
+
+    def forward(self, shared: SharedModules, states: BackboneStates, rope: Rope, cache=None, slots=None,
+                mask=None) -> list[Tensor]:
+        return [head.blocks(states.main) for head in self.heads]
+
+    def decode_states(self, shared: SharedModules, n: int, states: BackboneStates, rope: Rope, cache, slots,
+                      mask) -> list[Tensor]:
+        return [head.blocks(states.main) for head in self.heads[:n]]
+
+    def unembed_weight(self, shared: SharedModules, k: int) -> Tensor:
+        return self.heads[k - 1].lm_head.weight
+
+    @torch.no_grad()
+    def reset_parameters(self, shared: SharedModules) -> None:
+        # Zero residual branches make every head start as the main head's copy (Medusa's init).
+        for head in self.heads:
+            for block in head.blocks:
+                nn.init.zeros_(block.linear.weight)
+                nn.init.zeros_(block.linear.bias)
+            head.lm_head.weight.copy_(shared.lm_head.weight)
+
+    @torch.no_grad()
+    def init_from_backbone(self, shared: SharedModules, last_block: nn.Module) -> None:
+        for head in self.heads:
+            head.lm_head.weight.copy_(shared.lm_head.weight)
+
+    def fsdp_units(self) -> Iterator[nn.Module]:
+        # The projections stay in the root unit: the loss reads them after forward.
+        return (head.blocks for head in self.heads)
+
+    @classmethod
+    def export_name(cls, name: str, cfg: ModelConfig) -> str:
+        if m := re.fullmatch(r"heads\.(\d+)\.blocks\.(\d+)\.(.+)", name):
+            return f"{EXPORT_PREFIX}{m[1]}.{m[2]}.{m[3]}"
+        if m := re.fullmatch(r"heads\.(\d+)\.lm_head\.weight", name):
+            return f"{EXPORT_PREFIX}{m[1]}.{cfg.heads.medusa_layers}.weight"
+        return super().export_name(name, cfg)
+
+    @classmethod
+    def hf_config(cls, cfg: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
+        return dict(medusa_num_heads=cfg.heads.depth, medusa_num_layers=cfg.heads.medusa_layers)
+
+    @classmethod
+    def heads_from_hf(cls, hf: dict[str, Any]) -> HeadsConfig | None:
+        if not hf.get("medusa_num_heads"):
+            return None
+        return HeadsConfig(kind=cls.kind, depth=int(hf["medusa_num_heads"]), medusa_layers=int(hf.get("medusa_num_layers") or 1))

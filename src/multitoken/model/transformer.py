@@ -1,0 +1,189 @@
+"""The native decoder: a Llama-family transformer with optional multi-token-prediction heads.
+
+Parameter names follow Hugging Face's Llama layout one to one (``embed_tokens``, ``layers.{i}.
+self_attn.q_proj``, ``mlp.gate_proj``, ``input_layernorm``, ``norm``, ``lm_head``), minus the
+``model.`` prefix, so Llama / Qwen2 / Mistral / SmolLM2 checkpoints map onto it by renaming
+alone. MTP heads live under ``mtp.``: one head family (model/heads/) that receives only the
+shared modules it needs (`SharedModules`), never this model.
+
+`forward` returns one hidden state per depth, ``[main, d1, ..., dD]``, each already passed
+through its final norm; `unembed_weight(depth)` gives the matrix that turns it into logits. The
+loss never needs the logits of all depths at once. The code is single-device and knows nothing
+of DDP, FSDP or torch.compile; training/parallel.py wraps it from outside.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from multitoken.config import ModelConfig
+from multitoken.errors import UserError
+from multitoken.model.heads import BackboneStates, HeadFamily, SharedModules, build_heads
+from multitoken.model.kv_cache import KVCache
+from multitoken.model.layers import Block, RMSNorm, rope_tables
+
+
+class Transformer(nn.Module):
+    """Llama-family decoder plus the MTP heads named by ``config.heads``.
+
+    Args:
+        config: the model's shape and heads.
+    """
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.mtp: HeadFamily | None = build_heads(config)
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @property
+    def shared(self) -> SharedModules:
+        """The modules the heads share with the main model (built on each call: never stale)."""
+        return SharedModules(self.embed_tokens, self.norm, self.lm_head)
+
+    # ---- construction -------------------------------------------------------------------
+    def init_weights(self) -> None:
+        """Llama-style init: N(0, 0.02), output projections scaled by 1/sqrt(2L), norms at 1."""
+        std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)
+        for name, p in self.named_parameters():
+            if p.dim() < 2:
+                nn.init.ones_(p) if name.endswith("norm.weight") else nn.init.zeros_(p)
+            elif name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(p, std=out_std)
+            else:
+                nn.init.normal_(p, std=std)
+        if self.mtp is not None:
+            self.mtp.reset_parameters(self.shared)
+        self.init_buffers()
+
+    def init_buffers(self) -> None:
+        """Recompute the RoPE tables (after ``to_empty`` from the meta device, say)."""
+        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def init_heads_from_backbone(self) -> None:
+        """Start the heads from the backbone's weights (heads added to a pretrained model)."""
+        if self.mtp is not None:
+            self.mtp.init_from_backbone(self.shared, self.layers[-1])
+
+    def backbone_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the main model (everything but the MTP heads)."""
+        return [p for n, p in self.named_parameters() if not n.startswith("mtp.")]
+
+    def freeze_backbone(self) -> None:
+        """Train the MTP heads only (Medusa-1 style); shared norm and LM head stay frozen too."""
+        if self.mtp is None:
+            raise UserError("freezing the backbone leaves nothing to train: the model has no MTP heads (add some, e.g. medusa:3)")
+        for p in self.backbone_parameters():
+            p.requires_grad_(False)
+
+    def missing_weights(self, missing_keys: list[str], heads: bool = True) -> list[str]:
+        """The keys of a non-strict ``load_state_dict`` that are really missing: a tied LM head is the
+        embedding, not a weight of its own; with heads=False the MTP heads may be absent too."""
+        return [k for k in missing_keys if not (self.config.tie_embeddings and k == "lm_head.weight")
+                and (heads or not k.startswith("mtp."))]
+
+    def num_parameters(self, heads: bool = True) -> int:
+        params = {id(p): p for n, p in self.named_parameters() if heads or not n.startswith("mtp.")}
+        return sum(p.numel() for p in params.values())
+
+    @property
+    def depth(self) -> int:
+        """Extra future tokens the heads predict (0 without heads)."""
+        return self.config.heads.depth if self.mtp is not None else 0
+
+    def default_loss_weights(self) -> list[float] | None:
+        """Per-depth loss weights of the head family's paper (None: DeepSeek's lambda / D form)."""
+        return [1.0] if self.mtp is None else self.mtp.default_loss_weights(self.depth)
+
+    # ---- pieces that decoding and retrofitting reuse ----------------------------------------
+    def rope(self, input_pos: Tensor) -> tuple[Tensor, Tensor]:
+        """Angles for positions (B, T) or (T,), shaped to broadcast over heads: (B|1, 1, T, Dh)."""
+        if input_pos.dim() == 1:
+            input_pos = input_pos[None]
+        return self.rope_cos[input_pos][:, None], self.rope_sin[input_pos][:, None]
+
+    def run_layers(self, x: Tensor, start: int, end: int, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
+                   slots: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+        """Apply backbone blocks start..end-1 to hidden states x (B, T, C)."""
+        for block in self.layers[start:end]:
+            x = block(x, rope, cache, slots, mask)
+        return x
+
+    def trunk_layers(self, heads: bool = True) -> int:
+        """Blocks that run before the heads branch off (all of them without heads)."""
+        return self.mtp.trunk_layers(self.config) if heads and self.mtp is not None else self.config.n_layers
+
+    def backbone(self, idx: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None = None, slots: Tensor | None = None,
+                 mask: Tensor | None = None, heads: bool = True) -> BackboneStates:
+        """The main model over tokens idx (B, T): the states the heads read, and the main one.
+
+        The one place the backbone is wired: `forward`, the decoding pass and retrofitting's
+        features all come from here, so they run the same blocks in the same order.
+        """
+        cut = self.trunk_layers(heads)
+        trunk = self.run_layers(self.embed_tokens(idx), 0, cut, rope, cache, slots, mask)  # (B, T, C)
+        return self.states_from(idx, trunk, cut, rope, cache, slots, mask)
+
+    def states_from(self, idx: Tensor, trunk: Tensor, cut: int, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
+                    slots: Tensor | None = None, mask: Tensor | None = None) -> BackboneStates:
+        """`backbone`'s states from the state after the first `cut` blocks (retrofitting stores that one)."""
+        last = self.run_layers(trunk, cut, self.config.n_layers, rope, cache, slots, mask)
+        return BackboneStates(idx=idx, trunk=trunk, last=last, main=self.norm(last))
+
+    def unembed_weight(self, depth: int = 0) -> Tensor:
+        """(V, C) matrix turning depth `depth`'s hidden state into logits."""
+        if depth == 0 or self.mtp is None:
+            return self.lm_head.weight
+        return self.mtp.unembed_weight(self.shared, depth)
+
+    def logits(self, h: Tensor, depth: int = 0) -> Tensor:
+        """Logits (..., V) for hidden states of depth `depth` as `forward` returns them."""
+        return F.linear(h, self.unembed_weight(depth))
+
+    # ---- forward --------------------------------------------------------------------------
+    def forward(self, idx: Tensor, *, cache: KVCache | None = None, input_pos: Tensor | None = None,
+                slots: Tensor | None = None, mask: Tensor | None = None, heads: bool = True) -> list[Tensor]:
+        """Hidden states per depth, final norms applied.
+
+        Args:
+            idx: (B, T) token ids.
+            cache: a KVCache for incremental decoding; None for a full causal pass (training).
+            input_pos: (B, T) RoPE positions; default: the cache's next positions, or 0..T-1.
+            slots: (B, T) cache slots to write; default ``input_pos`` (trees pass scratch slots).
+            mask: (B, T, S) which cache slots each token attends; default causal over slots.
+            heads: also run the MTP heads. With a cache, families that draft step by step
+                (sequential modules) are not run here: speculative decoding drives them.
+        Returns:
+            ``[main, d1, ..., dD]``, each (B, T, C); only ``[main]`` when heads are off or absent.
+        """
+        B, T = idx.shape
+        if cache is None:
+            if T > self.config.max_seq_len:
+                raise UserError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}: shorten it or raise max_seq_len")
+            pos = input_pos if input_pos is not None else torch.arange(T, device=idx.device)
+        else:
+            pos = input_pos if input_pos is not None else cache.positions(T)
+            slots = pos if slots is None else slots
+            mask = cache.causal_mask(slots) if mask is None else mask
+        rope = self.rope(pos)
+        run_heads = heads and self.mtp is not None
+        states = self.backbone(idx, rope, cache, slots, mask, heads=run_heads)
+        out = [states.main]
+        if run_heads:
+            out += self.mtp(self.shared, states, rope, cache=cache, slots=slots, mask=mask)
+        return out
