@@ -34,26 +34,30 @@ class HeadsConfig:
     the paper's n=4 (main head + 3); `sequential` with depth 1 is DeepSeek-V3's D=1."""
     medusa_layers: int = 1
     """Residual SiLU blocks per Medusa head."""
+    shared: bool = False
+    """Sequential only: one MTP module serves every depth (EAGLE's single draft layer, run D times),
+    instead of DeepSeek-V3's one module per depth. Each depth keeps its own KV-cache layer."""
 
     @classmethod
     def parse(cls, spec: str) -> "HeadsConfig":
-        """Parse the CLI form ``KIND:DEPTH`` (e.g. ``parallel:3``) or ``none``."""
-        kind, _, n = str(spec).partition(":")
-        if kind == "none" and not n:
+        """Parse the CLI form ``KIND:DEPTH`` (e.g. ``parallel:3``), ``sequential:DEPTH:shared`` or ``none``."""
+        kind, _, rest = str(spec).partition(":")
+        n, _, flag = rest.partition(":")
+        if kind == "none" and not rest:
             return cls()
         try:
-            if kind not in HEAD_KINDS[1:]:
+            if kind not in HEAD_KINDS[1:] or flag not in ("", "shared") or (flag and kind != "sequential"):
                 raise ValueError(kind)
             depth = int(HEADS_RANGES["depth"].parse(n))
             if depth < 1:
                 raise ValueError(n)
         except ValueError:
-            raise UserError(f"--heads {spec!r}: expected parallel:N, sequential:N, medusa:N or none, "
+            raise UserError(f"--heads {spec!r}: expected parallel:N, sequential:N, sequential:N:shared, medusa:N or none, "
                             f"N from 1 to {MAX_HEAD_DEPTH}") from None
-        return cls(kind=kind, depth=depth)
+        return cls(kind=kind, depth=depth, shared=flag == "shared")
 
     def __str__(self) -> str:
-        return "none" if self.kind == "none" else f"{self.kind}:{self.depth}"
+        return "none" if self.kind == "none" else f"{self.kind}:{self.depth}{':shared' if self.shared else ''}"
 
 
 @dataclass
@@ -119,6 +123,7 @@ class ModelConfig:
             (h.kind != "parallel" or h.depth < self.n_layers,
              f"parallel:{h.depth} asks for more heads than the model has layers ({self.n_layers}): use at most parallel:{self.n_layers - 1} or a deeper preset"),
             (h.medusa_layers >= 1, "heads.medusa_layers must be at least 1"),
+            (not h.shared or h.kind == "sequential", f"heads.shared is for sequential modules, not {h.kind}: drop it"),
             (0 <= self.eos_id < self.vocab_size, f"eos_id={self.eos_id} is outside the vocabulary (size {self.vocab_size})"),
         ]
         for ok, msg in checks:

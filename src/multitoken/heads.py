@@ -107,10 +107,10 @@ class MTPModule(Block):
         self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # released name: shared_head.norm
 
-    def forward(self, h_prev: Tensor, emb: Tensor, rope, cache=None, slots=None, mask=None) -> Tensor:
+    def forward(self, h_prev: Tensor, emb: Tensor, rope, cache=None, slots=None, mask=None, layer=None) -> Tensor:
         """h^k (B, T, C), before the final norm, from h^{k-1} and the embeddings of t_{i+k}."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return super().forward(x, rope, cache, slots, mask)
+        return super().forward(x, rope, cache, slots, mask, layer)
 
 
 class SequentialMTP(_SharedLMHead):
@@ -118,7 +118,13 @@ class SequentialMTP(_SharedLMHead):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.layers = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.heads.depth))
+        self.depth, self.first_cache_layer = cfg.heads.depth, cfg.n_layers
+        # Shared (EAGLE-style): one module run at every depth; its layer index is depth 1's.
+        self.layers = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(1 if cfg.heads.shared else self.depth))
+
+    def module(self, k: int) -> MTPModule:
+        """The module that computes depth k (1-based)."""
+        return self.layers[min(k, len(self.layers)) - 1]
 
     def trunk_layers(self, cfg: ModelConfig) -> int:
         return cfg.n_layers
@@ -127,7 +133,8 @@ class SequentialMTP(_SharedLMHead):
         if cache is not None:
             return []  # decoding feeds drafted tokens to `step` instead
         out, h = [], last
-        for k, module in enumerate(self.layers, start=1):
+        for k in range(1, self.depth + 1):
+            module = self.module(k)
             emb = model.embed_tokens(shift_tokens(idx, k, model.config.eos_id))
             h = _run(self, module, h, emb, rope)
             out.append(module.norm(h))
@@ -139,9 +146,9 @@ class SequentialMTP(_SharedLMHead):
     def step(self, model, k: int, h_prev: Tensor, tokens: Tensor, rope, cache=None, slots=None, mask=None) -> Tensor:
         """Run module k (1-based) on (B, q) positions: h^{k-1} there and the tokens t_{i+k}.
 
-        Returns h^k before the final norm (feed it to module k+1; ``layers[k-1].norm`` it for logits).
+        Returns h^k before the final norm (feed it to module k+1; ``module(k).norm`` it for logits).
         """
-        return self.layers[k - 1](h_prev, model.embed_tokens(tokens), rope, cache, slots, mask)
+        return self.module(k)(h_prev, model.embed_tokens(tokens), rope, cache, slots, mask, self.first_cache_layer + k - 1)
 
     @torch.no_grad()
     def init_from_backbone(self, model) -> None:

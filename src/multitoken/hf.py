@@ -185,7 +185,8 @@ def config_to_hf(cfg: ModelConfig, model_type: str, dtype: torch.dtype, bos_id: 
             hf["mtp_layer_types"] = ["full_attention"] * h.depth
     elif h.kind == "medusa":
         hf.update(medusa_num_heads=h.depth, medusa_num_layers=h.medusa_layers)
-    hf["multitoken"] = {"format": FORMAT_VERSION, "heads": {"kind": h.kind, "depth": h.depth, "medusa_layers": h.medusa_layers}}
+    hf["multitoken"] = {"format": FORMAT_VERSION, "heads": {"kind": h.kind, "depth": h.depth, "medusa_layers": h.medusa_layers,
+                                                               **({"shared": True} if h.shared else {})}}
     return hf
 
 
@@ -233,6 +234,12 @@ def state_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
         if name == "lm_head.weight" and model.config.tie_embeddings:
             continue
         state[native_to_hf_name(name, model.config)] = t.detach().contiguous().cpu()
+    cfg = model.config
+    if cfg.heads.shared:  # DeepSeek's layout has one module per depth: a shared module is written D times
+        L = cfg.n_layers
+        for k in range(1, cfg.heads.depth):
+            state.update({f"model.layers.{L + k}.{n[len(f'model.layers.{L}.'):]}": t.clone() for n, t in list(state.items())
+                          if n.startswith(f"model.layers.{L}.")})
     return state
 
 
@@ -257,6 +264,11 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, fresh_hea
             continue  # older checkpoints stored the RoPE table; it is recomputed from rope_theta
         if name in reverse:
             out[reverse[name]] = t
+            continue
+        if (first := _shared_module_copy(name, cfg)) is not None:
+            if first not in hf_state or not torch.equal(hf_state[first], t):
+                raise UserError(f"{name} differs from {first}: the config says one shared MTP module, the weights hold several "
+                                "(set multitoken.heads.shared to false in config.json)")
             continue
         shared = _shared_copy(name, cfg)
         if shared is not None:
@@ -284,6 +296,17 @@ def _native_names(cfg: ModelConfig) -> list[str]:
     with torch.device("meta"):
         names = list(Transformer(cfg).state_dict())
     return [n for n in names if not (n == "lm_head.weight" and cfg.tie_embeddings)]
+
+
+def _shared_module_copy(name: str, cfg: ModelConfig) -> str | None:
+    """For depth k > 1's copy of a shared MTP module's tensor, the name of depth 1's tensor."""
+    if not cfg.heads.shared:
+        return None
+    L = cfg.n_layers
+    m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", name)
+    if not m or not L < int(m[1]) < L + cfg.heads.depth or m[2] in ("embed_tokens.weight", "shared_head.head.weight"):
+        return None  # per-module copies of the embedding / LM head are `_shared_copy`'s
+    return f"model.layers.{L}.{m[2]}"
 
 
 def _shared_copy(name: str, cfg: ModelConfig) -> str | None:

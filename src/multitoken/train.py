@@ -386,7 +386,7 @@ class MetricsLog:
 
 
 def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> dict[str, Any]:
+          stop_after: int | None = None, max_minutes: float | None = None) -> dict[str, Any]:
     """Train a model on DATA_DIR into RUN_DIR (works alone and under torchrun).
 
     Args:
@@ -397,6 +397,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
         progress: show a progress bar (rank 0).
         stop_after: stop (with a checkpoint) after this step, keeping the schedule of `cfg.steps`;
             for time-boxed jobs that `resume` later.
+        max_minutes: stop (with a checkpoint) after the first step that ends past this much wall
+            time from the start of training; ranks agree on the step. Resume continues exactly.
     Returns:
         Final metrics: step, train and validation loss per depth, validation accuracy per depth,
         expected_tau, tokens, seconds, tokens_per_s.
@@ -405,14 +407,14 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
     started = torch.distributed.is_available() and torch.distributed.is_initialized()
     info = parallel.init_distributed(cfg.device)
     try:
-        return _train(cfg, info, Path(data_dir), Path(out_dir), resume, progress, stop_after or cfg.steps)
+        return _train(cfg, info, Path(data_dir), Path(out_dir), resume, progress, stop_after or cfg.steps, max_minutes)
     finally:
         if not started:
             parallel.cleanup()
 
 
 def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: Path, resume: bool, progress: bool,
-           stop: int) -> dict[str, Any]:
+           stop: int, max_minutes: float | None = None) -> dict[str, Any]:
     from multitoken.data.loader import TokenLoader
     from multitoken.data.prepare import load_meta, load_tokenizer
 
@@ -556,6 +558,9 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
             step += 1
             tokens_done += tokens_per_step
             window_tokens += tokens_per_step
+            if max_minutes is not None and step < stop and out_of_time(t0, max_minutes, device, info.distributed):
+                stop = step  # evaluate and save below, as at the last step
+                say(f"time budget of {max_minutes:g} min spent: stopping at step {step} (continue with --resume)")
 
             if step % cfg.log_every == 0 or step == stop:
                 sums = parallel.all_reduce_sum(torch.cat([ce_sum, correct])).cpu()
@@ -608,6 +613,16 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
         "tokens_per_s": tokens_done / max(seconds, 1e-9),
         **({"max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}),
     }
+
+
+def out_of_time(t0: float, max_minutes: float, device: torch.device, distributed: bool) -> bool:
+    """Whether the time budget is spent, as rank 0's clock says (every rank stops at the same step)."""
+    over = time.perf_counter() - t0 > 60 * max_minutes
+    if not distributed:
+        return over
+    flag = torch.tensor([float(over)], device=device)
+    torch.distributed.broadcast(flag, 0)
+    return bool(flag.item())
 
 
 # ---- checkpoint plumbing: plain, DDP and FSDP2 ------------------------------------------------
@@ -668,7 +683,7 @@ def load_optimizer(model, optimizer: torch.optim.Optimizer, saved: dict[str, Any
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``multitoken train``."""
-    from multitoken.cli import ints, path_arg
+    from multitoken.cli import ints, option, path_arg
 
     p = subparsers.add_parser("train", help="train a model with MTP heads on a prepared DATA_DIR",
                               description="Train a model (or heads on a frozen one) on DATA_DIR into RUN_DIR. Options "
@@ -679,6 +694,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest checkpoint, exactly")
     p.add_argument("--stop-after", type=ints(1), default=None, metavar="STEP",
                    help="stop with a checkpoint after this step, keeping the schedule of --steps (resume later)")
+    p.add_argument("--max-minutes", type=option(Range(0.0, 1e7, lo_open=True)), default=None, metavar="MIN",
+                   help="stop with a checkpoint once this much time has passed (resume later); time-boxed jobs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_dataclass_arguments(p, TrainConfig, TRAIN_RANGES)
     p.set_defaults(func=run)
@@ -697,7 +714,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"ignored on resume (the run keeps its own values): {', '.join(ignored)}", file=sys.stderr)
     else:
         cfg = resolve_config(cli, args.config)
-    result = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after)
+    result = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after,
+                   max_minutes=args.max_minutes)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary per job, not per process
         print(json.dumps(result, indent=2))
     return 0

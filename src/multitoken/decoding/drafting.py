@@ -100,7 +100,7 @@ class ModuleDrafter:
         drafts, qs, logits = [], [], []
         for kk in range(1, self.k + 1):
             h = model.mtp.step(model, kk, h, st.seq.gather(1, win + kk), rope, cache, win, mask)  # (B, W, C)
-            hk = model.mtp.layers[kk - 1].norm(rows_at(h, at))
+            hk = model.mtp.module(kk).norm(rows_at(h, at))
             logits.append(draft_logits(model, kk, hk, C + kk))
             d, q = propose(logits[-1], s, lossless, u[:, kk - 1])
             st.seq.scatter_(1, (C + kk)[:, None], d[:, None])
