@@ -9,12 +9,15 @@ from multitoken.config import HeadsConfig, ModelConfig
 from multitoken.model import Transformer
 
 FAMILIES = ["parallel", "sequential", "medusa"]
+SHARED = "sequential:shared"
+"""One sequential module run at every depth (HeadsConfig.shared), as a `kind` for the helpers below."""
 
 
 def tiny_config(kind: str = "none", depth: int = 0, **overrides) -> ModelConfig:
     """A ~50k-parameter model: fast enough for exhaustive CPU tests."""
+    family, _, flag = kind.partition(":")
     base = dict(vocab_size=61, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=64,
-                max_seq_len=64, eos_id=1, heads=HeadsConfig(kind, depth))
+                max_seq_len=64, eos_id=1, heads=HeadsConfig(family, depth, shared=flag == "shared"))
     return ModelConfig(**{**base, **overrides})
 
 

@@ -280,7 +280,7 @@ for opt, v in [("--max-new-tokens", "0"), ("--max-new-tokens", str(1 << 40)), ("
     case(f"generate{opt}={v}", gen(opt, v), expect=re.escape(opt))
 for opt, v in [("--batch-size", "0"), ("--batch-size", str(1 << 40)), ("--seq-len", "1"), ("--seq-len", str(1 << 40)),
                ("--grad-accum", "0"), ("--warmup", "-1"), ("--seed", "-5"), ("--max-seq-len", str(1 << 30)),
-               ("--eval-batches", "0"), ("--keep-checkpoints", "0"), ("--log-every", "0"), ("--stop-after", "0")]:
+               ("--eval-batches", "0"), ("--keep-checkpoints", "0"), ("--log-every", "0"), ("--stop-after", "0"), ("--max-minutes", "0"), ("--max-minutes", "nan"), ("--max-minutes", "-5")]:
     case(f"train{opt}={v}", trn(opt, v), expect=re.escape(opt))
 for opt, v in [("--batch-size", "0"), ("--seq-len", "1"), ("--seq-len", "²")]:
     case(f"eval{opt}={v}", ev(opt, v), expect=re.escape(opt))
@@ -311,7 +311,7 @@ case("bench-preset-unknown", lambda b, w: ["bench", "decode", "--preset", "huge"
 case("bench-data-missing", bench("--data", "/nonexistent/data"), expect="data")
 
 # head and tokenizer specs
-for v in ["parallel:²", "medusa:1000000", "medusa:0", "medusa:-1", "medusa:١", "medusa:", "eagle:2", "", "medusa:2.5"]:
+for v in ["parallel:²", "medusa:1000000", "medusa:0", "medusa:-1", "medusa:١", "medusa:", "eagle:2", "", "medusa:2.5", "medusa:2:shared", "sequential:2:shard", "sequential:shared"]:
     case(f"train--heads={v}", trn("--heads", v), expect="--heads")
     case(f"retrofit--heads={v}", retro("--heads", v), expect="--heads")
 for v in ["medusa:1000000", "parallel:²"]:

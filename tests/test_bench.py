@@ -15,7 +15,7 @@ from multitoken.loss import MTPLoss
 from multitoken.model import Transformer
 
 
-@pytest.mark.parametrize("spec", ["none", "parallel:2", "sequential:2", "medusa:2"])
+@pytest.mark.parametrize("spec", ["none", "parallel:2", "sequential:2", "medusa:2", "sequential:3:shared"])
 def test_train_flops_equal_torch_flop_counter(spec):
     """One training step's matmul FLOPs as torch counts them (math attention, which the counter sees
     as two batched matmuls over all T x T pairs) equal the formula with causal=False."""

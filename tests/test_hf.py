@@ -181,7 +181,7 @@ def test_convert_adds_fresh_heads_initialised_from_the_backbone(tmp_path):
 def native_run(tmp_path, kind: str, depth: int, tie: bool) -> Transformer:
     torch.manual_seed(3)
     cfg = ModelConfig(vocab_size=VOCAB, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=96, max_seq_len=64,
-                      rope_theta=5000.0, tie_embeddings=tie, eos_id=256, heads=HeadsConfig(kind, depth))
+                      rope_theta=5000.0, tie_embeddings=tie, eos_id=256, heads=HeadsConfig.parse(f"{kind}:{depth}" if depth else kind))
     model = Transformer(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -190,13 +190,22 @@ def native_run(tmp_path, kind: str, depth: int, tie: bool) -> Transformer:
     return model.eval()
 
 
-@pytest.mark.parametrize("kind,depth,tie", [("none", 0, True), ("sequential", 2, True), ("parallel", 2, False), ("medusa", 3, True)])
+@pytest.mark.parametrize("kind,depth,tie", [("none", 0, True), ("sequential", 2, True), ("parallel", 2, False), ("medusa", 3, True),
+                                            ("sequential:shared", 3, True)])
 def test_export_loads_in_transformers_and_round_trips_with_heads(tmp_path, kind, depth, tie):
-    model = native_run(tmp_path, kind, depth, tie)
+    model = native_run(tmp_path, kind.replace(":shared", ""), f"{depth}:shared" if "shared" in kind else depth, tie)
     export_hf(tmp_path / "native", tmp_path / "export")
     cfg = json.loads((tmp_path / "export" / "config.json").read_text())
-    assert cfg["model_type"] == "llama" and cfg["multitoken"]["heads"] == {"kind": kind, "depth": depth, "medusa_layers": 1}
-    names = set(load_file(tmp_path / "export" / "model.safetensors"))
+    shared = {"shared": True} if "shared" in kind else {}
+    assert cfg["model_type"] == "llama" and cfg["multitoken"]["heads"] == {"kind": kind.replace(":shared", ""), "depth": depth,
+                                                                           "medusa_layers": 1, **shared}
+    tensors = load_file(tmp_path / "export" / "model.safetensors")
+    names = set(tensors)
+    if shared:  # DeepSeek's layout, one module per depth: the shared module is written at every depth
+        assert sum(n.startswith("model.layers.3.") for n in names) == sum(n.startswith("model.layers.5.") for n in names) > 10
+        assert all(torch.equal(tensors[n], tensors[n.replace("layers.3.", f"layers.{L}.")])
+                   for n in names if n.startswith("model.layers.3.") for L in (4, 5))
+        kind = "sequential"
     expected = {"none": set(), "sequential": {"model.layers.3.enorm.weight", "model.layers.4.hnorm.weight", "model.layers.4.eh_proj.weight",
                                                "model.layers.3.shared_head.norm.weight", "model.layers.4.self_attn.q_proj.weight"},
                 "parallel": {"mtp.parallel.0.self_attn.q_proj.weight", "mtp.parallel.1.mlp.down_proj.weight"},
@@ -259,7 +268,7 @@ def random_native(tmp_path, kind: str, depth: int, tie: bool = True, seed: int =
     tensors exported under each other's names change the numbers."""
     torch.manual_seed(seed)
     cfg = ModelConfig(vocab_size=VOCAB, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=96, max_seq_len=64,
-                      rope_theta=5000.0, tie_embeddings=tie, eos_id=256, heads=HeadsConfig(kind, depth))
+                      rope_theta=5000.0, tie_embeddings=tie, eos_id=256, heads=HeadsConfig.parse(f"{kind}:{depth}" if depth else kind))
     model = Transformer(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -363,8 +372,8 @@ def test_convert_refuses_a_tied_lm_head_that_differs_from_the_embedding(tmp_path
 
 
 # ---- transformers' own MTP decoding on our exported modules ---------------------------------------------
-@pytest.mark.parametrize("depth", [1, 2])
-def test_exported_sequential_modules_draft_in_transformers_use_mtp(tmp_path, depth):
+@pytest.mark.parametrize("kind,depth", [("sequential", 1), ("sequential", 2), ("sequential:shared", 2)])
+def test_exported_sequential_modules_draft_in_transformers_use_mtp(tmp_path, kind, depth):
     """An exported sequential model loads through `load_transformers_mtp`; transformers' generic MTP
     layer then computes exactly our depth-1 logits (norm weights random, so that a hidden state
     taken after the final norm would differ), and generate(use_mtp=True) gives our greedy output."""
@@ -375,7 +384,7 @@ def test_exported_sequential_modules_draft_in_transformers_use_mtp(tmp_path, dep
     from multitoken.hf import load_transformers_mtp
 
     torch.manual_seed(depth)
-    model = tiny_model("sequential", depth, vocab_size=61, max_seq_len=64, n_layers=3).eval()
+    model = tiny_model(kind, depth, vocab_size=61, max_seq_len=64, n_layers=3).eval()
     with torch.no_grad():
         for p in model.parameters():
             (p.uniform_(0.5, 1.5) if p.dim() == 1 else p.normal_(0, 0.15))

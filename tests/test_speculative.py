@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, SHARED, tiny_model
 from multitoken.decoding import drafting
 from multitoken.decoding.api import best_draft, engine_for
 from multitoken.errors import UserError
@@ -37,7 +37,7 @@ def prompts(seed: int, batch: int, vocab: int = 61) -> list[list[int]]:
 
 
 # ---- greedy: identical to plain decoding ---------------------------------------------------------
-@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("kind", FAMILIES + [SHARED])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_chain_equals_plain_greedy(kind, batch):
     for seed in range(4):
@@ -196,14 +196,16 @@ def test_cache_after_rollbacks_equals_a_cache_built_from_scratch(kind, mode):
             torch.testing.assert_close(cache.v[:layers, b, :, :T], fresh.v[:layers, 0, :, :T], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["sequential", SHARED])
 @pytest.mark.parametrize("mode,k", [("spec", 3), ("tree", 1), ("tree", 3)])
-def test_sequential_drafts_equal_a_full_forward_over_the_accepted_tokens(monkeypatch, mode, k):
+def test_sequential_drafts_equal_a_full_forward_over_the_accepted_tokens(monkeypatch, kind, mode, k):
     """Module k's draft at each step equals the uncached model's depth-k prediction on the same tokens.
 
     This pins the sliding-window invariant: every module's cache entries that a draft can see were
     written from accepted tokens, never left over from rejected drafts (chain and depth-1 tree).
+    A shared module (one module at every depth) must still keep one cache layer per depth.
     """
-    model = spread_model("sequential", 3, 6)
+    model = spread_model(kind, 3, 6)
     prompt = [4, 5, 6, 7, 8]
     calls = []
 

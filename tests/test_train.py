@@ -97,6 +97,22 @@ def test_resume_equals_uninterrupted_bit_for_bit(data, tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_time_budget_stops_with_a_checkpoint_and_resume_finishes_bit_for_bit(data, tmp_path):
+    """--max-minutes: each time-boxed call stops after its first step past the budget, saves, and the
+    run resumed call after call ends as the uninterrupted one (a shared sequential module trains too)."""
+    cfg = tiny_train_config(steps=5, save_every=100, heads="sequential:2:shared")
+    train(cfg, data, tmp_path / "full", progress=False)
+    steps = [train(cfg, data, tmp_path / "cut", progress=False, max_minutes=1e-9)["step"]]
+    while steps[-1] < 5:
+        steps.append(train(cfg, data, tmp_path / "cut", resume=True, progress=False, max_minutes=1e-9)["step"])
+    assert steps == [1, 2, 3, 4, 5]
+    full, cut = train_records(tmp_path / "full"), train_records(tmp_path / "cut")
+    assert [r["loss_per_depth"] for r in cut] == [r["loss_per_depth"] for r in full]
+    a, b = load_file(str(tmp_path / "full/model.safetensors")), load_file(str(tmp_path / "cut/model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not any(k.startswith("mtp.layers.1.") for k in a)  # one module's weights, used at both depths
+
+
 def test_grad_accumulation_matches_one_big_batch(data, tmp_path):
     """Per-depth means are weighted by valid-target counts, so 2 micro-batches of 2 == 1 batch of 4."""
     one = train(tiny_train_config(steps=3), data, tmp_path / "one", progress=False)

@@ -34,28 +34,33 @@ class HeadsConfig:
     the paper's n=4 (main head + 3); `sequential` with depth 1 is DeepSeek-V3's D=1."""
     medusa_layers: int = 1
     """Residual SiLU blocks per Medusa head."""
+    shared: bool = False
+    """Sequential only: one MTP module serves every depth (EAGLE's single draft layer, run D times),
+    instead of DeepSeek-V3's one module per depth. Each depth keeps its own KV-cache layer."""
 
     @classmethod
     def parse(cls, spec: str) -> "HeadsConfig":
-        """Parse the CLI form ``KIND:DEPTH`` (e.g. ``parallel:3``) or ``none``."""
-        from multitoken.model.heads.registry import kinds
+        """Parse the CLI form ``KIND:DEPTH`` (e.g. ``parallel:3``), ``KIND:DEPTH:FLAG`` for a family's
+        flags (``sequential:2:shared``) or ``none``."""
+        from multitoken.model.heads.registry import family, kinds
 
-        kind, _, n = str(spec).partition(":")
-        if kind == "none" and not n:
+        kind, _, rest = str(spec).partition(":")
+        n, _, flag = rest.partition(":")
+        if kind == "none" and not rest:
             return cls()
         try:
-            if kind not in kinds():
+            if kind not in kinds() or (flag and flag not in family(kind).flags):
                 raise ValueError(kind)
             depth = int(HEADS_RANGES["depth"].parse(n))
             if depth < 1:
                 raise ValueError(n)
         except ValueError:
-            raise BadValue("heads", repr(spec), f"expected {', '.join(f'{k}:N' for k in kinds())} or none, "
-                           f"N from 1 to {MAX_HEAD_DEPTH}") from None
-        return cls(kind=kind, depth=depth)
+            forms = [f for k in kinds() for f in (f"{k}:N", *(f"{k}:N:{x}" for x in family(k).flags))]
+            raise BadValue("heads", repr(spec), f"expected {', '.join(forms)} or none, N from 1 to {MAX_HEAD_DEPTH}") from None
+        return cls(kind=kind, depth=depth, shared=flag == "shared")
 
     def __str__(self) -> str:
-        return "none" if self.kind == "none" else f"{self.kind}:{self.depth}"
+        return "none" if self.kind == "none" else f"{self.kind}:{self.depth}{':shared' if self.shared else ''}"
 
 
 @dataclass
@@ -119,6 +124,8 @@ class ModelConfig:
             (h.kind == "none" or h.depth >= 1, f"heads {h.kind} with depth {h.depth}: give at least one extra head (e.g. {h.kind}:2) or use 'none'"),
             (h.kind != "none" or h.depth == 0, f"heads kind 'none' with depth {h.depth}: name a head family ({_or(kinds())})"),
             (h.medusa_layers >= 1, "heads.medusa_layers must be at least 1"),
+            (not h.shared or (h.kind != "none" and "shared" in family(h.kind).flags),
+             f"heads.shared is for sequential modules, not {h.kind}: drop it"),
             (0 <= self.eos_id < self.vocab_size, f"eos_id={self.eos_id} is outside the vocabulary (size {self.vocab_size})"),
         ]
         for ok, msg in checks:
@@ -143,7 +150,10 @@ class ModelConfig:
         return from_dict(cls, {**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.heads.shared:
+            del d["heads"]["shared"]  # config.json keeps its keys for every run that does not share a module
+        return d
 
 
 def _or(names: list[str]) -> str:

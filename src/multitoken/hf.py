@@ -177,7 +177,8 @@ def config_to_hf(cfg: ModelConfig, model_type: str, dtype: torch.dtype, bos_id: 
     h = cfg.heads
     if h.kind != "none":
         hf.update(family(h.kind).hf_config(cfg, hf))
-    hf["multitoken"] = {"format": FORMAT_VERSION, "heads": {"kind": h.kind, "depth": h.depth, "medusa_layers": h.medusa_layers}}
+    hf["multitoken"] = {"format": FORMAT_VERSION, "heads": {"kind": h.kind, "depth": h.depth, "medusa_layers": h.medusa_layers,
+                                                               **({"shared": True} if h.shared else {})}}
     return hf
 
 
@@ -214,6 +215,9 @@ def state_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
         if name == "lm_head.weight" and model.config.tie_embeddings:
             continue
         state[native_to_hf_name(name, model.config)] = t.detach().contiguous().cpu()
+    cfg = model.config
+    if cfg.heads.kind != "none":
+        state.update(family(cfg.heads.kind).export_copies(state, cfg))
     return state
 
 
@@ -239,14 +243,15 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, fresh_hea
         if name in reverse:
             out[reverse[name]] = t
             continue
-        shared = family(cfg.heads.kind).shared_copy(name, cfg) if cfg.heads.kind != "none" else None
-        if shared is not None:
-            # DeepSeek-style checkpoints may repeat the shared embedding / LM head per MTP module:
-            # accept them only when they really are copies.
+        copy = family(cfg.heads.kind).shared_copy(name, cfg) if cfg.heads.kind != "none" else None
+        if copy is not None:
+            # Layouts that repeat a tensor (DeepSeek's embedding / LM head per MTP module, a shared
+            # module written once per depth): accept the repeats only when they really are copies.
+            shared, why = copy
             ref = hf_state.get(shared, hf_state.get("model.embed_tokens.weight") if shared == "lm_head.weight" else None)
             if ref is not None and torch.equal(ref, t):
                 continue
-            raise UserError(f"{name} differs from {shared}: MTP modules with their own embedding or LM head are not supported")
+            raise UserError(f"{name} differs from {shared}: {why}")
         if name == "lm_head.weight" and cfg.tie_embeddings:
             if not torch.equal(t, hf_state["model.embed_tokens.weight"]):
                 raise UserError("tie_word_embeddings is true but lm_head.weight differs from the embedding: fix config.json")

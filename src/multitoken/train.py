@@ -319,7 +319,7 @@ class MetricsLog:
 
 
 def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: bool = False, progress: bool = True,
-          stop_after: int | None = None) -> dict[str, Any]:
+          stop_after: int | None = None, max_minutes: float | None = None) -> dict[str, Any]:
     """Train a model on DATA_DIR into RUN_DIR (works alone and under torchrun).
 
     Args:
@@ -330,6 +330,8 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
         progress: show a progress bar (rank 0).
         stop_after: stop (with a checkpoint) after this step, keeping the schedule of `cfg.steps`;
             for time-boxed jobs that `resume` later.
+        max_minutes: stop (with a checkpoint) after the first step that ends past this much wall
+            time from the start of training; ranks agree on the step. Resume continues exactly.
     Returns:
         Final metrics: step, train and validation loss per depth, validation accuracy per depth,
         expected_tau, tokens, seconds, tokens_per_s.
@@ -338,14 +340,14 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
     started = torch.distributed.is_available() and torch.distributed.is_initialized()
     info = parallel.init_distributed(cfg.device)
     try:
-        return _train(cfg, info, Path(data_dir), Path(out_dir), resume, progress, stop_after or cfg.steps)
+        return _train(cfg, info, Path(data_dir), Path(out_dir), resume, progress, stop_after or cfg.steps, max_minutes)
     finally:
         if not started:
             parallel.cleanup()
 
 
 def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: Path, resume: bool, progress: bool,
-           stop: int) -> dict[str, Any]:
+           stop: int, max_minutes: float | None = None) -> dict[str, Any]:
     from multitoken.data.loader import TokenLoader
     from multitoken.data.prepare import load_meta, load_tokenizer
 
@@ -489,6 +491,9 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
             step += 1
             tokens_done += tokens_per_step
             window_tokens += tokens_per_step
+            if max_minutes is not None and step < stop and out_of_time(t0, max_minutes, device, info.distributed):
+                stop = step  # evaluate and save below, as at the last step
+                say(f"time budget of {max_minutes:g} min spent: stopping at step {step} (continue with --resume)")
 
             if step % cfg.log_every == 0 or step == stop:
                 sums = parallel.all_reduce_sum(torch.cat([ce_sum, correct])).cpu()
@@ -541,6 +546,16 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
         "tokens_per_s": tokens_done / max(seconds, 1e-9),
         **({"max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}),
     }
+
+
+def out_of_time(t0: float, max_minutes: float, device: torch.device, distributed: bool) -> bool:
+    """Whether the time budget is spent, as rank 0's clock says (every rank stops at the same step)."""
+    over = time.perf_counter() - t0 > 60 * max_minutes
+    if not distributed:
+        return over
+    flag = torch.tensor([float(over)], device=device)
+    torch.distributed.broadcast(flag, 0)
+    return bool(flag.item())
 
 
 # ---- checkpoint plumbing: plain, DDP and FSDP2 ------------------------------------------------

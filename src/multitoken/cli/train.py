@@ -11,15 +11,14 @@ from pathlib import Path
 
 from multitoken import checkpoint as ckpt
 from multitoken import outdir
-from multitoken.cli.options import add_dataclass_arguments, ints, path_arg
+from multitoken.checks import Range
+from multitoken.cli.options import add_dataclass_arguments, ints, option, path_arg
 from multitoken.config import TRAIN_RANGES, TrainConfig
 from multitoken.train import load_toml, resolve_config, resume_config, saved_run_config, train
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``multitoken train``."""
-    from multitoken.cli.options import ints, path_arg
-
     p = subparsers.add_parser("train", help="train a model with MTP heads on a prepared DATA_DIR",
                               description="Train a model (or heads on a frozen one) on DATA_DIR into RUN_DIR. Options "
                               "override --config FILE.toml, which overrides the defaults; --resume continues exactly.")
@@ -29,6 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue RUN_DIR from its latest checkpoint, exactly")
     p.add_argument("--stop-after", type=ints(1), default=None, metavar="STEP",
                    help="stop with a checkpoint after this step, keeping the schedule of --steps (resume later)")
+    p.add_argument("--max-minutes", type=option(Range(0.0, 1e7, lo_open=True)), default=None, metavar="MIN",
+                   help="stop with a checkpoint once this much time has passed (resume later); time-boxed jobs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_dataclass_arguments(p, TrainConfig, TRAIN_RANGES)
     p.set_defaults(func=run)
@@ -47,7 +48,8 @@ def run(args: argparse.Namespace) -> int:
             print(f"ignored on resume (the run keeps its own values): {', '.join(ignored)}", file=sys.stderr)
     else:
         cfg = resolve_config(cli, args.config)
-    result = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after)
+    result = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after,
+                   max_minutes=args.max_minutes)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary per job, not per process
         print(json.dumps(result, indent=2))
     return 0

@@ -115,12 +115,14 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
-                slots: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
+                slots: Tensor | None = None, mask: Tensor | None = None, layer: int | None = None) -> Tensor:
+        """`layer` overrides the cache layer (a shared MTP module runs once per depth, each its own)."""
         if cache is not None:
+            layer = self.layer if layer is None else layer
             # The decoding runner may swap in a compiled `cached` (one compilation serves every block).
             fn = cache.block_fn or Block.cached
             bias = cache.attention_bias(mask, self.self_attn.n_heads // self.self_attn.n_kv_heads, x.dtype)
-            return fn(self, x, rope[0], rope[1], cache.k[self.layer], cache.v[self.layer], cache._rows, slots, bias)
+            return fn(self, x, rope[0], rope[1], cache.k[layer], cache.v[layer], cache._rows, slots, bias)
         x = x + self.self_attn(self.input_layernorm(x), *rope)
         return x + self.mlp(self.post_attention_layernorm(x))
 

@@ -59,6 +59,8 @@ class HeadFamily(nn.Module):
     drafts_from_verify: ClassVar[bool] = True
     """Decoding: the verification pass itself yields the next drafts (`decode_states`); False for
     families that draft with their own passes over committed tokens (`step`)."""
+    flags: ClassVar[tuple[str, ...]] = ()
+    """Options written after the depth in a heads spec (``sequential:2:shared``)."""
     feature_kind: ClassVar[str] = "last"
     """Retrofitting: which backbone state to store, 'trunk' (after `trunk_layers` < L blocks) or
     'last' (after every block); recorded in a feature set's metadata."""
@@ -141,6 +143,12 @@ class HeadFamily(nn.Module):
         return None
 
     @classmethod
-    def shared_copy(cls, hf_name: str, cfg: ModelConfig) -> str | None:
-        """For a checkpoint tensor that repeats a shared one per head, the name it must equal."""
+    def export_copies(cls, state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+        """Tensors the export layout repeats, by export name (`state` holds the exported ones)."""
+        return {}
+
+    @classmethod
+    def shared_copy(cls, hf_name: str, cfg: ModelConfig) -> tuple[str, str] | None:
+        """For a checkpoint tensor that repeats another one (a shared tensor stored per head), the
+        name of the tensor it must equal and the fix to name when it differs; None otherwise."""
         return None

@@ -43,20 +43,27 @@ class MTPModule(Block):
         self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # released name: shared_head.norm
 
-    def forward(self, h_prev: Tensor, emb: Tensor, rope, cache=None, slots=None, mask=None) -> Tensor:
+    def forward(self, h_prev: Tensor, emb: Tensor, rope, cache=None, slots=None, mask=None, layer=None) -> Tensor:
         """h^k (B, T, C), before the final norm, from h^{k-1} and the embeddings of t_{i+k}."""
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        return super().forward(x, rope, cache, slots, mask)
+        return super().forward(x, rope, cache, slots, mask, layer)
 
 
 class SequentialMTP(HeadFamily):
     kind = "sequential"
+    flags = ("shared",)  # sequential:N:shared, see HeadsConfig.shared
     drafts_from_verify = False  # decoding drafts with `step`, module by module (decoding/drafting.py)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         self.eos_id = cfg.eos_id
-        self.layers = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(cfg.heads.depth))
+        self.depth, self.first_cache_layer = cfg.heads.depth, cfg.n_layers
+        # Shared (EAGLE-style): one module run at every depth; its layer index is depth 1's.
+        self.layers = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(1 if cfg.heads.shared else self.depth))
+
+    def module(self, k: int) -> MTPModule:
+        """The module that computes depth k (1-based)."""
+        return self.layers[min(k, len(self.layers)) - 1]
 
     @classmethod
     def cache_layers(cls, cfg: ModelConfig) -> int:
@@ -71,7 +78,8 @@ class SequentialMTP(HeadFamily):
         if cache is not None:
             return []  # decoding feeds drafted tokens to `step` instead
         out, h = [], states.last
-        for k, module in enumerate(self.layers, start=1):
+        for k in range(1, self.depth + 1):
+            module = self.module(k)
             emb = shared.embed_tokens(shift_tokens(states.idx, k, self.eos_id))
             h = self.run(module, h, emb, rope)
             out.append(module.norm(h))
@@ -83,11 +91,11 @@ class SequentialMTP(HeadFamily):
 
         Returns h^k before the final norm (feed it to module k+1; `draft_state` it for logits).
         """
-        return self.layers[k - 1](h_prev, shared.embed_tokens(tokens), rope, cache, slots, mask)
+        return self.module(k)(h_prev, shared.embed_tokens(tokens), rope, cache, slots, mask, self.first_cache_layer + k - 1)
 
     def draft_state(self, k: int, h: Tensor) -> Tensor:
         """Module k's final norm over its state h^k: the state its draft logits come from."""
-        return self.layers[k - 1].norm(h)
+        return self.module(k).norm(h)
 
     @torch.no_grad()
     def init_from_backbone(self, shared: SharedModules, last_block: nn.Module) -> None:
@@ -122,9 +130,26 @@ class SequentialMTP(HeadFamily):
         return HeadsConfig(kind=cls.kind, depth=n) if n else None
 
     @classmethod
-    def shared_copy(cls, hf_name: str, cfg: ModelConfig) -> str | None:
-        """DeepSeek-style checkpoints may repeat the embedding / LM head inside each module."""
-        m = re.fullmatch(r"model\.layers\.(\d+)\.(embed_tokens\.weight|shared_head\.head\.weight)", hf_name)
-        if not m or not cfg.n_layers <= int(m[1]) < cfg.n_layers + cfg.heads.depth:
+    def export_copies(cls, state: dict[str, Tensor], cfg: ModelConfig) -> dict[str, Tensor]:
+        """DeepSeek's layout has one module per depth: a shared module is written D times."""
+        if not cfg.heads.shared:
+            return {}
+        first = f"model.layers.{cfg.n_layers}."
+        return {f"model.layers.{cfg.n_layers + k}.{n[len(first):]}": t.clone()
+                for k in range(1, cfg.heads.depth) for n, t in state.items() if n.startswith(first)}
+
+    @classmethod
+    def shared_copy(cls, hf_name: str, cfg: ModelConfig) -> tuple[str, str] | None:
+        """DeepSeek-style checkpoints may repeat the embedding / LM head inside each module, and a
+        shared module is stored once per depth."""
+        L, D = cfg.n_layers, cfg.heads.depth
+        m = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", hf_name)
+        if not m or not L <= int(m[1]) < L + D:
             return None
-        return "model.embed_tokens.weight" if m[2].startswith("embed") else "lm_head.weight"
+        if m[2] in ("embed_tokens.weight", "shared_head.head.weight"):
+            return ("model.embed_tokens.weight" if m[2].startswith("embed") else "lm_head.weight",
+                    "MTP modules with their own embedding or LM head are not supported")
+        if cfg.heads.shared and int(m[1]) > L:
+            return (f"model.layers.{L}.{m[2]}", "the config says one shared MTP module, the weights hold several "
+                    "(set multitoken.heads.shared to false in config.json)")
+        return None
