@@ -24,12 +24,12 @@ from pathlib import Path
 
 import torch
 
-from multitoken.checkpoint import load_run
 from multitoken.config import TrainConfig
 from multitoken.data.prepare import prepare
-from multitoken.evaluate import evaluate
-from multitoken.generate import generate
-from multitoken.train import train
+from multitoken.decoding.api import generate
+from multitoken.io.checkpoint import load_run
+from multitoken.training.evaluate import evaluate
+from multitoken.training.trainer import train
 
 
 def prompts_from_val(data_dir: Path, tok, n: int, length: int) -> list[list[int]]:

@@ -24,7 +24,7 @@ import torch
 from multitoken.cli import main as cli
 from multitoken.config import TrainConfig
 from multitoken.data.prepare import prepare
-from multitoken.train import train
+from multitoken.training.trainer import train
 
 
 def main() -> int:

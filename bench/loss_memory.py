@@ -25,7 +25,7 @@ def one(kind: str, depth: int, efficient: bool, vocab: int, batch: int, seq: int
     import torch
 
     from multitoken.config import HeadsConfig, ModelConfig
-    from multitoken.loss import MTPLoss
+    from multitoken.training.loss import MTPLoss
     from multitoken.model import Transformer
 
     torch.manual_seed(0)

@@ -7,7 +7,7 @@ Methods (batch 1, greedy, each prompt decoded separately, one warm-up prompt fir
   spec             multitoken chain self-speculative decoding with the run's MTP heads
   tree             multitoken tree self-speculative decoding (parallel / Medusa heads only)
 
-The transformers model is the run's own backbone, exported with `multitoken.hf.export_hf` and
+The transformers model is the run's own backbone, exported with `multitoken.io.hf.export_hf` and
 loaded with ``AutoModelForCausalLM.from_pretrained``: identical weights (the heads ride along unused).
 For each method: tokens/s over all prompts, the ratio against our plain decoding and against
 transformers greedy, tau (tokens per forward pass after prefill) and whether every output equals
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import torch
 
-from multitoken.checkpoint import load_run
-from multitoken.generate import generate
-from multitoken.hf import export_hf, limit_context
+from multitoken.decoding.api import generate
+from multitoken.io.checkpoint import load_run
+from multitoken.io.hf import export_hf, limit_context
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -116,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         [tok.encode(p) for p in BUILTIN_PROMPTS[: args.prompts]]
     tree = int(args.tree) if args.tree.isdigit() else None
     if tree is None:
-        from multitoken.trees import load_tree
+        from multitoken.decoding.trees import load_tree
 
         tree = load_tree(args.tree)
     kind = model.config.heads.kind

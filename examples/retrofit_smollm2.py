@@ -40,12 +40,13 @@ from pathlib import Path
 
 import torch
 
-from multitoken.checkpoint import load_run
 from multitoken.config import HeadsConfig
 from multitoken.data.prepare import prepare
-from multitoken.generate import generate
-from multitoken.hf import limit_context
-from multitoken.retrofit import cache_root, retrofit, smollm2_run_dir
+from multitoken.decoding.api import generate
+from multitoken.io.checkpoint import load_run
+from multitoken.io.hf import limit_context
+from multitoken.io.smollm2 import cache_root, smollm2_run_dir
+from multitoken.training.retrofit import retrofit
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -11,8 +11,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from multitoken.bench.decode import match_rate
 from multitoken.bench.train import train_flops
 from multitoken.config import HeadsConfig, ModelConfig
-from multitoken.loss import MTPLoss
 from multitoken.model import Transformer
+from multitoken.training.loss import MTPLoss
 
 
 @pytest.mark.parametrize("spec", ["none", "parallel:2", "sequential:2", "medusa:2", "sequential:3:shared"])

@@ -7,9 +7,9 @@ import json
 
 import torch
 
-from multitoken import checkpoint as ckpt
+from multitoken.io import checkpoint as ckpt
 from multitoken.model import Transformer
-from multitoken.train import gather_optimizer, load_optimizer, param_groups
+from multitoken.training.trainer import gather_optimizer, load_optimizer, param_groups
 
 
 def trained_optimizer(model: Transformer) -> torch.optim.AdamW:
@@ -24,7 +24,7 @@ def trained_optimizer(model: Transformer) -> torch.optim.AdamW:
 
 def parallel_info():
     """A world of one."""
-    from multitoken.parallel import DistInfo
+    from multitoken.training.parallel import DistInfo
 
     return DistInfo()
 

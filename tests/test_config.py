@@ -153,7 +153,7 @@ def test_train_config_lists_schedules_and_types_are_checked(kwargs, match):
 
 
 def test_loss_weights_and_schedules_refuse_nan_in_the_library():
-    from multitoken.loss import MTPLoss, parse_schedule
+    from multitoken.training.loss import MTPLoss, parse_schedule
 
     with pytest.raises(UserError, match="loss weight"):
         MTPLoss(1, weights=[1.0, float("nan")])

@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from multitoken.checkpoint import load_run
 from multitoken.cli import main
+from multitoken.io.checkpoint import load_run
 from test_exactness import replay
 
 

@@ -10,12 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from multitoken import checkpoint as ckpt
 from multitoken.cli import main
 from multitoken.config import ModelConfig
-from multitoken.evaluate import accepted_runs, eval_stats, evaluate, simulate_steps, summarize
+from multitoken.io import checkpoint as ckpt
 from multitoken.model import Transformer
-from multitoken.train import train
+from multitoken.training.evaluate import accepted_runs, eval_stats, evaluate, simulate_steps, summarize
+from multitoken.training.trainer import train
 from train_helpers import make_data, one_thread, tiny_train_config  # noqa: F401 (one_thread is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

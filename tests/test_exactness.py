@@ -24,8 +24,8 @@ import torch
 from scipy.stats import chisquare
 
 from conftest import FAMILIES, SHARED, tiny_model
-from multitoken.generate import generate
-from multitoken.trees import StaticTree
+from multitoken.decoding.api import generate
+from multitoken.decoding.trees import StaticTree
 
 V = 8  # tiny vocabulary: the joint of 4 tokens has 4096 cells, enumerable in one batched pass per token
 PROMPT = [3, 5, 2]

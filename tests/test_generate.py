@@ -9,11 +9,13 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from multitoken.checkpoint import save_run
 from multitoken.cli import main
 from multitoken.data.tokenizer import Tokenizer
+from multitoken.decoding.api import TextStream, generate
+from multitoken.decoding.sampling import Sampling, draw, probs, sample
+from multitoken.decoding.state import Emitter, prepare_prompts
 from multitoken.errors import UserError
-from multitoken.generate import Emitter, Sampling, TextStream, draw, generate, prepare_prompts, probs, sample
+from multitoken.io.checkpoint import save_run
 
 
 def varied(model, std: float = 0.15, seed: int = 0):

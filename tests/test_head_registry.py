@@ -15,13 +15,13 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from multitoken.checkpoint import load_run
 from multitoken.config import HeadsConfig, ModelConfig
 from multitoken.decoding.api import generate
-from multitoken.evaluate import evaluate
-from multitoken.hf import state_to_hf
+from multitoken.io.checkpoint import load_run
+from multitoken.io.hf import state_to_hf
 from multitoken.model.heads import HeadFamily, kinds, register_family, unregister_family
-from multitoken.train import train
+from multitoken.training.evaluate import evaluate
+from multitoken.training.trainer import train
 from train_helpers import make_data, tiny_train_config
 
 

@@ -6,7 +6,7 @@ import torch
 from conftest import FAMILIES, tiny_model
 from multitoken.errors import UserError
 from multitoken.model.heads.sequential import shift_tokens
-from multitoken.loss import MTPLoss
+from multitoken.training.loss import MTPLoss
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

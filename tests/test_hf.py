@@ -14,11 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from multitoken.checkpoint import load_run, save_run
 from multitoken.cli import main as cli_main
 from multitoken.config import HeadsConfig, ModelConfig
 from multitoken.errors import UserError
-from multitoken.hf import config_from_hf, convert_hf, export_hf
+from multitoken.io.checkpoint import load_run, save_run
+from multitoken.io.hf import config_from_hf, convert_hf, export_hf
 from multitoken.model import Transformer
 
 import transformers  # CI installs it (the dev extra): a missing install must fail, not skip 21 tests
@@ -381,7 +381,7 @@ def test_exported_sequential_modules_draft_in_transformers_use_mtp(tmp_path, kin
 
     from conftest import tiny_model
     from multitoken.decoding import generate
-    from multitoken.hf import load_transformers_mtp
+    from multitoken.io.hf import load_transformers_mtp
 
     torch.manual_seed(depth)
     model = tiny_model(kind, depth, vocab_size=61, max_seq_len=64, n_layers=3).eval()

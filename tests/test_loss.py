@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from conftest import FAMILIES, tiny_model
 from multitoken.errors import UserError
-from multitoken.loss import (IGNORE_INDEX, MTPLoss, linear_cross_entropy, naive_linear_cross_entropy,
+from multitoken.training.loss import (IGNORE_INDEX, MTPLoss, linear_cross_entropy, naive_linear_cross_entropy,
                              parse_schedule, schedule_value, shift_targets)
 
 X = IGNORE_INDEX

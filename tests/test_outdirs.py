@@ -14,10 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from multitoken import checkpoint as ckpt
 from multitoken.cli import main
 from multitoken.errors import UserError
-from multitoken.train import train
+from multitoken.io import checkpoint as ckpt
+from multitoken.training.trainer import train
 from train_helpers import make_data, one_thread, tiny_train_config, write_corpus  # noqa: F401 (one_thread is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

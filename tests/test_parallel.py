@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from multitoken import parallel
 from multitoken.model import Transformer
-from multitoken.train import train
+from multitoken.training import parallel
+from multitoken.training.trainer import train
 from train_helpers import make_data, one_thread, tiny_train_config  # noqa: F401 (one_thread is a fixture)
 
 # fp32 on CPU: the all-reduce sums gradients in another order than one process does, so values
@@ -140,7 +140,7 @@ def test_compiled_training_step_equals_eager(kind):
     import copy
 
     from conftest import tiny_config
-    from multitoken.loss import MTPLoss
+    from multitoken.training.loss import MTPLoss
 
     torch.manual_seed(0)
     eager = Transformer(tiny_config(kind, 2))

@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 from test_corpora import make_corpora
 
-import multitoken.data.prepare as prep
 from multitoken.cli import main
 from multitoken.data.corpora import Corpus, split_documents
 from multitoken.data.prepare import load_meta, load_tokenizer, prepare
+import multitoken.data.prepare as prep
 from multitoken.data.shards import read_shard
 from multitoken.data.tokenizer import Tokenizer
 from multitoken.errors import UserError
-from multitoken.retrofit import smollm2_gguf
+from multitoken.io.smollm2 import smollm2_gguf
 
 
 @pytest.fixture(scope="module")

@@ -8,14 +8,13 @@ import pytest
 import torch
 
 from conftest import FAMILIES, tiny_model
-from multitoken.checkpoint import load_run, save_run
 from multitoken.cli import main as cli_main
 from multitoken.config import HeadsConfig, ModelConfig
 from multitoken.data.tokenizer import Tokenizer
 from multitoken.errors import UserError
+from multitoken.io.checkpoint import load_run, save_run
 from multitoken.model import Transformer
-from multitoken.retrofit import (FeatureSet, add_heads, backbone_features, feature_kind, fit_heads, hiddens_from_features,
-                                 precompute_features)
+from multitoken.training.retrofit import FeatureSet, add_heads, backbone_features, feature_kind, fit_heads, hiddens_from_features, precompute_features
 
 
 @pytest.mark.parametrize("kind", FAMILIES)

@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from multitoken.checkpoint import load_run
 from multitoken.errors import UserError
+from multitoken.io.checkpoint import load_run
 
 pytestmark = pytest.mark.slow
 
@@ -37,7 +37,7 @@ def _one_thread():
 
 @pytest.fixture(scope="module")
 def gguf_path():
-    from multitoken.retrofit import smollm2_gguf
+    from multitoken.io.smollm2 import smollm2_gguf
 
     try:
         return smollm2_gguf()
@@ -48,7 +48,7 @@ def gguf_path():
 @pytest.fixture(scope="module")
 def reference(gguf_path):
     """transformers' own model for the GGUF (fp32, dequantised)."""
-    from multitoken.hf import load_gguf_transformers
+    from multitoken.io.hf import load_gguf_transformers
 
     return load_gguf_transformers(gguf_path)
 
@@ -56,7 +56,7 @@ def reference(gguf_path):
 @pytest.fixture(scope="module")
 def converted_dir(reference, tmp_path_factory):
     """A fresh conversion into an empty cache folder (exercising the first-use path), loaded back."""
-    from multitoken.retrofit import SMOLLM2_RUN, smollm2_run_dir
+    from multitoken.io.smollm2 import SMOLLM2_RUN, smollm2_run_dir
 
     cache = tmp_path_factory.mktemp("cache")
     run_dir = smollm2_run_dir(cache=cache, hf_model=reference)
@@ -90,8 +90,8 @@ def test_speculative_greedy_equals_transformers_generate(reference, converted_di
     """Fresh heads (Medusa: copies of the LM head; sequential: a copy of the last block) draft
     poorly, which is the point: every rejected draft must still leave the output unchanged."""
     from multitoken.config import HeadsConfig
-    from multitoken.generate import generate
-    from multitoken.retrofit import add_heads
+    from multitoken.decoding.api import generate
+    from multitoken.training.retrofit import add_heads
 
     torch.manual_seed(0)
     model, tok = add_heads(converted_dir, HeadsConfig.parse(heads), max_seq_len=512)

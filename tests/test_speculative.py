@@ -9,10 +9,11 @@ from scipy.stats import chisquare
 from conftest import FAMILIES, SHARED, tiny_model
 from multitoken.decoding import drafting
 from multitoken.decoding.api import best_draft, engine_for
+from multitoken.decoding.api import generate
+from multitoken.decoding.sampling import Sampling, probs
+from multitoken.decoding.trees import DynamicTree, StaticTree
 from multitoken.errors import UserError
-from multitoken.generate import Sampling, generate, probs
 from multitoken.model.kv_cache import KVCache
-from multitoken.trees import DynamicTree, StaticTree
 
 CHAIN_TREE = StaticTree([(0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0)])
 TOP1_CHAIN = StaticTree([(0,), (0, 0), (0, 0, 0)])  # a chain as a tree: only rank-0 candidates

@@ -9,7 +9,7 @@ import pytest
 
 from multitoken.data.tokenizer import EOS_TOKEN, StreamDecoder, Tokenizer
 from multitoken.errors import UserError
-from multitoken.retrofit import smollm2_gguf
+from multitoken.io.smollm2 import smollm2_gguf
 
 SAMPLES = [
     "def f(x):\n    return x + 1\n",

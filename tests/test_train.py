@@ -15,12 +15,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from multitoken import checkpoint as ckpt
 from multitoken.cli import build_parser, main
 from multitoken.config import ModelConfig, TrainConfig
 from multitoken.errors import UserError
+from multitoken.io import checkpoint as ckpt
 from multitoken.model import Transformer
-from multitoken.train import resolve_config, train
+from multitoken.training.trainer import resolve_config, train
 from train_helpers import make_data, one_thread, tiny_train_config  # noqa: F401 (one_thread is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from multitoken.checkpoint import read_json, save_run
 from multitoken.cli import main
 from multitoken.errors import UserError
-from multitoken.trees import (DynamicTree, StaticTree, ancestors, as_tree, build_nodes, build_static, dynamic_nodes,
-                              expected_accept_length, measure_topk_accuracy, resolve_tree)
+from multitoken.io.checkpoint import read_json, save_run
+from multitoken.decoding.trees import (DynamicTree, StaticTree, ancestors, as_tree, build_nodes, build_static, dynamic_nodes,
+                                       expected_accept_length, resolve_tree)
+from multitoken.training.evaluate import measure_topk_accuracy
 
 
 def test_static_tree_is_built_greedily_by_path_probability():

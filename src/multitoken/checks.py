@@ -1,6 +1,6 @@
 """Numbers from users: parsed from ASCII text only, finite, and inside a stated range.
 
-One `Range` serves both sides: `Range.parse` reads a command-line string (cli.py turns it into
+One `Range` serves both sides: `Range.parse` reads a command-line string (cli/options.py turns it into
 an option type, so a bad value is the parser's one-line error before any work starts), and
 `Range.check` guards a value that arrived through Python, a TOML file or a config.json with a
 one-line `UserError`.

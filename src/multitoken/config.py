@@ -183,6 +183,48 @@ MODEL_RANGES: dict[str, Range] = {
 }
 
 
+# ---- schedules (mtp_lambda) ---------------------------------------------------------------------
+
+
+SCHEDULE_VALUE = Floats(0)
+SCHEDULE_STEP = Ints(0)
+
+
+def parse_schedule(spec: str | float | list) -> list[tuple[int, float]]:
+    """Parse a piecewise-constant schedule: ``"0.3"`` or ``"0.3,0.1@10000"`` (0.1 from step 10000 on).
+
+    Values must be finite and >= 0, steps integers >= 0 (ASCII digits).
+
+    Returns:
+        [(first_step, value), ...] sorted by step, starting at step 0.
+    Raises:
+        UserError: a malformed spec, a NaN/inf/negative value or a bad step, in one line.
+    """
+    usage = "expected VALUE or VALUE,VALUE@STEP,... with values >= 0 (e.g. 0.3,0.1@10000)"
+    if isinstance(spec, bool):
+        raise UserError(f"schedule {spec!r}: {usage}")
+    if isinstance(spec, (int, float)):
+        return [(0, SCHEDULE_VALUE.check("schedule value", spec))]
+    out = []
+    try:
+        if isinstance(spec, list):
+            pairs = [(s, v) for s, v in spec]
+            out = [(int(SCHEDULE_STEP.check("schedule step", s)), float(SCHEDULE_VALUE.check("schedule value", v)))
+                   for s, v in pairs]
+        else:
+            for part in str(spec).split(","):
+                value, _, step = part.strip().partition("@")
+                out.append((int(SCHEDULE_STEP.parse(step)) if step else 0, float(SCHEDULE_VALUE.parse(value))))
+    except (ValueError, TypeError) as e:
+        raise UserError(f"schedule {spec!r}: {usage} ({e})") from None
+    if not out:
+        raise UserError(f"schedule {spec!r}: {usage}")
+    out.sort()
+    if out[0][0] != 0:
+        out.insert(0, (0, out[0][1]))
+    return out
+
+
 def check_fields(obj: Any, ranges: dict[str, Range]) -> None:
     """Check every field of dataclass `obj` against its type hint, and numbers against `ranges`
     (a float field given as an int is stored as a float). One-line `UserError` on the first bad one.
@@ -317,7 +359,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise a one-line `UserError` for values that cannot work (types, ranges, NaN and inf included)."""
-        from multitoken.loss import parse_schedule  # loss.py is model-side; import only when needed
 
         check_fields(self, TRAIN_RANGES)
         if not (isinstance(self.betas, tuple) and len(self.betas) == 2):

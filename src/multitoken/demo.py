@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from multitoken.checkpoint import latest_checkpoint, load_run
 from multitoken.config import HeadsConfig
+from multitoken.io.checkpoint import latest_checkpoint, load_run
 
 PROMPTS = [
     "import os\nimport sys\n\n\ndef main(argv=None):\n    ",
@@ -42,9 +42,9 @@ def run_demo(workdir: str | Path = "runs/demo", preset: str = "tiny", heads: str
         threads: torch CPU threads (default: torch's choice).
     """
     from multitoken.data.prepare import prepare
-    from multitoken.evaluate import evaluate, format_table
-    from multitoken.generate import generate
-    from multitoken.train import TrainConfig, train
+    from multitoken.training.evaluate import evaluate, format_table
+    from multitoken.decoding.api import generate
+    from multitoken.training.trainer import TrainConfig, train
 
     if threads:
         torch.set_num_threads(threads)

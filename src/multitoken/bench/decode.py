@@ -74,14 +74,14 @@ def val_prompts(data_dir: str, n: int, length: int) -> list[list[int]]:
 
 def load_model(args) -> tuple:
     """(model, tokenizer, run_dir or None, description) from --run, --hf or --preset."""
-    from multitoken.checkpoint import load_run
+    from multitoken.io.checkpoint import load_run
 
     dtype = getattr(torch, args.dtype)
     if args.run:
         model, tok = load_run(args.run, device=args.device, dtype=dtype)
         return model, tok, Path(args.run), f"run {args.run}"
     if args.hf:
-        from multitoken.hf import convert_hf
+        from multitoken.io.hf import convert_hf
 
         tmp = Path(tempfile.mkdtemp(prefix="mt-bench-"))
         convert_hf(args.hf, tmp / "run", None, None, None, args.max_seq_len)
@@ -103,8 +103,8 @@ def hf_peer(model, run_dir: Path | None, device: str, dtype: torch.dtype):
         from transformers import AutoModelForCausalLM
     except ImportError:
         return None
-    from multitoken.checkpoint import save_run
-    from multitoken.hf import export_hf
+    from multitoken.io.checkpoint import save_run
+    from multitoken.io.hf import export_hf
 
     tmp = Path(tempfile.mkdtemp(prefix="mt-bench-hf-"))
     if run_dir is None:
@@ -112,7 +112,7 @@ def hf_peer(model, run_dir: Path | None, device: str, dtype: torch.dtype):
         save_run(run_dir, model)
     export_hf(run_dir, tmp / "hf")
     if model.mtp is not None and not model.mtp.drafts_from_verify:  # sequential modules: transformers' use_mtp too
-        from multitoken.hf import load_transformers_mtp
+        from multitoken.io.hf import load_transformers_mtp
 
         return load_transformers_mtp(tmp / "hf", dtype=dtype).to(device).eval()
     return AutoModelForCausalLM.from_pretrained(tmp / "hf", dtype=dtype).to(device).eval()

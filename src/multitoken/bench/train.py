@@ -65,9 +65,9 @@ def measure(preset: str, heads: str, batch_size: int, seq_len: int, vocab: int, 
             device: torch.device, compile: bool, memory_efficient: bool) -> dict:
     """Train `steps` timed steps (after `warmup`) on random tokens; tokens/s, memory, FLOPs."""
     from multitoken.config import HeadsConfig, ModelConfig
-    from multitoken.loss import MTPLoss
+    from multitoken.training.loss import MTPLoss
     from multitoken.model import Transformer
-    from multitoken.parallel import apply_compile
+    from multitoken.training.parallel import apply_compile
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset(preset, heads=HeadsConfig.parse(heads), vocab_size=vocab, max_seq_len=seq_len)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
-from multitoken.checkpoint import load_config
 from multitoken.cli.options import ints, path_arg, text_arg
 from multitoken.config import MAX_SEQ_LEN, HeadsConfig
 from multitoken.errors import UserError
-from multitoken.hf import DTYPES, convert_gguf, convert_hf
+from multitoken.io.checkpoint import load_config
+from multitoken.io.hf import DTYPES, convert_gguf, convert_hf
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 
 from multitoken import demo
+from multitoken.checks import MAX_NEW_TOKENS
+from multitoken.cli.options import ints, path_arg, text_arg, tokenizer_arg
+from multitoken.config import PRESETS
 from multitoken.demo import run_demo
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from multitoken.checks import MAX_NEW_TOKENS
-    from multitoken.cli.options import ints, path_arg, text_arg, tokenizer_arg
-    from multitoken.config import PRESETS
-
     p = subparsers.add_parser("demo", help="prepare python-stdlib, train a small MTP model, evaluate, decode faster",
                               description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", default="runs/demo", type=path_arg, help="where data and run go; reused by later runs (default: runs/demo)")

@@ -7,15 +7,16 @@ import json
 import sys
 from pathlib import Path
 
-from multitoken.evaluate import check_same_tokenizer, evaluate, format_table, plot_accuracy
+from multitoken.checks import Range
+from multitoken.cli.options import ints, option, path_arg, text_arg
+from multitoken.config import MAX_SEQ_LEN
+from multitoken.io.checkpoint import CONFIG_FILE, load_run, read_json
+from multitoken.training.evaluate import check_same_tokenizer, evaluate, format_table, plot_accuracy
+from multitoken.training.parallel import resolve_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``multitoken eval``."""
-    from multitoken.checks import Range
-    from multitoken.cli.options import ints, option, path_arg, text_arg
-    from multitoken.config import MAX_SEQ_LEN
-
     p = subparsers.add_parser("eval", help="per-depth validation loss/accuracy and expected tau of a run",
                               description="Evaluate RUN_DIR on DATA_DIR's validation split: loss and top-1 accuracy per "
                               "depth, and the mean accepted length greedy chain drafting would reach.")
@@ -30,9 +31,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from multitoken.checkpoint import CONFIG_FILE, load_run, read_json
-    from multitoken.parallel import resolve_device
-
     device = resolve_device(args.device)
     check_same_tokenizer(args.run, args.data, f"evaluate on data prepared with the run's tokenizer "
                          f"(`multitoken prepare --tokenizer {Path(args.run) / 'tokenizer.json'} ...`)")

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-from multitoken.checkpoint import load_config
 from multitoken.cli.options import path_arg
-from multitoken.hf import SUPPORTED_TYPES, export_hf
+from multitoken.io.checkpoint import load_config
+from multitoken.io.hf import SUPPORTED_TYPES, export_hf
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

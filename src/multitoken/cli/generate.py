@@ -8,15 +8,15 @@ import sys
 
 import torch
 
+from multitoken.checks import INT63, MAX_NEW_TOKENS, SAMPLING_RANGES
+from multitoken.cli.options import device_arg, ints, option, path_arg, text_arg
+from multitoken.config import MAX_HEAD_DEPTH
 from multitoken.decoding.api import MODES, TextStream
 from multitoken.errors import UserError
+from multitoken.io.checkpoint import load_run
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from multitoken.checks import INT63, MAX_NEW_TOKENS, SAMPLING_RANGES
-    from multitoken.cli.options import device_arg, ints, option, path_arg, text_arg
-    from multitoken.config import MAX_HEAD_DEPTH
-
     p = subparsers.add_parser("generate", help="generate text from a run, plainly or self-speculatively")
     p.add_argument("--run", required=True, type=path_arg, help="run directory (from train, convert or a retrofit)")
     src = p.add_mutually_exclusive_group(required=True)
@@ -44,8 +44,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from multitoken.checkpoint import load_run
-
     if args.prompt_file is not None:
         path = Path(args.prompt_file)
         if not path.is_file():
@@ -61,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         args.mode = "spec" if model.depth else "ntp"
     tree = None
     if args.mode == "tree":
-        from multitoken.trees import resolve_tree
+        from multitoken.decoding.trees import resolve_tree
 
         tree = resolve_tree(args.tree, args.run)
     stream = TextStream(model, tokenizer, prompt, stop=args.stop, max_new_tokens=args.max_new_tokens, mode=args.mode,

@@ -55,7 +55,7 @@ def text_arg(text: str) -> str:
 def device_arg(text: str) -> str:
     """``type=`` for a single-process ``--device``: auto, cpu, cuda or cuda:N, resolved now (so that
     a typo or a missing GPU is the parser's one-line error, not a traceback at load time)."""
-    from multitoken.parallel import resolve_device
+    from multitoken.training.parallel import resolve_device
 
     try:
         return str(resolve_device(text))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from multitoken.cli.options import floats, ints, path_arg, text_arg, tokenizer_arg
 from multitoken.data.corpora import STDLIB
 from multitoken.data.prepare import DEFAULT_VAL_FRACTION, prepare, summary
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``multitoken prepare``."""
-    from multitoken.cli.options import floats, ints, path_arg, text_arg, tokenizer_arg
-
     p = subparsers.add_parser(
         "prepare",
         help="tokenize a corpus into a DATA_DIR (train.bin, val.bin, tokenizer, meta.json)",

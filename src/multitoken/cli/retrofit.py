@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from multitoken.checks import INT63
+from multitoken.cli.options import ints, option, path_arg, text_arg
 from multitoken.config import HeadsConfig
-from multitoken.retrofit import retrofit
+from multitoken.config import MAX_SEQ_LEN, TRAIN_RANGES
+from multitoken.training.retrofit import retrofit
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from multitoken.checks import INT63
-    from multitoken.cli.options import ints, option, path_arg, text_arg
-    from multitoken.config import MAX_SEQ_LEN, TRAIN_RANGES
-
     p = subparsers.add_parser("retrofit", help="train MTP heads on a frozen pretrained model from backbone features computed once",
                               description="Add heads to a frozen pretrained run, precompute its backbone states once over DATA_DIR, "
                                           "train the heads on them by self-distillation, and write a run directory.")

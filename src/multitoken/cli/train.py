@@ -9,12 +9,12 @@ import os
 import sys
 from pathlib import Path
 
-from multitoken import checkpoint as ckpt
-from multitoken import outdir
 from multitoken.checks import Range
 from multitoken.cli.options import add_dataclass_arguments, ints, option, path_arg
 from multitoken.config import TRAIN_RANGES, TrainConfig
-from multitoken.train import load_toml, resolve_config, resume_config, saved_run_config, train
+from multitoken.io import checkpoint as ckpt
+from multitoken.io import outdir
+from multitoken.training.trainer import load_toml, resolve_config, resume_config, saved_run_config, train
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

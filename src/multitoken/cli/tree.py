@@ -5,14 +5,16 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from multitoken.cli.options import device_arg, ints, path_arg
+from multitoken.config import MAX_SEQ_LEN
+from multitoken.data.loader import TokenLoader
+from multitoken.decoding.trees import DEFAULT_NODES, MAX_TREE_NODES, MAX_TREE_RANKS, TREE_FILE, build_static, expected_accept_length
 from multitoken.errors import UserError
-from multitoken.trees import DEFAULT_NODES, MAX_TREE_NODES, MAX_TREE_RANKS, TREE_FILE, build_static, expected_accept_length, measure_topk_accuracy
+from multitoken.io.checkpoint import load_run, write_json
+from multitoken.training.evaluate import measure_topk_accuracy
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from multitoken.cli.options import device_arg, ints, path_arg
-    from multitoken.config import MAX_SEQ_LEN
-
     p = subparsers.add_parser("tree", help="measure the heads' top-k accuracy and write RUN_DIR/tree.json (static draft tree)")
     p.add_argument("--run", required=True, type=path_arg, help="run directory with MTP heads")
     p.add_argument("--data", required=True, type=path_arg, help="DATA_DIR from `multitoken prepare` (its validation split is used)")
@@ -26,9 +28,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from multitoken.checkpoint import load_run, write_json
-    from multitoken.data.loader import TokenLoader
-
     model, _ = load_run(args.run, device=args.device, with_tokenizer=False)
     if model.depth == 0:
         raise UserError(f"{args.run} has no MTP heads: a draft tree needs heads (train with --heads KIND:N)")

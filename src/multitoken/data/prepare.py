@@ -32,8 +32,8 @@ from tqdm import tqdm
 from multitoken.data.corpora import STDLIB, Corpus, Document, split_documents
 from multitoken.data.shards import ShardWriter, dtype_for_vocab, read_header
 from multitoken.data.tokenizer import Tokenizer
-from multitoken import outdir
 from multitoken.errors import BadValue, UserError
+from multitoken.io import outdir
 
 FORMAT = 1
 META_FILE = "meta.json"

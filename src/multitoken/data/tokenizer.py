@@ -384,6 +384,6 @@ def _first_in_vocab(tok: _RustTokenizer, candidates: Sequence[str]) -> str | Non
 
 def _atomic_write(path: Path, text: str) -> None:
     """Write via a temporary file and rename, so a killed process never leaves half a file."""
-    from multitoken.outdir import write_text  # the one implementation of atomic writes
+    from multitoken.io.outdir import write_text  # the one implementation of atomic writes
 
     write_text(path, text)

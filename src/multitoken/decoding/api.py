@@ -170,7 +170,7 @@ def decode(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", draft
         k = check_draft(model, draft)
         q = k + 1
     else:
-        from multitoken.trees import as_tree
+        from multitoken.decoding.trees import as_tree
 
         check_draft(model, draft)
         t = as_tree(tree, draft, model.depth)

@@ -28,8 +28,8 @@ from torch import Tensor
 from multitoken.decoding.drafting import ModuleDrafter, decode_pass, head_drafts
 from multitoken.decoding.sampling import Sampling, sample
 from multitoken.decoding.state import DecodeState
+from multitoken.decoding.trees import StaticTree, ancestors, build_nodes
 from multitoken.decoding.verify import rows_at, rows_at_many, verify_greedy, verify_sampling, verify_tree, verify_typical
-from multitoken.trees import StaticTree, ancestors, build_nodes
 
 
 class Strategy:

@@ -31,7 +31,7 @@ from multitoken.config import ModelConfig, from_dict
 from multitoken.errors import UserError
 from multitoken.model import Transformer
 # atomic_write and write_json are re-exported here: their one implementation lives in outdir.py.
-from multitoken.outdir import atomic_write, remove_temporaries, temporary_pattern, write_json  # noqa: F401
+from multitoken.io.outdir import atomic_write, remove_temporaries, temporary_pattern, write_json  # noqa: F401
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 

@@ -46,10 +46,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from multitoken import outdir
-from multitoken.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, load_run, read_json, save_run, write_json
 from multitoken.config import HeadsConfig, ModelConfig
 from multitoken.errors import BadValue, UserError
+from multitoken.io import outdir
+from multitoken.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, load_run, read_json, save_run, write_json
 from multitoken.model import Transformer
 from multitoken.model.heads import family, kinds
 

@@ -15,7 +15,7 @@ tokens (distinct top-k ranks), which is what makes tree sampling exact (decoding
   nodes overall (a child scores below its parent, so the kept set is always a tree).
 
 ``multitoken tree --run RUN_DIR --data DATA_DIR [--nodes N]`` measures a[d][r] on validation
-windows and writes RUN_DIR/tree.json, which ``multitoken generate --mode tree`` uses by default.
+windows (training/evaluate.py's `measure_topk_accuracy`) and writes RUN_DIR/tree.json, which ``multitoken generate --mode tree`` uses by default.
 """
 
 from __future__ import annotations
@@ -243,33 +243,3 @@ def resolve_tree(spec: str | None, run_dir: str | Path) -> StaticTree | DynamicT
         nodes = parse_int(n, 2, MAX_TREE_NODES, what=f"--tree {spec!r}: expected dynamic:N, N nodes") if n else DEFAULT_NODES
         return DynamicTree(nodes, 1 << 30)  # depth capped by the model in as_tree
     return load_tree(spec)
-
-
-@torch.no_grad()
-def measure_topk_accuracy(model, batches, ranks: int = 10, eos_id: int | None = None) -> tuple[list[list[float]], int]:
-    """Per-depth top-r accuracy of the heads on token windows (teacher forcing).
-
-    Args:
-        model: a Transformer with MTP heads.
-        batches: iterable of (B, T+1) windows.
-        ranks: candidates per depth to measure.
-    Returns:
-        (accuracy[d][r] for depth d+1 and rank r, number of scored positions at depth 1).
-    """
-    from multitoken.loss import IGNORE_INDEX, shift_targets
-
-    D = model.depth
-    hits = torch.zeros(D, ranks, dtype=torch.float64)
-    count = torch.zeros(D, dtype=torch.float64)
-    device = next(model.parameters()).device
-    for window in batches:
-        window = window.to(device)
-        out = model(window[:, :-1])
-        for d in range(1, D + 1):
-            target = shift_targets(window, d, eos_id)  # (B, T)
-            top = model.logits(out[d], d).topk(ranks, dim=-1).indices  # (B, T, R)
-            valid = target != IGNORE_INDEX
-            hits[d - 1] += ((top == target[..., None]) & valid[..., None]).sum((0, 1)).double().cpu()
-            count[d - 1] += valid.sum().double().cpu()
-    acc = (hits / count.clamp(min=1)[:, None]).tolist()
-    return acc, int(count[0])

