@@ -27,7 +27,6 @@ well; `multitoken generate` measures the real tau.
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable

@@ -21,8 +21,6 @@ io/smollm2.py.)
 
 from __future__ import annotations
 
-import math
-import os
 import re
 import sys
 import time
@@ -40,6 +38,7 @@ from multitoken.io import outdir
 from multitoken.io.checkpoint import atomic_write, load_run, read_json, read_safetensors, save_run, write_json
 from multitoken.model import Transformer
 from multitoken.model.heads import family
+from multitoken.training.trainer import lr_schedule, optimizer_update
 
 FEATURES_META = "features.json"
 FEATURES_FORMAT = 1
@@ -224,7 +223,8 @@ def fit_heads(model: Transformer, features: FeatureSet, steps: int, batch_size: 
     """Train the heads of `model` (backbone frozen) on stored features with self-distillation.
 
     Each depth k learns the backbone's own next-token distribution k positions later (MTPLoss with
-    ``distill=True``), AdamW with linear warmup then cosine decay to lr/10.
+    ``distill=True``), AdamW with the trainer's schedule (linear warmup, cosine decay to lr/10) and
+    update (`trainer.lr_schedule`, `trainer.optimizer_update`).
 
     Args:
         model: the model with fresh heads on the pretrained backbone.
@@ -261,15 +261,10 @@ def fit_heads(model: Transformer, features: FeatureSet, steps: int, batch_size: 
 
         bar = tqdm(total=steps, desc="fit heads", unit="step", file=sys.stderr)
     for step in range(steps):
-        scale = (step + 1) / warmup if step < warmup else 0.1 + 0.45 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-        for g in opt.param_groups:
-            g["lr"] = lr * scale
         window, feats = next(batches)
         out = loss_fn(model, hiddens_from_features(model, window, feats, features.kind), window, step)
         out.loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        optimizer_update(opt, params, lr_schedule(step, lr, lr / 10, warmup, steps), grad_clip=1.0)
         if bar is not None:
             bar.update(1)
             bar.set_postfix_str(" ".join(f"+{k}:{a:.2f}" for k, a in enumerate(out.per_depth_acc.tolist()) if k), refresh=False)

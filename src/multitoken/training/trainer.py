@@ -23,16 +23,15 @@ Run directory (see checkpoint.py for the checkpoint layout):
 
 from __future__ import annotations
 
-import ast
 import contextlib
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 import tomllib
-import typing
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +60,7 @@ RESUME_OPTIONS = ("steps", "eval_every", "eval_batches", "save_every", "keep_che
                   "dtype", "compile", "fsdp")
 
 
-# ---- configuration: dataclass fields -> CLI options, TOML, precedence --------------------------
+# ---- configuration: TOML, precedence, resume ----------------------------------------------------
 
 
 def load_toml(path: str | Path) -> dict[str, Any]:
@@ -152,13 +151,18 @@ def saved_run_config(run_dir: str | Path, warn: Any = None) -> dict[str, Any]:
         return saved
 
 
+def lr_schedule(step: int, lr: float, min_lr: float, warmup: int, steps: int) -> float:
+    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr at `steps`."""
+    if warmup and step < warmup:
+        return lr * (step + 1) / warmup
+    span = max(1, steps - warmup)
+    progress = min(1.0, (step - warmup) / span)
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Learning rate for optimizer step `step` (0-based): linear warmup, then cosine to min_lr."""
-    if cfg.warmup and step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    span = max(1, cfg.steps - cfg.warmup)
-    progress = min(1.0, (step - cfg.warmup) / span)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1 + math.cos(math.pi * progress))
+    """`lr_schedule` with a TrainConfig's settings."""
+    return lr_schedule(step, cfg.lr, cfg.min_lr, cfg.warmup, cfg.steps)
 
 
 def param_groups(model: Transformer, weight_decay: float) -> list[dict[str, Any]]:
@@ -349,10 +353,81 @@ def train(cfg: TrainConfig, data_dir: str | Path, out_dir: str | Path, resume: b
 
 def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: Path, resume: bool, progress: bool,
            stop: int, max_minutes: float | None = None) -> dict[str, Any]:
-    from multitoken.data.loader import TokenLoader
+    """The run, in its named parts: start (checks, where from), build, resume, then step, log,
+    evaluate and save until `stop`."""
+    say = (lambda m: print(m, file=sys.stderr)) if info.is_main and progress else (lambda m: None)
+    tokenizer, model_cfg, state = start(cfg, info, data_dir, out_dir, resume, say)
+    t = Trainer.build(cfg, info, model_cfg, state, data_dir, out_dir)
+    if state is not None:
+        t.resume(state)
+    t.write_run_dir(tokenizer, data_dir)
+    t.log = MetricsLog(out_dir, info.is_main, t.step)
+    say(t.describe())
+
+    bar = None
+    if info.is_main and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=t.step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
+    t0, tokens_done, last_val, last_train = time.perf_counter(), 0, None, None
+    window_t, window_tokens = time.perf_counter(), 0
+    t.raw.train()
+    try:
+        stop = min(stop, cfg.steps)
+        while t.step < stop:
+            stats = t.train_step()
+            tokens_done += t.tokens_per_step
+            window_tokens += t.tokens_per_step
+            if max_minutes is not None and t.step < stop and out_of_time(t0, max_minutes, t.device, info.distributed):
+                stop = t.step  # evaluate and save below, as at the last step
+                say(f"time budget of {max_minutes:g} min spent: stopping at step {t.step} (continue with --resume)")
+            if t.step % cfg.log_every == 0 or t.step == stop:
+                now = time.perf_counter()
+                last_train = t.log_train(stats, window_tokens / max(now - window_t, 1e-9), bar)
+                window_t, window_tokens = now, 0
+            if bar is not None:
+                bar.update(1)
+            if (cfg.eval_every and t.step % cfg.eval_every == 0) or t.step == stop:
+                last_val = {"split": "val", "step": t.step, **t.evaluate(), "time": time.time()}
+                t.log.log(last_val)
+                if info.is_main:
+                    t.log.plot()
+            if (cfg.save_every and t.step % cfg.save_every == 0) or t.step == stop:
+                t.save()
+        if last_val is None:  # resumed at or past the last step: nothing trained, still report
+            last_val = {"split": "val", "step": t.step, **t.evaluate()}
+    finally:
+        if bar is not None:
+            bar.close()
+        t.log.close()
+
+    seconds = time.perf_counter() - t0
+    if info.is_main:
+        t.log.plot()
+        plot_accuracy(last_val, out_dir / "accuracy_per_depth.png")
+    return {
+        "step": t.step,
+        "train_loss": last_train["loss"] if last_train else None,
+        "train_loss_per_depth": last_train["loss_per_depth"] if last_train else None,
+        "val_loss_per_depth": last_val["loss_per_depth"],
+        "val_accuracy_per_depth": last_val["accuracy_per_depth"],
+        "expected_tau": last_val["expected_tau"],
+        "tokens": tokens_done,
+        "seconds": seconds,
+        "tokens_per_s": tokens_done / max(seconds, 1e-9),
+        **({"max_memory_gib": torch.cuda.max_memory_allocated(t.device) / 2**30} if t.device.type == "cuda" else {}),
+    }
+
+
+def start(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: Path, resume: bool,
+          say: Callable[[str], None]) -> tuple[Any, ModelConfig, dict[str, Any] | None]:
+    """Checks before any work, and where the run starts from.
+
+    Returns:
+        (the data's tokenizer, the model's config, the checkpoint to resume or None).
+    """
     from multitoken.data.prepare import load_meta, load_tokenizer
 
-    say = (lambda m: print(m, file=sys.stderr)) if info.is_main and progress else (lambda m: None)
     warn = (lambda m: print(m, file=sys.stderr)) if info.is_main else (lambda m: None)
     outdir.check(out_dir, "train")  # before anything reads or writes there: a folder of someone else's is refused
     load_meta(data_dir)  # a one-line error for a missing or incomplete DATA_DIR
@@ -364,8 +439,6 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
     if rem or per_rank < 1:
         raise UserError(f"batch_size={cfg.batch_size} must be a multiple of world size x grad_accum = "
                         f"{info.world_size} x {cfg.grad_accum}")
-
-    # --- where we start from
     if has_checkpoint and not resume:
         raise UserError(f"{out_dir} already holds a run: pass --resume to continue it or choose another --out")
     state = ckpt.load_latest_checkpoint(out_dir, warn) if resume else None  # falls back past a damaged latest one
@@ -380,173 +453,182 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
         model_cfg = build_model_config(cfg, tokenizer.vocab_size, tokenizer.eos_id)
     if cfg.seq_len > model_cfg.max_seq_len:
         raise UserError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}: lower --seq-len")
+    return tokenizer, model_cfg, state
 
-    # --- model
-    device = info.device
-    torch.manual_seed(cfg.seed)
-    model = Transformer(model_cfg).to(device)
-    if state is not None:
-        try:
-            result = model.load_state_dict({k: v.to(device) for k, v in state["weights"].items()}, strict=False)
-        except RuntimeError as e:  # a shape mismatch
-            raise UserError(f"{state['folder']}: weights do not match the run's config ({str(e).splitlines()[-1].strip()})") from None
-        bad = model.missing_weights(result.missing_keys)
-        if bad or result.unexpected_keys:
-            raise UserError(f"{state['folder']}: weights do not match {out_dir / ckpt.CONFIG_FILE}; was it edited?")
-    elif cfg.init:
-        load_backbone(model, cfg.init)
-    if cfg.freeze_backbone:
-        model.freeze_backbone()  # frozen blocks record no autograd graph: none of their inputs needs a gradient
-    raw = model
-    if cfg.compile:
-        parallel.apply_compile(raw)
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
-    if info.distributed:
-        model = parallel.apply_fsdp(raw, info) if cfg.fsdp else parallel.apply_ddp(raw, info)
-    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
 
-    groups = param_groups(raw, cfg.weight_decay)
-    trainable = [p for g in groups for p in g["params"]]
-    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, fused=device.type == "cuda" and not cfg.fsdp)
-    names = {id(p): n for n, p in raw.named_parameters()}
-    if state is not None and state["optimizer"] is not None:
-        load_optimizer(model, optimizer, state["optimizer"], names, cfg.fsdp and info.distributed)
+@dataclass
+class StepStats:
+    """What one optimizer step measured, summed over its micro-batches (this rank's share)."""
 
-    # --- data
-    loader = TokenLoader(data_dir, "train", per_rank, cfg.seq_len, cfg.seed, info.rank, info.world_size)
-    val_loader = TokenLoader(data_dir, "val", per_rank, cfg.seq_len, cfg.seed, info.rank, info.world_size)
-    step = 0
-    if state is not None:
-        loader.load_state_dict(state["state"]["loader"])
-        set_rng_state(state["rng"], device)
-        step = state["step"]
+    ce_sum: torch.Tensor
+    """(D+1,) cross-entropy summed over valid targets, per depth."""
+    correct: torch.Tensor
+    """(D+1,) correct top-1 predictions, per depth."""
+    counts: torch.Tensor
+    """(D+1,) valid targets of the global step, per depth."""
+    grad_norm: torch.Tensor
+    """Gradient norm before clipping."""
 
-    base_loss = MTPLoss(raw.depth, cfg.loss_weights if cfg.loss_weights is not None
-                        else raw.default_loss_weights(), cfg.mtp_lambda, model_cfg.eos_id, cfg.distill)
 
-    # --- run directory (rank 0)
-    run_config = {"model": model_cfg.to_dict(), "train": cfg.to_dict()}
-    if info.is_main:
+class Trainer:
+    """One training run's model, optimizer, data and loss, and the parts of the loop that use them:
+    `build`, `resume`, `train_step`, `evaluate`, `save`, `log_train`. `fit_heads` (retrofit.py)
+    shares the schedule (`lr_schedule`) and the update (`optimizer_update`).
+    """
+
+    def __init__(self, cfg: TrainConfig, info: parallel.DistInfo, model_cfg: ModelConfig, raw: Transformer,
+                 model: torch.nn.Module, optimizer: torch.optim.Optimizer, data_dir: Path, out_dir: Path) -> None:
+        from multitoken.data.loader import TokenLoader
+
+        self.cfg, self.info, self.model_cfg, self.raw, self.model, self.optimizer = cfg, info, model_cfg, raw, model, optimizer
+        self.device, self.out_dir, self.step = info.device, out_dir, 0
+        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        self.trainable = [p for g in optimizer.param_groups for p in g["params"]]
+        self.names = {id(p): n for n, p in raw.named_parameters()}
+        per_rank = cfg.batch_size // (info.world_size * cfg.grad_accum)
+        self.loader = TokenLoader(data_dir, "train", per_rank, cfg.seq_len, cfg.seed, info.rank, info.world_size)
+        self.val_loader = TokenLoader(data_dir, "val", per_rank, cfg.seq_len, cfg.seed, info.rank, info.world_size)
+        self.loss = MTPLoss(raw.depth, cfg.loss_weights if cfg.loss_weights is not None else raw.default_loss_weights(),
+                            cfg.mtp_lambda, model_cfg.eos_id, cfg.distill)
+        self.run_config = {"model": model_cfg.to_dict(), "train": cfg.to_dict()}
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len
+        self.log: MetricsLog | None = None
+
+    # ---- build and resume -------------------------------------------------------------------
+    @classmethod
+    def build(cls, cfg: TrainConfig, info: parallel.DistInfo, model_cfg: ModelConfig, state: dict[str, Any] | None,
+              data_dir: Path, out_dir: Path) -> "Trainer":
+        """The model (from a checkpoint, `cfg.init` or random), wrapped for DDP/FSDP, and its optimizer."""
+        device = info.device
+        torch.manual_seed(cfg.seed)
+        model = Transformer(model_cfg).to(device)
+        if state is not None:
+            try:
+                result = model.load_state_dict({k: v.to(device) for k, v in state["weights"].items()}, strict=False)
+            except RuntimeError as e:  # a shape mismatch
+                raise UserError(f"{state['folder']}: weights do not match the run's config ({str(e).splitlines()[-1].strip()})") from None
+            bad = model.missing_weights(result.missing_keys)
+            if bad or result.unexpected_keys:
+                raise UserError(f"{state['folder']}: weights do not match {out_dir / ckpt.CONFIG_FILE}; was it edited?")
+        elif cfg.init:
+            load_backbone(model, cfg.init)
+        if cfg.freeze_backbone:
+            model.freeze_backbone()  # frozen blocks record no autograd graph: none of their inputs needs a gradient
+        raw = model
+        if cfg.compile:
+            parallel.apply_compile(raw)
+        if info.distributed:
+            model = parallel.apply_fsdp(raw, info) if cfg.fsdp else parallel.apply_ddp(raw, info)
+        optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
+                                      fused=device.type == "cuda" and not cfg.fsdp)
+        return cls(cfg, info, model_cfg, raw, model, optimizer, data_dir, out_dir)
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue exactly where a checkpoint stopped: optimizer, data position, RNG and step."""
+        if state["optimizer"] is not None:
+            load_optimizer(self.model, self.optimizer, state["optimizer"], self.names, self.cfg.fsdp and self.info.distributed)
+        self.loader.load_state_dict(state["state"]["loader"])
+        set_rng_state(state["rng"], self.device)
+        self.step = state["step"]
+
+    def write_run_dir(self, tokenizer, data_dir: Path) -> None:
+        """Claim RUN_DIR and write what `load_run` needs besides the weights (rank 0)."""
+        if not self.info.is_main:
+            return
+        out_dir = self.out_dir
         outdir.claim(out_dir, "train")  # the ownership marker first, then our files
         ckpt.remove_stale_temporaries(out_dir, RUN_FILES)
         tokenizer.save(out_dir)
-        ckpt.write_json(out_dir / ckpt.CONFIG_FILE, {**run_config,
+        ckpt.write_json(out_dir / ckpt.CONFIG_FILE, {**self.run_config,
                                                      "data": {"dir": str(data_dir), "vocab_size": tokenizer.vocab_size,
                                                               "tokenizer_sha256": tokenizer.fingerprint()}})
-    log = MetricsLog(out_dir, info.is_main, step)
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    say(f"model: {raw.num_parameters(heads=False) / 1e6:.2f}M backbone + "
-        f"{(raw.num_parameters() - raw.num_parameters(heads=False)) / 1e6:.2f}M heads ({model_cfg.heads}), "
-        f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable; {info.world_size} process(es) on {device}"
-        f"{', FSDP2' if cfg.fsdp and info.distributed else ', DDP' if info.distributed else ''}; "
-        f"{tokens_per_step} tokens/step")
 
-    def evaluate_now() -> dict[str, Any]:
+    def describe(self) -> str:
+        raw, info, cfg = self.raw, self.info, self.cfg
+        return (f"model: {raw.num_parameters(heads=False) / 1e6:.2f}M backbone + "
+                f"{(raw.num_parameters() - raw.num_parameters(heads=False)) / 1e6:.2f}M heads ({self.model_cfg.heads}), "
+                f"{sum(p.numel() for p in self.trainable) / 1e6:.2f}M trainable; {info.world_size} process(es) on {self.device}"
+                f"{', FSDP2' if cfg.fsdp and info.distributed else ', DDP' if info.distributed else ''}; "
+                f"{self.tokens_per_step} tokens/step")
+
+    # ---- the loop's parts -------------------------------------------------------------------
+    def train_step(self) -> StepStats:
+        """One optimizer step over grad_accum micro-batches (exact averaging: module docstring)."""
+        cfg, raw, D, eos_id = self.cfg, self.raw, self.raw.depth, self.model_cfg.eos_id
+        lr = lr_at(self.step, cfg)
+        windows = [next(self.loader).to(self.device, non_blocking=True) for _ in range(cfg.grad_accum)]
+        weights, counts = global_depth_weights(self.loss.depth_weights(self.step), windows, eos_id)
+        ce_sum = torch.zeros(D + 1, dtype=torch.float64, device=self.device)
+        correct = torch.zeros(D + 1, dtype=torch.float64, device=self.device)
+        for j, window in enumerate(windows):
+            loss_fn = MTPLoss(D, list(weights[j].unbind()), eos_id=eos_id, distill=cfg.distill, chunk_rows=self.loss.chunk_rows)
+            with parallel.no_sync(self.model, j == len(windows) - 1):
+                with self.autocast():
+                    out = loss_fn(raw, self.model(window[:, :-1]), window, self.step)
+                out.loss.backward()
+            c = out.per_depth_count.double()
+            ce_sum += out.per_depth_loss.double() * c
+            correct += out.per_depth_acc.double() * c
+        grad_norm = optimizer_update(self.optimizer, self.trainable, lr, cfg.grad_clip)
+        self.step += 1
+        return StepStats(ce_sum, correct, counts, grad_norm)
+
+    def log_train(self, stats: StepStats, tokens_per_s: float, bar=None) -> dict[str, Any]:
+        """Reduce a step's statistics over ranks and log them (metrics.jsonl, TensorBoard, the bar)."""
+        D, step = self.raw.depth, self.step
+        sums = parallel.all_reduce_sum(torch.cat([stats.ce_sum, stats.correct])).cpu()
+        c = stats.counts.cpu().clamp(min=1)
+        per_depth = (sums[: D + 1] / c).tolist()
+        base_w = self.loss.depth_weights(step - 1)
+        gn = stats.grad_norm.full_tensor() if hasattr(stats.grad_norm, "full_tensor") else stats.grad_norm
+        record = {"split": "train", "step": step, "loss": sum(w * l for w, l in zip(base_w, per_depth)),
+                  "loss_per_depth": per_depth, "accuracy_per_depth": (sums[D + 1:] / c).tolist(),
+                  "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(gn), "tokens_per_s": tokens_per_s,
+                  "tokens": step * self.tokens_per_step, "time": time.time()}
+        if self.device.type == "cuda":
+            record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        self.log.log(record)
+        if bar is not None:
+            bar.set_postfix_str(" ".join(f"{'L' if k == 0 else '+' + str(k)} {v:.3f}" for k, v in enumerate(per_depth))
+                                + f" | {tokens_per_s / 1e3:.1f}k tok/s", refresh=False)
+        return record
+
+    def evaluate(self) -> dict[str, Any]:
+        """Per-depth validation loss/accuracy and expected tau, summed over ranks."""
         # eval_batches x grad_accum micro-batches cover the same windows whatever the accumulation.
-        batches = val_loader.eval_batches(cfg.eval_batches * cfg.grad_accum)
-        stats = eval_stats(raw, batches, model_cfg.eos_id, device, autocast)
-        flat = parallel.all_reduce_sum(stats.flat().to(device)).cpu()
-        return summarize(EvalStats.zeros(raw.depth).load_flat_(flat))
+        batches = self.val_loader.eval_batches(self.cfg.eval_batches * self.cfg.grad_accum)
+        stats = eval_stats(self.raw, batches, self.model_cfg.eos_id, self.device, self.autocast)
+        flat = parallel.all_reduce_sum(stats.flat().to(self.device)).cpu()
+        return summarize(EvalStats.zeros(self.raw.depth).load_flat_(flat))
 
-    def save() -> None:
-        weights = gather_weights(model, raw, info, cfg.fsdp)
-        optim = gather_optimizer(model, optimizer, names, info, cfg.fsdp)
-        loader_state = loader.state_dict()
+    def save(self) -> None:
+        """The latest weights and a checkpoint for exact resume (gathered to rank 0 under FSDP2)."""
+        info, cfg, out_dir = self.info, self.cfg, self.out_dir
+        weights = gather_weights(self.model, self.raw, info, cfg.fsdp)
+        optim = gather_optimizer(self.model, self.optimizer, self.names, info, cfg.fsdp)
+        loader_state = self.loader.state_dict()
         if info.is_main:
             ckpt.save_tensors(out_dir / ckpt.WEIGHTS_FILE, weights)  # what load_run reads: the latest weights
-            ckpt.save_checkpoint(out_dir, step, weights, optim, rng_state(device),
-                                 {"loader": loader_state, "world_size": info.world_size, "config": run_config},
+            ckpt.save_checkpoint(out_dir, self.step, weights, optim, rng_state(self.device),
+                                 {"loader": loader_state, "world_size": info.world_size, "config": self.run_config},
                                  cfg.keep_checkpoints)
         parallel.barrier()
 
-    bar = None
-    if info.is_main and progress:
-        from tqdm import tqdm
 
-        bar = tqdm(total=cfg.steps, initial=step, desc="train", unit="step", dynamic_ncols=True, file=sys.stderr)
-    t0, tokens_done, last_val, last_train = time.perf_counter(), 0, None, None
-    window_t, window_tokens = time.perf_counter(), 0
-    raw.train()
-    try:
-        stop = min(stop, cfg.steps)
-        while step < stop:
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            windows = [next(loader).to(device, non_blocking=True) for _ in range(cfg.grad_accum)]
-            weights, counts = global_depth_weights(base_loss.depth_weights(step), windows, model_cfg.eos_id)
-            ce_sum = torch.zeros(raw.depth + 1, dtype=torch.float64, device=device)
-            correct = torch.zeros(raw.depth + 1, dtype=torch.float64, device=device)
-            for j, window in enumerate(windows):
-                loss_fn = MTPLoss(raw.depth, list(weights[j].unbind()), eos_id=model_cfg.eos_id, distill=cfg.distill,
-                                  chunk_rows=base_loss.chunk_rows)
-                with parallel.no_sync(model, j == len(windows) - 1):
-                    with autocast():
-                        out = loss_fn(raw, model(window[:, :-1]), window, step)
-                    out.loss.backward()
-                c = out.per_depth_count.double()
-                ce_sum += out.per_depth_loss.double() * c
-                correct += out.per_depth_acc.double() * c
-            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            tokens_done += tokens_per_step
-            window_tokens += tokens_per_step
-            if max_minutes is not None and step < stop and out_of_time(t0, max_minutes, device, info.distributed):
-                stop = step  # evaluate and save below, as at the last step
-                say(f"time budget of {max_minutes:g} min spent: stopping at step {step} (continue with --resume)")
+def optimizer_update(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], lr: float,
+                     grad_clip: float) -> torch.Tensor:
+    """Clip the gradients (0: no clipping), step at learning rate `lr`, clear the gradients.
 
-            if step % cfg.log_every == 0 or step == stop:
-                sums = parallel.all_reduce_sum(torch.cat([ce_sum, correct])).cpu()
-                c = counts.cpu().clamp(min=1)
-                per_depth = (sums[: raw.depth + 1] / c).tolist()
-                base_w = base_loss.depth_weights(step - 1)
-                now = time.perf_counter()
-                tps = window_tokens / max(now - window_t, 1e-9)
-                window_t, window_tokens = now, 0
-                gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                last_train = {"split": "train", "step": step, "loss": sum(w * l for w, l in zip(base_w, per_depth)),
-                              "loss_per_depth": per_depth, "accuracy_per_depth": (sums[raw.depth + 1:] / c).tolist(),
-                              "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(gn), "tokens_per_s": tps,
-                              "tokens": step * tokens_per_step, "time": time.time()}
-                if device.type == "cuda":
-                    last_train["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                log.log(last_train)
-                if bar is not None:
-                    bar.set_postfix_str(" ".join(f"{'L' if k == 0 else '+' + str(k)} {v:.3f}" for k, v in enumerate(per_depth))
-                                        + f" | {tps / 1e3:.1f}k tok/s", refresh=False)
-            if bar is not None:
-                bar.update(1)
-            if (cfg.eval_every and step % cfg.eval_every == 0) or step == stop:
-                last_val = {"split": "val", "step": step, **evaluate_now(), "time": time.time()}
-                log.log(last_val)
-                if info.is_main:
-                    log.plot()
-            if (cfg.save_every and step % cfg.save_every == 0) or step == stop:
-                save()
-        if last_val is None:  # resumed at or past the last step: nothing trained, still report
-            last_val = {"split": "val", "step": step, **evaluate_now()}
-    finally:
-        if bar is not None:
-            bar.close()
-        log.close()
-
-    seconds = time.perf_counter() - t0
-    if info.is_main:
-        log.plot()
-        plot_accuracy(last_val, out_dir / "accuracy_per_depth.png")
-    return {
-        "step": step,
-        "train_loss": last_train["loss"] if last_train else None,
-        "train_loss_per_depth": last_train["loss_per_depth"] if last_train else None,
-        "val_loss_per_depth": last_val["loss_per_depth"],
-        "val_accuracy_per_depth": last_val["accuracy_per_depth"],
-        "expected_tau": last_val["expected_tau"],
-        "tokens": tokens_done,
-        "seconds": seconds,
-        "tokens_per_s": tokens_done / max(seconds, 1e-9),
-        **({"max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30} if device.type == "cuda" else {}),
-    }
+    Returns:
+        The gradient norm before clipping.
+    """
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float("inf"))
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm
 
 
 def out_of_time(t0: float, max_minutes: float, device: torch.device, distributed: bool) -> bool:
