@@ -15,7 +15,7 @@ Stages:
    depth learns the frozen model's own next-token distribution at its position, `--distill`),
    bf16 autocast, compiled; per-depth validation accuracy (the chance a greedy draft of that
    depth is accepted, given the earlier ones) and expected tau are logged at every evaluation.
-4. ``WORK/heads/NAME.safetensors``: when training has run all its steps, the heads alone in bf16
+4. ``WORK/heads/NAME.safetensors``: at the end of every call, the heads as they stand, alone, in bf16
    (`retrofit.save_heads`: the heads spec, the backbone's fingerprint and this command in its
    metadata), ready to ship beside the pretrained model (`retrofit.attach_heads`).
 
@@ -94,11 +94,13 @@ def main(argv: list[str] | None = None) -> int:
                "val_accuracy_per_depth": result["val_accuracy_per_depth"], "expected_tau": result["expected_tau"],
                "val_loss_per_depth": result["val_loss_per_depth"], "train": read_json(run / "config.json")["train"],
                "data": meta, "command": " ".join(["python", "examples/smollm2_gpu.py", *(argv or sys.argv[1:])])}
-    if result["step"] >= steps:
-        model, _ = load_run(run)
-        path = save_heads(model, work / "heads" / f"{name}.safetensors", {k: summary[k] for k in ("heads", "tokens", "command")})
-        summary["heads_file"], summary["heads_bytes"] = str(path), path.stat().st_size
-        stage("heads", file=str(path), bytes=path.stat().st_size)
+    # The heads as they stand (after `step` of `steps` steps, recorded with them): a time-boxed call
+    # always leaves something to bench; the next call continues training and writes them again.
+    model, _ = load_run(run)
+    path = save_heads(model, work / "heads" / f"{name}.safetensors",
+                      {k: summary[k] for k in ("heads", "step", "steps", "tokens", "expected_tau", "command")})
+    summary["heads_file"], summary["heads_bytes"] = str(path), path.stat().st_size
+    stage("heads", file=str(path), bytes=path.stat().st_size, finished=result["step"] >= steps)
     (work / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return 0
 

@@ -470,6 +470,9 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
     if info.distributed:
         model = parallel.apply_fsdp(raw, info) if cfg.fsdp else parallel.apply_ddp(raw, info)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # what float32 matmuls remain (outside autocast) use TF32
+        torch.backends.cudnn.allow_tf32 = True
 
     groups = param_groups(raw, cfg.weight_decay)
     trainable = [p for g in groups for p in g["params"]]
