@@ -106,3 +106,21 @@ def test_speculative_greedy_equals_transformers_generate(reference, converted_di
                 got, stats = generate(model, [ids], new, mode=mode, eos_id=eos)
                 assert got[0] == want, (heads, mode, prompt)
                 assert stats.tau >= 1.0
+
+
+CHAT = [[{"role": "user", "content": "Write a Python function that reverses a string."}],
+        [{"role": "system", "content": "You answer in one sentence."}, {"role": "user", "content": "What is a list?"},
+         {"role": "assistant", "content": "An ordered collection."}, {"role": "user", "content": "And a tuple?"}]]
+
+
+@pytest.mark.parametrize("messages", CHAT)
+def test_chat_prompts_render_as_transformers_renders_them(gguf_path, converted, messages):
+    """The converted run keeps the GGUF's chat template; our rendering (default system turn included)
+    gives the ids of transformers' apply_chat_template on the GGUF's own tokenizer."""
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+    _, tok = converted
+    assert tok.chat(messages) == list(want)

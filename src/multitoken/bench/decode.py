@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from multitoken.errors import UserError
 
 
 def sync() -> None:
@@ -77,8 +78,17 @@ def load_model(args) -> tuple:
     from multitoken.io.checkpoint import load_run
 
     dtype = getattr(torch, args.dtype)
+    if args.run and args.heads_file:
+        from multitoken.io.heads_file import attach_heads
+
+        model, tok = attach_heads(args.run, args.heads_file, args.max_seq_len)
+        return model.to(args.device, dtype), tok, None, f"run {args.run} + heads {Path(args.heads_file).name} ({model.config.heads})"
     if args.run:
         model, tok = load_run(args.run, device=args.device, dtype=dtype)
+        if args.max_seq_len:
+            from multitoken.io.hf import limit_context
+
+            limit_context(model, args.max_seq_len)
         return model, tok, Path(args.run), f"run {args.run}"
     if args.hf:
         from multitoken.io.hf import convert_hf
@@ -151,29 +161,36 @@ def bench(model, tok, run_dir, args) -> dict:
         modes += [("ours chain", dict(mode="spec", draft=model.depth)),
                   ("ours chain auto", dict(mode="spec")),
                   ("ours tree", dict(mode="tree", tree=args.tree_nodes))]
+    sets = {}
     for B in args.batch:
-        prompts = (val_prompts(args.data, B, args.prompt_tokens) if args.data
-                   else code_prompts(tok, model.config.vocab_size, B, args.prompt_tokens))
+        n = args.prompts or B
+        sets[B, "code"] = (val_prompts(args.data, n, args.prompt_tokens) if args.data
+                           else code_prompts(tok, model.config.vocab_size, n, args.prompt_tokens))
+        if args.chat:
+            if tok is None:
+                raise UserError("--chat needs a model with a tokenizer (--run or --hf)")
+            sets[B, "chat"] = [tok.chat(m) for m in CHAT_PROMPTS[: args.chat]]
+    for (B, kind), all_prompts in sets.items():
+        groups = [all_prompts[i: i + B] for i in range(0, len(all_prompts), B)]
         for T in args.temperature:
             ref = None
             base_tps = None
             for name, kw in modes:
                 if B > 1 and name.startswith("ours plain ") and name != "ours plain":
                     continue
-                call = lambda: generate(model, prompts, args.new_tokens, temperature=T, seed=1, **kw)  # noqa: E731
+                call = lambda: decode_groups(generate, model, groups, args.new_tokens, T, kw)  # noqa: E731
                 warm, times, (out, st) = time_calls(call, args.repeats)
                 toks = sum(len(r) for r in out)
                 tps = statistics.median(toks / t for t in times)
                 if name == "ours plain":
                     ref, base_tps = out, tps
-                row = dict(method=name, batch=B, temperature=T, tokens_per_s=tps, warmup_s=warm,
-                           compile_s=st.compile_time_s, tau=st.tau, acceptance=st.acceptance_per_position,
+                row = dict(method=name, batch=B, prompts=kind, n_prompts=len(all_prompts), temperature=T, tokens_per_s=tps,
+                           warmup_s=warm, compile_s=st.compile_time_s, tau=st.tau, acceptance=st.acceptance_per_position,
                            chosen_draft=st.chosen_draft, host_syncs=st.host_syncs, times_s=times)
                 if T == 0 and ref is not None:
                     row["token_match"], row["first_divergence"] = match_rate(out, ref)
                 results.append(row)
             if hf is not None and B <= args.hf_max_batch:
-                ids = torch.tensor(prompts, device=device)
                 peers = [("transformers generate", {}), ("transformers static cache", dict(cache_implementation="static"))]
                 if B == 1:
                     peers.append(("transformers prompt lookup", dict(prompt_lookup_num_tokens=10)))
@@ -183,27 +200,52 @@ def bench(model, tok, run_dir, args) -> dict:
                     sample = dict(do_sample=True, temperature=T, top_k=0) if T else dict(do_sample=False)
 
                     def call(kw=kw, sample=sample):
-                        o = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
-                                        min_new_tokens=args.new_tokens, pad_token_id=0, **sample, **kw)
-                        return o[:, ids.shape[1]:].tolist()
+                        out = []
+                        for g in groups:  # equal-length prompts per group (code), or batch 1 (chat)
+                            ids = torch.tensor(g, device=device)
+                            o = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=args.new_tokens,
+                                            min_new_tokens=args.new_tokens, pad_token_id=0, **sample, **kw)
+                            out += o[:, ids.shape[1]:].tolist()
+                        return out
 
                     try:
                         warm, times, out = time_calls(call, args.repeats)
                     except Exception as e:  # a peer that cannot run here is reported, not fatal
-                        results.append(dict(method=name, batch=B, temperature=T, error=f"{type(e).__name__}: {e}"[:300]))
+                        results.append(dict(method=name, batch=B, prompts=kind, temperature=T, error=f"{type(e).__name__}: {e}"[:300]))
                         continue
                     tps = statistics.median(sum(len(r) for r in out) / t for t in times)
-                    row = dict(method=name, batch=B, temperature=T, tokens_per_s=tps, warmup_s=warm, times_s=times)
+                    row = dict(method=name, batch=B, prompts=kind, n_prompts=len(all_prompts), temperature=T, tokens_per_s=tps,
+                               warmup_s=warm, times_s=times)
                     if T == 0 and ref is not None:
                         row["token_match"], row["first_divergence"] = match_rate(out, ref)
                     results.append(row)
             for r in results:
-                if r["batch"] == B and r["temperature"] == T and "tokens_per_s" in r and base_tps:
+                if (r["batch"], r.get("prompts"), r["temperature"]) == (B, kind, T) and "tokens_per_s" in r and base_tps:
                     r["vs_our_plain"] = r["tokens_per_s"] / base_tps
         eng = engine_for(model, B)  # the default engine (compiled blocks, graphs on CUDA)
         step_costs[B] = [dict(step=key[0], detail=str(key[1]), temperature=key[-1].temperature, live=live, seconds=v)
                          for (key, live), v in eng.runner.costs.items()]
     return dict(results=results, step_costs_s=step_costs)
+
+
+CHAT_PROMPTS = [
+    [{"role": "user", "content": "Write a Python function that checks whether a string is a palindrome."}],
+    [{"role": "user", "content": "Explain what a Python generator is, with a short example."}],
+    [{"role": "user", "content": "How do I read a CSV file and print the sum of its second column in Python?"}],
+    [{"role": "user", "content": "Give three tips for writing clear commit messages."}],
+    [{"role": "user", "content": "Write a function that merges two sorted lists into one sorted list."}],
+    [{"role": "user", "content": "What is the difference between a list and a tuple?"}],
+]
+"""Chat prompts for `--chat`, rendered through the model's chat template (`Tokenizer.chat`)."""
+
+
+def decode_groups(generate, model, groups: list[list[list[int]]], new_tokens: int, temperature: float, kw: dict):
+    """Our decoding of each group of prompts in turn (one batch each): (outputs of all, last stats)."""
+    out, st = [], None
+    for g in groups:
+        o, st = generate(model, g, new_tokens, temperature=temperature, seed=1, **kw)
+        out += o
+    return out, st
 
 
 def relative_step_costs(step_costs: dict) -> dict:
@@ -224,7 +266,7 @@ def plot(data: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     rows = [r for r in data["results"] if "tokens_per_s" in r]
-    groups = sorted({(r["batch"], r["temperature"]) for r in rows})
+    groups = sorted({(r["batch"], r.get("prompts", ""), r["temperature"]) for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     fig, axes = plt.subplots(2, 1, figsize=(max(6, 1.6 * len(groups) + 3), 7), sharex=True)
     w = 0.8 / max(len(methods), 1)
@@ -232,7 +274,7 @@ def plot(data: dict, path: Path) -> None:
         for i, m in enumerate(methods):
             xs, ys = [], []
             for j, g in enumerate(groups):
-                v = [r.get(key) for r in rows if r["method"] == m and (r["batch"], r["temperature"]) == g]
+                v = [r.get(key) for r in rows if r["method"] == m and (r["batch"], r.get("prompts", ""), r["temperature"]) == g]
                 if v and v[0] is not None:
                     xs.append(j + i * w)
                     ys.append(v[0])
@@ -240,7 +282,7 @@ def plot(data: dict, path: Path) -> None:
     axes[0].set(ylabel="tokens/s (median)", yscale="log")
     axes[1].set(ylabel="speed-up vs our plain decoding")
     axes[1].axhline(1.0, color="k", lw=0.6)
-    axes[1].set_xticks([j + 0.4 - w / 2 for j in range(len(groups))], [f"B={b}, T={t:g}" for b, t in groups])
+    axes[1].set_xticks([j + 0.4 - w / 2 for j in range(len(groups))], [f"B={b}, {k}, T={t:g}" for b, k, t in groups])
     axes[0].set_title(f"{data['model'][:80]} ({data.get('machine', {}).get('device', '')}, {data.get('dtype', '')})",
                       fontsize=9)
     axes[0].legend(fontsize=7, ncol=2)
@@ -249,12 +291,12 @@ def plot(data: dict, path: Path) -> None:
 
 
 def table(data: dict) -> str:
-    lines = [f"{'method':28s} {'B':>3s} {'T':>4s} {'tok/s':>9s} {'vs plain':>8s} {'tau':>5s} {'match':>6s} {'warm-up s':>9s}"]
+    lines = [f"{'method':28s} {'B':>3s} {'set':>4s} {'T':>4s} {'tok/s':>9s} {'vs plain':>8s} {'tau':>5s} {'match':>6s} {'warm-up s':>9s}"]
     for r in data["results"]:
         if "error" in r:
-            lines.append(f"{r['method']:28s} {r['batch']:3d} {r['temperature']:4g} {'error: ' + r['error'][:60]}")
+            lines.append(f"{r['method']:28s} {r['batch']:3d} {r.get('prompts', ''):>4s} {r['temperature']:4g} {'error: ' + r['error'][:60]}")
             continue
-        lines.append(f"{r['method']:28s} {r['batch']:3d} {r['temperature']:4g} {r['tokens_per_s']:9.1f} "
+        lines.append(f"{r['method']:28s} {r['batch']:3d} {r.get('prompts', ''):>4s} {r['temperature']:4g} {r['tokens_per_s']:9.1f} "
                      f"{r.get('vs_our_plain', float('nan')):8.2f} {r.get('tau', float('nan')):5.2f} "
                      f"{r.get('token_match', float('nan')):6.3f} {r['warmup_s']:9.1f}")
     for B, rel in data.get("relative_step_costs", {}).items():

@@ -39,6 +39,12 @@ def register_decode(sub: argparse._SubParsersAction) -> None:
     src.add_argument("--hf", metavar="DIR", type=path_arg, help="Hugging Face model folder (converted in-process)")
     src.add_argument("--preset", help="a model preset with random weights (engine speed only)")
     p.add_argument("--heads", default="none", help="with --preset: heads KIND:N")
+    p.add_argument("--heads-file", type=path_arg, default=None, metavar="FILE",
+                   help="with --run: attach these heads (a file written by retrofit.save_heads) to the run's model")
+    p.add_argument("--prompts", type=ints(1, 4096), default=None, metavar="N",
+                   help="code prompts per batch size, decoded in batches of B (default B)")
+    p.add_argument("--chat", type=ints(0, 6), default=0, metavar="N",
+                   help="also N chat prompts through the model's chat template, as a set of their own")
     p.add_argument("--max-seq-len", type=ints(2, MAX_SEQ_LEN), default=None, help="context (sizes the static KV cache)")
     p.add_argument("--batch", type=listed(ints(1, 4096)), default=[1, 4, 16, 64], help="batch sizes, comma-separated")
     p.add_argument("--temperature", type=listed(option(SAMPLING_RANGES["temperature"])), default=[0.0, 1.0],

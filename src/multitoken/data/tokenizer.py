@@ -66,7 +66,8 @@ def _byte_alphabet() -> dict[int, str]:
 class Tokenizer:
     """Text <-> token ids, with a known end-of-document id. Build with a constructor, not ``__init__``."""
 
-    def __init__(self, tok: _RustTokenizer, eos_token: str, kind: str, bos_token: str | None = None) -> None:
+    def __init__(self, tok: _RustTokenizer, eos_token: str, kind: str, bos_token: str | None = None,
+                 chat_template: str | None = None) -> None:
         """Wrap a Rust tokenizer.
 
         Args:
@@ -74,7 +75,9 @@ class Tokenizer:
             eos_token: text of the token that ends a document; must be in the vocabulary.
             kind: 'bpe', 'bytes' or 'pretrained' (informational; recorded in meta.json).
             bos_token: text of the beginning-of-sequence token, if the model uses one.
+            chat_template: the model's Jinja chat template (Hugging Face's ``chat_template``), if any.
         """
+        self.chat_template = chat_template if isinstance(chat_template, str) and chat_template else None
         eos_id = tok.token_to_id(eos_token)
         if eos_id is None:
             raise UserError(f"EOS token {eos_token!r} is not in the tokenizer's vocabulary: pass the right eos_token")
@@ -162,7 +165,7 @@ class Tokenizer:
         if eos is None:
             raise UserError(f"cannot tell which token of {p} ends a document: add a tokenizer_config.json with eos_token, or pass eos_token")
         kind = cfg.get("multitoken_kind") if cfg.get("multitoken_kind") in ("bpe", "bytes") else "pretrained"
-        return cls(tok, eos, kind, bos_token=cfg.get("bos_token"))
+        return cls(tok, eos, kind, bos_token=cfg.get("bos_token"), chat_template=cfg.get("chat_template"))
 
     @classmethod
     def _from_transformers(cls, folder: Path, eos_token: str | None, gguf_file: str | None = None) -> "Tokenizer":
@@ -182,7 +185,8 @@ class Tokenizer:
         eos = eos_token or hf.eos_token or _first_in_vocab(backend, EOS_CANDIDATES)
         if eos is None:
             raise UserError(f"{where} names no EOS token: pass eos_token")
-        return cls(backend, str(eos), "pretrained", bos_token=str(hf.bos_token) if hf.bos_token else None)
+        return cls(backend, str(eos), "pretrained", bos_token=str(hf.bos_token) if hf.bos_token else None,
+                   chat_template=getattr(hf, "chat_template", None))
 
     @classmethod
     def from_spec(cls, spec: str, train_texts: Iterable[str] | None = None, length: int | None = None) -> "Tokenizer":
@@ -264,6 +268,26 @@ class Tokenizer:
         """A fresh `StreamDecoder` over this tokenizer."""
         return StreamDecoder(self)
 
+    def chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Ids of `messages` ([{"role": "user", "content": ...}, ...]) rendered through the model's
+        chat template, ending with the prompt for the assistant's turn (as Hugging Face renders it:
+        a sandboxed Jinja environment, blocks trimmed)."""
+        if not self.chat_template:
+            raise UserError("this tokenizer has no chat template: convert the model from a GGUF or a folder that has one")
+        try:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+        except ImportError:
+            raise UserError("chat templates need jinja2: pip install jinja2") from None
+
+        def raise_exception(message: str):
+            raise UserError(f"the chat template refused the messages: {message}")
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        env.globals["raise_exception"] = raise_exception
+        text = env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True,
+                                                          bos_token=self.bos_token or "", eos_token=self.eos_token)
+        return self.encode(text, special=True)
+
     def save(self, directory: str | Path) -> Path:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` into `directory` (atomically each).
 
@@ -280,6 +304,8 @@ class Tokenizer:
         }
         if self.bos_token:
             config["bos_token"] = self.bos_token
+        if self.chat_template:
+            config["chat_template"] = self.chat_template
         _atomic_write(d / TOKENIZER_FILE, self._tok.to_str())
         _atomic_write(d / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
         return d / TOKENIZER_FILE

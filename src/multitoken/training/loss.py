@@ -177,7 +177,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h, w, t, scale, teacher_h, teacher_w, chunk_rows):
         N, V = h.shape[0], w.shape[0]
-        rows = chunk_rows or max(1, (1 << 24) // V)  # ~64 MB of float32 logits per chunk
+        # ~64 MB of float32 logits per chunk on the CPU; ~1 GB on a GPU, where each chunk's ~15 kernel
+        # launches, not memory, bound a small chunk (341 rows at SmolLM2's 49k vocabulary).
+        rows = chunk_rows or max(1, (1 << (28 if h.is_cuda else 24)) // V)
         wc = w.to(h.dtype)
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(h) if need_h else None

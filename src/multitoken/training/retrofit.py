@@ -21,6 +21,7 @@ io/smollm2.py.)
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 import time
@@ -295,8 +296,7 @@ def add_heads(run_dir: str | Path, heads: HeadsConfig, max_seq_len: int | None =
     base, tok = load_run(run_dir)
     if base.mtp is not None:
         raise UserError(f"{run_dir} already has {base.config.heads} heads: retrofit starts from a plain model")
-    cfg = from_dict(ModelConfig, {**base.config.to_dict(), "heads": {"kind": heads.kind, "depth": heads.depth,
-                                                                   "medusa_layers": heads.medusa_layers}})
+    cfg = from_dict(ModelConfig, {**base.config.to_dict(), "heads": dataclasses.asdict(heads)})
     model = build_model(cfg, base.state_dict(), fresh_heads=True)
     return (limit_context(model, max_seq_len) if max_seq_len else model), tok
 

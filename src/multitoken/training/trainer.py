@@ -520,6 +520,9 @@ class Trainer:
             parallel.apply_compile(raw)
         if info.distributed:
             model = parallel.apply_fsdp(raw, info) if cfg.fsdp else parallel.apply_ddp(raw, info)
+        if device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # what float32 matmuls remain (outside autocast) use TF32
+            torch.backends.cudnn.allow_tf32 = True
         optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                       fused=device.type == "cuda" and not cfg.fsdp)
         return cls(cfg, info, model_cfg, raw, model, optimizer, data_dir, out_dir)

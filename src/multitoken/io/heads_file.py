@@ -1,0 +1,81 @@
+"""MTP heads alone, to ship beside a pretrained model: one safetensors file of the ``mtp.*``
+weights (bf16) whose metadata holds the heads spec and a fingerprint of the backbone they were
+trained on, so they are only ever attached to that model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from multitoken.config import HeadsConfig, ModelConfig, from_dict
+from multitoken.errors import UserError
+from multitoken.io.checkpoint import atomic_write, load_run, read_safetensors
+from multitoken.io.hf import build_model, limit_context
+from multitoken.model import Transformer
+
+HEADS_FORMAT = "multitoken-heads/1"
+
+
+def backbone_fingerprint(model: Transformer) -> str:
+    """sha256 of the backbone's embedding and final norm in float32: names the pretrained model that
+    a heads file was trained on (the fp32 weights converted from one GGUF are the same everywhere)."""
+    h = hashlib.sha256()
+    for t in (model.embed_tokens.weight, model.norm.weight):
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_heads(model: Transformer, path: str | Path, info: dict[str, Any] | None = None) -> Path:
+    """Write the MTP heads alone (bf16 safetensors), with the heads spec, the backbone's fingerprint
+    and `info` (e.g. how they were trained) in the file's metadata. Atomic."""
+    if model.mtp is None:
+        raise UserError("the model has no MTP heads to save")
+    state = {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in model.mtp.state_dict().items()}
+    meta = {"format": HEADS_FORMAT, "heads": str(model.config.heads), "medusa_layers": str(model.config.heads.medusa_layers),
+            "backbone_sha256": backbone_fingerprint(model), "info": json.dumps(info or {}, sort_keys=True)}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
+    return path
+
+
+def heads_info(path: str | Path) -> dict[str, Any]:
+    """The metadata of a heads file written by `save_heads` (``info`` parsed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"heads file {path} does not exist: write one with examples/smollm2_gpu.py or `save_heads`")
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = dict(f.metadata() or {})
+    except Exception as e:  # safetensors raises its own error types for damaged headers
+        raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}): restore it or write it again") from None
+    if meta.get("format") != HEADS_FORMAT:
+        raise UserError(f"{path} is not a multitoken heads file (format {meta.get('format')!r}): give a file written by save_heads")
+    return {**meta, "info": json.loads(meta.get("info") or "{}")}
+
+
+def attach_heads(run_dir: str | Path, heads_file: str | Path, max_seq_len: int | None = None) -> tuple[Transformer, Any]:
+    """The plain pretrained model of `run_dir` with the heads of `heads_file` on it, and its tokenizer.
+
+    Refuses heads trained on another backbone (fingerprints differ) in one line.
+    """
+    meta = heads_info(heads_file)
+    base, tok = load_run(run_dir)
+    if base.mtp is not None:
+        raise UserError(f"{run_dir} already has {base.config.heads} heads: attach heads to a plain model")
+    if meta.get("backbone_sha256") != backbone_fingerprint(base):
+        raise UserError(f"{heads_file} was trained on another model than {run_dir}: attach it to the model it was trained on")
+    heads = HeadsConfig.parse(meta["heads"])
+    heads.medusa_layers = int(meta.get("medusa_layers", 1))
+    cfg = from_dict(ModelConfig, {**base.config.to_dict(), "heads": dataclasses.asdict(heads)})
+    state = {**base.state_dict(), **{"mtp." + k: v for k, v in read_safetensors(Path(heads_file), "write it again").items()}}
+    model = build_model(cfg, state, fresh_heads=False)
+    return (limit_context(model, max_seq_len) if max_seq_len else model), tok
