@@ -29,9 +29,8 @@ from safetensors.torch import load_file, save_file
 
 from multitoken.config import ModelConfig, from_dict
 from multitoken.errors import UserError
+from multitoken.io.outdir import atomic_write, remove_temporaries, temporary_pattern, write_json
 from multitoken.model import Transformer
-# atomic_write and write_json are re-exported here: their one implementation lives in outdir.py.
-from multitoken.io.outdir import atomic_write, remove_temporaries, temporary_pattern, write_json  # noqa: F401
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -61,10 +60,7 @@ def read_json(path: str | Path) -> Any:
 
 def model_state(model: Transformer) -> dict[str, torch.Tensor]:
     """The weights to store: contiguous CPU tensors, the tied LM head left out."""
-    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
+    return model.weights_to_store({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()})
 
 
 def save_weights(path: str | Path, model: Transformer) -> None:
@@ -78,10 +74,8 @@ def load_weights(path: str | Path, model: Transformer, strict: bool = True) -> l
         raise UserError(f"{path} not found: the run has no weights yet (train it, or point at another run)")
     state = read_safetensors(path, "restore it, or re-create the run (a training run's checkpoints/step_*/"
                                    "model.safetensors holds the same weights)")
-    if model.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
     try:
-        result = model.load_state_dict(state, strict=False)
+        result = model.load_state_dict(model.weights_to_store(state), strict=False)
     except RuntimeError as e:  # a shape mismatch
         raise UserError(f"{path} does not match the run's config ({str(e).splitlines()[-1].strip()}): "
                         "was config.json edited?") from None
@@ -120,12 +114,8 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", dtype: tor
     if not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} does not exist: train one with `multitoken train` or `multitoken convert`")
     config = load_config(run_dir)
-    with torch.device("meta"):
-        model = Transformer(config)
-    model = model.to_empty(device=device)
+    model = Transformer.empty(config, device)
     model.init_buffers()  # every weight comes from the file (strict load), only buffers need values
-    if config.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
     load_weights(run_dir / WEIGHTS_FILE, model)
     if dtype is not None:
         model = model.to(dtype)

@@ -17,8 +17,9 @@ from safetensors.torch import save_file
 
 from multitoken.config import HeadsConfig, ModelConfig, from_dict
 from multitoken.errors import UserError
-from multitoken.io.checkpoint import atomic_write, load_run, read_safetensors
+from multitoken.io.checkpoint import load_run, read_safetensors
 from multitoken.io.hf import build_model, limit_context
+from multitoken.io.outdir import atomic_write
 from multitoken.model import Transformer
 
 HEADS_FORMAT = "multitoken-heads/1"

@@ -49,7 +49,8 @@ from safetensors.torch import save_file
 from multitoken.config import HeadsConfig, ModelConfig
 from multitoken.errors import BadValue, UserError
 from multitoken.io import outdir
-from multitoken.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, atomic_write, load_run, read_json, save_run, write_json
+from multitoken.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_run, read_json, save_run
+from multitoken.io.outdir import atomic_write, write_json
 from multitoken.model import Transformer
 from multitoken.model.heads import family, kinds
 
@@ -210,11 +211,8 @@ def native_to_hf_name(name: str, cfg: ModelConfig) -> str:
 
 def state_to_hf(model: Transformer) -> dict[str, torch.Tensor]:
     """The model's weights under their export names (tied LM head stored once, as the embedding)."""
-    state = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight" and model.config.tie_embeddings:
-            continue
-        state[native_to_hf_name(name, model.config)] = t.detach().contiguous().cpu()
+    state = {native_to_hf_name(name, model.config): t.detach().contiguous().cpu()
+             for name, t in model.weights_to_store(model.state_dict()).items()}
     cfg = model.config
     if cfg.heads.kind != "none":
         state.update(family(cfg.heads.kind).export_copies(state, cfg))
@@ -233,7 +231,9 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, fresh_hea
         tensor that has no native counterpart or any native weight that is missing: nothing is
         silently dropped.
     """
-    model_names = _native_names(cfg)
+    with torch.device("meta"):
+        shape = Transformer(cfg)  # names only
+    model_names = shape.missing_weights(list(shape.state_dict()))  # a tied LM head is not a weight of its own
     reverse = {native_to_hf_name(n, cfg): n for n in model_names}
     out: dict[str, torch.Tensor] = {}
     unused = []
@@ -260,16 +260,10 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, fresh_hea
     if unused:
         raise UserError(f"{len(unused)} weight(s) have no place in a {cfg.heads} model (e.g. {', '.join(sorted(unused)[:3])}): "
                         "not a plain Llama/Qwen2/Mistral checkpoint or an export of one")
-    missing = [n for n in model_names if n not in out and not (fresh_heads and n.startswith("mtp."))]
+    missing = shape.missing_weights([n for n in model_names if n not in out], heads=not fresh_heads)
     if missing:
         raise UserError(f"checkpoint lacks {len(missing)} weight(s) (e.g. {', '.join(missing[:3])}): incomplete or not a Llama-family checkpoint")
     return out
-
-
-def _native_names(cfg: ModelConfig) -> list[str]:
-    with torch.device("meta"):
-        names = list(Transformer(cfg).state_dict())
-    return [n for n in names if not (n == "lm_head.weight" and cfg.tie_embeddings)]
 
 
 def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
@@ -319,11 +313,7 @@ def _config_eos(hf: dict[str, Any]) -> int | None:
 
 def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], fresh_heads: bool) -> Transformer:
     """A native model holding `state`; with `fresh_heads`, the heads start from the backbone."""
-    with torch.device("meta"):
-        model = Transformer(cfg)
-    model = model.to_empty(device="cpu")
-    if cfg.tie_embeddings:
-        model.lm_head.weight = model.embed_tokens.weight
+    model = Transformer.empty(cfg)
     model.init_weights()  # RoPE buffers and random head weights, before the real weights land
     result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
     missing = model.missing_weights(result.missing_keys, heads=False)

@@ -49,6 +49,17 @@ class Transformer(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.init_weights()
 
+    @classmethod
+    def empty(cls, config: ModelConfig, device: torch.device | str = "cpu") -> "Transformer":
+        """A model with uninitialised weights on `device` (built on the meta device: no init cost),
+        for weights that are about to be loaded; the LM head is tied again when the config ties it."""
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device=device)
+        if config.tie_embeddings:
+            model.lm_head.weight = model.embed_tokens.weight
+        return model
+
     @property
     def shared(self) -> SharedModules:
         """The modules the heads share with the main model (built on each call: never stale)."""
@@ -96,6 +107,12 @@ class Transformer(nn.Module):
         embedding, not a weight of its own; with heads=False the MTP heads may be absent too."""
         return [k for k in missing_keys if not (self.config.tie_embeddings and k == "lm_head.weight")
                 and (heads or not k.startswith("mtp."))]
+
+    def weights_to_store(self, state: dict[str, Tensor]) -> dict[str, Tensor]:
+        """`state` without the entries that are not weights of their own (a tied LM head is the
+        embedding): what files hold, and all that `missing_weights` expects back."""
+        own = set(self.missing_weights(list(state)))
+        return {k: v for k, v in state.items() if k in own}
 
     def num_parameters(self, heads: bool = True) -> int:
         params = {id(p): p for n, p in self.named_parameters() if heads or not n.startswith("mtp.")}

@@ -307,7 +307,7 @@ def plot_accuracy(result: dict[str, Any], path: str | Path, title: str = "") -> 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from multitoken.io.checkpoint import atomic_write
+    from multitoken.io.outdir import atomic_write
 
     acc = result["accuracy_per_depth"]
     fig, ax = plt.subplots(figsize=(5, 3.2))

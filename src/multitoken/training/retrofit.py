@@ -36,7 +36,8 @@ from torch import Tensor
 from multitoken.config import HeadsConfig
 from multitoken.errors import UserError
 from multitoken.io import outdir
-from multitoken.io.checkpoint import atomic_write, load_run, read_json, read_safetensors, save_run, write_json
+from multitoken.io.checkpoint import load_run, read_json, read_safetensors, save_run
+from multitoken.io.outdir import atomic_write, write_json
 from multitoken.model import Transformer
 from multitoken.model.heads import family
 from multitoken.training.trainer import lr_schedule, optimizer_update

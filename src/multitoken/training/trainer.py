@@ -260,7 +260,7 @@ class MetricsLog:
                     r = json.loads(line)
                     if r.get("step", 0) <= resume_step:
                         self.records.append(r)
-            ckpt.atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in self.records)))
+            outdir.atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in self.records)))
         try:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -310,7 +310,7 @@ class MetricsLog:
         ax.legend(fontsize=7, ncol=2)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        ckpt.atomic_write(self.run_dir / PLOT_FILE, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+        outdir.atomic_write(self.run_dir / PLOT_FILE, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
         plt.close(fig)
 
     def close(self) -> None:
@@ -543,7 +543,7 @@ class Trainer:
         outdir.claim(out_dir, "train")  # the ownership marker first, then our files
         ckpt.remove_stale_temporaries(out_dir, RUN_FILES)
         tokenizer.save(out_dir)
-        ckpt.write_json(out_dir / ckpt.CONFIG_FILE, {**self.run_config,
+        outdir.write_json(out_dir / ckpt.CONFIG_FILE, {**self.run_config,
                                                      "data": {"dir": str(data_dir), "vocab_size": tokenizer.vocab_size,
                                                               "tokenizer_sha256": tokenizer.fingerprint()}})
 
@@ -662,9 +662,7 @@ def gather_weights(model, raw: Transformer, info: parallel.DistInfo, fsdp: bool)
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if raw.config.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return {k: v.contiguous() for k, v in state.items()}
+    return {k: v.contiguous() for k, v in raw.weights_to_store(state).items()}
 
 
 def gather_optimizer(model, optimizer: torch.optim.Optimizer, names: dict[int, str], info: parallel.DistInfo,
