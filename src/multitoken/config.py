@@ -293,6 +293,12 @@ class TrainConfig:
     """torch.compile each block (parallel.apply_compile)."""
     fsdp: bool = False
     """Under torchrun, shard with FSDP2 instead of replicating with DDP."""
+    loss_kernel: str = "auto"
+    """Linear + cross-entropy kernel: 'auto' (liger on CUDA when liger-kernel is installed, else
+    chunked), 'chunked', 'naive' (full logits) or 'liger' (CUDA; pip install liger-kernel)."""
+    recompute: str = "auto"
+    """Recompute the MTP heads' blocks in backward instead of storing their activations: 'on',
+    'off', or 'auto' (off when the step's estimated memory stays within 80% of the device's)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -302,7 +308,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise a one-line `UserError` for values that cannot work (types, ranges, NaN and inf included)."""
-        from multitoken.loss import parse_schedule  # loss.py is model-side; import only when needed
+        from multitoken.loss import LOSS_KERNELS, parse_schedule  # loss.py is model-side; import only when needed
+        from multitoken.parallel import RECOMPUTE_MODES
 
         check_fields(self, TRAIN_RANGES)
         if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
@@ -320,6 +327,8 @@ class TrainConfig:
             (self.seq_len >= 2, f"seq_len={self.seq_len}: use at least 2 tokens per window"),
             (self.min_lr <= self.lr, f"min_lr={self.min_lr} is above lr={self.lr}: the decay goes down to min_lr"),
             (self.dtype in ("auto", "bf16", "fp32"), f"dtype={self.dtype!r}: choose auto, bf16 or fp32"),
+            (self.loss_kernel in LOSS_KERNELS, f"loss_kernel={self.loss_kernel!r}: choose {', '.join(LOSS_KERNELS)}"),
+            (self.recompute in RECOMPUTE_MODES, f"recompute={self.recompute!r}: choose {', '.join(RECOMPUTE_MODES)}"),
         ]
         for ok, msg in checks:
             if not ok:

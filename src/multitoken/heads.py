@@ -175,7 +175,7 @@ class MedusaHead(nn.Module):
 
 
 class MedusaHeads(nn.Module):
-    recompute = False  # a residual block is cheaper to keep than to recompute
+    recompute = False  # a residual block is cheaper to keep than to recompute (see _run)
     drafts_from_verify = True
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -186,7 +186,7 @@ class MedusaHeads(nn.Module):
         return cfg.n_layers
 
     def forward(self, model, *, main: Tensor, **_) -> list[Tensor]:
-        return [head.blocks(main) for head in self.heads]
+        return [_run(self, head.blocks, main) for head in self.heads]
 
     def decode_states(self, model, n: int, *, main: Tensor, **_) -> list[Tensor]:
         return [head.blocks(main) for head in self.heads[:n]]

@@ -46,7 +46,7 @@ from multitoken.checks import Range
 from multitoken.config import BETA_RANGE, LOSS_WEIGHT_RANGE, TRAIN_RANGES, HeadsConfig, ModelConfig, TrainConfig, from_dict
 from multitoken.errors import UserError
 from multitoken.evaluate import EvalStats, check_same_tokenizer, eval_stats, plot_accuracy, summarize
-from multitoken.loss import IGNORE_INDEX, MTPLoss, default_weights, shift_targets
+from multitoken.loss import IGNORE_INDEX, MTPLoss, default_weights, resolve_loss_kernel, shift_targets
 from multitoken.model import Transformer
 
 METRICS_FILE, PLOT_FILE, TB_DIR = "metrics.jsonl", "loss.png", "tb"
@@ -60,7 +60,7 @@ RUN_FILES = ("tokenizer.json", "tokenizer_config.json", METRICS_FILE, PLOT_FILE,
 # with another value, is named in one "ignored on resume" line.
 MODEL_OPTIONS = ("preset", "heads", "init", "max_seq_len")
 RESUME_OPTIONS = ("steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "device",
-                  "dtype", "compile", "fsdp")
+                  "dtype", "compile", "fsdp", "loss_kernel", "recompute")
 
 
 # ---- configuration: dataclass fields -> CLI options, TOML, precedence --------------------------
@@ -342,10 +342,10 @@ class MetricsLog:
             for key in ("loss", "lr", "tokens_per_s", "expected_tau", "grad_norm"):
                 if key in record:
                     self.tb.add_scalar(f"{split}/{key}", record[key], step)
-            for k, v in enumerate(record.get("loss_per_depth", [])):
-                self.tb.add_scalar(f"{split}/loss_depth{k}", v, step)
-            for k, v in enumerate(record.get("accuracy_per_depth", [])):
-                self.tb.add_scalar(f"{split}/accuracy_depth{k}", v, step)
+            for name in ("loss", "accuracy"):
+                for k, v in enumerate(record.get(f"{name}_per_depth", [])):
+                    if v is not None:  # None: not computed (the main head's loss on a frozen backbone)
+                        self.tb.add_scalar(f"{split}/{name}_depth{k}", v, step)
 
     def plot(self) -> None:
         """loss.png: one line per depth, train solid, validation dashed with markers."""
@@ -363,8 +363,10 @@ class MetricsLog:
             if not rows:
                 continue
             for k in range(len(rows[-1]["loss_per_depth"])):
-                xs = [r["step"] for r in rows if len(r["loss_per_depth"]) > k]
-                ys = [r["loss_per_depth"][k] for r in rows if len(r["loss_per_depth"]) > k]
+                kept = [r for r in rows if len(r["loss_per_depth"]) > k and r["loss_per_depth"][k] is not None]
+                if not kept:
+                    continue
+                xs, ys = [r["step"] for r in kept], [r["loss_per_depth"][k] for r in kept]
                 ax.plot(xs, ys, style, color=colors[k % len(colors)], markersize=3, linewidth=1.2,
                         label=f"{split} {'main' if k == 0 else '+' + str(k)}")
         ax.set_xlabel("step")
@@ -464,9 +466,14 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
     if cfg.freeze_backbone:
         model.freeze_backbone()  # frozen blocks record no autograd graph: none of their inputs needs a gradient
     raw = model
+    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    recompute_note = parallel.apply_recompute(raw, cfg.recompute, per_rank * cfg.seq_len, device, use_bf16)
     if cfg.compile:
         parallel.apply_compile(raw)
-    use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    loss_kernel = resolve_loss_kernel(cfg.loss_kernel, device)
+    # A frozen backbone gives the main head's loss no gradient: training steps skip its LM-head
+    # matmul and CE (evaluation still measures it).
+    skip_main = cfg.freeze_backbone
     if info.distributed:
         model = parallel.apply_fsdp(raw, info) if cfg.fsdp else parallel.apply_ddp(raw, info)
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
@@ -509,6 +516,9 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
         f"{sum(p.numel() for p in trainable) / 1e6:.2f}M trainable; {info.world_size} process(es) on {device}"
         f"{', FSDP2' if cfg.fsdp and info.distributed else ', DDP' if info.distributed else ''}; "
         f"{tokens_per_step} tokens/step")
+    say(f"loss: {loss_kernel}{' (distillation targets: chunked)' if cfg.distill and loss_kernel == 'liger' else ''}; "
+        f"{recompute_note}"
+        f"{'; main-head loss skipped in training steps (frozen backbone; measured at evaluation)' if skip_main else ''}")
 
     def evaluate_now() -> dict[str, Any]:
         # eval_batches x grad_accum micro-batches cover the same windows whatever the accumulation.
@@ -547,7 +557,7 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
             correct = torch.zeros(raw.depth + 1, dtype=torch.float64, device=device)
             for j, window in enumerate(windows):
                 loss_fn = MTPLoss(raw.depth, list(weights[j].unbind()), eos_id=model_cfg.eos_id, distill=cfg.distill,
-                                  chunk_rows=base_loss.chunk_rows)
+                                  chunk_rows=base_loss.chunk_rows, kernel=loss_kernel, skip_main=skip_main)
                 with parallel.no_sync(model, j == len(windows) - 1):
                     with autocast():
                         out = loss_fn(raw, model(window[:, :-1]), window, step)
@@ -569,20 +579,26 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
                 sums = parallel.all_reduce_sum(torch.cat([ce_sum, correct])).cpu()
                 c = counts.cpu().clamp(min=1)
                 per_depth = (sums[: raw.depth + 1] / c).tolist()
+                accuracy = (sums[raw.depth + 1:] / c).tolist()
+                if skip_main:  # not computed: None in the log, "-" on the bar, out of the total
+                    per_depth[0] = accuracy[0] = None
                 base_w = base_loss.depth_weights(step - 1)
                 now = time.perf_counter()
                 tps = window_tokens / max(now - window_t, 1e-9)
                 window_t, window_tokens = now, 0
                 gn = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-                last_train = {"split": "train", "step": step, "loss": sum(w * l for w, l in zip(base_w, per_depth)),
-                              "loss_per_depth": per_depth, "accuracy_per_depth": (sums[raw.depth + 1:] / c).tolist(),
+                last_train = {"split": "train", "step": step,
+                              "loss": sum(w * l for w, l in zip(base_w, per_depth) if l is not None),
+                              "loss_per_depth": per_depth, "accuracy_per_depth": accuracy,
+                              **({"main_loss": "skipped (frozen backbone)"} if skip_main else {}),
                               "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(gn), "tokens_per_s": tps,
                               "tokens": step * tokens_per_step, "time": time.time()}
                 if device.type == "cuda":
                     last_train["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 log.log(last_train)
                 if bar is not None:
-                    bar.set_postfix_str(" ".join(f"{'L' if k == 0 else '+' + str(k)} {v:.3f}" for k, v in enumerate(per_depth))
+                    bar.set_postfix_str(" ".join(f"{'L' if k == 0 else '+' + str(k)} {'-' if v is None else f'{v:.3f}'}"
+                                                 for k, v in enumerate(per_depth))
                                         + f" | {tps / 1e3:.1f}k tok/s", refresh=False)
             if bar is not None:
                 bar.update(1)
