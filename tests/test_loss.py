@@ -6,8 +6,9 @@ import torch.nn.functional as F
 
 from conftest import FAMILIES, tiny_model
 from multitoken.errors import UserError
+from multitoken.training import loss as loss_mod
 from multitoken.training.loss import (IGNORE_INDEX, MTPLoss, linear_cross_entropy, naive_linear_cross_entropy,
-                             parse_schedule, schedule_value, shift_targets)
+                                      parse_schedule, resolve_loss_kernel, schedule_value, shift_targets)
 
 X = IGNORE_INDEX
 EOS = 0
@@ -164,3 +165,83 @@ def test_linear_cross_entropy_backward_scales_by_its_upstream_gradient(upstream,
     torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-5, atol=0)
     for got, want in ((h.grad, h64.grad), (w.grad, w64.grad)):
         torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * float(want.abs().max()))
+
+
+# ---- loss kernels, and the frozen backbone's skipped main loss ------------------------------------
+
+
+def test_loss_kernel_selection_and_one_line_errors(monkeypatch):
+    monkeypatch.setattr(loss_mod, "liger_available", lambda: True)
+    assert resolve_loss_kernel("auto", "cuda") == "liger"
+    assert resolve_loss_kernel("auto", "cpu") == "chunked"  # ours on the CPU, whatever is installed
+    assert resolve_loss_kernel("naive", "cpu") == "naive"
+    with pytest.raises(UserError, match="needs a CUDA device.*--loss-kernel chunked"):
+        resolve_loss_kernel("liger", "cpu")
+    monkeypatch.setattr(loss_mod, "liger_available", lambda: False)
+    assert resolve_loss_kernel("auto", "cuda") == "chunked"
+    with pytest.raises(UserError, match="not importable.*pip install liger-kernel") as e:
+        resolve_loss_kernel("liger", "cuda")
+    assert "\n" not in str(e.value)
+    with pytest.raises(UserError, match="choose one of auto, chunked, naive, liger"):
+        resolve_loss_kernel("fused", "cpu")
+    with pytest.raises(UserError, match="loss kernel 'fused'"):
+        MTPLoss(1, kernel="fused")
+
+
+def frozen(kind: str, depth: int = 3):
+    model = tiny_model(kind, depth, seed=5, n_layers=4)
+    model.freeze_backbone()
+    return model
+
+
+@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("distill", [False, True])
+def test_skipping_the_frozen_main_loss_leaves_the_heads_gradients_unchanged(kind, distill):
+    """skip_main drops the main head's LM-head matmul and CE; the heads' loss and gradients equal
+    those of the full loss computed naively (full logits, autograd)."""
+    window = torch.randint(0, 61, (3, 17))
+    window[1, 5] = 1
+    results = []
+    for skip in (True, False):
+        model = frozen(kind)
+        loss_fn = MTPLoss(3, weights=None if kind == "sequential" else [1.0, 0.5, 0.3, 0.2], eos_id=1, distill=distill,
+                          chunk_rows=5, kernel="chunked" if skip else "naive", skip_main=skip)
+        out = loss_fn(model, model(window[:, :-1]), window)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    assert torch.isnan(a.per_depth_loss[0]) and torch.isnan(a.per_depth_acc[0])  # not computed, and says so
+    torch.testing.assert_close(a.per_depth_loss[1:], b.per_depth_loss[1:], **TOL)
+    torch.testing.assert_close(a.per_depth_acc[1:], b.per_depth_acc[1:], atol=0, rtol=0)
+    assert ga.keys() == gb.keys() and ga and all(n.startswith("mtp.") for n in ga)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], **TOL, msg=n)
+
+
+def test_skip_main_refuses_a_main_loss_that_has_a_gradient():
+    model = tiny_model("parallel", 2)
+    window = torch.randint(2, 61, (2, 9))
+    with pytest.raises(ValueError, match="skip_main"):
+        MTPLoss(2, weights=[1.0, 1.0, 1.0], skip_main=True)(model, model(window[:, :-1]), window)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available() or not loss_mod.liger_available(), reason="needs CUDA and liger-kernel")
+@pytest.mark.parametrize("kind", FAMILIES)
+def test_liger_kernel_equals_naive_on_cuda(kind):
+    """bf16 autocast, as training runs: both kernels see the same bf16 logits; liger keeps its
+    logits gradient in bf16, hence the tolerance."""
+    window = torch.randint(0, 61, (4, 65), device="cuda")
+    window[1, 5] = 1
+    results = []
+    for kernel in ("liger", "naive"):
+        model = tiny_model(kind, 3, seed=7, n_layers=4, max_seq_len=64).cuda()
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = MTPLoss(3, weights=None if kind == "sequential" else [1.0, 0.5, 0.3, 0.2], eos_id=1,
+                          kernel=kernel)(model, model(window[:, :-1]), window)
+        out.loss.backward()
+        results.append((out, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a.per_depth_loss, b.per_depth_loss, atol=2e-3, rtol=2e-3)
+    torch.testing.assert_close(a.per_depth_acc, b.per_depth_acc, atol=0.02, rtol=0)
+    for n in gb:
+        assert (ga[n] - gb[n]).norm() <= 2e-2 * gb[n].norm() + 1e-6, n

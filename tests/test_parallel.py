@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from multitoken.errors import UserError
 from multitoken.model import Transformer
 from multitoken.training import parallel
 from multitoken.training.trainer import train
@@ -160,3 +161,49 @@ def test_compiled_training_step_equals_eager(kind):
     torch.testing.assert_close(lb, la, rtol=1e-5, atol=0)
     for n in ga:
         torch.testing.assert_close(gb[n], ga[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+# ---- recomputation of the heads' blocks ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", ["parallel", "sequential", "medusa"])
+def test_recompute_on_and_off_give_identical_gradients_and_on_recomputes(kind):
+    from conftest import tiny_model
+    from multitoken.training.loss import MTPLoss
+
+    window = torch.randint(2, 61, (2, 17))
+    grads, calls = [], []
+    for mode in ("on", "off"):
+        model = tiny_model(kind, 2, seed=3).train()
+        assert parallel.apply_recompute(model, mode, 32, torch.device("cpu"), bf16=False).endswith(mode)
+        unit, n = next(iter(parallel._mtp_units(model))), [0]
+        forward = unit.forward  # counted by wrapping: module hooks do not fire when checkpoint recomputes
+
+        def counted(*args, forward=forward, n=n):
+            n[0] += 1
+            return forward(*args)
+
+        unit.forward = counted
+        MTPLoss(2, weights=[1.0, 0.5, 0.5], eos_id=1)(model, model(window[:, :-1]), window).loss.backward()
+        grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+        calls.append(n[0])
+    assert calls == [2, 1]  # recomputed in backward with "on", stored with "off"
+    assert grads[0].keys() == grads[1].keys()
+    for k in grads[0]:
+        assert torch.equal(grads[0][k], grads[1][k]), k
+
+
+def test_recompute_auto_follows_the_memory_estimate(monkeypatch):
+    from conftest import tiny_model
+
+    model = tiny_model("parallel", 2)
+    need = parallel.training_bytes(model, 1024, bf16=True, recompute=False)
+    assert need > parallel.training_bytes(model, 1024, bf16=True, recompute=True)
+    monkeypatch.setattr(parallel, "device_memory", lambda device: int(need / parallel.RECOMPUTE_BUDGET) + 1)
+    assert "off (auto" in parallel.apply_recompute(model, "auto", 1024, torch.device("cpu"), True)
+    assert model.mtp.recompute is False
+    monkeypatch.setattr(parallel, "device_memory", lambda device: int(need / parallel.RECOMPUTE_BUDGET) - 1)
+    assert "on (auto" in parallel.apply_recompute(model, "auto", 1024, torch.device("cpu"), True)
+    assert model.mtp.recompute is True
+    with pytest.raises(UserError, match="--recompute 'maybe'"):
+        parallel.apply_recompute(model, "maybe", 1024, torch.device("cpu"), True)

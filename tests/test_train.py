@@ -131,6 +131,10 @@ def test_freeze_backbone_from_init_keeps_backbone_bit_identical(data, tmp_path):
     assert all(torch.equal(base[k], heads[k]) for k in base)
     # The heads did train: Medusa residual branches start at zero.
     assert any(heads[k].abs().sum() > 0 for k in heads if k.startswith("mtp.") and "blocks" in k)
+    # The main head's loss has no gradient: not computed in training steps (and the log says so), measured at evaluation.
+    rec = train_records(tmp_path / "heads")[-1]
+    assert rec["loss_per_depth"][0] is None and rec["main_loss"].startswith("skipped") and None not in rec["loss_per_depth"][1:]
+    assert None not in train_records(tmp_path / "heads", "val")[-1]["loss_per_depth"]
     # The optimizer held the head parameters only.
     state = json.loads((tmp_path / "heads/checkpoints/step_00000003/state.json").read_text())
     assert all(n.startswith("mtp.") for g in state["optimizer_param_groups"] for n in g["params"])
@@ -155,6 +159,10 @@ def test_errors_are_one_line(data, tmp_path, capsys):
     assert code == 2 and "multitoken prepare" in msg
     code, msg = run_cli(["train", "--data", str(data), *common, "--heads", "none", "--freeze-backbone"], capsys)
     assert code == 2 and "--heads" in msg
+    code, msg = run_cli(["train", "--data", str(data), *common, "--loss-kernel", "liger"], capsys)
+    assert code == 2 and "--loss-kernel" in msg and "chunked" in msg  # needs CUDA (and the package): names the fix
+    code, msg = run_cli(["train", "--data", str(data), *common, "--recompute", "maybe"], capsys)
+    assert code == 2 and "recompute" in msg
     toml = tmp_path / "bad.toml"
     toml.write_text("stepz = 3\n")
     code, msg = run_cli(["train", "--data", str(data), *common, "--config", str(toml)], capsys)

@@ -20,6 +20,10 @@ MAX_HEAD_DEPTH = 16
 DeepSeek-V3 one; far beyond that a typo (``medusa:1000000``) would only run out of memory."""
 MAX_SEQ_LEN = 1 << 21
 """Longest context we build a static KV cache for (2M positions)."""
+LOSS_KERNELS = ("auto", "chunked", "naive", "liger")
+"""`TrainConfig.loss_kernel` values (training/loss.py runs them)."""
+RECOMPUTE_MODES = ("auto", "on", "off")
+"""`TrainConfig.recompute` values (training/parallel.py's `apply_recompute`)."""
 
 
 @dataclass
@@ -350,6 +354,12 @@ class TrainConfig:
     """torch.compile each block (parallel.apply_compile)."""
     fsdp: bool = False
     """Under torchrun, shard with FSDP2 instead of replicating with DDP."""
+    loss_kernel: str = "auto"
+    """Linear + cross-entropy kernel: 'auto' (liger on CUDA when liger-kernel is installed, else
+    chunked), 'chunked', 'naive' (full logits) or 'liger' (CUDA; pip install liger-kernel)."""
+    recompute: str = "auto"
+    """Recompute the MTP heads' blocks in backward instead of storing their activations: 'on',
+    'off', or 'auto' (off when the step's estimated memory stays within 80% of the device's)."""
 
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
@@ -359,7 +369,6 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Raise a one-line `UserError` for values that cannot work (types, ranges, NaN and inf included)."""
-
         check_fields(self, TRAIN_RANGES)
         if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
             raise UserError(f"betas={self.betas!r}: give two values, e.g. 0.9,0.95")
@@ -376,6 +385,8 @@ class TrainConfig:
             (self.seq_len >= 2, f"seq_len={self.seq_len}: use at least 2 tokens per window"),
             (self.min_lr <= self.lr, f"min_lr={self.min_lr} is above lr={self.lr}: the decay goes down to min_lr"),
             (self.dtype in ("auto", "bf16", "fp32"), f"dtype={self.dtype!r}: choose auto, bf16 or fp32"),
+            (self.loss_kernel in LOSS_KERNELS, f"loss_kernel={self.loss_kernel!r}: choose {', '.join(LOSS_KERNELS)}"),
+            (self.recompute in RECOMPUTE_MODES, f"recompute={self.recompute!r}: choose {', '.join(RECOMPUTE_MODES)}"),
         ]
         for ok, msg in checks:
             if not ok:

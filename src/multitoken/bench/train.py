@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from multitoken.errors import UserError
+
 
 
 def train_flops(model, seq_len: int, causal: bool = True) -> dict[str, float]:
@@ -61,27 +63,72 @@ def train_flops(model, seq_len: int, causal: bool = True) -> dict[str, float]:
     return {"model": float(model_flops), "recompute": float(recompute), "total": float(model_flops + recompute)}
 
 
+PRECISIONS = ("autocast", "bf16-master")
+"""fp32 weights + bf16 autocast (what `train` does), or bf16 weights with an fp32 master copy that
+AdamW updates (`MasterWeights`)."""
+
+
+class MasterWeights:
+    """bf16 parameters for the step, float32 copies for AdamW: after backward the bf16 gradients
+    are copied into the masters, the optimizer steps on them, and the results are copied back."""
+
+    def __init__(self, model: torch.nn.Module, **adamw) -> None:
+        self.params = [p for p in dict.fromkeys(model.parameters()) if p.requires_grad]
+        self.master = [p.detach().float().clone().requires_grad_() for p in self.params]
+        for p in self.params:
+            p.data = p.data.to(torch.bfloat16)  # buffers (RoPE tables) stay float32
+        self.opt = torch.optim.AdamW(self.master, **adamw)
+
+    def step(self) -> None:
+        for m, p in zip(self.master, self.params):
+            m.grad = p.grad.float()
+            p.grad = None
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        torch._foreach_copy_([p.data for p in self.params], self.master)
+
+
 def measure(preset: str, heads: str, batch_size: int, seq_len: int, vocab: int, steps: int, warmup: int,
-            device: torch.device, compile: bool, memory_efficient: bool) -> dict:
-    """Train `steps` timed steps (after `warmup`) on random tokens; tokens/s, memory, FLOPs."""
+            device: torch.device, compile: bool, memory_efficient: bool = True, *, loss: str | None = None,
+            recompute: str = "auto", attention: str = "auto", compile_mode: str = "blocks",
+            precision: str = "autocast", freeze_backbone: bool = False) -> dict:
+    """Train `steps` timed steps (after `warmup`) on random tokens; tokens/s, memory, FLOPs.
+
+    Args:
+        loss: loss kernel (`loss.LOSS_KERNELS`); None follows `memory_efficient` (chunked or naive).
+        recompute: the heads' recomputation, `parallel.apply_recompute`'s mode.
+        attention: SDPA backend (`parallel.attention_backend`); entered before the first step.
+        compile_mode: `parallel.apply_compile`'s mode, when `compile`.
+        precision: one of `PRECISIONS`.
+        freeze_backbone: train the heads only, skipping the main head's loss as `train` does.
+    """
     from multitoken.config import HeadsConfig, ModelConfig
-    from multitoken.training.loss import MTPLoss
     from multitoken.model import Transformer
-    from multitoken.training.parallel import apply_compile
+    from multitoken.training.loss import MTPLoss, resolve_loss_kernel
+    from multitoken.training.parallel import apply_compile, apply_recompute, attention_backend
 
     torch.manual_seed(0)
     cfg = ModelConfig.from_preset(preset, heads=HeadsConfig.parse(heads), vocab_size=vocab, max_seq_len=seq_len)
     model = Transformer(cfg).to(device)
+    cuda = device.type == "cuda"
+    kernel = resolve_loss_kernel(loss or ("chunked" if memory_efficient else "naive"), device)
+    if freeze_backbone:
+        model.freeze_backbone()
+    recompute_note = apply_recompute(model, recompute, batch_size * seq_len, device, cuda)
     flops = train_flops(model, seq_len)
     if compile:
-        apply_compile(model)
-    cuda = device.type == "cuda"
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+        apply_compile(model, compile_mode)
+    if precision == "bf16-master":
+        opt = MasterWeights(model, lr=1e-4, fused=cuda)
+    elif precision == "autocast":
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=cuda)
+    else:
+        raise UserError(f"precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
     weights = model.default_loss_weights()  # what `train` uses
-    loss_fn = MTPLoss(model.depth, weights, eos_id=cfg.eos_id, memory_efficient=memory_efficient)
+    loss_fn = MTPLoss(model.depth, weights, eos_id=cfg.eos_id, kernel=kernel, skip_main=freeze_backbone)
     g = torch.Generator().manual_seed(1)
     windows = [torch.randint(2, vocab, (batch_size, seq_len + 1), generator=g).to(device) for _ in range(4)]
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda and precision == "autocast")
 
     def step(i: int) -> None:
         w = windows[i % len(windows)]
@@ -89,27 +136,44 @@ def measure(preset: str, heads: str, batch_size: int, seq_len: int, vocab: int, 
             out = loss_fn(model, model(w[:, :-1]), w)
         out.loss.backward()
         opt.step()
-        opt.zero_grad(set_to_none=True)
+        if precision == "autocast":
+            opt.zero_grad(set_to_none=True)
 
-    t0 = time.perf_counter()
-    for i in range(warmup):
-        step(i)
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    warm = time.perf_counter() - t0
-    times = []
-    for i in range(steps):
-        t = time.perf_counter()
-        step(i)
+    with attention_backend(attention):
+        t0 = time.perf_counter()
+        for i in range(warmup):
+            step(i)
         if cuda:
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
+            torch.cuda.reset_peak_memory_stats(device)
+        warm = time.perf_counter() - t0
+        times = []
+        for i in range(steps):
+            t = time.perf_counter()
+            step(i)
+            if cuda:
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t)
     tps = batch_size * seq_len / statistics.median(times)
-    return dict(heads=heads, loss="memory-efficient" if memory_efficient else "naive", tokens_per_s=tps,
-                step_s=statistics.median(times), warmup_s=warm, flops_per_token=flops,
+    return dict(heads=heads, loss=kernel, recompute=bool(getattr(model.mtp, "recompute", False)),
+                recompute_note=recompute_note, attention=attention,
+                compile=compile_mode if compile else "none", precision=precision, freeze_backbone=freeze_backbone,
+                tokens_per_s=tps, step_s=statistics.median(times), step_times_s=times, warmup_s=warm,
+                flops_per_token=flops,
                 peak_memory_gib=torch.cuda.max_memory_allocated(device) / 2**30 if cuda else None,
                 parameters=model.num_parameters())
+
+
+def add_ratios(results: list[dict], base: dict, peak_tflops: float, cuda: bool) -> None:
+    """Fill each result's measured and FLOP-ideal ratios against `base` (a plain run measured in
+    the same process), the share of the ideal reached, MFU and peak memory against `base`'s."""
+    for r in results:
+        r["vs_none"] = r["tokens_per_s"] / base["tokens_per_s"]
+        r["flop_ideal"] = base["flops_per_token"]["total"] / r["flops_per_token"]["total"]
+        r["share_of_ideal"] = r["vs_none"] / r["flop_ideal"]
+        r["mfu"] = r["tokens_per_s"] * r["flops_per_token"]["model"] / (peak_tflops * 1e12) if cuda else None
+        if r.get("peak_memory_gib") is not None and base.get("peak_memory_gib"):
+            r["memory_vs_none"] = r["peak_memory_gib"] / base["peak_memory_gib"]
 
 
 def table(data: dict) -> str:
@@ -129,7 +193,7 @@ def plot(data: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in data["results"] if r["loss"] == "memory-efficient"]
+    rows = [r for r in data["results"] if r["loss"] != "naive"]
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows) + 2), 4))
     xs = range(len(rows))
     ax.bar([x - 0.2 for x in xs], [r["vs_none"] for r in rows], 0.4, label="measured tokens/s vs none")

@@ -92,7 +92,6 @@ def run_decode(args: argparse.Namespace) -> int:
 
 
 def register_train(sub: argparse._SubParsersAction) -> None:
-
     p = sub.add_parser("train", help="training throughput per head family: tokens/s, MFU, FLOP-ideal ratio, memory")
     p.add_argument("--preset", default="base", help="model preset (tiny, small, medium, base, large, ...)")
     p.add_argument("--heads", default="none,parallel:3,sequential:1,medusa:3",
@@ -104,6 +103,8 @@ def register_train(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--warmup", type=ints(0, 10_000), default=3, help="untimed steps first (compilation, autotuning)")
     p.add_argument("--compile", action="store_true", help="torch.compile the blocks (parallel.apply_compile)")
     p.add_argument("--compare-naive", action="store_true", help="also measure the naive loss (full logits per depth)")
+    p.add_argument("--loss-kernel", default="auto", help="auto, chunked, naive or liger (see `train --loss-kernel`)")
+    p.add_argument("--recompute", default="auto", help="the heads' recomputation: auto, on or off")
     p.add_argument("--peak-tflops", type=floats(0, 1e6, lo_open=True), default=989.0,
                    help="dense bf16 peak of the device, for MFU (989 for an H100/H200)")
     p.add_argument("--device", default="auto", type=device_arg)
@@ -125,20 +126,13 @@ def run_train(args: argparse.Namespace) -> int:
     device = torch.device(args.device)
     results = []
     for spec in specs:
-        for efficient in ([True, False] if args.compare_naive else [True]):
+        for kernel in [args.loss_kernel] + (["naive"] if args.compare_naive else []):
             r = train.measure(args.preset, spec, args.batch_size, args.seq_len, args.vocab, args.steps, args.warmup, device,
-                        args.compile, efficient)
+                        args.compile, loss=kernel, recompute=args.recompute)
             print(f"{spec} ({r['loss']}): {r['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
             results.append(r)
-    base = next(r for r in results if r["heads"] == "none" and r["loss"] == "memory-efficient")
-    for r in results:
-        r["vs_none"] = r["tokens_per_s"] / base["tokens_per_s"]
-        r["flop_ideal"] = base["flops_per_token"]["total"] / r["flops_per_token"]["total"]
-        r["share_of_ideal"] = r["vs_none"] / r["flop_ideal"]
-        r["mfu"] = (r["tokens_per_s"] * r["flops_per_token"]["model"] / (args.peak_tflops * 1e12)
-                    if device.type == "cuda" else None)
-        if r["peak_memory_gib"] is not None and base["peak_memory_gib"]:
-            r["memory_vs_none"] = r["peak_memory_gib"] / base["peak_memory_gib"]
+    base = next(r for r in results if r["heads"] == "none" and r["loss"] != "naive")
+    train.add_ratios(results, base, args.peak_tflops, device.type == "cuda")
     data = dict(command="multitoken " + " ".join(getattr(args, "argv", sys.argv[1:])), preset=args.preset,
                 batch_size=args.batch_size, seq_len=args.seq_len, vocab=args.vocab, compile=args.compile,
                 dtype="bf16 autocast" if device.type == "cuda" else "float32", peak_tflops=args.peak_tflops,

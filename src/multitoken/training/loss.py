@@ -10,17 +10,29 @@ that depth's own count of valid targets.
 Memory: the (N, V) logits of a depth are never materialised whole. `linear_cross_entropy`
 computes the loss and its gradients chunk by chunk in the forward pass (the backward only scales
 the stored gradients), so peak memory is one chunk of logits whatever the number of heads.
+
+Loss kernels (`LOSS_KERNELS`, ``--loss-kernel``): ``chunked`` is the code below (any device);
+``naive`` builds full logits (the reference); ``liger`` runs each depth's linear + CE through
+liger-kernel's fused Triton kernel (CUDA only, an optional package, imported on first use): one
+call per depth with ``reduction="sum"``, the depth's weight / valid count applied as a scalar on
+the result (its backward scales the gradients stored in forward, so the weighting is exact), and
+per-token accuracy from the kernel's own argmax (first maximal index, as ``torch.argmax``).
+Self-distillation targets (a soft distribution) stay on the chunked kernel under ``liger``: its
+fused JSD/KL loss returns KL, not our cross-entropy, and gives no accuracy against the teacher's
+argmax. ``auto`` is liger on CUDA when it imports, else chunked.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from multitoken.config import SCHEDULE_VALUE, parse_schedule
+from multitoken.config import LOSS_KERNELS, SCHEDULE_VALUE, parse_schedule
 from multitoken.errors import UserError
 
 IGNORE_INDEX = -100
@@ -52,6 +64,35 @@ def shift_targets(window: Tensor, depth: int, eos_id: int | None = None) -> Tens
     return target
 
 
+LIGER_FIX = "install it (pip install liger-kernel) or pass --loss-kernel chunked"
+
+
+@functools.cache
+def liger_available() -> bool:
+    """True when liger-kernel is installed (found without importing it: Triton is slow to import)."""
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def resolve_loss_kernel(name: str, device: torch.device | str) -> str:
+    """The loss kernel ``--loss-kernel name`` means on `device`: 'auto' -> liger on CUDA when
+    liger-kernel is installed, else chunked.
+
+    Raises:
+        UserError: an unknown name, or liger asked for without CUDA or without the package (one line).
+    """
+    if name not in LOSS_KERNELS:
+        raise UserError(f"--loss-kernel {name!r}: choose one of {', '.join(LOSS_KERNELS)}")
+    cuda = torch.device(device).type == "cuda"
+    if name == "auto":
+        return "liger" if cuda and liger_available() else "chunked"
+    if name == "liger" and not cuda:
+        raise UserError("--loss-kernel liger needs a CUDA device (Triton kernels): use --loss-kernel chunked on "
+                        f"{torch.device(device).type}")
+    if name == "liger" and not liger_available():
+        raise UserError(f"--loss-kernel liger: the liger-kernel package is not importable; {LIGER_FIX}")
+    return name
+
+
 def schedule_value(schedule: list[tuple[int, float]], step: int) -> float:
     value = schedule[0][1]
     for start, v in schedule:
@@ -67,9 +108,10 @@ class LossOutput:
     loss: Tensor
     """Weighted total, differentiable."""
     per_depth_loss: Tensor
-    """(D+1,) mean cross-entropy per depth over its valid targets."""
+    """(D+1,) mean cross-entropy per depth over its valid targets (NaN at 0 when `skip_main`)."""
     per_depth_acc: Tensor
-    """(D+1,) top-1 accuracy per depth (against the teacher's argmax when distilling)."""
+    """(D+1,) top-1 accuracy per depth (against the teacher's argmax when distilling; NaN at 0
+    when `skip_main`)."""
     per_depth_count: Tensor
     """(D+1,) valid targets per depth."""
 
@@ -85,12 +127,19 @@ class MTPLoss:
         distill: train depths >= 1 against the model's own main-head distribution at the later
             position (self-distillation for heads on a frozen backbone) instead of data tokens.
         chunk_rows: rows per chunk of the memory-efficient CE; 0 picks ~64 MB of logits.
-        memory_efficient: False computes full logits per depth (the reference path).
+        memory_efficient: False computes full logits per depth (the reference path); same as
+            ``kernel="naive"``.
+        kernel: one of `LOSS_KERNELS`; None follows `memory_efficient` (chunked or naive).
+        skip_main: leave the main head's loss out (no LM-head matmul, no CE) when it can have no
+            gradient (frozen backbone); its per-depth loss and accuracy are NaN. The teacher of
+            `distill` is still computed.
     """
 
     def __init__(self, depth: int, weights: list[float] | None = None, mtp_lambda: str | float = 0.3,
                  eos_id: int | None = None, distill: bool = False, chunk_rows: int = 0,
-                 memory_efficient: bool = True) -> None:
+                 memory_efficient: bool = True, kernel: str | None = None, skip_main: bool = False) -> None:
+        if kernel is not None and kernel not in LOSS_KERNELS:
+            raise UserError(f"loss kernel {kernel!r}: choose one of {', '.join(LOSS_KERNELS)}")
         if weights is not None and len(weights) != depth + 1:
             raise UserError(f"loss weights {weights} need {depth + 1} values (main head first, then one per extra depth)")
         if weights is not None and not any(isinstance(w, Tensor) for w in weights):
@@ -100,6 +149,8 @@ class MTPLoss:
         self.depth, self.weights, self.eos_id = depth, weights, eos_id
         self.schedule = parse_schedule(mtp_lambda)
         self.distill, self.chunk_rows, self.memory_efficient = distill, chunk_rows, memory_efficient
+        self.kernel = kernel or ("chunked" if memory_efficient else "naive")
+        self.skip_main = skip_main
 
     def depth_weights(self, step: int = 0) -> list[float]:
         if self.weights is not None:
@@ -119,9 +170,13 @@ class MTPLoss:
         D = len(hiddens) - 1
         weights = self.depth_weights(step)[: D + 1]
         n = window.shape[0] * (window.shape[1] - 1)
+        kernel = resolve_loss_kernel(self.kernel, window.device)
+        first = 1 if self.skip_main else 0
+        if self.skip_main and (hiddens[0].requires_grad or model.unembed_weight(0).requires_grad):
+            raise ValueError("skip_main: the main head's loss has a gradient here (is the backbone frozen?)")
         targets = [shift_targets(window, k, self.eos_id).flatten() for k in range(D + 1)]
         counts = torch.stack([(t != IGNORE_INDEX).sum() for t in targets])  # (D+1,)
-        scales = [(weights[k] / counts[k].clamp(min=1)).float().expand(n) for k in range(D + 1)]
+        scales = [(weights[k] / counts[k].clamp(min=1)).float() for k in range(D + 1)]
         teachers: list[Tensor | None] = [None] * (D + 1)
         if self.distill:
             main = hiddens[0].detach()
@@ -131,16 +186,23 @@ class MTPLoss:
                 teachers[k] = torch.cat([main[:, k:], main[:, -1:].expand(-1, k, -1)], dim=1).flatten(0, 1)
         # Depths sharing an unembedding (and a target kind) go through one call: the matrix is streamed once.
         groups: dict[tuple[int, bool], list[int]] = {}
-        for k in range(D + 1):
+        for k in range(first, D + 1):
             groups.setdefault((id(model.unembed_weight(k)), teachers[k] is not None), []).append(k)
-        fn = linear_cross_entropy if self.memory_efficient else naive_linear_cross_entropy
+        fn = naive_linear_cross_entropy if kernel == "naive" else linear_cross_entropy
         total = hiddens[0].new_zeros((), dtype=torch.float32)
+        nan = torch.full((), float("nan"), device=window.device)
         ce_sum = torch.zeros(D + 1, device=window.device)
         correct = torch.zeros(D + 1, device=window.device)
         for (_, soft), ks in groups.items():
+            if kernel == "liger" and not soft:
+                for k in ks:  # one call per depth: the depth's scale is a scalar on liger's summed loss
+                    loss, ce_sum[k], correct[k] = liger_linear_cross_entropy(hiddens[k].flatten(0, 1),
+                                                                             model.unembed_weight(k), targets[k], counts[k])
+                    total = total + loss * scales[k]
+                continue
             h = torch.cat([hiddens[k].flatten(0, 1) for k in ks])  # (len(ks) * N, C)
             t = torch.cat([targets[k] for k in ks])
-            scale = torch.cat([scales[k] for k in ks])
+            scale = torch.cat([scales[k].expand(n) for k in ks])
             teacher = torch.cat([teachers[k] for k in ks]) if soft else None
             teacher_w = model.unembed_weight(0).detach() if soft else None
             loss, ce, ok = fn(h, model.unembed_weight(ks[0]), t, scale, teacher, teacher_w, self.chunk_rows)
@@ -148,8 +210,32 @@ class MTPLoss:
             for j, k in enumerate(ks):
                 ce_sum[k] = ce[j * n : (j + 1) * n].sum()
                 correct[k] = ok[j * n : (j + 1) * n].sum()
+        if self.skip_main:
+            ce_sum[0], correct[0] = nan, nan
         c = counts.clamp(min=1).float()
         return LossOutput(total, ce_sum / c, correct / c, counts)
+
+
+def liger_linear_cross_entropy(h: Tensor, w: Tensor, t: Tensor, count: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Summed CE of ``h @ w.T`` against `t` through liger-kernel's fused kernel (CUDA).
+
+    The kernel computes the gradients during forward, chunk by chunk in the logits' dtype (bf16
+    under autocast), accumulating the weight's gradient in float32; its backward multiplies them
+    by the upstream gradient (here the depth's scale).
+
+    Args:
+        h: (N, C) hidden states; w: (V, C) unembedding; t: (N,) targets or IGNORE_INDEX.
+        count: valid targets in `t` (a tensor; liger counts them again itself, with a host sync).
+    Returns:
+        (summed CE, differentiable; the same detached; correct top-1 predictions, float).
+    """
+    from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy
+
+    out = liger_fused_linear_cross_entropy(h, w, t, ignore_index=IGNORE_INDEX, reduction="sum",
+                                           accum_dtype=torch.float32, return_token_accuracy=True)
+    # token_accuracy is a mean over valid targets (NaN for none): back to a count.
+    correct = torch.nan_to_num(out.token_accuracy.float() * count, nan=0.0)
+    return out.loss, out.loss.detach().float(), correct
 
 
 def _chunk_ce(logits: Tensor, t: Tensor, teacher_logits: Tensor | None) -> tuple[Tensor, Tensor, Tensor, Tensor]:

@@ -6,6 +6,9 @@ gradients) or `apply_fsdp` (FSDP2: shard parameters, gradients and optimizer sta
 optionally `apply_compile`. The same code runs as one plain process (``python -m multitoken
 train``) and under ``torchrun``: without the torchrun environment variables `init_distributed`
 returns a world of one and every collective helper here is a no-op.
+
+Also applied from outside, for speed: `apply_recompute` (activation checkpointing of the MTP
+heads' blocks, on only where memory needs it) and `attention_backend` (which SDPA kernel runs).
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from multitoken.errors import BadValue
+from multitoken.config import RECOMPUTE_MODES
+from multitoken.errors import BadValue, UserError
 
 
 @dataclass
@@ -129,15 +133,105 @@ def apply_fsdp(model: nn.Module, info: DistInfo, mixed_bf16: bool = False) -> nn
     return model
 
 
-def apply_compile(model: nn.Module) -> nn.Module:
-    """torch.compile every transformer block in place (parameter names do not change).
+COMPILE_MODES = ("blocks", "model")
+ATTENTION_BACKENDS = ("auto", "flash", "cudnn", "efficient", "math")
+RECOMPUTE_BUDGET = 0.8
+"""`apply_recompute` "auto" stores the heads' activations when the step's estimated memory
+without recomputation stays under this share of the device's memory."""
 
-    Compiling block by block keeps the compile time of one block and lets FSDP2 units and
-    the loss (a custom autograd function) stay outside the compiled graphs.
+
+def apply_compile(model: nn.Module, mode: str = "blocks") -> nn.Module:
+    """torch.compile the model in place (parameter names do not change).
+
+    Args:
+        mode: "blocks" compiles every transformer block (and MTP unit) alone: the compile time of
+            one block, and FSDP2 units and the loss (a custom autograd function) stay outside the
+            compiled graphs; "model" compiles the whole forward pass (the norms, embedding and
+            heads' glue fuse too; longer to compile).
     """
+    if mode not in COMPILE_MODES:
+        raise UserError(f"compile mode {mode!r}: choose one of {', '.join(COMPILE_MODES)}")
+    if mode == "model":
+        model.compile()
+        return model
     for block in [*model.layers, *_mtp_units(model)]:
         block.compile()
     return model
+
+
+def block_activation_bytes(model: nn.Module, bf16: bool) -> int:
+    """Bytes one transformer block of `model` keeps for backward, per token: about 28 d + 8 I
+    under bf16 autocast (d the width, I the MLP's), twice that in float32. Calibrated on the base
+    preset, 16 x 2048 tokens on an H200 (bench/results/train_base.json): 17.0 GiB measured for a
+    plain step, 15.9 GiB estimated by `training_bytes` (a rough guide, not a bound)."""
+    cfg = model.config
+    return (30 * cfg.dim + 8 * cfg.intermediate_size) * (1 if bf16 else 2)
+
+
+def training_bytes(model: nn.Module, tokens: int, bf16: bool, recompute: bool) -> int:
+    """Estimated peak bytes of a training step over `tokens` tokens (per micro-batch and rank):
+    weights (4 bytes each), gradients and AdamW's two moments (12 per trainable weight), and
+    the stored activations of the blocks that build a graph (a frozen backbone's do not; with
+    `recompute` only one head block's activations are alive at a time)."""
+    params = {id(p): p for p in model.parameters()}.values()
+    fixed = sum(4 * p.numel() + (12 * p.numel() if p.requires_grad else 0) for p in params)
+    per_block = block_activation_bytes(model, bf16) * tokens
+    backbone = len(model.layers) if any(p.requires_grad for p in model.layers.parameters()) else 0
+    heads = getattr(model, "mtp", None)
+    head_blocks = sum(1 for m in heads.modules() if hasattr(m, "self_attn")) if heads is not None else 0
+    residual = sum(1 for m in heads.modules() if hasattr(m, "linear")) if heads is not None else 0
+    stored_heads = min(head_blocks, 1) if recompute else head_blocks
+    return fixed + per_block * (backbone + stored_heads) + residual * 8 * model.config.dim * tokens
+
+
+def device_memory(device: torch.device) -> int:
+    """Total memory of `device` in bytes (the GPU's, or the host's RAM)."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def apply_recompute(model: nn.Module, mode: str, tokens: int, device: torch.device, bf16: bool) -> str:
+    """Turn the MTP heads' activation checkpointing on or off (`HeadFamily.run`).
+
+    Args:
+        mode: "on", "off", or "auto": off when `training_bytes` without recomputation is within
+            `RECOMPUTE_BUDGET` of the device's memory, on otherwise.
+        tokens: tokens per micro-batch on this rank.
+    Returns:
+        One line for the log: the choice and, for auto, the estimate behind it.
+    """
+    if mode not in RECOMPUTE_MODES:
+        raise UserError(f"--recompute {mode!r}: choose one of {', '.join(RECOMPUTE_MODES)}")
+    heads = getattr(model, "mtp", None)
+    if heads is None:
+        return "recompute: no heads"
+    why = ""
+    if mode == "auto":
+        need, have = training_bytes(model, tokens, bf16, recompute=False), device_memory(device)
+        on = need > RECOMPUTE_BUDGET * have
+        why = (f" (auto: ~{need / 2**30:.1f} GiB estimated without it, "
+               f"{'over' if on else 'within'} {RECOMPUTE_BUDGET:.0%} of {have / 2**30:.0f} GiB)")
+    else:
+        on = mode == "on"
+    heads.recompute = on
+    return f"recompute of the heads' blocks: {'on' if on else 'off'}{why}"
+
+
+def attention_backend(name: str) -> contextlib.AbstractContextManager:
+    """A context that makes `scaled_dot_product_attention` use one kernel ("auto": torch's choice).
+
+    Under torch.compile the kernel is chosen when a graph is traced: enter the context before
+    the first compiled call (and reset dynamo to compare backends in one process).
+    """
+    if name not in ATTENTION_BACKENDS:
+        raise UserError(f"attention backend {name!r}: choose one of {', '.join(ATTENTION_BACKENDS)}")
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel({"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                        "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[name])
 
 
 def _mtp_units(model: nn.Module) -> Iterator[nn.Module]:

@@ -44,7 +44,7 @@ from multitoken.io import outdir
 from multitoken.model import Transformer
 from multitoken.training import parallel
 from multitoken.training.evaluate import EvalStats, check_same_tokenizer, eval_stats, plot_accuracy, summarize
-from multitoken.training.loss import IGNORE_INDEX, MTPLoss, shift_targets
+from multitoken.training.loss import IGNORE_INDEX, MTPLoss, resolve_loss_kernel, shift_targets
 
 METRICS_FILE, PLOT_FILE, TB_DIR = "metrics.jsonl", "loss.png", "tb"
 # The files train writes into RUN_DIR besides config.json and model.safetensors: the only names
@@ -57,7 +57,7 @@ RUN_FILES = ("tokenizer.json", "tokenizer_config.json", METRICS_FILE, PLOT_FILE,
 # with another value, is named in one "ignored on resume" line.
 MODEL_OPTIONS = ("preset", "heads", "init", "max_seq_len")
 RESUME_OPTIONS = ("steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "device",
-                  "dtype", "compile", "fsdp")
+                  "dtype", "compile", "fsdp", "loss_kernel", "recompute")
 
 
 # ---- configuration: TOML, precedence, resume ----------------------------------------------------
@@ -280,10 +280,10 @@ class MetricsLog:
             for key in ("loss", "lr", "tokens_per_s", "expected_tau", "grad_norm"):
                 if key in record:
                     self.tb.add_scalar(f"{split}/{key}", record[key], step)
-            for k, v in enumerate(record.get("loss_per_depth", [])):
-                self.tb.add_scalar(f"{split}/loss_depth{k}", v, step)
-            for k, v in enumerate(record.get("accuracy_per_depth", [])):
-                self.tb.add_scalar(f"{split}/accuracy_depth{k}", v, step)
+            for name in ("loss", "accuracy"):
+                for k, v in enumerate(record.get(f"{name}_per_depth", [])):
+                    if v is not None:  # None: not computed (the main head's loss on a frozen backbone)
+                        self.tb.add_scalar(f"{split}/{name}_depth{k}", v, step)
 
     def plot(self) -> None:
         """loss.png: one line per depth, train solid, validation dashed with markers."""
@@ -301,8 +301,10 @@ class MetricsLog:
             if not rows:
                 continue
             for k in range(len(rows[-1]["loss_per_depth"])):
-                xs = [r["step"] for r in rows if len(r["loss_per_depth"]) > k]
-                ys = [r["loss_per_depth"][k] for r in rows if len(r["loss_per_depth"]) > k]
+                kept = [r for r in rows if len(r["loss_per_depth"]) > k and r["loss_per_depth"][k] is not None]
+                if not kept:
+                    continue
+                xs, ys = [r["step"] for r in kept], [r["loss_per_depth"][k] for r in kept]
                 ax.plot(xs, ys, style, color=colors[k % len(colors)], markersize=3, linewidth=1.2,
                         label=f"{split} {'main' if k == 0 else '+' + str(k)}")
         ax.set_xlabel("step")
@@ -482,13 +484,17 @@ class Trainer:
 
         self.cfg, self.info, self.model_cfg, self.raw, self.model, self.optimizer = cfg, info, model_cfg, raw, model, optimizer
         self.device, self.out_dir, self.step = info.device, out_dir, 0
-        use_bf16 = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
-        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
+        self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if uses_bf16(cfg, self.device) else contextlib.nullcontext
         self.trainable = [p for g in optimizer.param_groups for p in g["params"]]
         self.names = {id(p): n for n, p in raw.named_parameters()}
         per_rank = cfg.batch_size // (info.world_size * cfg.grad_accum)
         self.loader = TokenLoader(data_dir, "train", per_rank, cfg.seq_len, cfg.seed, info.rank, info.world_size)
         self.val_loader = TokenLoader(data_dir, "val", per_rank, cfg.seq_len, cfg.seed, info.rank, info.world_size)
+        self.loss_kernel = resolve_loss_kernel(cfg.loss_kernel, self.device)
+        # A frozen backbone gives the main head's loss no gradient: training steps skip its LM-head
+        # matmul and CE (evaluation still measures it).
+        self.skip_main = cfg.freeze_backbone
+        self.recompute_note = ""
         self.loss = MTPLoss(raw.depth, cfg.loss_weights if cfg.loss_weights is not None else raw.default_loss_weights(),
                             cfg.mtp_lambda, model_cfg.eos_id, cfg.distill)
         self.run_config = {"model": model_cfg.to_dict(), "train": cfg.to_dict()}
@@ -516,6 +522,8 @@ class Trainer:
         if cfg.freeze_backbone:
             model.freeze_backbone()  # frozen blocks record no autograd graph: none of their inputs needs a gradient
         raw = model
+        per_rank = cfg.batch_size // (info.world_size * cfg.grad_accum)
+        recompute_note = parallel.apply_recompute(raw, cfg.recompute, per_rank * cfg.seq_len, device, uses_bf16(cfg, device))
         if cfg.compile:
             parallel.apply_compile(raw)
         if info.distributed:
@@ -525,7 +533,9 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         optimizer = torch.optim.AdamW(param_groups(raw, cfg.weight_decay), lr=cfg.lr, betas=cfg.betas,
                                       fused=device.type == "cuda" and not cfg.fsdp)
-        return cls(cfg, info, model_cfg, raw, model, optimizer, data_dir, out_dir)
+        trainer = cls(cfg, info, model_cfg, raw, model, optimizer, data_dir, out_dir)
+        trainer.recompute_note = recompute_note
+        return trainer
 
     def resume(self, state: dict[str, Any]) -> None:
         """Continue exactly where a checkpoint stopped: optimizer, data position, RNG and step."""
@@ -553,7 +563,10 @@ class Trainer:
                 f"{(raw.num_parameters() - raw.num_parameters(heads=False)) / 1e6:.2f}M heads ({self.model_cfg.heads}), "
                 f"{sum(p.numel() for p in self.trainable) / 1e6:.2f}M trainable; {info.world_size} process(es) on {self.device}"
                 f"{', FSDP2' if cfg.fsdp and info.distributed else ', DDP' if info.distributed else ''}; "
-                f"{self.tokens_per_step} tokens/step")
+                f"{self.tokens_per_step} tokens/step\n"
+                f"loss: {self.loss_kernel}{' (distillation targets: chunked)' if cfg.distill and self.loss_kernel == 'liger' else ''}; "
+                f"{self.recompute_note}"
+                f"{'; main-head loss skipped in training steps (frozen backbone; measured at evaluation)' if self.skip_main else ''}")
 
     # ---- the loop's parts -------------------------------------------------------------------
     def train_step(self) -> StepStats:
@@ -565,7 +578,8 @@ class Trainer:
         ce_sum = torch.zeros(D + 1, dtype=torch.float64, device=self.device)
         correct = torch.zeros(D + 1, dtype=torch.float64, device=self.device)
         for j, window in enumerate(windows):
-            loss_fn = MTPLoss(D, list(weights[j].unbind()), eos_id=eos_id, distill=cfg.distill, chunk_rows=self.loss.chunk_rows)
+            loss_fn = MTPLoss(D, list(weights[j].unbind()), eos_id=eos_id, distill=cfg.distill, chunk_rows=self.loss.chunk_rows,
+                              kernel=self.loss_kernel, skip_main=self.skip_main)
             with parallel.no_sync(self.model, j == len(windows) - 1):
                 with self.autocast():
                     out = loss_fn(raw, self.model(window[:, :-1]), window, self.step)
@@ -583,17 +597,22 @@ class Trainer:
         sums = parallel.all_reduce_sum(torch.cat([stats.ce_sum, stats.correct])).cpu()
         c = stats.counts.cpu().clamp(min=1)
         per_depth = (sums[: D + 1] / c).tolist()
+        accuracy = (sums[D + 1:] / c).tolist()
+        if self.skip_main:  # not computed: None in the log, "-" on the bar, out of the total
+            per_depth[0] = accuracy[0] = None
         base_w = self.loss.depth_weights(step - 1)
         gn = stats.grad_norm.full_tensor() if hasattr(stats.grad_norm, "full_tensor") else stats.grad_norm
-        record = {"split": "train", "step": step, "loss": sum(w * l for w, l in zip(base_w, per_depth)),
-                  "loss_per_depth": per_depth, "accuracy_per_depth": (sums[D + 1:] / c).tolist(),
+        record = {"split": "train", "step": step, "loss": sum(w * l for w, l in zip(base_w, per_depth) if l is not None),
+                  "loss_per_depth": per_depth, "accuracy_per_depth": accuracy,
+                  **({"main_loss": "skipped (frozen backbone)"} if self.skip_main else {}),
                   "lr": self.optimizer.param_groups[0]["lr"], "grad_norm": float(gn), "tokens_per_s": tokens_per_s,
                   "tokens": step * self.tokens_per_step, "time": time.time()}
         if self.device.type == "cuda":
             record["max_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         self.log.log(record)
         if bar is not None:
-            bar.set_postfix_str(" ".join(f"{'L' if k == 0 else '+' + str(k)} {v:.3f}" for k, v in enumerate(per_depth))
+            bar.set_postfix_str(" ".join(f"{'L' if k == 0 else '+' + str(k)} {'-' if v is None else f'{v:.3f}'}"
+                                         for k, v in enumerate(per_depth))
                                 + f" | {tokens_per_s / 1e3:.1f}k tok/s", refresh=False)
         return record
 
@@ -617,6 +636,11 @@ class Trainer:
                                  {"loader": loader_state, "world_size": info.world_size, "config": self.run_config},
                                  cfg.keep_checkpoints)
         parallel.barrier()
+
+
+def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
+    """Whether the run computes under bf16 autocast (`cfg.dtype`, 'auto' meaning on CUDA)."""
+    return cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
 
 
 def optimizer_update(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], lr: float,

@@ -39,7 +39,7 @@ class MedusaHead(nn.Module):
 
 class MedusaHeads(HeadFamily):
     kind = "medusa"
-    recompute = False  # a residual block is cheaper to keep than to recompute
+    recompute = False  # a residual block is cheaper to keep than to recompute (see HeadFamily.run)
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
@@ -51,7 +51,7 @@ class MedusaHeads(HeadFamily):
 
     def forward(self, shared: SharedModules, states: BackboneStates, rope: Rope, cache=None, slots=None,
                 mask=None) -> list[Tensor]:
-        return [head.blocks(states.main) for head in self.heads]
+        return [self.run(head.blocks, states.main) for head in self.heads]
 
     def decode_states(self, shared: SharedModules, n: int, states: BackboneStates, rope: Rope, cache, slots,
                       mask) -> list[Tensor]:
