@@ -258,6 +258,8 @@ for v in ["nan,0.95", "0.9,inf", "1,0.9", "-0.1,0.9", "0.9", ""]:
     case(f"train--betas={v}", trn("--betas", v), expect="betas")
 for v in ["nan,1,1", "1,-1,1", "1,inf,1", "0,0,0", "1,1"]:
     case(f"train--loss-weights={v}", trn("--loss-weights", v), expect="(?i)loss.weights")
+for v in ["geometric:0", "geometric:1.5", "geometric:nan", "geometric:", "geometric:½", "lambda:0.3", "harmonic"]:
+    case(f"train--loss-weights={v}", trn("--loss-weights", v), expect="(?i)loss.weights")
 for v in ["nan", "0.3,nan@10", "-0.3", "0.3,0.1@²", "0.3,0.1@-5", "inf", ""]:
     case(f"train--mtp-lambda={v}", trn("--heads", "sequential:1", "--mtp-lambda", v), expect="schedule|--mtp-lambda")
 for v in ["nan", "0", "1", "-0.2", "1.5", "inf", ""]:
@@ -349,12 +351,12 @@ case("unknown-option", trn("--learning-rate", "1"))
 # a tiny run's settings, so that a value that slipped through would train seconds, not hours.
 TOMLS = {"lr-nan": "lr = nan", "lr-inf": "lr = inf", "steps-string": 'steps = "ten"', "steps-float": "steps = 2.5",
          "heads-number": "heads = 5", "betas-nan": "betas = [nan, 0.9]", "seed-negative": "seed = -1",
-         "loss-weights-negative": "loss_weights = [1.0, -1.0, 1.0]", "quiet-unknown": "quiet = true",
+         "loss-weights-negative": "loss_weights = [1.0, -1.0, 1.0]", "loss-weights-name": 'loss_weights = "geometric:2"', "quiet-unknown": "quiet = true",
          "not-toml": "lr = = 3", "not-utf8": b"lr = \xff", "bool-as-int": "compile = 1", "huge-batch": f"batch_size = {1 << 40}",
          "heads-huge": 'heads = "medusa:1000000"', "mtp-lambda-nan": "mtp_lambda = nan", "grad-clip-negative": "grad_clip = -1.0",
          "max-seq-len-huge": f"max_seq_len = {1 << 40}"}
 TOML_EXPECT = {"steps-string": "steps", "steps-float": "steps", "heads-number": "heads", "betas-nan": "betas",
-               "loss-weights-negative": "loss_weights", "quiet-unknown": "quiet", "not-toml": "TOML", "not-utf8": "TOML",
+               "loss-weights-negative": "loss_weights", "loss-weights-name": "loss weights", "quiet-unknown": "quiet", "not-toml": "TOML", "not-utf8": "TOML",
                "bool-as-int": "compile", "huge-batch": "batch_size", "heads-huge": "heads", "mtp-lambda-nan": "schedule",
                "grad-clip-negative": "grad_clip", "max-seq-len-huge": "max_seq_len", "seed-negative": "seed"}
 SAFE_TOML = {"steps": "2", "batch_size": "2", "seq_len": "32", "max_seq_len": "64", "eval_batches": "1", "heads": '"medusa:2"',
