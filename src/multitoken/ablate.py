@@ -129,7 +129,8 @@ def parse_config(text: str) -> AblateConfig:
         HeadsConfig.parse(head)
     except UserError as e:
         raise UserError(f"--configs {text!r}: {e}") from None
-    kw: dict[str, Any] = {"name": name or rest.replace("/", "_").replace("=", "-").replace(":", "")}
+    derived = "".join(c if c.isalnum() or c in "-." else "_" for c in rest)  # parallel:2/w=1,0.5 -> parallel_2_w_1_0.5
+    kw: dict[str, Any] = {"name": name or derived}
     for f in fields:
         key, eq, value = f.partition("=")
         if key not in ("w", "lambda", "data") or not eq or not value:
@@ -138,12 +139,15 @@ def parse_config(text: str) -> AblateConfig:
     if kw.get("data", "main") not in DATA_KEYS:
         raise UserError(f"--configs {text!r}: data={kw['data']!r}; choose main or bytes")
     if kw.get("weights") is not None:
-        try:
-            kw["weights"] = parse_weights(kw["weights"]) if kw["weights"][:1].isalpha() else kw["weights"]
-            if not isinstance(kw["weights"], str):  # numbers: checked by the train option's parser
-                from multitoken.config import LOSS_WEIGHT_RANGE
+        from multitoken.config import LOSS_WEIGHT_RANGE
 
-                [LOSS_WEIGHT_RANGE.parse(x) for x in kw["weights"].split(",")]
+        try:
+            if kw["weights"][:1].isalpha():
+                kw["weights"] = parse_weights(kw["weights"])
+            else:  # numbers, kept as written (the run's --loss-weights); checked here, before any work
+                n = len([LOSS_WEIGHT_RANGE.parse(x) for x in kw["weights"].split(",")])
+                if n != HeadsConfig.parse(head).depth + 1:
+                    raise UserError(f"{n} weights for {head}: give one per depth, main head first")
         except (UserError, ValueError) as e:
             raise UserError(f"--configs {text!r}: {e}") from None
     lam = kw.get("mtp_lambda", "0.3")
@@ -265,7 +269,8 @@ class Study:
         from multitoken.config import TrainConfig
 
         c = spec.config
-        return TrainConfig(**{**self.base, "heads": c.heads, "loss_weights": c.weights, "mtp_lambda": c.lambda_for(spec.steps),
+        weights = c.weights if c.weights is None or c.weights[:1].isalpha() else [float(w) for w in c.weights.split(",")]
+        return TrainConfig(**{**self.base, "heads": c.heads, "loss_weights": weights, "mtp_lambda": c.lambda_for(spec.steps),
                               "seed": spec.seed, "steps": spec.steps, "save_every": 0, "keep_checkpoints": 1})
 
 
