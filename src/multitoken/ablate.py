@@ -95,11 +95,12 @@ class AblateConfig:
 
     def describe(self) -> str:
         from multitoken.config import HeadsConfig
+        from multitoken.loss import resolve_weights
 
         if self.plain:
             return "-"
-        kind = HeadsConfig.parse(self.heads).kind
-        weights = self.weights or ("lambda" if kind == "sequential" else "default")
+        h = HeadsConfig.parse(self.heads)
+        weights = self.weights or ("lambda" if resolve_weights(None, h.kind, h.depth) is None else "default")
         return weights + (f" (lambda {self.mtp_lambda})" if weights == "lambda" else "")
 
     def lambda_for(self, steps: int) -> str:
@@ -293,7 +294,9 @@ def run_study(study: Study, max_minutes: float | None = None, max_steps: int | N
     budget_s = max_minutes * 60 if max_minutes else math.inf
     steps_left = max_steps if max_steps is not None else math.inf
     sec_per_flop: float | None = None  # measured training speed, carried from run to run
-    measure_s = 0.0  # the longest measurement so far: reserved before each chunk
+    # Reserved before each chunk for the run's final measurement: the longest one so far, and
+    # until one is timed, a guess: a tenth of the budget, at most a minute.
+    measure_s = min(60.0, budget_s * 0.1) if max_minutes else 0.0
     trained = 0
     while True:
         plan, chosen = study.plan()
