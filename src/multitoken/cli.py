@@ -22,6 +22,7 @@ COMMAND_MODULES: list[str] = [
     "multitoken.demo",
     "multitoken.data.prepare",
     "multitoken.train",
+    "multitoken.ablate",
     "multitoken.evaluate",
     "multitoken.hf",
     "multitoken.retrofit",

@@ -258,9 +258,10 @@ class TrainConfig:
     """AdamW betas."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 turns clipping off."""
-    loss_weights: list[float] | None = None
-    """Per-depth loss weights, main head first; None uses the head family's default
-    (equal for parallel, 0.8^k for medusa, 1 and lambda/D for sequential)."""
+    loss_weights: list[float] | str | None = None
+    """Per-depth loss weights, main head first, or a named schedule: equal, geometric:R (R^k at
+    depth k) or lambda (1 then lambda/D per extra depth, lambda from mtp_lambda); None uses the
+    head family's default (equal for parallel, 0.8^k for medusa, 1 and lambda/D for sequential)."""
     mtp_lambda: str = "0.3"
     """DeepSeek lambda schedule used when the weights are lambda/D: "0.3" or "0.3,0.1@10000"."""
     distill: bool = False
@@ -315,7 +316,11 @@ class TrainConfig:
         if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
             raise UserError(f"betas={self.betas!r}: give two values, e.g. 0.9,0.95")
         self.betas = tuple(BETA_RANGE.check("betas", b) for b in self.betas)  # type: ignore[assignment]
-        if self.loss_weights is not None:
+        if isinstance(self.loss_weights, str):
+            from multitoken.loss import parse_weights
+
+            self.loss_weights = parse_weights(self.loss_weights)
+        if self.loss_weights is not None and not isinstance(self.loss_weights, str):
             if not isinstance(self.loss_weights, (list, tuple)) or not self.loss_weights:
                 raise UserError(f"loss_weights={self.loss_weights!r}: give one weight per depth, main head first, e.g. 1,0.5")
             self.loss_weights = [LOSS_WEIGHT_RANGE.check("loss_weights", w) for w in self.loss_weights]

@@ -149,6 +149,59 @@ def default_weights(kind: str, depth: int) -> list[float] | None:
     return [1.0] * (depth + 1)  # Gloeckle et al.: equal weights
 
 
+WEIGHT_SCHEDULES = "default, equal, geometric:R (R in (0, 1]) or lambda"
+GEOMETRIC_RATIO = Floats(0, 1, lo_open=True)
+
+
+def parse_weights(spec: str | list | None) -> list[float] | str | None:
+    """Check a ``--loss-weights`` value: explicit numbers, or a named schedule resolved once the
+    depth is known (`resolve_weights`).
+
+    Named schedules: ``default`` (the family's, see `default_weights`), ``equal`` (1 per depth),
+    ``geometric:R`` (R^k at depth k: 1, R, R^2, ...; the main head largest) and ``lambda``
+    (DeepSeek's 1, lambda/D, ..., lambda/D, lambda taken from ``--mtp-lambda``, schedules
+    included: one place for its value).
+
+    Returns:
+        None for ``default``, the normalised name (``"geometric:0.5"``) or the list of floats.
+    Raises:
+        UserError: an unknown name or a ratio outside (0, 1], in one line.
+    """
+    if spec is None or isinstance(spec, list):
+        return spec
+    text = str(spec).strip().lower()
+    if text in ("", "none", "default"):
+        return None
+    if text in ("equal", "lambda"):
+        return text
+    name, sep, arg = text.partition(":")
+    if name == "geometric" and sep:
+        try:
+            return f"geometric:{float(GEOMETRIC_RATIO.parse(arg))!r}"
+        except ValueError as e:
+            raise UserError(f"loss weights {spec!r}: geometric:R needs a ratio R {GEOMETRIC_RATIO.describe()} ({e})") from None
+    if name == "lambda":
+        raise UserError(f"loss weights {spec!r}: write lambda alone; its value comes from --mtp-lambda "
+                        "(e.g. --loss-weights lambda --mtp-lambda 0.3,0.1@800)")
+    raise UserError(f"loss weights {spec!r}: expected numbers (1,0.5,0.25) or one of {WEIGHT_SCHEDULES}")
+
+
+def resolve_weights(spec: str | list | None, kind: str, depth: int) -> list[float] | None:
+    """The per-depth weights `MTPLoss` takes for a ``--loss-weights`` value and a model of `depth`
+    extra depths; None means DeepSeek's ``1, lambda/D, ...`` form (the lambda schedule applies)."""
+    spec = parse_weights(spec)
+    if spec is None:
+        return default_weights(kind, depth)
+    if isinstance(spec, list):
+        return [float(w) for w in spec]
+    if spec == "equal":
+        return [1.0] * (depth + 1)
+    if spec == "lambda":
+        return None
+    ratio = float(spec.partition(":")[2])
+    return [ratio**k for k in range(depth + 1)]
+
+
 @dataclass
 class LossOutput:
     """What one loss call returns; per-depth tensors are detached, index 0 is the main head."""

@@ -46,7 +46,11 @@ from multitoken.checks import Range
 from multitoken.config import BETA_RANGE, LOSS_WEIGHT_RANGE, TRAIN_RANGES, HeadsConfig, ModelConfig, TrainConfig, from_dict
 from multitoken.errors import UserError
 from multitoken.evaluate import EvalStats, check_same_tokenizer, eval_stats, plot_accuracy, summarize
+<<<<<<< HEAD
 from multitoken.loss import IGNORE_INDEX, MTPLoss, default_weights, resolve_loss_kernel, shift_targets
+=======
+from multitoken.loss import IGNORE_INDEX, WEIGHT_SCHEDULES, MTPLoss, resolve_weights, shift_targets
+>>>>>>> ablate
 from multitoken.model import Transformer
 
 METRICS_FILE, PLOT_FILE, TB_DIR = "metrics.jsonl", "loss.png", "tb"
@@ -92,8 +96,19 @@ def _floats(text: str, rng: Range) -> list[float]:
         raise argparse.ArgumentTypeError(f"{e}; expected comma-separated numbers, e.g. 1,0.5,0.25") from None
 
 
-def _optional_floats(text: str) -> list[float] | None:
-    return None if text.strip().lower() in ("", "none", "default") else _floats(text, LOSS_WEIGHT_RANGE)
+def _optional_floats(text: str) -> list[float] | str | None:
+    """``--loss-weights``: numbers, or a named schedule (loss.parse_weights)."""
+    from multitoken.loss import parse_weights
+
+    if text.strip().lower().partition(":")[0] in ("", "none", "default", "equal", "geometric", "lambda"):
+        try:
+            return parse_weights(text)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    try:
+        return _floats(text, LOSS_WEIGHT_RANGE)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}, or a named schedule: {WEIGHT_SCHEDULES}") from None
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, ranges: dict[str, Range] | None = None) -> None:
@@ -118,8 +133,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, ranges: 
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is tuple:
             kw.update(type=lambda s: tuple(_floats(s, BETA_RANGE)), metavar="A,B")
-        elif hint in (list[float] | None, typing.Optional[list[float]]):
-            kw.update(type=_optional_floats, metavar="W0,W1,...")
+        elif hint in (list[float] | None, typing.Optional[list[float]], list[float] | str | None):
+            kw.update(type=_optional_floats, metavar="W0,W1,...|NAME")
         elif hint in (int, float):
             if f.name not in ranges:
                 raise AssertionError(f"{cls.__name__}.{f.name} has no Range: add it to the config's RANGES table")
@@ -497,8 +512,8 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
         set_rng_state(state["rng"], device)
         step = state["step"]
 
-    base_loss = MTPLoss(raw.depth, cfg.loss_weights if cfg.loss_weights is not None
-                        else default_weights(model_cfg.heads.kind, raw.depth), cfg.mtp_lambda, model_cfg.eos_id, cfg.distill)
+    base_loss = MTPLoss(raw.depth, resolve_weights(cfg.loss_weights, model_cfg.heads.kind, raw.depth), cfg.mtp_lambda,
+                        model_cfg.eos_id, cfg.distill)
 
     # --- run directory (rank 0)
     run_config = {"model": model_cfg.to_dict(), "train": cfg.to_dict()}
