@@ -143,7 +143,10 @@ class ModelConfig:
         return from_dict(cls, {**PRESETS[name], **overrides})
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        if not self.heads.shared:  # written only when set: run directories of unshared heads keep their format
+            del d["heads"]["shared"]
+        return d
 
 
 # Bounds of every number of the configs below. Generous on purpose (Llama-3.1-405B's 126 layers,

@@ -46,11 +46,7 @@ from multitoken.checks import Range
 from multitoken.config import BETA_RANGE, LOSS_WEIGHT_RANGE, TRAIN_RANGES, HeadsConfig, ModelConfig, TrainConfig, from_dict
 from multitoken.errors import UserError
 from multitoken.evaluate import EvalStats, check_same_tokenizer, eval_stats, plot_accuracy, summarize
-<<<<<<< HEAD
-from multitoken.loss import IGNORE_INDEX, MTPLoss, default_weights, resolve_loss_kernel, shift_targets
-=======
-from multitoken.loss import IGNORE_INDEX, WEIGHT_SCHEDULES, MTPLoss, resolve_weights, shift_targets
->>>>>>> ablate
+from multitoken.loss import IGNORE_INDEX, WEIGHT_SCHEDULES, MTPLoss, resolve_loss_kernel, resolve_weights, shift_targets
 from multitoken.model import Transformer
 
 METRICS_FILE, PLOT_FILE, TB_DIR = "metrics.jsonl", "loss.png", "tb"
