@@ -41,7 +41,7 @@ import torch
 
 from multitoken.bench.train import add_ratios, measure
 from multitoken.config import HeadsConfig, ModelConfig
-from multitoken.loss import MTPLoss, default_weights
+from multitoken.training.loss import MTPLoss, default_weights
 from multitoken.model import Transformer
 
 PEAK_TFLOPS = 989.0  # dense bf16, H100/H200

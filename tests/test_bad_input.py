@@ -258,6 +258,8 @@ for v in ["nan,0.95", "0.9,inf", "1,0.9", "-0.1,0.9", "0.9", ""]:
     case(f"train--betas={v}", trn("--betas", v), expect="betas")
 for v in ["nan,1,1", "1,-1,1", "1,inf,1", "0,0,0", "1,1"]:
     case(f"train--loss-weights={v}", trn("--loss-weights", v), expect="(?i)loss.weights")
+for v in ["geometric:0", "geometric:1.5", "geometric:nan", "geometric:", "geometric:½", "lambda:0.3", "harmonic"]:
+    case(f"train--loss-weights={v}", trn("--loss-weights", v), expect="(?i)loss.weights")
 for v in ["nan", "0.3,nan@10", "-0.3", "0.3,0.1@²", "0.3,0.1@-5", "inf", ""]:
     case(f"train--mtp-lambda={v}", trn("--heads", "sequential:1", "--mtp-lambda", v), expect="schedule|--mtp-lambda")
 for v in ["nan", "0", "1", "-0.2", "1.5", "inf", ""]:
@@ -310,6 +312,36 @@ case("bench-preset-unknown", lambda b, w: ["bench", "decode", "--preset", "huge"
                                            "--out", str(w / "bench")], expect="--preset")
 case("bench-data-missing", bench("--data", "/nonexistent/data"), expect="data")
 
+def abl(*extra: str, configs: tuple[str, ...] = ("plain=none", "p=medusa:1")) -> Argv:
+    return lambda b, w: ["ablate", "--data", D(b), "--out", str(w / "study"), "--configs", *configs, "--steps", "2",
+                         "--batch-size", "2", "--seq-len", "32", "--device", "cpu", "--quiet", *extra]
+
+
+for opt, v in [("--steps", "0"), ("--steps", "²"), ("--seeds", "0"), ("--seeds", "nan"), ("--batch-size", "0"),
+               ("--seq-len", "1"), ("--eval-every", "0"), ("--eval-windows", "-1"), ("--line-cases", "0"),
+               ("--chunk-steps", "0"), ("--max-minutes", "0"), ("--max-minutes", "nan"), ("--max-minutes", "-1"),
+               ("--max-steps", "0"), ("--max-steps", "٣"), ("--suite", "bogus"), ("--axes", "flops"), ("--axes", ""),
+               ("--axes", "tokens,tokens"), ("--device", "bogus"), ("--preset", "gigantic")]:
+    case(f"ablate{opt}={v}", abl(opt, v), expect=re.escape(opt) if opt not in ("--device", "--preset") else "")
+for v in ["parallel:²", "x=eagle:2", "p=parallel:1/w=geometric:2", "p=parallel:1/w=1,nan", "p=parallel:1/lambda=0.3,0.1@200%",
+          "p=sequential:1/lambda=nan", "p=parallel:1/w=1,0.5,0.25", "p=parallel:1/zzz=1", "p=parallel:1/data=chars", "a b=none", "p=parallel:1/w="]:
+    case(f"ablate--configs={v}", abl(configs=(v,)), expect="--configs")
+case("ablate--configs-duplicate-name", abl(configs=("p=none", "p=medusa:1")), expect="twice")
+case("ablate--configs-too-deep-for-preset", abl("--preset", "tiny", configs=("p=parallel:7",)), expect="parallel:7")
+case("ablate-no-configs", lambda b, w: ["ablate", "--data", D(b), "--out", str(w / "study"), "--device", "cpu"], expect="--suite")
+case("ablate-suite-needs-byte-data", lambda b, w: ["ablate", "--data", D(b), "--out", str(w / "study"), "--suite", "issue14",
+                                                   "--preset", "base", "--device", "cpu"], expect="--byte-data")
+case("ablate-byte-data-missing", abl("--byte-data", "/nonexistent/data", configs=("b=none/data=bytes",)), expect="does not exist")
+case("ablate-data-missing", lambda b, w: abl()(b, w)[:2] + [str(w / "nope")] + abl()(b, w)[3:], expect="does not exist")
+case("ablate-out-user-folder", lambda b, w: abl()(b, w)[:4] + [user_folder(w)] + abl()(b, w)[5:])
+case("ablate-out-is-a-file", lambda b, w: abl()(b, w)[:4] + [str(write(w / "afile", "x"))] + abl()(b, w)[5:])
+case("ablate-out-is-a-run", lambda b, w: abl()(b, w)[:4] + [str(copy(b, w, "run"))] + abl()(b, w)[5:], expect="training run")
+case("ablate--train-config-sets-heads", lambda b, w: abl("--train-config", str(write(w / "c.toml", 'heads = "parallel:2"\n')))(b, w),
+     expect="heads")
+case("ablate--train-config-lr-nan", lambda b, w: abl("--train-config", str(write(w / "c.toml", "lr = nan\n")))(b, w), expect="lr")
+case("ablate--train-config-missing", abl("--train-config", "/nonexistent/c.toml"), expect="not found")
+case("ablate-empty-path", lambda b, w: abl()(b, w)[:4] + [""] + abl()(b, w)[5:])
+
 # head and tokenizer specs
 for v in ["parallel:²", "medusa:1000000", "medusa:0", "medusa:-1", "medusa:١", "medusa:", "eagle:2", "", "medusa:2.5", "medusa:2:shared", "sequential:2:shard", "sequential:shared"]:
     case(f"train--heads={v}", trn("--heads", v), expect="--heads")
@@ -349,12 +381,12 @@ case("unknown-option", trn("--learning-rate", "1"))
 # a tiny run's settings, so that a value that slipped through would train seconds, not hours.
 TOMLS = {"lr-nan": "lr = nan", "lr-inf": "lr = inf", "steps-string": 'steps = "ten"', "steps-float": "steps = 2.5",
          "heads-number": "heads = 5", "betas-nan": "betas = [nan, 0.9]", "seed-negative": "seed = -1",
-         "loss-weights-negative": "loss_weights = [1.0, -1.0, 1.0]", "quiet-unknown": "quiet = true",
+         "loss-weights-negative": "loss_weights = [1.0, -1.0, 1.0]", "loss-weights-name": 'loss_weights = "geometric:2"', "quiet-unknown": "quiet = true",
          "not-toml": "lr = = 3", "not-utf8": b"lr = \xff", "bool-as-int": "compile = 1", "huge-batch": f"batch_size = {1 << 40}",
          "heads-huge": 'heads = "medusa:1000000"', "mtp-lambda-nan": "mtp_lambda = nan", "grad-clip-negative": "grad_clip = -1.0",
          "max-seq-len-huge": f"max_seq_len = {1 << 40}"}
 TOML_EXPECT = {"steps-string": "steps", "steps-float": "steps", "heads-number": "heads", "betas-nan": "betas",
-               "loss-weights-negative": "loss_weights", "quiet-unknown": "quiet", "not-toml": "TOML", "not-utf8": "TOML",
+               "loss-weights-negative": "loss_weights", "loss-weights-name": "loss weights", "quiet-unknown": "quiet", "not-toml": "TOML", "not-utf8": "TOML",
                "bool-as-int": "compile", "huge-batch": "batch_size", "heads-huge": "heads", "mtp-lambda-nan": "schedule",
                "grad-clip-negative": "grad_clip", "max-seq-len-huge": "max_seq_len", "seed-negative": "seed"}
 SAFE_TOML = {"steps": "2", "batch_size": "2", "seq_len": "32", "max_seq_len": "64", "eval_batches": "1", "heads": '"medusa:2"',

@@ -245,3 +245,22 @@ def test_liger_kernel_equals_naive_on_cuda(kind):
     torch.testing.assert_close(a.per_depth_acc, b.per_depth_acc, atol=0.02, rtol=0)
     for n in gb:
         assert (ga[n] - gb[n]).norm() <= 2e-2 * gb[n].norm() + 1e-6, n
+
+
+def test_named_weight_schedules_resolve_per_depth():
+    from multitoken.config import TrainConfig
+    from multitoken.training.loss import parse_weights, resolve_weights
+
+    assert resolve_weights("equal", "parallel", 3) == [1.0] * 4
+    assert resolve_weights("geometric:0.5", "parallel", 3) == [1.0, 0.5, 0.25, 0.125]
+    assert resolve_weights("lambda", "parallel", 3) is None  # MTPLoss's 1, lambda/D form
+    assert MTPLoss(3, resolve_weights("lambda", "parallel", 3), "0.3,0.1@10").depth_weights(10) == pytest.approx([1, 0.1 / 3, 0.1 / 3, 0.1 / 3])
+    assert resolve_weights(None, "parallel", 2) == [1.0] * 3 and resolve_weights("default", "sequential", 1) is None
+    assert resolve_weights([1.0, 0.2], "sequential", 1) == [1.0, 0.2]
+    cfg = TrainConfig(loss_weights="Geometric:0.50")  # a TOML string is checked and normalised by validate
+    cfg.validate()
+    assert cfg.loss_weights == "geometric:0.5"
+    for bad in ["geometric:0", "geometric:1.5", "geometric:nan", "lambda:0.3", "cubic"]:
+        with pytest.raises(UserError) as e:
+            parse_weights(bad)
+        assert "\n" not in str(e.value)

@@ -229,6 +229,43 @@ def parse_schedule(spec: str | float | list) -> list[tuple[int, float]]:
     return out
 
 
+WEIGHT_SCHEDULES = "default, equal, geometric:R (R in (0, 1]) or lambda"
+GEOMETRIC_RATIO = Floats(0, 1, lo_open=True)
+
+
+def parse_weights(spec: str | list | None) -> list[float] | str | None:
+    """Check a ``--loss-weights`` value: explicit numbers, or a named schedule resolved once the
+    depth is known (`resolve_weights`).
+
+    Named schedules: ``default`` (the head family's, `HeadFamily.default_loss_weights`), ``equal`` (1 per depth),
+    ``geometric:R`` (R^k at depth k: 1, R, R^2, ...; the main head largest) and ``lambda``
+    (DeepSeek's 1, lambda/D, ..., lambda/D, lambda taken from ``--mtp-lambda``, schedules
+    included: one place for its value).
+
+    Returns:
+        None for ``default``, the normalised name (``"geometric:0.5"``) or the list of floats.
+    Raises:
+        UserError: an unknown name or a ratio outside (0, 1], in one line.
+    """
+    if spec is None or isinstance(spec, list):
+        return spec
+    text = str(spec).strip().lower()
+    if text in ("", "none", "default"):
+        return None
+    if text in ("equal", "lambda"):
+        return text
+    name, sep, arg = text.partition(":")
+    if name == "geometric" and sep:
+        try:
+            return f"geometric:{float(GEOMETRIC_RATIO.parse(arg))!r}"
+        except ValueError as e:
+            raise UserError(f"loss weights {spec!r}: geometric:R needs a ratio R {GEOMETRIC_RATIO.describe()} ({e})") from None
+    if name == "lambda":
+        raise UserError(f"loss weights {spec!r}: write lambda alone; its value comes from --mtp-lambda "
+                        "(e.g. --loss-weights lambda --mtp-lambda 0.3,0.1@800)")
+    raise UserError(f"loss weights {spec!r}: expected numbers (1,0.5,0.25) or one of {WEIGHT_SCHEDULES}")
+
+
 def check_fields(obj: Any, ranges: dict[str, Range]) -> None:
     """Check every field of dataclass `obj` against its type hint, and numbers against `ranges`
     (a float field given as an int is stored as a float). One-line `UserError` on the first bad one.
@@ -319,9 +356,10 @@ class TrainConfig:
     """AdamW betas."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 turns clipping off."""
-    loss_weights: list[float] | None = None
-    """Per-depth loss weights, main head first; None uses the head family's default
-    (equal for parallel, 0.8^k for medusa, 1 and lambda/D for sequential)."""
+    loss_weights: list[float] | str | None = None
+    """Per-depth loss weights, main head first, or a named schedule: equal, geometric:R (R^k at
+    depth k) or lambda (1 then lambda/D per extra depth, lambda from mtp_lambda); None uses the
+    head family's default (equal for parallel, 0.8^k for medusa, 1 and lambda/D for sequential)."""
     mtp_lambda: str = "0.3"
     """DeepSeek lambda schedule used when the weights are lambda/D: "0.3" or "0.3,0.1@10000"."""
     distill: bool = False
@@ -373,7 +411,9 @@ class TrainConfig:
         if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
             raise UserError(f"betas={self.betas!r}: give two values, e.g. 0.9,0.95")
         self.betas = tuple(BETA_RANGE.check("betas", b) for b in self.betas)  # type: ignore[assignment]
-        if self.loss_weights is not None:
+        if isinstance(self.loss_weights, str):
+            self.loss_weights = parse_weights(self.loss_weights)
+        if self.loss_weights is not None and not isinstance(self.loss_weights, str):
             if not isinstance(self.loss_weights, (list, tuple)) or not self.loss_weights:
                 raise UserError(f"loss_weights={self.loss_weights!r}: give one weight per depth, main head first, e.g. 1,0.5")
             self.loss_weights = [LOSS_WEIGHT_RANGE.check("loss_weights", w) for w in self.loss_weights]

@@ -14,8 +14,8 @@ import typing
 from typing import Any
 
 from multitoken.checks import Floats, Ints, Range
-from multitoken.config import BETA_RANGE, LOSS_WEIGHT_RANGE
-from multitoken.errors import BadValue
+from multitoken.config import BETA_RANGE, LOSS_WEIGHT_RANGE, WEIGHT_SCHEDULES, parse_weights
+from multitoken.errors import BadValue, UserError
 
 
 def option(rng: Range) -> typing.Callable[[str], int | float]:
@@ -104,8 +104,17 @@ def _floats(text: str, rng: Range) -> list[float]:
         raise argparse.ArgumentTypeError(f"{e}; expected comma-separated numbers, e.g. 1,0.5,0.25") from None
 
 
-def _optional_floats(text: str) -> list[float] | None:
-    return None if text.strip().lower() in ("", "none", "default") else _floats(text, LOSS_WEIGHT_RANGE)
+def _optional_floats(text: str) -> list[float] | str | None:
+    """``--loss-weights``: numbers, or a named schedule (config.parse_weights)."""
+    if text.strip().lower().partition(":")[0] in ("", "none", "default", "equal", "geometric", "lambda"):
+        try:
+            return parse_weights(text)
+        except UserError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    try:
+        return _floats(text, LOSS_WEIGHT_RANGE)
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{e}, or a named schedule: {WEIGHT_SCHEDULES}") from None
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, ranges: dict[str, Range] | None = None) -> None:
@@ -128,8 +137,8 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, ranges: 
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(hint) is tuple:
             kw.update(type=lambda s: tuple(_floats(s, BETA_RANGE)), metavar="A,B")
-        elif hint in (list[float] | None, typing.Optional[list[float]]):
-            kw.update(type=_optional_floats, metavar="W0,W1,...")
+        elif hint in (list[float] | None, typing.Optional[list[float]], list[float] | str | None):
+            kw.update(type=_optional_floats, metavar="W0,W1,...|NAME")
         elif hint in (int, float):
             if f.name not in ranges:
                 raise AssertionError(f"{cls.__name__}.{f.name} has no Range: add it to the config's RANGES table")

@@ -250,6 +250,29 @@ class Tokenizer:
         """The vocabulary string of id `i` (byte-level tokens show GPT-2's byte characters)."""
         return self._tok.id_to_token(i)
 
+    def token_byte_lengths(self) -> list[int]:
+        """How many bytes of UTF-8 text each id stands for; 0 for special tokens (EOS, BOS, added ones).
+
+        Byte-level vocabularies (our ``bpe:N`` and ``bytes``, GPT-2-style ones) map each character
+        of a token through GPT-2's byte alphabet, so a token that holds part of a multi-byte
+        character counts its own bytes and the lengths of a document's tokens add up to the UTF-8
+        length of its text. Other vocabularies fall back to the UTF-8 length of each token decoded
+        alone (exact for whole-character tokens). Used for bits per byte (ablate.py).
+        """
+        inverse = {c: b for b, c in _byte_alphabet().items()}
+        special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
+        special |= {i for i in (self.eos_id, self.bos_id) if i is not None}
+        out = []
+        for i in range(self.vocab_size):
+            piece = self._tok.id_to_token(i)
+            if i in special or piece is None:
+                out.append(0)
+            elif all(c in inverse for c in piece):
+                out.append(len(piece))  # one alphabet character per byte
+            else:
+                out.append(len(self._tok.decode([i]).encode("utf-8")))
+        return out
+
     def fingerprint(self) -> str:
         """The tokenizer's identity: sha256 of its id-ordered vocabulary (added tokens included) and its EOS token.
 

@@ -38,6 +38,7 @@ KINDS = {
     "retrofit": "a run written by `multitoken retrofit`",
     "export": "a folder written by `multitoken export`",
     "features": "a backbone feature set of `multitoken retrofit`",
+    "ablate": "a study folder of `multitoken ablate`",
 }
 
 

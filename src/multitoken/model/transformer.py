@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from multitoken.config import ModelConfig
 from multitoken.errors import UserError
-from multitoken.model.heads import BackboneStates, HeadFamily, SharedModules, build_heads
+from multitoken.model.heads import BackboneStates, HeadFamily, SharedModules, build_heads, default_loss_weights
 from multitoken.model.kv_cache import KVCache
 from multitoken.model.layers import Block, RMSNorm, rope_tables
 
@@ -125,7 +125,7 @@ class Transformer(nn.Module):
 
     def default_loss_weights(self) -> list[float] | None:
         """Per-depth loss weights of the head family's paper (None: DeepSeek's lambda / D form)."""
-        return [1.0] if self.mtp is None else self.mtp.default_loss_weights(self.depth)
+        return default_loss_weights(self.config.heads.kind, self.depth)
 
     # ---- pieces that decoding and retrofitting reuse ----------------------------------------
     def rope(self, input_pos: Tensor) -> tuple[Tensor, Tensor]:

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from multitoken.config import LOSS_KERNELS, SCHEDULE_VALUE, parse_schedule
+from multitoken.config import LOSS_KERNELS, SCHEDULE_VALUE, parse_schedule, parse_weights
+from multitoken.model.heads import default_loss_weights
 from multitoken.errors import UserError
 
 IGNORE_INDEX = -100
@@ -99,6 +100,22 @@ def schedule_value(schedule: list[tuple[int, float]], step: int) -> float:
         if step >= start:
             value = v
     return value
+
+
+def resolve_weights(spec: str | list | None, kind: str, depth: int) -> list[float] | None:
+    """The per-depth weights `MTPLoss` takes for a ``--loss-weights`` value and a model of `depth`
+    extra depths; None means DeepSeek's ``1, lambda/D, ...`` form (the lambda schedule applies)."""
+    spec = parse_weights(spec)
+    if spec is None:
+        return default_loss_weights(kind, depth)
+    if isinstance(spec, list):
+        return [float(w) for w in spec]
+    if spec == "equal":
+        return [1.0] * (depth + 1)
+    if spec == "lambda":
+        return None
+    ratio = float(spec.partition(":")[2])
+    return [ratio**k for k in range(depth + 1)]
 
 
 @dataclass

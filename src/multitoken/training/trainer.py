@@ -44,7 +44,7 @@ from multitoken.io import outdir
 from multitoken.model import Transformer
 from multitoken.training import parallel
 from multitoken.training.evaluate import EvalStats, check_same_tokenizer, eval_stats, plot_accuracy, summarize
-from multitoken.training.loss import IGNORE_INDEX, MTPLoss, resolve_loss_kernel, shift_targets
+from multitoken.training.loss import IGNORE_INDEX, MTPLoss, resolve_loss_kernel, resolve_weights, shift_targets
 
 METRICS_FILE, PLOT_FILE, TB_DIR = "metrics.jsonl", "loss.png", "tb"
 # The files train writes into RUN_DIR besides config.json and model.safetensors: the only names
@@ -495,7 +495,7 @@ class Trainer:
         # matmul and CE (evaluation still measures it).
         self.skip_main = cfg.freeze_backbone
         self.recompute_note = ""
-        self.loss = MTPLoss(raw.depth, cfg.loss_weights if cfg.loss_weights is not None else raw.default_loss_weights(),
+        self.loss = MTPLoss(raw.depth, resolve_weights(cfg.loss_weights, model_cfg.heads.kind, raw.depth),
                             cfg.mtp_lambda, model_cfg.eos_id, cfg.distill)
         self.run_config = {"model": model_cfg.to_dict(), "train": cfg.to_dict()}
         self.tokens_per_step = cfg.batch_size * cfg.seq_len

@@ -20,5 +20,11 @@ def build_heads(config: ModelConfig) -> HeadFamily | None:
     return family(config.heads.kind)(config)
 
 
-__all__ = ["BackboneStates", "HeadFamily", "SharedModules", "build_heads", "family", "kinds", "register_family",
+def default_loss_weights(kind: str, depth: int) -> list[float] | None:
+    """The default per-depth loss weights of heads `kind` with `depth` extra depths (None: DeepSeek's
+    ``1, lambda/D, ...`` form); a plain model's is ``[1.0]``."""
+    return [1.0] * (depth + 1) if kind == "none" else family(kind).default_loss_weights(depth)
+
+
+__all__ = ["BackboneStates", "HeadFamily", "SharedModules", "build_heads", "default_loss_weights", "family", "kinds", "register_family",
            "unregister_family"]
