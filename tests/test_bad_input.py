@@ -304,8 +304,12 @@ def bench(*extra: str) -> Argv:
 
 for opt, v in [("--batch", "0"), ("--batch", "1,٣"), ("--batch", ""), ("--temperature", "nan"), ("--temperature", "0,-1"),
                ("--new-tokens", "0"), ("--new-tokens", "²"), ("--repeats", "0"), ("--tree-nodes", "1"),
-               ("--max-seq-len", "1")]:
+               ("--max-seq-len", "1"), ("--prompts", "0"), ("--chat", "7"), ("--threads", "0")]:
     case(f"bench{opt}={v}", bench(opt, v), expect=re.escape(opt))
+case("bench-heads-file-missing", bench("--heads-file", "/nonexistent/heads.safetensors"), expect="does not exist")
+case("bench-heads-file-not-heads", lambda b, w: bench("--heads-file", str(Path(R(b)) / "model.safetensors"))(b, w),
+     expect="not a multitoken heads file")
+case("bench-chat-without-template", bench("--chat", "1"), expect="no chat template")
 case("bench-run-missing", lambda b, w: ["bench", "decode", "--run", str(w / "missing"), "--device", "cpu",
                                         "--out", str(w / "bench")], expect="does not exist")
 case("bench-preset-unknown", lambda b, w: ["bench", "decode", "--preset", "huge", "--device", "cpu",
@@ -371,6 +375,7 @@ case("generate--mode=tree--tree=dynamic:1000000", gen("--mode", "tree", "--tree"
 for cmd, argv in [("generate", gen()), ("eval", ev()), ("tree", tre()), ("train", trn())]:
     case(f"{cmd}--device=bogus", lambda b, w, argv=argv: argv(b, w) + ["--device", "bogus"], expect="--device")
 case("demo--preset=gigantic", demo("--preset", "gigantic"))
+case("demo--model=gpt5", demo("--model", "gpt5"), expect="--model")
 case("train--preset=gigantic", trn("--preset", "gigantic"))
 case("train--dtype=fp8", trn("--dtype", "fp8"))
 case("no-subcommand-args", lambda b, w: ["train"])

@@ -35,3 +35,16 @@ def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
     assert main(args) == 0  # a second run reuses the data and the finished run
     out = capsys.readouterr().out
     assert "reused" in out and "continuing the run found there" in out
+
+
+@pytest.mark.slow
+def test_smollm2_demo_decodes_exactly_with_the_shipped_heads(tmp_path):
+    """`demo --model smollm2`: the shipped heads attach to the real model (their fingerprint matches
+    the converted GGUF), every output equals plain greedy decoding (the demo raises otherwise) and
+    the heads really draft: random or unloaded heads give tau ~1.0 on code."""
+    args = ["demo", "--model", "smollm2", "--workdir", str(tmp_path), "--max-new-tokens", "24", "--threads", "1"]
+    assert main(args) == 0
+    summary = json.loads((tmp_path / "demo.json").read_text())
+    assert summary["heads"] == "sequential:4:shared" and all(p["identical"] for p in summary["prompts"])
+    assert {p["kind"] for p in summary["prompts"]} == {"code", "chat"}
+    assert summary["mean_tau_code"] > 1.3, summary["mean_tau_code"]

@@ -81,3 +81,38 @@ def test_retrofit_cli_writes_a_run_with_heads(pretrained, tmp_path, capsys):
     assert all(torch.equal(base_model.state_dict()[k], v) for k, v in model.state_dict().items() if not k.startswith("mtp."))
     assert cli_main(["retrofit", "--init", str(tmp_path / "run"), "--data", str(data), "--heads", "medusa:1",
                      "--out", str(tmp_path / "run2")]) == 2  # already has heads: one-line error
+
+
+@pytest.mark.parametrize("kind", ["sequential:shared", "medusa"])
+def test_heads_saved_alone_attach_to_their_backbone_and_refuse_another(tmp_path, kind):
+    """Heads written alone (bf16) and attached to the plain run they were trained on give the trained
+    model's outputs at every depth (its heads rounded to bf16, an outside reference built here);
+    attached to another backbone, or read from a file that is not a heads file, one line says why."""
+    from multitoken.io.hf import build_model
+    from multitoken.io.heads_file import attach_heads, heads_info, save_heads
+
+    model = tiny_model(kind, 3, seed=1).eval()
+    with torch.no_grad():
+        for p in model.mtp.parameters():
+            p.normal_(0, 0.2)
+    plain = tiny_model("none", 0, seed=1)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")})
+    save_run(tmp_path / "base", plain, Tokenizer.bytes())
+    path = save_heads(model, tmp_path / "heads.safetensors", {"trained": "here"})
+    assert heads_info(path)["heads"] == str(model.config.heads) and heads_info(path)["info"] == {"trained": "here"}
+
+    got, _ = attach_heads(tmp_path / "base", path)
+    rounded = build_model(model.config, {k: (v.to(torch.bfloat16) if k.startswith("mtp.") else v)
+                                         for k, v in model.state_dict().items()}, fresh_heads=False)
+    x = torch.randint(2, 61, (2, 9))
+    with torch.no_grad():
+        for a, b in zip(got(x), rounded(x)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    assert got.config.heads == model.config.heads
+
+    other = tiny_model("none", 0, seed=2)
+    save_run(tmp_path / "other", other, Tokenizer.bytes())
+    with pytest.raises(UserError, match="trained on another model"):
+        attach_heads(tmp_path / "other", path)
+    with pytest.raises(UserError, match="not a multitoken heads file"):
+        attach_heads(tmp_path / "base", tmp_path / "base" / "model.safetensors")

@@ -146,3 +146,28 @@ def test_gguf_tokenizer(tmp_path: Path) -> None:
     tok.save(tmp_path)  # a DATA_DIR keeps the converted tokenizer.json: no GGUF needed later
     back = Tokenizer.load(tmp_path)
     assert back.encode(code) == ids and back.eos_id == 2
+
+
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def test_chat_template_survives_save_and_renders_as_transformers_does(tmp_path: Path) -> None:
+    """A template kept in tokenizer_config.json renders to the ids transformers' apply_chat_template
+    gives for the same files (special tokens parsed as tokens, not text); no template: one line."""
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer.bytes()
+    tok._tok.add_special_tokens([AddedToken("<|im_start|>", special=True), AddedToken("<|im_end|>", special=True)])
+    tok = Tokenizer(tok._tok, "<|im_end|>", "pretrained", chat_template=CHATML)
+    tok.save(tmp_path)
+    back = Tokenizer.load(tmp_path)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi ✓"}]
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(tmp_path / "tokenizer.json"), chat_template=CHATML)
+    want = hf.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    want = want["input_ids"] if hasattr(want, "keys") else want
+    assert back.chat(messages) == list(want)
+    assert back.chat(messages).count(back._tok.token_to_id("<|im_start|>")) == 3
+    with pytest.raises(UserError, match="no chat template"):
+        Tokenizer.bytes().chat(messages)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -58,6 +59,7 @@ def register_decode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-transformers", dest="transformers", action="store_false", help="skip transformers' generate")
     p.add_argument("--hf-max-batch", type=ints(0, 4096), default=16, help="largest batch to run transformers' generate at")
     p.add_argument("--device", default="auto", type=device_arg, help="auto (CUDA when available), cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=ints(1, 4096), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="default: bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--out", default="bench-decode", type=path_arg, help="folder for decode.json and decode.png")
@@ -70,6 +72,8 @@ def run_decode(args: argparse.Namespace) -> int:
     if args.preset is not None:
         if args.preset not in PRESETS:
             raise UserError(f"--preset {args.preset!r}: choose one of {', '.join(PRESETS)}")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} is a file: name a folder for decode.json and decode.png")
@@ -77,7 +81,8 @@ def run_decode(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     data = dict(command="multitoken " + " ".join(getattr(args, "argv", sys.argv[1:])), model=desc, dtype=args.dtype,
                 machine=dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
-                             torch=torch.__version__, python=platform.python_version()),
+                             torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
+                             cpus=os.cpu_count()),
                 date=time.strftime("%Y-%m-%d"), new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
                 repeats=args.repeats)
     data.update(decode.bench(model, tok, run_dir, args))

