@@ -86,7 +86,7 @@ def test_study_trains_both_axes_and_seeds_and_writes_table_plot_json(finished):
     assert (finished / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_interrupted_study_resumes_and_equals_the_uninterrupted_one(data, finished, tmp_path, one_thread_here):
+def test_interrupted_study_resumes_and_equals_the_uninterrupted_one(data, finished, tmp_path):
     out = tmp_path / "out"
     assert main(ablate_args(data, out, "--max-steps", "11")) == 0  # stops inside the second run
     first = json.loads((out / "ablate.json").read_text())
@@ -99,14 +99,6 @@ def test_interrupted_study_resumes_and_equals_the_uninterrupted_one(data, finish
     resumed = json.loads((out / "ablate.json").read_text())
     assert {f: (out / f / "ablate_result.json").stat().st_mtime_ns for f in done} == done  # finished runs were skipped
     assert deterministic(resumed) == deterministic(json.loads((finished / "ablate.json").read_text()))
-
-
-@pytest.fixture
-def one_thread_here():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def hand_flops(d: int, L: int, nh: int, nkv: int, hd: int, inter: int, V: int, T: int, kind: str, D: int) -> float:
