@@ -41,7 +41,7 @@ import torch
 
 from multitoken.bench.train import add_ratios, measure
 from multitoken.config import HeadsConfig, ModelConfig
-from multitoken.training.loss import MTPLoss, default_weights
+from multitoken.training.loss import MTPLoss
 from multitoken.model import Transformer
 
 PEAK_TFLOPS = 989.0  # dense bf16, H100/H200
@@ -54,7 +54,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def loss_and_grads(model_fn, kind: str, window: torch.Tensor, kernel: str, bf16: bool, **kw) -> tuple:
     model = model_fn()
     with torch.autocast(window.device.type, dtype=torch.bfloat16, enabled=bf16):
-        out = MTPLoss(model.depth, default_weights(kind, model.depth), eos_id=1, kernel=kernel, **kw)(
+        out = MTPLoss(model.depth, model.default_loss_weights(), eos_id=1, kernel=kernel, **kw)(
             model, model(window[:, :-1]), window)
     out.loss.backward()
     return out, {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
