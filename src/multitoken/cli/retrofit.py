@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "train the heads on them by self-distillation, and write a run directory.")
     p.add_argument("--init", required=True, type=path_arg, metavar="RUN_DIR", help="the pretrained run (e.g. from `multitoken convert`)")
     p.add_argument("--data", required=True, type=path_arg, metavar="DATA_DIR", help="data prepared with the model's tokenizer")
-    p.add_argument("--heads", required=True, type=text_arg, metavar="KIND:N", help="heads to add: medusa:N, sequential:N or parallel:N")
+    p.add_argument("--heads", required=True, type=text_arg, metavar="KIND:N", help="heads to add: medusa:N, sequential:N[:shared] or parallel:N")
     p.add_argument("--out", required=True, type=path_arg, metavar="RUN_DIR", help="run directory to write")
     p.add_argument("--features", default=None, type=path_arg, metavar="DIR", help="where to store (or reuse) backbone features (default OUT/features)")
     p.add_argument("--tokens", type=ints(1, 1 << 40), default=200_000, help="training tokens to compute features for")
