@@ -47,17 +47,24 @@ def test_every_corpus_kind(kind: str, corpora: dict[str, Path], tmp_path: Path) 
     assert load_meta(tmp_path) == {k: v for k, v in meta.items() if k != "reused"}
 
 
-def test_stdlib_bpe_trains_on_train_split_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    seen: list[str] = []
+@pytest.fixture
+def bpe_trainings(monkeypatch: pytest.MonkeyPatch) -> list[list[str]]:
+    """The texts of every `Tokenizer.train_bpe` call, in order (the real training still runs)."""
+    calls: list[list[str]] = []
     real = Tokenizer.train_bpe.__func__
 
     def spy(cls, texts, vocab_size, length=None):  # type: ignore[no-untyped-def]
         texts = list(texts)
-        seen.extend(texts)
+        calls.append(texts)
         return real(cls, texts, vocab_size, length)
 
     monkeypatch.setattr(Tokenizer, "train_bpe", classmethod(spy))
+    return calls
+
+
+def test_stdlib_bpe_trains_on_train_split_only(tmp_path: Path, bpe_trainings: list[list[str]]) -> None:
     meta = prepare("python-stdlib", "bpe:400", tmp_path, max_docs=12, val_fraction=0.2, progress=False)
+    seen = [t for texts in bpe_trainings for t in texts]
     assert meta["corpus"] == "python-stdlib" and meta["tokenizer_kind"] == "bpe" and meta["eos_id"] == 0
     assert meta["splits"]["train"]["docs"] + meta["splits"]["val"]["docs"] == 12
     train_texts = documents_in(tmp_path, "train")
@@ -171,20 +178,11 @@ def make_many_documents(root: Path) -> Path:
     return path
 
 
-def test_bpe_never_trains_on_an_empty_train_split(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bpe_never_trains_on_an_empty_train_split(tmp_path: Path, bpe_trainings: list[list[str]]) -> None:
     corpus = one_document_corpus(tmp_path, goes_to_validation=True)
-    trained: list[list[str]] = []
-    real = Tokenizer.train_bpe.__func__
-
-    def spy(cls, texts, vocab_size, length=None):  # type: ignore[no-untyped-def]
-        texts = list(texts)
-        trained.append(texts)
-        return real(cls, texts, vocab_size, length)
-
-    monkeypatch.setattr(Tokenizer, "train_bpe", classmethod(spy))
     with pytest.raises(UserError, match=r"train split .* empty \(0 train, 1 validation documents at --val-fraction 0\.5\): .*bigger corpus"):
         prepare(str(corpus), "bpe:400", tmp_path / "d", val_fraction=0.5, progress=False)
-    assert trained == []
+    assert bpe_trainings == []
 
 
 def test_split_shorter_than_one_window_is_refused(tmp_path: Path) -> None:
