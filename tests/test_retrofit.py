@@ -116,3 +116,33 @@ def test_heads_saved_alone_attach_to_their_backbone_and_refuse_another(tmp_path,
         attach_heads(tmp_path / "other", path)
     with pytest.raises(UserError, match="not a multitoken heads file"):
         attach_heads(tmp_path / "base", tmp_path / "base" / "model.safetensors")
+
+
+def test_heads_files_with_damaged_metadata_or_other_tensors_are_one_line_errors(tmp_path):
+    """A heads file whose spec does not parse, or whose tensors are not those its spec builds, is
+    refused in one line naming the file (before, an int() traceback or an assertion deep inside)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from multitoken.io.heads_file import attach_heads, save_heads
+
+    model = tiny_model("sequential:shared", 2, seed=1)
+    plain = tiny_model("none", 0, seed=1)
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")})
+    save_run(tmp_path / "base", plain, Tokenizer.bytes())
+    path = save_heads(model, tmp_path / "heads.safetensors")
+    with safe_open(str(path), "pt") as f:
+        meta, tensors = dict(f.metadata()), {k: f.get_tensor(k) for k in f.keys()}
+
+    def rewrite(name, meta_over=None, drop=None):
+        out = tmp_path / name
+        save_file({k: v for k, v in tensors.items() if k != drop}, out, metadata={**meta, **(meta_over or {})})
+        return out
+
+    for bad in (rewrite("spec.safetensors", {"heads": "sequential:two"}), rewrite("layers.safetensors", {"medusa_layers": "x"})):
+        with pytest.raises(UserError, match="damaged metadata.*save_heads"):
+            attach_heads(tmp_path / "base", bad)
+    for bad in (rewrite("depth.safetensors", {"heads": "sequential:2"}),  # unshared: two modules' tensors expected
+                rewrite("missing.safetensors", drop=next(iter(tensors)))):
+        with pytest.raises(UserError, match="tensors are not those of"):
+            attach_heads(tmp_path / "base", bad)

@@ -74,9 +74,16 @@ def attach_heads(run_dir: str | Path, heads_file: str | Path, max_seq_len: int |
         raise UserError(f"{run_dir} already has {base.config.heads} heads: attach heads to a plain model")
     if meta.get("backbone_sha256") != backbone_fingerprint(base):
         raise UserError(f"{heads_file} was trained on another model than {run_dir}: attach it to the model it was trained on")
-    heads = HeadsConfig.parse(meta["heads"])
-    heads.medusa_layers = int(meta.get("medusa_layers", 1))
-    cfg = from_dict(ModelConfig, {**base.config.to_dict(), "heads": dataclasses.asdict(heads)})
-    state = {**base.state_dict(), **{"mtp." + k: v for k, v in read_safetensors(Path(heads_file), "write it again").items()}}
-    model = build_model(cfg, state, fresh_heads=False)
+    try:
+        heads = dataclasses.replace(HeadsConfig.parse(meta.get("heads", "")), medusa_layers=int(meta.get("medusa_layers", "1")))
+        cfg = from_dict(ModelConfig, {**base.config.to_dict(), "heads": dataclasses.asdict(heads)})
+    except (UserError, ValueError):
+        raise UserError(f"{heads_file}: damaged metadata (heads {meta.get('heads')!r}, medusa_layers "
+                        f"{meta.get('medusa_layers')!r}): write the file again with save_heads") from None
+    tensors = read_safetensors(Path(heads_file), "write it again")
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in Transformer(cfg).mtp.state_dict().items()}
+    if {k: tuple(v.shape) for k, v in tensors.items()} != want:
+        raise UserError(f"{heads_file}: its tensors are not those of {heads} heads on {run_dir}'s model: write the file again with save_heads")
+    model = build_model(cfg, {**base.state_dict(), **{"mtp." + k: v for k, v in tensors.items()}}, fresh_heads=False)
     return (limit_context(model, max_seq_len) if max_seq_len else model), tok
