@@ -132,7 +132,7 @@ def run_smollm2_demo(workdir: str | Path = "runs/demo-smollm2", max_new_tokens: 
     info = heads_info(SMOLLM2_HEADS)["info"]
     model, tok = attach_heads(smollm2_run_dir(), SMOLLM2_HEADS, max_seq_len=1024)
     say(f"   heads {model.config.heads}: {(model.num_parameters() - model.num_parameters(heads=False)) / 1e6:.1f}M "
-        f"parameters, trained on {info.get('tokens', 0) / 1e6:.0f}M tokens of held-apart Python files")
+        f"parameters, trained on {info.get('tokens', 0) / 1e6:.0f}M tokens of Python files (a site-packages; never these prompts)")
     say(f"2/2 plain greedy decoding vs self-speculative decoding (chain of {draft} drafts), {max_new_tokens} new tokens each")
     prompts = [("code", p, tok.encode(p)) for p in PROMPTS] + \
               [("chat", c, tok.chat([{"role": "user", "content": c}])) for c in CHAT]
