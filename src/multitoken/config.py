@@ -229,8 +229,9 @@ def parse_schedule(spec: str | float | list) -> list[tuple[int, float]]:
     return out
 
 
-WEIGHT_SCHEDULES = "default, equal, geometric:R (R in (0, 1]) or lambda"
+WEIGHT_SCHEDULES = "default, equal, geometric:R (R in (0, 1]), decay:G (G > 0) or lambda"
 GEOMETRIC_RATIO = Floats(0, 1, lo_open=True)
+DECAY_GAMMA = Floats(0, 1e6, lo_open=True)
 
 
 def parse_weights(spec: str | list | None) -> list[float] | str | None:
@@ -238,7 +239,8 @@ def parse_weights(spec: str | list | None) -> list[float] | str | None:
     depth is known (`resolve_weights`).
 
     Named schedules: ``default`` (the head family's, `HeadFamily.default_loss_weights`), ``equal`` (1 per depth),
-    ``geometric:R`` (R^k at depth k: 1, R, R^2, ...; the main head largest) and ``lambda``
+    ``geometric:R`` (R^k at depth k: 1, R, R^2, ...; the main head largest), ``decay:G``
+    (DFlash's exp(-(k-1)/G) at extra depth k >= 1, the main head 1) and ``lambda``
     (DeepSeek's 1, lambda/D, ..., lambda/D, lambda taken from ``--mtp-lambda``, schedules
     included: one place for its value).
 
@@ -260,6 +262,11 @@ def parse_weights(spec: str | list | None) -> list[float] | str | None:
             return f"geometric:{float(GEOMETRIC_RATIO.parse(arg))!r}"
         except ValueError as e:
             raise UserError(f"loss weights {spec!r}: geometric:R needs a ratio R {GEOMETRIC_RATIO.describe()} ({e})") from None
+    if name == "decay" and sep:
+        try:
+            return f"decay:{float(DECAY_GAMMA.parse(arg))!r}"
+        except ValueError as e:
+            raise UserError(f"loss weights {spec!r}: decay:G needs a scale G {DECAY_GAMMA.describe()} ({e})") from None
     if name == "lambda":
         raise UserError(f"loss weights {spec!r}: write lambda alone; its value comes from --mtp-lambda "
                         "(e.g. --loss-weights lambda --mtp-lambda 0.3,0.1@800)")
@@ -358,7 +365,7 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 turns clipping off."""
     loss_weights: list[float] | str | None = None
     """Per-depth loss weights, main head first, or a named schedule: equal, geometric:R (R^k at
-    depth k) or lambda (1 then lambda/D per extra depth, lambda from mtp_lambda); None uses the
+    depth k), decay:G (1 for the main head, exp(-(k-1)/G) at extra depth k, as DFlash) or lambda (1 then lambda/D per extra depth, lambda from mtp_lambda); None uses the
     head family's default (equal for parallel, 0.8^k for medusa, 1 and lambda/D for sequential)."""
     mtp_lambda: str = "0.3"
     """DeepSeek lambda schedule used when the weights are lambda/D: "0.3" or "0.3,0.1@10000"."""

@@ -44,7 +44,7 @@ from multitoken.io import outdir
 from multitoken.model import Transformer
 from multitoken.training import parallel
 from multitoken.training.evaluate import EvalStats, check_same_tokenizer, eval_stats, plot_accuracy, summarize
-from multitoken.training.loss import IGNORE_INDEX, MTPLoss, resolve_loss_kernel, resolve_weights, shift_targets
+from multitoken.training.loss import MTPLoss, Targets, resolve_weights, split_batch
 
 METRICS_FILE, PLOT_FILE, TB_DIR = "metrics.jsonl", "loss.png", "tb"
 # The files train writes into RUN_DIR besides config.json and model.safetensors: the only names
@@ -212,17 +212,18 @@ def load_backbone(model: Transformer, init_dir: str | Path) -> None:
     model.init_heads_from_backbone()
 
 
-def global_depth_weights(base: list[float], windows: list[torch.Tensor], eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def global_depth_weights(base: list[float], targets: list[Targets]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-micro-batch depth weights that make the summed, rank-averaged gradient equal the
-    gradient of one global batch (see the module docstring). Stays on the windows' device: no
+    gradient of one global batch (see the module docstring). Stays on the targets' device: no
     host synchronisation per step.
 
+    Args:
+        base: the step's D+1 depth weights.
+        targets: each micro-batch's `Targets` (built once; the loss reads them too).
     Returns:
         ((micro, D+1) float64 weights, (D+1,) global valid-target counts).
     """
-    D = len(base) - 1
-    local = torch.stack([torch.stack([(shift_targets(w, k, eos_id) != IGNORE_INDEX).sum() for k in range(D + 1)])
-                         for w in windows]).double()  # (micro, D+1)
+    local = torch.stack([t.counts for t in targets]).double()  # (micro, D+1)
     total = parallel.all_reduce_sum(local.sum(0))
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     base_t = torch.tensor(base, dtype=torch.float64, device=local.device)
@@ -490,13 +491,14 @@ class Trainer:
         per_rank = cfg.batch_size // (info.world_size * cfg.grad_accum)
         self.loader = TokenLoader(data_dir, "train", per_rank, cfg.seq_len, cfg.seed, info.rank, info.world_size)
         self.val_loader = TokenLoader(data_dir, "val", per_rank, cfg.seq_len, cfg.seed, info.rank, info.world_size)
-        self.loss_kernel = resolve_loss_kernel(cfg.loss_kernel, self.device)
         # A frozen backbone gives the main head's loss no gradient: training steps skip its LM-head
         # matmul and CE (evaluation still measures it).
         self.skip_main = cfg.freeze_backbone
         self.recompute_note = ""
+        # One loss for the run, its kernel resolved here once; each micro-batch passes its targets and weights.
         self.loss = MTPLoss(raw.depth, resolve_weights(cfg.loss_weights, model_cfg.heads.kind, raw.depth),
-                            cfg.mtp_lambda, model_cfg.eos_id, cfg.distill)
+                            cfg.mtp_lambda, model_cfg.eos_id, cfg.distill, kernel=cfg.loss_kernel, skip_main=self.skip_main)
+        self.loss_kernel = self.loss.kernel_on(self.device)
         self.run_config = {"model": model_cfg.to_dict(), "train": cfg.to_dict()}
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
         self.log: MetricsLog | None = None
@@ -573,16 +575,15 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches (exact averaging: module docstring)."""
         cfg, raw, D, eos_id = self.cfg, self.raw, self.raw.depth, self.model_cfg.eos_id
         lr = lr_at(self.step, cfg)
-        windows = [next(self.loader).to(self.device, non_blocking=True) for _ in range(cfg.grad_accum)]
-        weights, counts = global_depth_weights(self.loss.depth_weights(self.step), windows, eos_id)
+        batches = [self.next_batch() for _ in range(cfg.grad_accum)]  # [(window, loss mask or None)]
+        targets = [Targets.build(w, D, eos_id, m) for w, m in batches]  # once per micro-batch, read twice
+        weights, counts = global_depth_weights(self.loss.depth_weights(self.step), targets)
         ce_sum = torch.zeros(D + 1, dtype=torch.float64, device=self.device)
         correct = torch.zeros(D + 1, dtype=torch.float64, device=self.device)
-        for j, window in enumerate(windows):
-            loss_fn = MTPLoss(D, list(weights[j].unbind()), eos_id=eos_id, distill=cfg.distill, chunk_rows=self.loss.chunk_rows,
-                              kernel=self.loss_kernel, skip_main=self.skip_main)
-            with parallel.no_sync(self.model, j == len(windows) - 1):
+        for j, ((window, _), target) in enumerate(zip(batches, targets)):
+            with parallel.no_sync(self.model, j == len(batches) - 1):
                 with self.autocast():
-                    out = loss_fn(raw, self.model(window[:, :-1]), window, self.step)
+                    out = self.loss(raw, self.model(window[:, :-1]), window, self.step, targets=target, weights=weights[j])
                 out.loss.backward()
             c = out.per_depth_count.double()
             ce_sum += out.per_depth_loss.double() * c
@@ -590,6 +591,12 @@ class Trainer:
         grad_norm = optimizer_update(self.optimizer, self.trainable, lr, cfg.grad_clip)
         self.step += 1
         return StepStats(ce_sum, correct, counts, grad_norm)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next training window (B, T+1) and its loss mask (or None), on the device: the loader
+        yields a tensor, or a (tokens, mask) pair when the data carries a loss mask."""
+        window, mask = split_batch(next(self.loader))
+        return window.to(self.device, non_blocking=True), None if mask is None else mask.to(self.device, non_blocking=True)
 
     def log_train(self, stats: StepStats, tokens_per_s: float, bar=None) -> dict[str, Any]:
         """Reduce a step's statistics over ranks and log them (metrics.jsonl, TensorBoard, the bar)."""
