@@ -305,3 +305,17 @@ def test_training_accepts_token_mask_pairs_and_masked_targets_leave_the_loss(dat
         train(cfg, data, tmp_path / "half", progress=False)
     val_plain, val_half = train_records(tmp_path / "plain", "val")[-1], train_records(tmp_path / "half", "val")[-1]
     assert all(h < p for h, p in zip(val_half["count_per_depth"], val_plain["count_per_depth"]))
+
+
+def test_recipe_options_train_from_init(data, tmp_path):
+    """The head-training recipe's options together: frozen backbone from --init, distillation,
+    training-time test, pass-through eh_proj, decaying depth weights, small loss chunks."""
+    train(tiny_train_config(steps=2, heads="none"), data, tmp_path / "base", progress=False)
+    out = train(tiny_train_config(steps=3, heads="sequential:3", init=str(tmp_path / "base"), freeze_backbone=True,
+                                  distill=True, ttt=True, eh_pass_through=True, loss_weights="decay:2",
+                                  loss_chunk_rows=24, lr=1e-2), data, tmp_path / "heads", progress=False)
+    assert all(v is not None and v == v for v in out["train_loss_per_depth"][1:])
+    saved = json.loads((tmp_path / "heads/config.json").read_text())["train"]
+    assert saved["ttt"] and saved["eh_pass_through"] and saved["loss_weights"] == "decay:2.0"
+    with pytest.raises(UserError, match="--ttt needs"):
+        train(tiny_train_config(steps=1, heads="parallel:2", ttt=True), data, tmp_path / "bad", progress=False)

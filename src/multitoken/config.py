@@ -374,6 +374,15 @@ class TrainConfig:
     instead of the data tokens; natural with a frozen backbone."""
     freeze_backbone: bool = False
     """Train the MTP heads only (Medusa-1 style); the backbone's weights stay bit-identical."""
+    ttt: bool = False
+    """Training-time test (EAGLE-3), sequential heads only: depths >= 2 are trained on their own
+    earlier argmax drafts, as drafting feeds them (docs/training.md), also in evaluation."""
+    eh_pass_through: bool = False
+    """Heads started from a backbone (`init`): each sequential module's eh_proj starts as the
+    identity on the hidden-state half and zero on the embedding half, so it first passes hnorm(h) on."""
+    loss_chunk_rows: int = 0
+    """Rows (tokens) per chunk of the chunked loss and distillation kernels; 0 picks ~64 MB of
+    float32 logits on a CPU and ~1 GB on a GPU."""
     init: str = ""
     """A RUN_DIR whose backbone weights the run starts from; its model config wins over `preset`,
     heads are added per `heads` and initialised from the backbone."""
@@ -461,6 +470,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "keep_checkpoints": Ints(1, 1 << 20),
     "log_every": Ints(1),
     "seed": Ints(0, INT63),
+    "loss_chunk_rows": Ints(0, 1 << 24),
 }
 BETA_RANGE = Floats(0, 1, hi_open=True)
 """Each AdamW beta: a decay rate in [0, 1)."""

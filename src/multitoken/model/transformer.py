@@ -86,10 +86,14 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def init_heads_from_backbone(self) -> None:
-        """Start the heads from the backbone's weights (heads added to a pretrained model)."""
+    def init_heads_from_backbone(self, pass_through: bool = False) -> None:
+        """Start the heads from the backbone's weights (heads added to a pretrained model); with
+        `pass_through`, their input projections start by passing the hidden state on
+        (`HeadFamily.pass_hidden_through`)."""
         if self.mtp is not None:
             self.mtp.init_from_backbone(self.shared, self.layers[-1])
+            if pass_through:
+                self.mtp.pass_hidden_through()
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of the main model (everything but the MTP heads)."""

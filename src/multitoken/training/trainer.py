@@ -197,8 +197,9 @@ def build_model_config(cfg: TrainConfig, vocab_size: int, eos_id: int) -> ModelC
     return from_dict(ModelConfig, fields)
 
 
-def load_backbone(model: Transformer, init_dir: str | Path) -> None:
-    """Copy the backbone weights of run `init_dir` into `model`, then start the heads from them."""
+def load_backbone(model: Transformer, init_dir: str | Path, pass_through: bool = False) -> None:
+    """Copy the backbone weights of run `init_dir` into `model`, then start the heads from them
+    (`pass_through`: see `Transformer.init_heads_from_backbone`)."""
     path = Path(init_dir) / ckpt.WEIGHTS_FILE
     if not path.is_file():
         raise UserError(f"--init {init_dir}: {path.name} not found; point at a run directory made by train or convert")
@@ -209,7 +210,7 @@ def load_backbone(model: Transformer, init_dir: str | Path) -> None:
     if missing or result.unexpected_keys:
         raise UserError(f"--init {init_dir}: weights do not match its config.json (missing {missing[:3]}, "
                         f"unexpected {result.unexpected_keys[:3]})")
-    model.init_heads_from_backbone()
+    model.init_heads_from_backbone(pass_through)
 
 
 def global_depth_weights(base: list[float], targets: list[Targets]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,6 +229,14 @@ def global_depth_weights(base: list[float], targets: list[Targets]) -> tuple[tor
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     base_t = torch.tensor(base, dtype=torch.float64, device=local.device)
     return base_t * world * local / total.clamp(min=1.0), total
+
+
+def enable_ttt(model: Transformer) -> None:
+    """Train (and evaluate) with the training-time test (`HeadFamily.ttt`)."""
+    if model.mtp is None or not model.mtp.supports_ttt:
+        raise UserError(f"--ttt needs heads that draft one depth after another (sequential:N); "
+                        f"this model has {model.config.heads}: drop --ttt or use --heads sequential:N")
+    model.mtp.ttt = True
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -497,7 +506,8 @@ class Trainer:
         self.recompute_note = ""
         # One loss for the run, its kernel resolved here once; each micro-batch passes its targets and weights.
         self.loss = MTPLoss(raw.depth, resolve_weights(cfg.loss_weights, model_cfg.heads.kind, raw.depth),
-                            cfg.mtp_lambda, model_cfg.eos_id, cfg.distill, kernel=cfg.loss_kernel, skip_main=self.skip_main)
+                            cfg.mtp_lambda, model_cfg.eos_id, cfg.distill, cfg.loss_chunk_rows, cfg.loss_kernel,
+                            self.skip_main)
         self.loss_kernel = self.loss.kernel_on(self.device)
         self.run_config = {"model": model_cfg.to_dict(), "train": cfg.to_dict()}
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
@@ -520,7 +530,9 @@ class Trainer:
             if bad or result.unexpected_keys:
                 raise UserError(f"{state['folder']}: weights do not match {out_dir / ckpt.CONFIG_FILE}; was it edited?")
         elif cfg.init:
-            load_backbone(model, cfg.init)
+            load_backbone(model, cfg.init, cfg.eh_pass_through)
+        if cfg.ttt:
+            enable_ttt(model)
         if cfg.freeze_backbone:
             model.freeze_backbone()  # frozen blocks record no autograd graph: none of their inputs needs a gradient
         raw = model
@@ -566,7 +578,8 @@ class Trainer:
                 f"{sum(p.numel() for p in self.trainable) / 1e6:.2f}M trainable; {info.world_size} process(es) on {self.device}"
                 f"{', FSDP2' if cfg.fsdp and info.distributed else ', DDP' if info.distributed else ''}; "
                 f"{self.tokens_per_step} tokens/step\n"
-                f"loss: {self.loss_kernel}{' (distillation targets: chunked)' if cfg.distill and self.loss_kernel == 'liger' else ''}; "
+                f"loss: {self.loss_kernel}{'; depths >= 1 distilled (KL, the teacher once per batch)' if cfg.distill else ''}"
+                f"{'; training-time test at depths >= 2' if cfg.ttt else ''}; "
                 f"{self.recompute_note}"
                 f"{'; main-head loss skipped in training steps (frozen backbone; measured at evaluation)' if self.skip_main else ''}")
 

@@ -61,6 +61,11 @@ class HeadFamily(nn.Module):
     families that draft with their own passes over committed tokens (`step`)."""
     flags: ClassVar[tuple[str, ...]] = ()
     """Options written after the depth in a heads spec (``sequential:2:shared``)."""
+    supports_ttt: ClassVar[bool] = False
+    """Whether the family can train with the training-time test (`ttt`)."""
+    ttt: bool = False
+    """Training-time test (EAGLE-3): the training forward feeds depths >= 2 their own earlier
+    drafts, as drafting does (families with `supports_ttt`); set by the trainer, not stored."""
     feature_kind: ClassVar[str] = "last"
     """Retrofitting: which backbone state to store, 'trunk' (after `trunk_layers` < L blocks) or
     'last' (after every block); recorded in a feature set's metadata."""
@@ -120,6 +125,10 @@ class HeadFamily(nn.Module):
 
     def init_from_backbone(self, shared: SharedModules, last_block: nn.Module) -> None:
         """Start the heads from a pretrained backbone (its last block and shared modules)."""
+
+    def pass_hidden_through(self) -> None:
+        """Start the heads' input projections so that they pass the hidden state on unchanged
+        (families without such a projection have nothing to do)."""
 
     # ---- parallelism ------------------------------------------------------------------------
     def fsdp_units(self) -> Iterator[nn.Module]:
