@@ -52,31 +52,36 @@ class _DistillKL(torch.autograd.Function):
         acc = torch.promote_types(teacher_h.dtype, torch.float32)  # float32 logits (float64 stays float64)
         for s in range(0, T, chunk):
             e, te = min(s + chunk, T), min(s + chunk + D, T)
-            t_logits = (teacher_h[:, s:te] @ tw.t()).to(acc)  # (B, te-s, V): the teacher, once for all depths
-            t_logp = torch.log_softmax(t_logits, -1)
+            # The teacher, once for all depths: p and sum_v p log p per row (B * (te-s) rows).
+            t_logp = torch.log_softmax((teacher_h[:, s:te].flatten(0, 1) @ tw.t()).to(acc), -1).view(B, te - s, -1)
             t_p = t_logp.exp()
-            t_arg = t_logits.argmax(-1)
-            del t_logits
+            t_arg = t_logp.argmax(-1)
+            t_neg_h = torch.linalg.vecdot(t_p, t_logp)  # (B, te-s): -entropy
+            del t_logp
             for j in range(D):
                 k = j + 1
                 m = min(e, T - k) - s  # student positions of this chunk whose teacher row exists
                 if m <= 0:
                     continue
-                hk = hs[j][:, s : s + m]  # (B, m, C)
+                hk = hs[j][:, s : s + m].flatten(0, 1)  # (B*m, C)
                 wk = ws[j].to(hk.dtype)
-                logits = (hk @ wk.t()).to(acc)  # (B, m, V)
-                logq = torch.log_softmax(logits, -1)
-                p, lp = t_p[:, k : k + m], t_logp[:, k : k + m]
-                v = valid[j][:, s : s + m]
-                kl = (p * (lp - logq)).sum(-1)  # (B, m)
+                logits = (hk @ wk.t()).to(acc)  # (B*m, V)
+                p = t_p[:, k : k + m].flatten(0, 1)
+                v = valid[j][:, s : s + m].flatten()
+                lse = torch.logsumexp(logits, -1)
+                # KL = sum p log p - sum p log q, and sum p log q = sum p * logits - lse.
+                kl = t_neg_h[:, k : k + m].flatten() - torch.linalg.vecdot(p, logits) + lse
                 kl_sum[j] += torch.where(v, kl, 0.0).sum()
-                correct[j] += ((logits.argmax(-1) == t_arg[:, k : k + m]) & v).sum()
+                correct[j] += ((logits.argmax(-1) == t_arg[:, k : k + m].flatten()) & v).sum()
                 if need_h[j] or need_w[j]:
-                    g = ((logq.exp() - p) * (scales[j] * v)[..., None]).to(hk.dtype)  # (B, m, V)
+                    # dKL/dlogits = softmax(logits) - p, scaled; in place over the logits buffer.
+                    g = logits.sub_(lse[:, None]).exp_().sub_(p).mul_((scales[j] * v)[:, None]).to(hk.dtype)
                     if need_h[j]:
-                        grad_h[j][:, s : s + m] = g @ wk
+                        grad_h[j][:, s : s + m] = (g @ wk).view(B, m, -1)
                     if need_w[j]:
-                        grad_w[id(ws[j])] += g.flatten(0, 1).t().to(acc) @ hk.flatten(0, 1).to(acc)
+                        # Under autocast a bf16 matmul (float32 accumulation inside), summed in float32:
+                        # casting the (B*m, V) gradient to float32 first would cost a pass and a slower matmul.
+                        grad_w[id(ws[j])] += (g.t() @ hk).to(acc)
         loss = (kl_sum * scales.to(kl_sum.dtype)).sum()
         ctx.grads = (grad_h, [grad_w.get(id(w)) if n else None for w, n in zip(ws, need_w)],
                      [w.dtype for w in ws], [id(w) for w in ws])
