@@ -405,7 +405,7 @@ class TrainConfig:
     dtype: str = "auto"
     """Autocast dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'. Weights stay fp32."""
     compile: bool = False
-    """torch.compile each block (parallel.apply_compile)."""
+    """torch.compile each block (parallel.apply_compile), and the distillation kernel's per-chunk math."""
     fsdp: bool = False
     """Under torchrun, shard with FSDP2 instead of replicating with DDP."""
     loss_kernel: str = "auto"

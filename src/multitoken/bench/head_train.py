@@ -87,7 +87,7 @@ def measure_head_training(preset: str = "smollm2-135m", heads: str = "sequential
     D = model.depth
     weights = [1.0] * (D + 1)
     loss_fn = MTPLoss(D, weights, eos_id=cfg.eos_id, distill=distill and teacher == "once", chunk_rows=chunk_rows,
-                      kernel=kernel, skip_main=True)
+                      kernel=kernel, skip_main=True, compile=compile)
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, fused=cuda)
     g = torch.Generator().manual_seed(1)

@@ -194,11 +194,13 @@ class MTPLoss:
         skip_main: leave the main head's loss out (no LM-head matmul, no CE) when it can have no
             gradient (frozen backbone); its per-depth loss and accuracy are NaN. The teacher of
             `distill` is still computed.
+        compile: run the distillation kernel's per-chunk elementwise math under torch.compile
+            (`distill.distill_kl`'s `compiled`).
     """
 
     def __init__(self, depth: int, weights: list[float] | None = None, mtp_lambda: str | float = 0.3,
                  eos_id: int | None = None, distill: bool = False, chunk_rows: int = 0, kernel: str = "chunked",
-                 skip_main: bool = False) -> None:
+                 skip_main: bool = False, compile: bool = False) -> None:
         if kernel not in LOSS_KERNELS:
             raise UserError(f"loss kernel {kernel!r}: choose one of {', '.join(LOSS_KERNELS)}")
         if weights is not None and len(weights) != depth + 1:
@@ -208,6 +210,7 @@ class MTPLoss:
         self.depth, self.weights, self.eos_id = depth, weights, eos_id
         self.schedule = parse_schedule(mtp_lambda)
         self.distill, self.chunk_rows, self.kernel, self.skip_main = distill, chunk_rows, kernel, skip_main
+        self.compile = compile
         self._resolved: dict[str, str] = {}
 
     def depth_weights(self, step: int = 0) -> list[float]:
@@ -260,7 +263,7 @@ class MTPLoss:
             valid = (targets.tokens[1 : D + 1] != IGNORE_INDEX).view(D, B, T)
             loss, ce_sum[1:], correct[1:] = fn(hiddens[0], model.unembed_weight(0), hiddens[1:],
                                                [model.unembed_weight(k) for k in range(1, D + 1)], valid, scales[1:],
-                                               self.chunk_rows)
+                                               self.chunk_rows, self.compile)
             total = total + loss
         # Hard depths sharing an unembedding go through one call: the matrix is streamed once.
         groups: dict[int, list[int]] = {}

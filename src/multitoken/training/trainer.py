@@ -507,7 +507,7 @@ class Trainer:
         # One loss for the run, its kernel resolved here once; each micro-batch passes its targets and weights.
         self.loss = MTPLoss(raw.depth, resolve_weights(cfg.loss_weights, model_cfg.heads.kind, raw.depth),
                             cfg.mtp_lambda, model_cfg.eos_id, cfg.distill, cfg.loss_chunk_rows, cfg.loss_kernel,
-                            self.skip_main)
+                            self.skip_main, compile=cfg.compile)
         self.loss_kernel = self.loss.kernel_on(self.device)
         self.run_config = {"model": model_cfg.to_dict(), "train": cfg.to_dict()}
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
