@@ -139,6 +139,11 @@ class ModelConfig:
         if problem:
             raise UserError(problem)
 
+    def with_heads(self, heads: HeadsConfig, **overrides: Any) -> "ModelConfig":
+        """The same model with other MTP heads (and `overrides` of other fields), checked: the one
+        place "same model, new heads" is written (retrofit, --init, heads files)."""
+        return dataclasses.replace(self, heads=heads, **overrides)
+
     @property
     def n_cache_layers(self) -> int:
         """KV-cache slots: one per block, the MTP heads' own blocks included."""

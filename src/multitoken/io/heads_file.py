@@ -15,12 +15,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from multitoken.config import HeadsConfig, ModelConfig, from_dict
+from multitoken.config import HeadsConfig
 from multitoken.errors import UserError
 from multitoken.io.checkpoint import load_run, read_safetensors
-from multitoken.io.hf import build_model, limit_context
 from multitoken.io.outdir import atomic_write
 from multitoken.model import Transformer
+from multitoken.model.build import build_model, limit_context
 
 HEADS_FORMAT = "multitoken-heads/1"
 
@@ -76,7 +76,7 @@ def attach_heads(run_dir: str | Path, heads_file: str | Path, max_seq_len: int |
         raise UserError(f"{heads_file} was trained on another model than {run_dir}: attach it to the model it was trained on")
     try:
         heads = dataclasses.replace(HeadsConfig.parse(meta.get("heads", "")), medusa_layers=int(meta.get("medusa_layers", "1")))
-        cfg = from_dict(ModelConfig, {**base.config.to_dict(), "heads": dataclasses.asdict(heads)})
+        cfg = base.config.with_heads(heads)
     except (UserError, ValueError):
         raise UserError(f"{heads_file}: damaged metadata (heads {meta.get('heads')!r}, medusa_layers "
                         f"{meta.get('medusa_layers')!r}): write the file again with save_heads") from None

@@ -52,6 +52,7 @@ from multitoken.io import outdir
 from multitoken.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_run, read_json, save_run
 from multitoken.io.outdir import atomic_write, write_json
 from multitoken.model import Transformer
+from multitoken.model.build import build_model, limit_context  # noqa: F401 (moved to model/; re-exported)
 from multitoken.model.heads import family, kinds
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
@@ -309,33 +310,6 @@ def _config_eos(hf: dict[str, Any]) -> int | None:
     if isinstance(eos, list):
         eos = eos[0] if eos else None
     return int(eos) if eos is not None else None
-
-
-def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], fresh_heads: bool) -> Transformer:
-    """A native model holding `state`; with `fresh_heads`, the heads start from the backbone."""
-    model = Transformer.empty(cfg)
-    model.init_weights()  # RoPE buffers and random head weights, before the real weights land
-    result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    missing = model.missing_weights(result.missing_keys, heads=False)
-    assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
-    if fresh_heads:
-        model.init_heads_from_backbone()
-    return model.eval()
-
-
-def limit_context(model: Transformer, max_seq_len: int) -> Transformer:
-    """Shorten the model's context to `max_seq_len` in place (positions below it are unchanged).
-
-    The static KV cache holds ``max_seq_len`` slots and every decoding step attends over all of
-    them (masked), so a pretrained 8k context makes each step of a short generation pay for 8k
-    keys; a context sized to the job (e.g. 1024) keeps the outputs identical and the steps cheap.
-    """
-    if not 1 <= max_seq_len <= model.config.max_seq_len:
-        raise BadValue("max_seq_len", max_seq_len, f"choose between 1 and the model's {model.config.max_seq_len}")
-    model.config.max_seq_len = max_seq_len
-    model.rope_cos = model.rope_cos[:max_seq_len].clone()
-    model.rope_sin = model.rope_sin[:max_seq_len].clone()
-    return model
 
 
 def _resolve_heads(stored: HeadsConfig, asked: HeadsConfig | None, where: str) -> tuple[HeadsConfig, bool]:

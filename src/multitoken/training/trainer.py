@@ -185,16 +185,11 @@ def build_model_config(cfg: TrainConfig, vocab_size: int, eos_id: int) -> ModelC
         if vocab_size > base.vocab_size:
             raise UserError(f"the data's tokenizer has {vocab_size} ids but the --init model's vocabulary holds "
                             f"{base.vocab_size}: prepare the data with the model's tokenizer (--tokenizer {cfg.init})")
-        fields = {**base.to_dict(), "heads": dataclasses.asdict(heads), "eos_id": eos_id}
     else:
-        fields = {**ModelConfig.from_preset(cfg.preset).to_dict(), "vocab_size": vocab_size, "eos_id": eos_id,
-                  "heads": dataclasses.asdict(heads)}
-    if cfg.max_seq_len:
-        if cfg.max_seq_len < cfg.seq_len:
-            raise UserError(f"max_seq_len={cfg.max_seq_len} is shorter than seq_len={cfg.seq_len}: raise it or lower --seq-len")
-        fields["max_seq_len"] = cfg.max_seq_len
-    fields["max_seq_len"] = max(fields["max_seq_len"], cfg.seq_len)
-    return from_dict(ModelConfig, fields)
+        base = ModelConfig.from_preset(cfg.preset, vocab_size=vocab_size)
+    if cfg.max_seq_len and cfg.max_seq_len < cfg.seq_len:
+        raise UserError(f"max_seq_len={cfg.max_seq_len} is shorter than seq_len={cfg.seq_len}: raise it or lower --seq-len")
+    return base.with_heads(heads, eos_id=eos_id, max_seq_len=max(cfg.max_seq_len or base.max_seq_len, cfg.seq_len))
 
 
 def load_backbone(model: Transformer, init_dir: str | Path, pass_through: bool = False) -> None:

@@ -3,7 +3,7 @@
 A family is one ``nn.Module`` (stored as ``Transformer.mtp``, so its parameters are named
 ``mtp.*``) that owns everything about itself: how many backbone blocks run before it branches
 off, its training forward, how it drafts when decoding, its KV-cache layers, its export names,
-its FSDP units, its default loss weights and which backbone state retrofitting stores for it.
+its FSDP units, its default loss weights (retrofitting stores the state after its `trunk_layers`).
 It receives only the main model's shared modules (`SharedModules`), never the model, so its
 parameters are all its own and FSDP can shard it unit by unit.
 """
@@ -66,9 +66,6 @@ class HeadFamily(nn.Module):
     ttt: bool = False
     """Training-time test (EAGLE-3): the training forward feeds depths >= 2 their own earlier
     drafts, as drafting does (families with `supports_ttt`); set by the trainer, not stored."""
-    feature_kind: ClassVar[str] = "last"
-    """Retrofitting: which backbone state to store, 'trunk' (after `trunk_layers` < L blocks) or
-    'last' (after every block); recorded in a feature set's metadata."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
