@@ -57,7 +57,7 @@ RUN_FILES = ("tokenizer.json", "tokenizer_config.json", METRICS_FILE, PLOT_FILE,
 # with another value, is named in one "ignored on resume" line.
 MODEL_OPTIONS = ("preset", "heads", "init", "max_seq_len")
 RESUME_OPTIONS = ("steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "device",
-                  "dtype", "compile", "fsdp", "loss_kernel", "recompute")
+                  "dtype", "compile", "fsdp", "loss_kernel", "loss_chunk_rows", "recompute")
 
 
 # ---- configuration: TOML, precedence, resume ----------------------------------------------------
