@@ -9,6 +9,8 @@ issue 18 (teacher per depth) first, then the teacher once, compiled blocks, the 
 test, hard targets, and the compiled teacher-once path at larger loss chunks. Each row records
 its tokens/s over the first row's. Every row runs in its own try/except and the JSON is
 rewritten after each: $OUT/gpu_head_train.json. The target of issue 18 is >= 250k tokens/s.
+First, a correctness check: the distillation kernel under bf16 autocast, eager and compiled,
+against the naive float32 reference (`check_distill`).
 """
 
 from __future__ import annotations
@@ -37,6 +39,31 @@ ROWS = [
 ]
 
 
+def check_distill(device: str, compiled: bool) -> dict:
+    """`distill_kl` (bf16 autocast, as training runs it; eager or compiled) against the naive float32
+    reference on a SmolLM2-sized vocabulary: KL per depth, agreement counts, gradients (relative error)."""
+    from multitoken.training.distill import distill_kl, naive_distill_kl
+
+    torch.manual_seed(0)
+    B, T, C, V, D = 4, 256, 576, 49152, 4
+    h0 = torch.randn(B, T, C, device=device) * 0.3
+    w = (torch.randn(V, C, device=device) * 0.05).requires_grad_()
+    hs = [(torch.randn(B, T, C, device=device) * 0.3).requires_grad_() for _ in range(D)]
+    valid = torch.rand(D, B, T, device=device) > 0.1
+    for j in range(D):
+        valid[j, :, T - j - 1:] = False
+    scales = torch.full((D,), 1e-3, device=device)
+    params = hs + [w]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device == "cuda"):
+        loss, kl, _ = distill_kl(h0, w.detach(), hs, [w] * D, valid, scales, compiled=compiled)
+    grads = torch.autograd.grad(loss, params)
+    ref, ref_kl, _ = naive_distill_kl(h0, w.detach(), hs, [w] * D, valid, scales)
+    ref_grads = torch.autograd.grad(ref, params)
+    rel = [float((g.float() - r).norm() / r.norm().clamp(min=1e-30)) for g, r in zip(grads, ref_grads)]
+    return dict(compiled=compiled, kl_rel=float(((kl - ref_kl).abs() / ref_kl.abs().clamp(min=1e-30)).max()),
+                grad_rel_max=max(rel), ok=max(rel) < 3e-2 and float(((kl - ref_kl).abs() / ref_kl.abs()).max()) < 1e-2)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", required=True)
@@ -59,6 +86,13 @@ def main(argv: list[str] | None = None) -> int:
     data = {"command": " ".join(["python3", "bench/gpu_head_train.py", *(argv or sys.argv[1:])]),
             "machine": {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
                         "torch": torch.__version__}, "common": common, "rows": []}
+    data["checks"] = []
+    for compiled in ((False,) if args.smoke else (False, True)):
+        try:
+            data["checks"].append(check_distill(device, compiled))
+        except Exception as e:  # a failing check is recorded, the rows still run
+            data["checks"].append({"compiled": compiled, "error": f"{type(e).__name__}: {e}"})
+        print("check", data["checks"][-1], flush=True)
     t0 = time.perf_counter()
     for options in ROWS:
         if args.smoke and options.get("compile"):
