@@ -161,3 +161,36 @@ def test_code_continuations_are_cut_from_the_corpus_and_mask_the_prefix(tmp_path
 def test_distinct_n_by_hand() -> None:
     assert distinct_n([[1, 2, 1, 2]], 2) == 2 / 3  # (1,2) (2,1) (1,2)
     assert distinct_n([[1, 2], [1, 2]], 1) == 2 / 4
+
+
+def test_heads_train_on_masked_data_and_warm_start_from_a_heads_file(tmp_path: Path) -> None:
+    """The trainer reads (tokens, mask) batches; `init_heads` starts the heads from a file's weights
+    (checked tensor by tensor after the backbone loads), and a file for other heads is a one-line error."""
+    from conftest import tiny_model
+
+    from multitoken.config import TrainConfig
+    from multitoken.io.checkpoint import save_run
+    from multitoken.io.heads_file import load_heads_into, save_heads
+    from multitoken.model import Transformer
+    from multitoken.training.trainer import load_backbone, train
+
+    tok = chat_tokenizer()
+    users = [f"Tell me fact number {i} about rivers?" for i in range(40)]
+    cfg = SelfGenConfig(chat=12, code=0, batch_size=4, multi_turn=0.0, val_every=4, temperatures=(0.0,))
+    distill_data(FakeModel(), tok, tmp_path / "d", cfg, progress=False, generate=Script(tok, users))
+    base = tiny_model("none", 0, vocab_size=tok.vocab_size, eos_id=tok.eos_id, max_seq_len=64)
+    save_run(tmp_path / "base", base, tok)
+    donor = tiny_model("sequential", 2, seed=3, vocab_size=tok.vocab_size, eos_id=tok.eos_id, max_seq_len=64)
+    donor.load_state_dict(base.state_dict(), strict=False)
+    heads = save_heads(donor, tmp_path / "h.safetensors")
+    common = dict(heads="sequential:2", init=str(tmp_path / "base"), init_heads=str(heads), freeze_backbone=True,
+                  distill=True, batch_size=2, seq_len=32, eval_every=0, save_every=0, log_every=1, eval_batches=1, device="cpu")
+    start = Transformer(donor.config)
+    load_backbone(start, tmp_path / "base")
+    load_heads_into(start, heads)
+    for k, v in donor.mtp.state_dict().items():
+        assert torch.equal(start.mtp.state_dict()[k], v.to(torch.bfloat16).float()), k
+    out = train(TrainConfig(steps=3, **common), tmp_path / "d", tmp_path / "r1", progress=False)
+    assert out["step"] == 3
+    with pytest.raises(UserError, match="holds sequential:2 heads"):
+        train(TrainConfig(steps=1, **{**common, "heads": "sequential:3"}), tmp_path / "d", tmp_path / "r2", progress=False)
