@@ -499,6 +499,25 @@ case("train-out-is-a-file", lambda b, w: train_args(b, w, out=str(write(w / "afi
 case("prepare-out-is-a-file", lambda b, w: prep()(b, w)[:-2] + [str(write(w / "afile", "x")), "--quiet"])
 
 
+# distill-data: the model writes its own training data
+def dd(*extra: str, run: Callable[[Path], str] | None = None) -> Argv:
+    return lambda b, w: ["distill-data", "--run", (run or R)(b), "--out", str(w / "new_data"), "--device", "cpu",
+                         "--quiet", *extra]
+
+
+case("distill-data-run-missing", lambda b, w: ["distill-data", "--run", str(w / "nope"), "--out", str(w / "new_data"), "--quiet"])
+case("distill-data-out-user-folder", lambda b, w: dd("--chat", "2", "--code", "0")(b, w)[:4] + [user_folder(w)] + dd()(b, w)[5:]
+     + ["--chat", "2", "--code", "0"])
+case("distill-data--chat=-1", dd("--chat", "-1"))
+case("distill-data--code-prefix=5,2", dd("--code-prefix", "5,2"))
+case("distill-data--temperatures=nan", dd("--temperatures", "0,nan"))
+case("distill-data-code-without-corpus", dd("--chat", "0", "--code", "4"), expect="--corpus")
+case("distill-data-no-chat-template", dd("--chat", "2", "--code", "0"), expect="chat template")
+case("distill-data-nothing-asked", dd("--chat", "0", "--code", "0"), expect="chat")
+case("bench-decode--sets=bogus", lambda b, w: ["bench", "decode", "--run", R(b), "--sets", "bogus", "--out", str(w / "bo")])
+case("bench-decode--peers=bogus", lambda b, w: ["bench", "decode", "--run", R(b), "--peers", "bogus", "--out", str(w / "bo")])
+
+
 # ---- the sweep -----------------------------------------------------------------------------------
 
 
@@ -525,5 +544,5 @@ def test_every_subcommand_is_swept():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     commands = set(sub.choices)
     assert len(commands) >= len(COMMAND_MODULES)
-    swept = {p.id.split("-")[0] for p in CASES}
+    swept = {c for c in commands for p in CASES if p.id == c or p.id.startswith(c + "-")}
     assert commands <= swept, f"no bad-input case for {sorted(commands - swept)}"
