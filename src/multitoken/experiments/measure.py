@@ -32,16 +32,13 @@ import torch
 from multitoken.experiments.quality import held_out_token_docs
 
 
-def generation_prompts(docs: list[np.ndarray], n: int, prompt_tokens: int, gen_tokens: int) -> list[list[int]]:
-    """`n` prompts from held-out documents (token arrays, EOS left out); see the module docstring."""
-    eligible = [d for d in docs if len(d) >= prompt_tokens + gen_tokens]
+def generation_prompts(docs: list[np.ndarray], n: int, prompt_tokens: int, gen_tokens: int) -> list[tuple[int, int]]:
+    """Where `n` prompts start in held-out documents (token arrays, EOS left out): (document index,
+    first token), each prompt_tokens long; see the module docstring."""
+    eligible = [i for i, d in enumerate(docs) if len(d) >= prompt_tokens + gen_tokens]
     if n < len(eligible):
         eligible = [eligible[i * len(eligible) // n] for i in range(n)]
-    prompts = []
-    for d in eligible:
-        start = (len(d) - prompt_tokens - gen_tokens) // 2
-        prompts.append(d[start : start + prompt_tokens].tolist())
-    return prompts
+    return [(i, (len(docs[i]) - prompt_tokens - gen_tokens) // 2) for i in eligible]
 
 
 @torch.no_grad()
@@ -103,8 +100,11 @@ def measure_run(study, spec, run_dir: Path) -> dict[str, Any]:
     ev = summarize(eval_stats(model, windows, eos, device, autocast))
     eval_s = time.perf_counter() - t
     t = time.perf_counter()
-    prompts = generation_prompts(held_out_token_docs(tokens, eos), cfg.gen_prompts, seq_len // 2, cfg.gen_tokens)
-    gen = generation_acceptance(model, prompts, cfg.gen_tokens, eos)  # fp32, as next-line exact match decodes
+    docs, p_len = held_out_token_docs(tokens, eos), seq_len // 2
+    where = generation_prompts(docs, cfg.gen_prompts, p_len, cfg.gen_tokens)
+    gen = generation_acceptance(model, [docs[i][s : s + p_len].tolist() for i, s in where], cfg.gen_tokens, eos)  # fp32
+    if gen is not None:
+        gen["prompt_starts"] = [list(x) for x in where]
     gen_s = time.perf_counter() - t
     t = time.perf_counter()
     cases = next_line_cases(held_out_documents(tokens, eos, tokenizer.decode), cfg.line_cases)

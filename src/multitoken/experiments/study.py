@@ -168,28 +168,31 @@ class Study:
         """The configurations `p` chooses (config.py), or None while own runs it waits for are unfinished."""
         steps = self.cfg.steps
         plain = next((v for v in self.first if v.content() == Variant("plain", "none").content()), Variant("plain", "none"))
-        candidates = [v for v in self.first if v.data == "main" and not v.plain and (p.family is None or v.family == p.family)]
-        if any(self.result(RunSpec(v, 0, steps)) is None for v in [*candidates, *([plain] if plain in self.first else [])]):
-            picks[p.text] = None
-            return None
-        seen = [v.content() for v in candidates]
+
+        def fits(v: Variant) -> bool:
+            return v.data == "main" and not v.plain and (p.family is None or v.family == p.family)
+
+        own = [v for v in self.first if fits(v)]
+        stored = []
         for r in self.store.results() if self.store else []:
             c = r["config"]
             v = Variant(c["name"], c["heads"], c["weights"], c["mtp_lambda"], c["data"])
-            if (v.content() not in seen and v.data == "main" and not v.plain and (p.family is None or v.family == p.family)
-                    and r["identity"] == self.identity(RunSpec(v, 0, steps))):
-                candidates.append(v)
-                seen.append(v.content())
+            if fits(v) and all(v.content() != x.content() for x in own + stored) and r["identity"] == self.identity(RunSpec(v, 0, steps)):
+                stored.append(v)
+        plain_known = plain in self.first or self.result(RunSpec(plain, 0, steps)) is not None
+        if required and (not (own or stored) or not plain_known):
+            what = f"a finished {p.family} configuration" if p.family else "finished configurations"
+            raise UserError(f"{p.text} chooses among {what} and plain at seed 0, equal tokens, these settings and data: "
+                            f"{'no plain run' if (own or stored) else 'none'} found in --out or --results; run the earlier phases first")
+        if any(self.result(RunSpec(v, 0, steps)) is None for v in [*own, *([plain] if plain in self.first else [])]):
+            picks[p.text] = None
+            return None
         base = self.result(RunSpec(plain, 0, steps))
-        if base is None or not candidates:
-            if required:
-                what = f"a finished {p.family} configuration" if p.family else "finished configurations"
-                raise UserError(f"{p.text} chooses among {what} and plain at seed 0, equal tokens, these settings and data: "
-                                f"{'none' if base else 'no plain run'} found in --out or --results; run the earlier phases first")
+        if base is None:
             picks[p.text] = []
             return []
         gains = sorted((self.result(RunSpec(v, 0, steps))["bits_per_byte"] - base["bits_per_byte"], i, v)
-                       for i, v in enumerate(candidates))
+                       for i, v in enumerate(own + stored))
         chosen = [v for _, _, v in gains[: p.k]]
         picks[p.text] = [v.name for v in chosen]
         return chosen
