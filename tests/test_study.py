@@ -117,7 +117,7 @@ def test_results_measured_on_other_data_are_refused_in_one_line(root, tmp_path, 
 
 def test_phase_suites_plan_their_runs_and_picks_choose_from_stored_runs(root, tmp_path):
     def study(suite: str, results: Path):
-        a = args(root / "data", tmp_path / suite, results, configs=()) + ["--suite", suite]
+        a = args(root / "data", tmp_path / suite, results, "--preset", "tiny", configs=()) + ["--suite", suite]
         return build_study(study_config(build_parser().parse_args(a)))
 
     phase1 = study("phase1-seq-vs-plain", root / "results").plan()

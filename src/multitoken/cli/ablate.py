@@ -57,6 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("quiet", action="store_true", show_default=False)
     p.add_argument("--max-minutes", type=floats(0, lo_open=True), default=None, help="stop (resumably) before this budget runs out")
     p.add_argument("--max-steps", type=ints(1), default=None, help="train at most this many steps in this invocation")
+    p.add_argument("--whole-runs", action="store_true",
+                   help="with --max-minutes: do not begin a run that would not finish in time at the speed measured so far")
     p.set_defaults(func=run)
 
 
@@ -84,7 +86,7 @@ def run(args: argparse.Namespace) -> int:
     study = build_study(study_config(args))
     outdir.claim(study.out, "ablate")
     outdir.remove_temporaries(study.out, OUT_FILES)
-    status = run_study(study, args.max_minutes, args.max_steps)
+    status = run_study(study, args.max_minutes, args.max_steps, args.whole_runs)
     data = write_report(study)
     print(format_table(data))
     where = f"{study.out / 'ablate.json'}, ablate.md and curves.png" + (f"; results in {study.store.root}" if study.store else "")

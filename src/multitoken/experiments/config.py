@@ -171,23 +171,23 @@ PARALLEL_WEIGHTS = ("par4-equal=parallel:3/w=equal", "par4-geo=parallel:3/w=geom
                     "par4-lambda=parallel:3/w=lambda/lambda=0.3", "par2-geo=parallel:1/w=geometric:0.5")
 SEQUENTIAL_MORE = ("seq1-decay=sequential:1/lambda=0.3,0.1@67%", "seq3=sequential:3/lambda=0.3")
 
-# Issue 24's phases, in order: each one is whole runs whose results later phases reuse through
-# --results (plain seed 0 is in every table, trained once).
+# Issue 24's phases, in order, at the base preset (100M) but the last: each one is whole runs whose
+# results later phases reuse through --results (plain seed 0 is in every table, trained once).
 SUITES: dict[str, Suite] = {
     "phase1-seq-vs-plain": Suite(
         "plain and sequential:1 (lambda 0.3), seeds 0-2, equal tokens: DeepSeek-V3's question with a spread",
-        (Group((PLAIN, SEQ1), seeds=(0, 1, 2)),)),
+        (Group((PLAIN, SEQ1), seeds=(0, 1, 2)),), preset="base"),
     "phase2-parallel-weights": Suite(
         "parallel:3 with equal, geometric:0.5 and lambda-0.3 weights; parallel:1 geometric:0.5; "
         "sequential:1 lambda 0.3 -> 0.1 at 67%; sequential:3; seed 0, equal tokens",
-        (Group((PLAIN, *PARALLEL_WEIGHTS, *SEQUENTIAL_MORE)),)),
+        (Group((PLAIN, *PARALLEL_WEIGHTS, *SEQUENTIAL_MORE)),), preset="base"),
     "phase3-equal-compute-and-bytes": Suite(
         "the best parallel and the best sequential configuration at equal compute; plain against "
         "parallel:7 on bytes at equal tokens; seed 0",
-        (Group((PLAIN, "best:1:parallel", "best:1:sequential"), axes=("compute",)), Group(BYTES))),
+        (Group((PLAIN, "best:1:parallel", "best:1:sequential"), axes=("compute",)), Group(BYTES)), preset="base"),
     "phase4-seeds": Suite(
         "seeds 1 and 2 of the best two configurations (with plain's three seeds), equal tokens",
-        (Group((PLAIN, "best:2"), seeds=(0, 1, 2)),)),
+        (Group((PLAIN, "best:2"), seeds=(0, 1, 2)),), preset="base"),
     "phase5-large": Suite(
         "the large preset (317M): plain against sequential:1 (lambda 0.3), seeds 0-1, equal tokens",
         (Group((PLAIN, SEQ1), seeds=(0, 1)),), preset="large"),

@@ -295,8 +295,13 @@ def checkpoint_step(run_dir: Path) -> int:
     return int(folder.name.split("_")[1]) if folder is not None else 0
 
 
-def run_study(study: Study, max_minutes: float | None = None, max_steps: int | None = None) -> dict[str, Any]:
+def run_study(study: Study, max_minutes: float | None = None, max_steps: int | None = None,
+              whole_runs: bool = False) -> dict[str, Any]:
     """Train and measure every planned run that is not finished, within the budgets.
+
+    With `whole_runs`, a run not yet begun is not begun when, at the speed measured so far this
+    call, it would not finish within `max_minutes` (on a machine whose disk does not survive, a
+    half-trained run is lost).
 
     Returns:
         {"complete": all planned runs finished and every pick made, "trained_steps": optimizer
@@ -329,6 +334,10 @@ def run_study(study: Study, max_minutes: float | None = None, max_steps: int | N
         cfg = study.train_config(spec)
         flops_per_step = study.flops(spec.variant) * cfg.batch_size * cfg.seq_len
         step = checkpoint_step(run_dir)
+        if whole_runs and step == 0 and sec_per_flop is not None:
+            need_s = sec_per_flop * flops_per_step * spec.steps + measure_s
+            if time.perf_counter() - t0 + need_s > budget_s:
+                return stop(f"{folder} would not finish within the budget (about {need_s / 60:.1f} min at this call's speed)")
         while step < spec.steps:
             left_s = budget_s - (time.perf_counter() - t0) - measure_s
             n = min(study.cfg.chunk_steps, spec.steps - step, steps_left)
