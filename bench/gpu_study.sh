@@ -66,7 +66,7 @@ echo "phase $phase: $left minutes for runs"
 status=0
 python3 -m multitoken ablate --suite "$phase" --data "$WORK/data-bpe8k" ${bytes[@]+"${bytes[@]}"} --out "$WORK/out-$phase" \
     --results "$RESULTS" --steps 1000 --batch-size 32 --seq-len 1024 --eval-every 100 \
-    --train-config bench/study_train.toml --no-keep-weights --max-minutes "$left" --whole-runs ${STUDY_ARGS:-} || status=$?
+    --chunk-steps 1000 --train-config bench/study_train.toml --no-keep-weights --max-minutes "$left" --whole-runs ${STUDY_ARGS:-} || status=$?
 tar -czf "$OUT/study-results.tar.gz" -C "$RESULTS" .
 cp "$RESULTS/data_sha256.json" "$OUT/"
 cp "$RESULTS/$phase.md" "$RESULTS/$phase.png" "$OUT/" 2>/dev/null || true
