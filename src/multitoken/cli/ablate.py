@@ -23,12 +23,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                               description="Train a suite of head configurations on the same data, at equal tokens and at "
                               "equal compute, over several seeds; resumable (run the same command again to continue), and "
                               "with --results, runs already there are not trained again. Writes OUT/ablate.json, "
-                              f"ablate.md and curves.png. Suites: {phases}.".replace("%", "%%"))
+                              f"ablate.md and curves.png. Suites: {phases}.")
     docs = field_docs(StudyConfig)
     defaults = {f.name: f.default for f in dataclasses.fields(StudyConfig)}
 
     def add(name: str, metavar: str | None = None, show_default: bool = True, **kw) -> None:
-        help_text = docs[name] + (f" (default {defaults[name]})" if show_default and defaults.get(name) is not None else "")
+        default = defaults.get(name)
+        shown = show_default and default is not None and default is not dataclasses.MISSING
+        help_text = docs[name] + (f" (default {default})" if shown else "")
         p.add_argument("--" + name.replace("_", "-"), dest=name, help=help_text.replace("%", "%%"),
                        **({"metavar": metavar} if metavar else {}), **kw)
 
@@ -39,9 +41,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add("suite", choices=sorted([*SUITES, *SUITE_ALIASES]))
     add("configs", "SPEC", nargs="+", default=(), type=text_arg, show_default=False)
     add("preset", type=text_arg)
-    add("steps", type=ints(1), default=defaults["steps"])
-    add("batch_size", type=ints(1, 1 << 20), default=defaults["batch_size"])
-    add("seq_len", type=ints(2, 1 << 21), default=defaults["seq_len"])
+    add("steps", type=ints(1))
+    add("batch_size", type=ints(1, 1 << 20))
+    add("seq_len", type=ints(2, 1 << 21))
     add("seeds", type=ints(1, 100))
     add("axes", type=_axes)
     add("eval_every", type=ints(1), default=defaults["eval_every"])
@@ -55,7 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-keep-weights", dest="keep_weights", action="store_false",
                    help="delete each finished run's model.safetensors (checkpoints are always deleted)")
     add("quiet", action="store_true", show_default=False)
-    p.add_argument("--max-minutes", type=floats(0, lo_open=True), default=None, help="stop (resumably) before this budget runs out")
+    p.add_argument("--max-minutes", type=floats(0, lo_open=True), default=None,
+                   help="stop (resumably) before this budget runs out")
     p.add_argument("--max-steps", type=ints(1), default=None, help="train at most this many steps in this invocation")
     p.add_argument("--whole-runs", action="store_true",
                    help="with --max-minutes: do not begin a run that would not finish in time at the speed measured so far")

@@ -160,12 +160,15 @@ class Suite:
     groups: tuple[Group, ...] = ()
     preset: str | None = None
     """The preset used when the command line gives none."""
+    shape: tuple[int, int, int] | None = None
+    """(steps, batch_size, seq_len) used where the command line gives none."""
     grid: tuple[str, ...] = ()
     """Instead of groups: these configurations at seed 0 on --axes, then plain and best:2 at seeds
     1 .. --seeds-1 (the form of `--configs`)."""
 
 
 PLAIN, SEQ1 = "plain=none", "seq1=sequential:1/lambda=0.3"
+PROTOCOL = (1000, 32, 1024)  # steps of batch x seq_len: 32.8M tokens a run (docs/results.md)
 BYTES = ("bytes-plain=none/data=bytes", "bytes-par8=parallel:7/w=equal/data=bytes")
 PARALLEL_WEIGHTS = ("par4-equal=parallel:3/w=equal", "par4-geo=parallel:3/w=geometric:0.5",
                     "par4-lambda=parallel:3/w=lambda/lambda=0.3", "par2-geo=parallel:1/w=geometric:0.5")
@@ -176,21 +179,22 @@ SEQUENTIAL_MORE = ("seq1-decay=sequential:1/lambda=0.3,0.1@67%", "seq3=sequentia
 SUITES: dict[str, Suite] = {
     "phase1-seq-vs-plain": Suite(
         "plain and sequential:1 (lambda 0.3), seeds 0-2, equal tokens: DeepSeek-V3's question with a spread",
-        (Group((PLAIN, SEQ1), seeds=(0, 1, 2)),), preset="base"),
+        (Group((PLAIN, SEQ1), seeds=(0, 1, 2)),), preset="base", shape=PROTOCOL),
     "phase2-parallel-weights": Suite(
         "parallel:3 with equal, geometric:0.5 and lambda-0.3 weights; parallel:1 geometric:0.5; "
         "sequential:1 lambda 0.3 -> 0.1 at 67%; sequential:3; seed 0, equal tokens",
-        (Group((PLAIN, *PARALLEL_WEIGHTS, *SEQUENTIAL_MORE)),), preset="base"),
+        (Group((PLAIN, *PARALLEL_WEIGHTS, *SEQUENTIAL_MORE)),), preset="base", shape=PROTOCOL),
     "phase3-equal-compute-and-bytes": Suite(
         "the best parallel and the best sequential configuration at equal compute; plain against "
         "parallel:7 on bytes at equal tokens; seed 0",
-        (Group((PLAIN, "best:1:parallel", "best:1:sequential"), axes=("compute",)), Group(BYTES)), preset="base"),
+        (Group((PLAIN, "best:1:parallel", "best:1:sequential"), axes=("compute",)), Group(BYTES)),
+        preset="base", shape=PROTOCOL),
     "phase4-seeds": Suite(
         "seeds 1 and 2 of the best two configurations (with plain's three seeds), equal tokens",
-        (Group((PLAIN, "best:2"), seeds=(0, 1, 2)),), preset="base"),
+        (Group((PLAIN, "best:2"), seeds=(0, 1, 2)),), preset="base", shape=PROTOCOL),
     "phase5-large": Suite(
         "the large preset (317M): plain against sequential:1 (lambda 0.3), seeds 0-1, equal tokens",
-        (Group((PLAIN, SEQ1), seeds=(0, 1)),), preset="large"),
+        (Group((PLAIN, SEQ1), seeds=(0, 1)),), preset="large", shape=PROTOCOL),
     "grid": Suite(
         "issue 14's twelve configurations at seed 0 on both axes, then plain and the best two at more seeds",
         grid=(PLAIN, "par2-equal=parallel:1/w=equal", PARALLEL_WEIGHTS[3], "par2-lambda=parallel:1/w=lambda/lambda=0.3",
@@ -230,12 +234,12 @@ class StudyConfig:
     N% of the run), trained as a grid: seed 0 on every axis, then plain and the best two at more seeds."""
     preset: str | None = None
     """Model preset of every run (default: the suite's, else tiny)."""
-    steps: int = 1000
-    """Steps at equal tokens."""
-    batch_size: int = 16
-    """Windows per optimizer step."""
-    seq_len: int = 128
-    """Tokens per window."""
+    steps: int | None = None
+    """Steps at equal tokens (default: the suite's, else 1000)."""
+    batch_size: int | None = None
+    """Windows per optimizer step (default: the suite's, else 16)."""
+    seq_len: int | None = None
+    """Tokens per window (default: the suite's, else 128)."""
     seeds: int | None = None
     """Grid only: seeds for plain and the best two configurations (default 3)."""
     axes: tuple[str, ...] | None = None

@@ -51,7 +51,8 @@ def summarize_study(study) -> dict[str, Any]:
             row["tokens_per_s"] = statistics.fmean(speeds) if speeds else None
             rows.append(row)
     for row in rows:
-        base = next((r for r in rows if r["axis"] == row["axis"] and r.get("seeds") and r.get("plain") and r["data"] == row.get("data")), None)
+        base = next((r for r in rows if r["axis"] == row["axis"] and r.get("seeds") and r.get("plain")
+                     and r["data"] == row.get("data")), None)
         if row.get("seeds") and base:
             row["val_loss_vs_plain"] = row["val_loss"] - base["val_loss"]
             row["bits_per_byte_vs_plain"] = row["bits_per_byte"] - base["bits_per_byte"]
@@ -151,7 +152,8 @@ def write_report(study) -> dict[str, Any]:
             "study": {k: str(v) if isinstance(v, Path) else v for k, v in dataclasses.asdict(cfg).items()},
             "preset": study.preset, "data": {k: str(v) for k, v in study.data.items()},
             "data_sha256": study.fingerprints, "train": study.base, "axes": list(study.axes),
-            "equal_compute": "steps_c = max(1, round(steps * F_plain / F_c)), F = training.flops.train_flops(...)['total'] per token",
+            "equal_compute": "steps_c = max(1, round(steps * F_plain / F_c)), "
+                             "F = training.flops.train_flops(...)['total'] per token",
             "train_tokens": {k: m["splits"]["train"]["tokens"] for k, m in study.meta.items()},
             **summary}
     status = "complete" if summary["complete"] else "INCOMPLETE (run the same command again to continue)"

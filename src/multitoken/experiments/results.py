@@ -71,7 +71,8 @@ class ResultStore:
                 ident, data = result["identity"], result["data"]
                 key, fp = data["key"], data["sha256"]
             except (ValueError, KeyError, TypeError):
-                raise UserError(f"{path} is not a result of `multitoken ablate` (no identity/data record): move it out of --results") from None
+                raise UserError(f"{path} is not a result of `multitoken ablate` (no identity/data record): "
+                                "move it out of --results") from None
             if key in fingerprints and fp != fingerprints[key]:
                 raise UserError(f"{path} was measured on data with fingerprint {fp[:12]}, the {key} DATA_DIR has "
                                 f"{fingerprints[key][:12]}: rebuild the data identically (same corpus, tokenizer, split) "

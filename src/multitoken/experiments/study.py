@@ -27,6 +27,7 @@ short). Run again with the same arguments to continue.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import sys
@@ -177,13 +178,15 @@ class Study:
         for r in self.store.results() if self.store else []:
             c = r["config"]
             v = Variant(c["name"], c["heads"], c["weights"], c["mtp_lambda"], c["data"])
-            if fits(v) and all(v.content() != x.content() for x in own + stored) and r["identity"] == self.identity(RunSpec(v, 0, steps)):
+            new = all(v.content() != x.content() for x in own + stored)
+            if fits(v) and new and r["identity"] == self.identity(RunSpec(v, 0, steps)):
                 stored.append(v)
         plain_known = plain in self.first or self.result(RunSpec(plain, 0, steps)) is not None
         if required and (not (own or stored) or not plain_known):
             what = f"a finished {p.family} configuration" if p.family else "finished configurations"
             raise UserError(f"{p.text} chooses among {what} and plain at seed 0, equal tokens, these settings and data: "
-                            f"{'no plain run' if (own or stored) else 'none'} found in --out or --results; run the earlier phases first")
+                            f"{'no plain run' if (own or stored) else 'none'} found in --out or --results; "
+                            "run the earlier phases first")
         if any(self.result(RunSpec(v, 0, steps)) is None for v in [*own, *([plain] if plain in self.first else [])]):
             picks[p.text] = None
             return None
@@ -209,7 +212,7 @@ class Study:
 # ---- building a study from its config ----------------------------------------------------------------
 
 
-def _groups(cfg: StudyConfig) -> tuple[str | None, list[tuple[list[Variant | Pick], tuple[int, ...], tuple[str, ...], bool]]]:
+def _groups(cfg: StudyConfig) -> tuple[Any, list[tuple[list[Variant | Pick], tuple[int, ...], tuple[str, ...], bool]]]:
     """The suite's or --configs' groups with every entry parsed (a name refers to an earlier spec)."""
     s = suite(cfg.suite) if cfg.suite else None
     if s is not None and s.groups:
@@ -244,7 +247,7 @@ def _groups(cfg: StudyConfig) -> tuple[str | None, list[tuple[list[Variant | Pic
             named[v.name] = v
             entries.append(v)
         out.append((entries, g.seeds, g.axes, required))
-    return (s.preset if s else None), out
+    return s, out
 
 
 def build_study(cfg: StudyConfig) -> Study:
@@ -253,8 +256,11 @@ def build_study(cfg: StudyConfig) -> Study:
     from multitoken.training.parallel import resolve_device
     from multitoken.training.trainer import load_toml, resolve_config
 
-    suite_preset, groups = _groups(cfg)
-    preset = cfg.preset or suite_preset or "tiny"
+    s, groups = _groups(cfg)
+    preset = cfg.preset or (s and s.preset) or "tiny"
+    shape = (s and s.shape) or (1000, 16, 128)
+    cfg = dataclasses.replace(cfg, steps=cfg.steps or shape[0], batch_size=cfg.batch_size or shape[1],
+                              seq_len=cfg.seq_len or shape[2])
     variants = list(dict.fromkeys(e for g in groups for e in g[0] if isinstance(e, Variant)))
     data = {"main": Path(cfg.data)}
     if any(v.data == "bytes" for v in variants):
