@@ -68,6 +68,15 @@ def generation_acceptance(model, prompts: list[list[int]], gen_tokens: int, eos_
             "new_tokens": new_tokens, "prompts": len(prompts)}
 
 
+def learning_curve(records: list[dict[str, Any]], steps: int, every: int, tokens_per_step: int) -> list[list[float]]:
+    """[step, tokens, main-head val loss] at multiples of `every` and at the end, from metrics.jsonl's
+    records; the extra points each chunk's stop adds are left out, so a curve does not depend on
+    where invocations stopped."""
+    points = {r["step"]: r["loss_per_depth"][0] for r in records
+              if r["split"] == "val" and (r["step"] == steps or (every and r["step"] % every == 0))}
+    return [[s, s * tokens_per_step, points[s]] for s in sorted(points)]
+
+
 def measure_run(study, spec, run_dir: Path) -> dict[str, Any]:
     """The result of a trained run: its metrics (module docstring), identity, data fingerprint and
     commit (results.py), learning curve; timing apart under "timing"."""
@@ -111,12 +120,7 @@ def measure_run(study, spec, run_dir: Path) -> dict[str, Any]:
     lines = next_line_exact_match(model, tokenizer, cases, context=seq_len)
     lines_s = time.perf_counter() - t
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    # Validation points at multiples of eval_every and at the end; the extra ones that each chunk's
-    # stop adds are left out, so a curve does not depend on where invocations stopped.
-    every = base.get("eval_every", 0)
-    points = {r["step"]: r["loss_per_depth"][0] for r in records
-              if r["split"] == "val" and (r["step"] == spec.steps or (every and r["step"] % every == 0))}
-    curve = [[s, s * batch_size * seq_len, points[s]] for s in sorted(points)]
+    curve = learning_curve(records, spec.steps, base.get("eval_every", 0), batch_size * seq_len)
     speeds = [r["tokens_per_s"] for r in records if r["split"] == "train" and "tokens_per_s" in r]
     tf = ev["acceptance_per_position"]
     return {

@@ -340,10 +340,9 @@ def run_study(study: Study, max_minutes: float | None = None, max_steps: int | N
         cfg = study.train_config(spec)
         flops_per_step = study.flops(spec.variant) * cfg.batch_size * cfg.seq_len
         step = checkpoint_step(run_dir)
-        if whole_runs and step == 0 and sec_per_flop is not None:
-            need_s = sec_per_flop * flops_per_step * spec.steps + measure_s
-            if time.perf_counter() - t0 + need_s > budget_s:
-                return stop(f"{folder} would not finish within the budget (about {need_s / 60:.1f} min at this call's speed)")
+        need_s = sec_per_flop * flops_per_step * spec.steps + measure_s if sec_per_flop is not None else 0.0
+        if whole_runs and step == 0 and time.perf_counter() - t0 + need_s > budget_s:
+            return stop(f"{folder} would not finish within the budget (about {need_s / 60:.1f} min at this call's speed)")
         while step < spec.steps:
             left_s = budget_s - (time.perf_counter() - t0) - measure_s
             n = min(study.cfg.chunk_steps, spec.steps - step, steps_left)
