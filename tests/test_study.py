@@ -192,3 +192,35 @@ def test_generation_acceptance_equals_a_naive_speculative_loop_on_held_out_promp
     assert result["second_token_acceptance_teacher_forced"] is not None
     plain = json.loads((root / "results" / "runs/tiny/plain/seed0-steps6/ablate_result.json").read_text())
     assert plain["generation"] is None and plain["second_token_acceptance_generation"] is None
+
+
+@pytest.mark.parametrize("whole_runs", [True, False])
+def test_whole_runs_does_not_begin_a_run_that_would_not_finish(root, tmp_path, monkeypatch, whole_runs):
+    """A fake clock that training alone advances, 10 s per step; budget 100 s. The first run (6 steps)
+    takes 60 s; the second would take 60 s + the 10 s kept for measuring (a tenth of the budget until
+    a measurement is timed): with whole_runs it is not begun, without it 2 of its steps are trained
+    before the budget stops the call."""
+    from types import SimpleNamespace
+
+    import multitoken.training.trainer as trainer
+    from multitoken.experiments import study as study_module
+    from multitoken.experiments.study import checkpoint_step, run_study
+
+    clock = [0.0]
+    real_train = trainer.train
+
+    def timed_train(cfg, data, run_dir, **kw):
+        start = checkpoint_step(Path(run_dir))
+        out = real_train(cfg, data, run_dir, **kw)
+        clock[0] += 10.0 * (kw["stop_after"] - start)
+        return out
+
+    monkeypatch.setattr(trainer, "train", timed_train)
+    monkeypatch.setattr(study_module, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    a = args(root / "data", tmp_path / "out", tmp_path / "results", "--chunk-steps", "4")
+    study = build_study(study_config(build_parser().parse_args(a)))
+    status = run_study(study, max_minutes=100 / 60, whole_runs=whole_runs)
+    second = tmp_path / "out" / "runs/tiny/p2/seed0-steps6"
+    assert status["trained_runs"] == ["runs/tiny/plain/seed0-steps6"] and not status["complete"]
+    assert status["trained_steps"] == (6 if whole_runs else 8)
+    assert checkpoint_step(second) == (0 if whole_runs else 2)
