@@ -188,6 +188,7 @@ def test_generation_acceptance_equals_a_naive_speculative_loop_on_held_out_promp
     accepted, steps = sum(a for a, _ in counts), sum(s for _, s in counts)
     gen = result["generation"]
     assert gen["prompts"] == GEN_PROMPTS and gen["row_steps"] == steps
+    assert gen["tau"] == pytest.approx((accepted + steps) / steps)  # one draft: tokens per step = 1 + accepted
     assert result["second_token_acceptance_generation"] == pytest.approx(accepted / steps, abs=1e-9)
     assert result["second_token_acceptance_teacher_forced"] is not None
     plain = json.loads((root / "results" / "runs/tiny/plain/seed0-steps6/ablate_result.json").read_text())

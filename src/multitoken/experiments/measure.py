@@ -64,7 +64,7 @@ def generation_acceptance(model, prompts: list[list[int]], gen_tokens: int, eos_
         row_steps += stats.row_steps
         new_tokens += stats.new_tokens
     return {"acceptance_per_position": (accepted / max(row_steps, 1)).tolist(),
-            "tau": (accepted.sum() + row_steps) / max(row_steps, 1), "row_steps": row_steps,
+            "tau": float(accepted.sum() + row_steps) / max(row_steps, 1), "row_steps": row_steps,
             "new_tokens": new_tokens, "prompts": len(prompts)}
 
 
