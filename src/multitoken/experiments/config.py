@@ -127,7 +127,9 @@ class Pick:
     """``best:K[:FAMILY]``: configurations chosen from finished runs (see the module docstring)."""
 
     k: int
+    """How many configurations."""
     family: str | None = None
+    """Only this head family (parallel, sequential, medusa), or any."""
 
     @property
     def text(self) -> str:
@@ -148,8 +150,11 @@ class Group:
     """Runs of a suite: these entries (specs, earlier names or picks) at these seeds on these axes."""
 
     entries: tuple[str, ...]
+    """Configuration specs, names of configurations an earlier group defined, or picks."""
     seeds: tuple[int, ...] = (0,)
+    """The seeds each entry is trained at."""
     axes: tuple[str, ...] = ("tokens",)
+    """equal tokens, equal compute or both."""
 
 
 @dataclass(frozen=True)
@@ -157,7 +162,9 @@ class Suite:
     """A named study: its groups of runs and, optionally, the model preset it is about."""
 
     summary: str
+    """One line for --help."""
     groups: tuple[Group, ...] = ()
+    """The runs, in the order they are trained."""
     preset: str | None = None
     """The preset used when the command line gives none."""
     shape: tuple[int, int, int] | None = None
@@ -202,7 +209,6 @@ SUITES: dict[str, Suite] = {
 }
 SUITE_ALIASES = {"issue14": "grid"}
 """Old names that still work."""
-PHASES = tuple(name for name in SUITES if name.startswith("phase"))
 
 
 def suite(name: str) -> Suite:
