@@ -325,7 +325,8 @@ for opt, v in [("--steps", "0"), ("--steps", "²"), ("--seeds", "0"), ("--seeds"
                ("--seq-len", "1"), ("--eval-every", "0"), ("--eval-windows", "-1"), ("--line-cases", "0"),
                ("--chunk-steps", "0"), ("--max-minutes", "0"), ("--max-minutes", "nan"), ("--max-minutes", "-1"),
                ("--max-steps", "0"), ("--max-steps", "٣"), ("--suite", "bogus"), ("--axes", "flops"), ("--axes", ""),
-               ("--axes", "tokens,tokens"), ("--device", "bogus"), ("--preset", "gigantic")]:
+               ("--axes", "tokens,tokens"), ("--device", "bogus"), ("--preset", "gigantic"), ("--gen-prompts", "-1"),
+               ("--gen-tokens", "0")]:
     case(f"ablate{opt}={v}", abl(opt, v), expect=re.escape(opt) if opt not in ("--device", "--preset") else "")
 for v in ["parallel:²", "x=eagle:2", "p=parallel:1/w=geometric:2", "p=parallel:1/w=1,nan", "p=parallel:1/lambda=0.3,0.1@200%",
           "p=sequential:1/lambda=nan", "p=parallel:1/w=1,0.5,0.25", "p=parallel:1/zzz=1", "p=parallel:1/data=chars", "a b=none", "p=parallel:1/w="]:
@@ -345,6 +346,24 @@ case("ablate--train-config-sets-heads", lambda b, w: abl("--train-config", str(w
 case("ablate--train-config-lr-nan", lambda b, w: abl("--train-config", str(write(w / "c.toml", "lr = nan\n")))(b, w), expect="lr")
 case("ablate--train-config-missing", abl("--train-config", "/nonexistent/c.toml"), expect="not found")
 case("ablate-empty-path", lambda b, w: abl()(b, w)[:4] + [""] + abl()(b, w)[5:])
+case("ablate-phase-suite-with-seeds", lambda b, w: ["ablate", "--data", D(b), "--out", str(w / "study"), "--suite",
+                                                    "phase1-seq-vs-plain", "--seeds", "2", "--device", "cpu"], expect="--seeds")
+case("ablate-phase-pick-without-results", lambda b, w: ["ablate", "--data", D(b), "--out", str(w / "study"), "--suite",
+                                                        "phase4-seeds", "--preset", "tiny", "--device", "cpu"],
+     expect="earlier phases")
+case("ablate--results-user-folder", lambda b, w: abl("--results", user_folder(w))(b, w), expect="--results")
+
+
+def results_with(ws: Path, text: str) -> str:
+    """A --results folder of ours holding one ablate_result.json with `text` in it."""
+    write(ws / "r" / ".multitoken.json", '{"multitoken": "results", "format": 1}')
+    write(ws / "r" / "runs" / "tiny" / "x" / "seed0-steps2" / "ablate_result.json", text)
+    return str(ws / "r")
+
+
+case("ablate--results-not-a-result", lambda b, w: abl("--results", results_with(w, "{}"))(b, w), expect="not a result")
+case("ablate--results-other-data", lambda b, w: abl("--results", results_with(
+    w, '{"identity": {}, "data": {"key": "main", "sha256": "00ff"}}'))(b, w), expect="fingerprint")
 
 # head and tokenizer specs
 for v in ["parallel:²", "medusa:1000000", "medusa:0", "medusa:-1", "medusa:١", "medusa:", "eagle:2", "", "medusa:2.5", "medusa:2:shared", "sequential:2:shard", "sequential:shared"]:

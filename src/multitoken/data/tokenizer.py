@@ -257,7 +257,7 @@ class Tokenizer:
         of a token through GPT-2's byte alphabet, so a token that holds part of a multi-byte
         character counts its own bytes and the lengths of a document's tokens add up to the UTF-8
         length of its text. Other vocabularies fall back to the UTF-8 length of each token decoded
-        alone (exact for whole-character tokens). Used for bits per byte (ablate.py).
+        alone (exact for whole-character tokens). Used for bits per byte (experiments/quality.py).
         """
         inverse = {c: b for b, c in _byte_alphabet().items()}
         special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
