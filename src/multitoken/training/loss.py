@@ -226,7 +226,7 @@ class MTPLoss:
             self._resolved[kind] = resolve_loss_kernel(self.kernel, device)
         return self._resolved[kind]
 
-    def __call__(self, model, hiddens: list[Tensor], window: Tensor, step: int = 0, *, loss_mask: Tensor | None = None,
+    def __call__(self, model, hiddens: list[Tensor], window: Tensor, step: int = 0, loss_mask: Tensor | None = None, *,
                  targets: Targets | None = None, weights: Tensor | list[float] | None = None) -> LossOutput:
         """Loss of the hidden states `model` returned for ``window[:, :-1]``.
 

@@ -41,6 +41,7 @@ from multitoken.config import HeadsConfig, ModelConfig, TrainConfig, from_dict
 from multitoken.errors import UserError
 from multitoken.io import checkpoint as ckpt
 from multitoken.io import outdir
+from multitoken.io.heads_file import load_heads_into
 from multitoken.model import Transformer
 from multitoken.training import parallel
 from multitoken.training.evaluate import EvalStats, check_same_tokenizer, eval_stats, plot_accuracy, summarize
@@ -526,6 +527,10 @@ class Trainer:
                 raise UserError(f"{state['folder']}: weights do not match {out_dir / ckpt.CONFIG_FILE}; was it edited?")
         elif cfg.init:
             load_backbone(model, cfg.init, cfg.eh_pass_through)
+            if cfg.init_heads:
+                load_heads_into(model, cfg.init_heads)
+        elif cfg.init_heads:
+            raise UserError("--init-heads needs --init: the backbone the heads file was trained on")
         if cfg.ttt:
             enable_ttt(model)
         if cfg.freeze_backbone:
