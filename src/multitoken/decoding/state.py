@@ -11,9 +11,12 @@ once as a CUDA graph and replayed (nanochat/gpt-fast keep their caches the same 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
+from multitoken.config import MAX_EOS_IDS
 from multitoken.errors import UserError
 from multitoken.model.kv_cache import KVCache
 
@@ -61,21 +64,27 @@ class Emitter:
         self.budget = torch.zeros(B, dtype=torch.long, device=device)
         self.count = torch.zeros(B, dtype=torch.long, device=device)
         self.done = torch.ones(B, dtype=torch.bool, device=device)
-        self.eos = torch.full((B,), -1, dtype=torch.long, device=device)  # -1: no EOS
+        self.eos = torch.full((B, MAX_EOS_IDS), -1, dtype=torch.long, device=device)  # -1: no EOS in that column
         self._cols = torch.arange(q_max, device=device)
 
-    def reset(self, lengths: Tensor, max_new_tokens: int, max_seq_len: int, eos_id: int | None) -> None:
+    def reset(self, lengths: Tensor, max_new_tokens: int, max_seq_len: int, eos_id: int | Sequence[int] | None) -> None:
+        """Start a call; `eos_id` is one id, several (a row stops at the first of any), or None."""
         self.budget.copy_((max_seq_len - lengths).clamp(max=max_new_tokens))
         self.count.zero_()
         self.done.copy_(self.budget <= 0)
-        self.eos.fill_(-1 if eos_id is None else eos_id)
+        ids = [] if eos_id is None else [int(eos_id)] if isinstance(eos_id, int) else [int(i) for i in eos_id]
+        if len(ids) > MAX_EOS_IDS:
+            raise UserError(f"{len(ids)} EOS ids given: at most {MAX_EOS_IDS} are supported")
+        self.eos.fill_(-1)
+        if ids:
+            self.eos[:, : len(ids)] = torch.tensor(ids, dtype=torch.long)
 
     def push(self, tokens: Tensor, n: Tensor) -> Tensor:
         """Append the first n (B,) of tokens (B, q) per row; return how many each row took (B,)."""
         q = tokens.shape[1]
         cols = self._cols[:q]
         n = torch.where(self.done, 0, n)
-        hit = (tokens == self.eos[:, None]) & (cols < n[:, None])  # (B, q)
+        hit = (tokens[:, :, None] == self.eos[:, None, :]).any(-1) & (cols < n[:, None])  # (B, q)
         any_hit = hit.any(1)
         n = torch.where(any_hit, hit.int().argmax(1) + 1, n)
         n = torch.minimum(n, self.budget - self.count)
