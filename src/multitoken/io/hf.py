@@ -454,9 +454,56 @@ def _resolve_heads(stored: HeadsConfig, asked: HeadsConfig | None, where: str) -
     return (asked or HeadsConfig()), bool(asked and asked.kind != "none")
 
 
+def load_hf(hf_dir: str | Path, heads: HeadsConfig | None = None, tokenizer: str | None = None,
+            max_seq_len: int | None = None) -> tuple[Transformer, Any, dict[str, Any]]:
+    """The native model (fp32, eval mode) and tokenizer of a local Hugging Face folder, in memory.
+
+    Args:
+        hf_dir: folder with config.json, safetensors weights and tokenizer files (an export of ours too).
+        heads, tokenizer, max_seq_len: as for `convert_hf`.
+    Returns:
+        (model, tokenizer, config.json dict).
+    """
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"{hf_dir} has no config.json: point --hf at a Hugging Face model folder (or use --gguf for a .gguf file)")
+    hf = read_json(hf_dir / "config.json")
+    gen = hf_dir / "generation_config.json"
+    if gen.is_file():  # instruct models list their end-of-turn ids there (Llama-3.x, Gemma-3)
+        hf = {**hf, "eos_token_id": list(dict.fromkeys(eos_ids_from_hf(hf) + eos_ids_from_hf(read_json(gen))))}
+    state = read_safetensors_folder(hf_dir)
+    model_heads, fresh = _resolve_heads(heads_from_hf(hf), heads, str(hf_dir))
+    tok = _load_tokenizer(hf_dir, _config_eos(hf), tokenizer)
+    cfg = config_from_hf(hf, model_heads, eos_id=tok.eos_id)
+    model = build_model(cfg, state_from_hf(state, cfg, fresh), fresh)
+    if max_seq_len:
+        limit_context(model, max_seq_len)
+    hf["_all_bf16"] = all(t.dtype == torch.bfloat16 for t in state.values() if t.is_floating_point())
+    return model, tok, hf
+
+
+def from_transformers(hf_model, heads: HeadsConfig | None = None) -> Transformer:
+    """The native model (fp32, eval mode, on the same device) of a loaded transformers model, in memory.
+
+    No folder is written or read: the config maps through `config_from_hf` and the weights by
+    name (`state_from_hf`), so a model someone already holds decodes with our engine and heads.
+
+    Args:
+        hf_model: a transformers ``*ForCausalLM`` of a supported family.
+        heads: fresh heads to add (initialised from the backbone); default none.
+    """
+    if not hasattr(hf_model, "config") or not hasattr(hf_model, "state_dict"):
+        raise UserError(f"{type(hf_model).__name__} is not a transformers model: give an AutoModelForCausalLM")
+    hf = hf_model.config.to_dict()
+    model_heads, fresh = _resolve_heads(heads_from_hf(hf), heads, type(hf_model).__name__)
+    cfg = config_from_hf(hf, model_heads)
+    device = next(hf_model.parameters()).device
+    return build_model(cfg, state_from_hf(hf_model.state_dict(), cfg, fresh), fresh).to(device)
+
+
 def convert_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None, heads: HeadsConfig | None = None,
                tokenizer: str | None = None, max_seq_len: int | None = None) -> Path:
-    """Convert a local Hugging Face Llama / Qwen2 / Mistral folder (safetensors) into a run directory.
+    """Convert a local Hugging Face folder (safetensors; any of `SUPPORTED_TYPES`) into a run directory.
 
     Args:
         hf_dir: folder with config.json, safetensors weights and tokenizer files.
@@ -471,21 +518,9 @@ def convert_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None, he
     """
     hf_dir = Path(hf_dir)
     outdir.check(out, "convert")  # before the slow part: a folder holding someone else's files is refused
-    if not (hf_dir / "config.json").is_file():
-        raise UserError(f"{hf_dir} has no config.json: point --hf at a Hugging Face model folder (or use --gguf for a .gguf file)")
-    hf = read_json(hf_dir / "config.json")
-    gen = hf_dir / "generation_config.json"
-    if gen.is_file():  # instruct models list their end-of-turn ids there (Llama-3.x, Gemma-3)
-        hf = {**hf, "eos_token_id": list(dict.fromkeys(eos_ids_from_hf(hf) + eos_ids_from_hf(read_json(gen))))}
-    state = read_safetensors_folder(hf_dir)
-    model_heads, fresh = _resolve_heads(heads_from_hf(hf), heads, str(hf_dir))
-    tok = _load_tokenizer(hf_dir, _config_eos(hf), tokenizer)
-    cfg = config_from_hf(hf, model_heads, eos_id=tok.eos_id)
+    model, tok, hf = load_hf(hf_dir, heads, tokenizer, max_seq_len)
     if dtype is None:
-        dtype = "bf16" if all(t.dtype == torch.bfloat16 for t in state.values() if t.is_floating_point()) else "fp32"
-    model = build_model(cfg, state_from_hf(state, cfg, fresh), fresh)
-    if max_seq_len:
-        limit_context(model, max_seq_len)
+        dtype = "bf16" if hf["_all_bf16"] else "fp32"
     return _save(model, tok, out, dtype, source={"format": "hf", "path": str(hf_dir.resolve()), "model_type": hf["model_type"]})
 
 
