@@ -18,11 +18,11 @@ ROOT = Path(multitoken.__file__).parent
 
 # package -> packages it must never import (anything under multitoken.<name>)
 FORBIDDEN: dict[str, set[str]] = {
-    "model": {"training", "decoding", "io", "cli", "data", "bench", "demo"},
-    "decoding": {"training", "cli", "bench", "demo"},
-    "data": {"model", "training", "decoding", "cli", "bench", "demo"},
-    "io": {"training", "decoding", "cli", "bench", "demo"},
-    "training": {"cli", "bench", "demo"},
+    "model": {"training", "decoding", "io", "cli", "data", "bench", "demo", "pipeline"},
+    "decoding": {"training", "cli", "bench", "demo", "pipeline"},
+    "data": {"model", "training", "decoding", "cli", "bench", "demo", "pipeline"},
+    "io": {"training", "decoding", "cli", "bench", "demo", "pipeline"},
+    "training": {"cli", "bench", "demo", "pipeline"},
     "bench": {"cli"},
 }
 TOP_LEVEL = {"config", "errors", "checks"}

@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from multitoken.checks import INT63, Floats, Ints, Range
+from multitoken.checks import DTYPE_ALIASES, INT63, Floats, Ints, Range, dtype_name
 from multitoken.errors import BadValue, UserError
 
 MAX_HEAD_DEPTH = 16
@@ -486,7 +486,8 @@ class TrainConfig:
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: str = "auto"
-    """Autocast dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'. Weights stay fp32."""
+    """Autocast dtype: 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16' or 'float32' (bf16, fp32 are
+    aliases). Weights stay float32."""
     compile: bool = False
     """torch.compile each block (parallel.apply_compile)."""
     fsdp: bool = False
@@ -503,6 +504,8 @@ class TrainConfig:
             self.betas = tuple(self.betas)
         if isinstance(self.mtp_lambda, (int, float)) and not isinstance(self.mtp_lambda, bool):
             self.mtp_lambda = str(self.mtp_lambda)  # TOML `mtp_lambda = 0.3`
+        if isinstance(self.dtype, str) and self.dtype.strip().lower() in ("auto", "bfloat16", "float32", *DTYPE_ALIASES):
+            self.dtype = dtype_name(self.dtype)  # one spelling from here on (older runs say bf16 / fp32)
 
     def validate(self) -> None:
         """Raise a one-line `UserError` for values that cannot work (types, ranges, NaN and inf included)."""
@@ -523,7 +526,7 @@ class TrainConfig:
         checks = [
             (self.seq_len >= 2, f"seq_len={self.seq_len}: use at least 2 tokens per window"),
             (self.min_lr <= self.lr, f"min_lr={self.min_lr} is above lr={self.lr}: the decay goes down to min_lr"),
-            (self.dtype in ("auto", "bf16", "fp32"), f"dtype={self.dtype!r}: choose auto, bf16 or fp32"),
+            (self.dtype in ("auto", "bfloat16", "float32"), f"dtype={self.dtype!r}: choose auto, bfloat16 or float32 (training autocasts to bf16 or not at all)"),
             (self.loss_kernel in LOSS_KERNELS, f"loss_kernel={self.loss_kernel!r}: choose {', '.join(LOSS_KERNELS)}"),
             (self.recompute in RECOMPUTE_MODES, f"recompute={self.recompute!r}: choose {', '.join(RECOMPUTE_MODES)}"),
         ]

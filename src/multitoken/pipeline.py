@@ -87,6 +87,22 @@ class Pipeline:
         return self.tokenizer.decode(kept, skip_special_tokens=True)
 
     # ---- generation ----------------------------------------------------------------------
+    def stream(self, prompt: Any, stop: Sequence[str] = (), **kwargs: Any) -> Any:
+        """A `TextStream` over one prompt (a string or chat messages): iterate it for text pieces,
+        then read ``.text`` and ``.stats``. Stops on every EOS id of the config by default.
+
+        Args:
+            prompt: a string or chat messages.
+            stop: strings that end the text.
+            kwargs: as for `generate` (mode, max_new_tokens, temperature, ...).
+        """
+        from multitoken.decoding import TextStream
+
+        ids = self.encode(prompt)
+        kwargs.setdefault("mode", self.default_mode)
+        kwargs.setdefault("eos_id", self.model.config.stop_ids)
+        return TextStream(self.model, _Encoded(self, ids), "<prompt>", stop=list(stop), **kwargs)
+
     def generate(self, prompts: Any, max_new_tokens: int = 128, mode: str | None = None, draft: int | None = None,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  stop: Sequence[str] = (), eos_ids: Sequence[int] | None = None, **kwargs: Any) -> Completion | list[Completion]:
@@ -215,6 +231,21 @@ _ADAPTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 entry goes with the transformers model)."""
 CUSTOM_GENERATE_DIR = str(Path(__file__).parent / "hf_custom")
 """The folder to pass as transformers' ``custom_generate`` (it holds custom_generate/generate.py)."""
+
+
+class _Encoded:
+    """The pipeline's tokenizer as `TextStream` needs it: the prompt already encoded (a chat
+    template's ids), decoding without EOS ids and special tokens."""
+
+    def __init__(self, pipe: Pipeline, ids: list[int]) -> None:
+        self.pipe, self.ids = pipe, ids
+        self.eos_id = pipe.model.config.eos_id
+
+    def encode(self, text: str, special: bool = False) -> list[int]:
+        return self.ids
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        return self.pipe.decode(list(ids))
 
 
 class _NoTokenizer:

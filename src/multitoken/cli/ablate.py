@@ -8,7 +8,7 @@ import sys
 
 from multitoken.cli.options import floats, ints, path_arg, text_arg
 from multitoken.io import outdir
-from multitoken.training.ablate import OUT_FILES, SUITES, build_study, format_table, run_study, write_report
+from multitoken.training.ablate import OUT_FILES, SUITE_ALIASES, SUITES, build_study, format_table, run_study, write_report
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,14 +21,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--byte-data", default=None, type=path_arg, metavar="DATA_DIR",
                    help="a DATA_DIR prepared with --tokenizer bytes, for configurations with data=bytes")
     p.add_argument("--out", required=True, type=path_arg, help="the study's folder (runs/, ablate.json, ablate.md, curves.png)")
-    p.add_argument("--suite", default=None, choices=sorted(SUITES), help="a named list of configurations")
+    p.add_argument("--suite", default=None, choices=sorted([*SUITES, *SUITE_ALIASES]), metavar="|".join(sorted(SUITES)),
+                   help="a named list of configurations: head-families = plain, parallel n=2/4 with three weightings, "
+                        "sequential D=1/3, and bytes n=8 (alias issue14)")
     p.add_argument("--configs", nargs="+", default=None, type=text_arg, metavar="SPEC",
                    help="configurations, each [NAME=]HEADS[/w=WEIGHTS][/lambda=SCHEDULE][/data=main|bytes] "
                         "(lambda steps may be N%% of the run); added after --suite's")
     p.add_argument("--preset", default="tiny", type=text_arg, help="model preset of every run (default tiny)")
     p.add_argument("--steps", type=ints(1), default=1000, help="steps at equal tokens (default 1000)")
-    p.add_argument("--batch-size", type=ints(1, 1 << 20), default=16)
-    p.add_argument("--seq-len", type=ints(2, 1 << 21), default=128)
+    p.add_argument("--batch-size", type=ints(1, 1 << 20), default=16, help="windows per optimizer step of every run")
+    p.add_argument("--seq-len", type=ints(2, 1 << 21), default=128, help="tokens per training window")
     p.add_argument("--seeds", type=ints(1, 100), default=3, help="seeds for plain and the best two configurations (default 3)")
     p.add_argument("--axes", default="tokens,compute", type=text_arg, help="tokens, compute or both (default)")
     p.add_argument("--eval-every", type=ints(1), default=100, help="validation points of the learning curves (default 100)")
@@ -42,7 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, type=text_arg, help="auto, cpu, cuda or cuda:N")
     p.add_argument("--no-keep-weights", dest="keep_weights", action="store_false",
                    help="delete each finished run's model.safetensors (checkpoints are always deleted)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.set_defaults(func=run)
 
 

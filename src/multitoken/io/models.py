@@ -73,13 +73,13 @@ def resolve(name: str | Path) -> Path:
                         f"{type(cached_error).__name__})") from None
 
 
-def is_run_dir(folder: Path) -> bool:
-    """A run directory of ours (its config.json has a ``model`` section), not a Hugging Face folder."""
+def is_hf_folder(folder: Path) -> bool:
+    """A Hugging Face model folder (its config.json names a ``model_type``), not a run directory of ours."""
     cfg = folder / "config.json"
     if not cfg.is_file():
         return False
     data = read_json(cfg)
-    return isinstance(data, dict) and "model" in data and "model_type" not in data
+    return isinstance(data, dict) and "model_type" in data and "model" not in data
 
 
 def load_model(name: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -95,11 +95,12 @@ def load_model(name: str | Path, device: str | torch.device = "cpu", dtype: torc
         (model, tokenizer, the resolved folder).
     """
     folder = resolve(name)
-    if is_run_dir(folder):
+    if not is_hf_folder(folder):  # a run directory, or something load_run explains in one line
+        if heads is not None:
+            raise UserError(f"{folder} is a run directory: fresh heads are added by `convert --heads` or `retrofit`, "
+                            "or give a heads file")
         model, tok = load_run(folder, device=device, dtype=dtype)
         return model, tok, folder
-    if not (folder / "config.json").is_file():
-        raise UserError(f"{folder} has no config.json: give a run directory, a Hugging Face model folder or a Hub id")
     from multitoken.io.hf import load_hf
 
     model, tok, _ = load_hf(folder, heads=heads, max_seq_len=max_seq_len)

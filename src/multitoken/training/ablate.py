@@ -57,10 +57,10 @@ DATA_KEYS = ("main", "bytes")
 PER_RUN_FIELDS = ("heads", "loss_weights", "mtp_lambda", "seed", "steps", "init", "freeze_backbone", "distill")
 
 SUITES: dict[str, list[str]] = {
-    # Issue 14: plain; parallel n=2 and n=4 with equal, geometric and DeepSeek-style weights;
+    # Every head family against the plain model (issue 14's study): plain; parallel n=2 and n=4 with equal, geometric and DeepSeek-style weights;
     # sequential D=1 with lambda 0.3 and 0.3 -> 0.1 (at 2/3 of the run, as DeepSeek-V3 switched at
     # 10T of 14.8T tokens); sequential D=3; plain vs n=8 bytes (Gloeckle et al.'s byte-level model).
-    "issue14": [
+    "head-families": [
         "plain=none",
         "par2-equal=parallel:1/w=equal", "par2-geo=parallel:1/w=geometric:0.5", "par2-lambda=parallel:1/w=lambda/lambda=0.3",
         "par4-equal=parallel:3/w=equal", "par4-geo=parallel:3/w=geometric:0.5", "par4-lambda=parallel:3/w=lambda/lambda=0.3",
@@ -68,6 +68,13 @@ SUITES: dict[str, list[str]] = {
         "bytes-plain=none/data=bytes", "bytes-par8=parallel:7/w=equal/data=bytes",
     ],
 }
+SUITE_ALIASES = {"issue14": "head-families"}
+"""Older suite names, still accepted (issue14 is the study docs/results.md reports)."""
+
+
+def suite(name: str) -> list[str]:
+    """The configurations of suite `name` (an alias included)."""
+    return SUITES[SUITE_ALIASES.get(name, name)]
 
 
 # ---- configurations and the plan ------------------------------------------------------------------
@@ -360,7 +367,7 @@ def measure_run(study: Study, spec: RunSpec, run_dir: Path) -> dict[str, Any]:
     model, _ = load_run(run_dir, device=device, with_tokenizer=False)
     tokenizer = load_tokenizer(data)
     eos = tokenizer.eos_id
-    use_bf16 = study.base.get("dtype", "auto") == "bf16" or (study.base.get("dtype", "auto") == "auto" and device.type == "cuda")
+    use_bf16 = study.base.get("dtype", "auto") in ("bf16", "bfloat16") or (study.base.get("dtype", "auto") == "auto" and device.type == "cuda")
     autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if use_bf16 else contextlib.nullcontext
     tokens = read_shard(shard_path(data, "val"), tokenizer.vocab_size)
     starts = val_windows(data, seq_len, study.eval_windows)
@@ -547,9 +554,9 @@ def build_study(args: Any) -> Study:
     """The `Study` the command line asks for; one-line errors for everything wrong, before any work."""
     from multitoken.training.trainer import load_toml, resolve_config
 
-    specs = (SUITES[args.suite] if args.suite else []) + (args.configs or [])
+    specs = (suite(args.suite) if args.suite else []) + (args.configs or [])
     if not specs:
-        raise UserError("no configurations: give --suite issue14 or --configs SPEC ...")
+        raise UserError("no configurations: give --suite head-families or --configs SPEC ...")
     configs = [parse_config(s) for s in specs]
     names = [c.name for c in configs]
     if len(set(names)) != len(names):

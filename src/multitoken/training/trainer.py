@@ -640,7 +640,7 @@ class Trainer:
 
 def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     """Whether the run computes under bf16 autocast (`cfg.dtype`, 'auto' meaning on CUDA)."""
-    return cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return cfg.dtype in ("bfloat16", "bf16") or (cfg.dtype == "auto" and device.type == "cuda")
 
 
 def optimizer_update(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], lr: float,
