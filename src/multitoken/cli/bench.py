@@ -3,6 +3,7 @@ themselves (what they measure, side by side in one process) are the `multitoken.
 
 from __future__ import annotations
 
+import logging
 import argparse
 import json
 import os
@@ -18,6 +19,8 @@ from multitoken.checks import MAX_NEW_TOKENS, SAMPLING_RANGES
 from multitoken.cli.options import device_arg, dtype_arg, floats, ints, option, path_arg
 from multitoken.config import MAX_SEQ_LEN, PRESETS, HeadsConfig
 from multitoken.errors import UserError
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -141,7 +144,7 @@ def run_train(args: argparse.Namespace) -> int:
         for kernel in [args.loss_kernel] + (["naive"] if args.compare_naive else []):
             r = train.measure(args.preset, spec, args.batch_size, args.seq_len, args.vocab, args.steps, args.warmup, device,
                         args.compile, loss=kernel, recompute=args.recompute)
-            print(f"{spec} ({r['loss']}): {r['tokens_per_s']:.0f} tokens/s", file=sys.stderr)
+            log.info(f"{spec} ({r['loss']}): {r['tokens_per_s']:.0f} tokens/s")
             results.append(r)
     base = next(r for r in results if r["heads"] == "none" and r["loss"] != "naive")
     train.add_ratios(results, base, args.peak_tflops, device.type == "cuda")

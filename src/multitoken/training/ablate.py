@@ -34,13 +34,13 @@ loss against tokens or FLOPs, one line per configuration, the seeds' min-max as 
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import json
 import math
 import platform
 import shutil
 import statistics
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,6 +48,8 @@ from typing import Any
 
 from multitoken.errors import UserError
 from multitoken.io import outdir
+
+log = logging.getLogger(__name__)
 
 RESULT_FILE = "ablate_result.json"
 OUT_FILES = ("ablate.json", "ablate.md", "curves.png", outdir.MARKER_FILE)
@@ -488,12 +490,12 @@ def markdown_table(summary: dict[str, Any]) -> str:
 def plot_curves(study: Study, summary: dict[str, Any], path: Path) -> None:
     """Main-head validation loss against tokens (equal tokens) or FLOPs (equal compute): one panel
     per axis and DATA_DIR, one line per configuration (mean over seeds), min-max of seeds as a band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from multitoken.io.outdir import atomic_write
+    from multitoken.viz import pyplot
+
+    plt = pyplot(path.name)
+    if plt is None:
+        return
 
     groups = [k for k in DATA_KEYS if any(c.data == k for c in study.configs)]
     fig, axs = plt.subplots(len(groups), len(study.axes), figsize=(6 * len(study.axes), 4 * len(groups)), squeeze=False)
@@ -586,7 +588,7 @@ def build_study(args: Any) -> Study:
         flops_per_token(c, args.preset, 257, args.seq_len)
     out = Path(args.out)
     outdir.check(out, "ablate")
-    say = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr))
+    say = (lambda m: None) if args.quiet else log.info
     study = Study(configs, data, out, base, args.steps, args.seeds, axes, args.eval_windows, args.line_cases, args.chunk_steps,
                   args.keep_weights, say)
     return study
