@@ -12,15 +12,16 @@ from multitoken.errors import BadValue, UserError
 
 __version__ = "0.1.0"
 
-__all__ = ["PRESETS", "BadValue", "HeadsConfig", "ModelConfig", "Pipeline", "RopeScaling", "TrainConfig", "UserError",
-           "__version__", "generate", "load"]
+__all__ = ["CUSTOM_GENERATE_DIR", "PRESETS", "BadValue", "HeadsConfig", "ModelConfig", "Pipeline", "RopeScaling", "TrainConfig",
+           "UserError", "__version__", "from_transformers", "generate", "hf_generate", "load"]
 
-_LAZY = {"load": "multitoken.pipeline", "Pipeline": "multitoken.pipeline", "generate": "multitoken.decoding"}
+_LAZY = {"load": "multitoken.pipeline", "Pipeline": "multitoken.pipeline", "from_transformers": "multitoken.pipeline",
+         "hf_generate": "multitoken.pipeline", "CUSTOM_GENERATE_DIR": "multitoken.pipeline", "generate": "multitoken.decoding"}
 
 
 def __getattr__(name: str) -> Any:
-    """`load`, `Pipeline` and `generate` are imported on first use: ``import multitoken`` (and the
-    CLI's ``--help``) must not pay for torch."""
+    """`load`, `generate` and the rest of the front door are imported on first use: ``import
+    multitoken`` (and the CLI's ``--help``) must not pay for torch."""
     if name in _LAZY:
         import importlib
 

@@ -81,10 +81,14 @@ def read_prompts(args: argparse.Namespace) -> tuple[list[str], bool]:
         prompts, batch = [path.read_text()], False
     else:
         name = args.prompts
-        if name is None and sys.stdin.isatty():
-            raise UserError("no prompt: give --prompt TEXT, --prompt-file FILE, --prompts FILE, or pipe prompts on stdin")
+        missing = UserError("no prompt: give --prompt TEXT, --prompt-file FILE, --prompts FILE, or pipe prompts on stdin")
+        if name is None and (sys.stdin is None or sys.stdin.isatty()):
+            raise missing
         if name in (None, "-"):
-            text = sys.stdin.read()
+            try:
+                text = sys.stdin.read()
+            except (OSError, ValueError):  # stdin closed or not readable (a service, a test harness)
+                raise missing from None
         else:
             path = Path(name)
             if not path.is_file():

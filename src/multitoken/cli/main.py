@@ -104,12 +104,25 @@ def _command_in(argv: list[str]) -> str | None:
     return None
 
 
+class StderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is when a message is emitted (not when the handler was made),
+    so that a redirected or captured stderr still gets the messages."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> typing.TextIO:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: typing.Any) -> None:
+        pass
+
+
 def setup_logging(level: str | None) -> None:
     """Messages as plain lines on stderr at `level` (or $MULTITOKEN_LOG_LEVEL, else info)."""
     name = (level or os.environ.get(LOG_ENV) or "info").lower()
     if name not in LOG_LEVELS:
         raise UserError(f"{LOG_ENV}={name!r}: choose one of {', '.join(LOG_LEVELS)}")
-    handler = logging.StreamHandler(sys.stderr)
+    handler = StderrHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     root = logging.getLogger("multitoken")
     root.handlers[:] = [handler]
