@@ -147,3 +147,36 @@ def test_log_levels_from_the_option_and_the_environment(run, capsys, monkeypatch
 def test_suite_names_say_what_they_are_and_the_old_name_still_works():
     assert "head-families" in SUITES and "issue14" not in SUITES
     assert suite("issue14") == SUITES["head-families"]
+
+
+def test_help_texts_have_no_markup(capsys):
+    for cmd in ("demo", "generate", "chat", "convert"):
+        assert main([cmd, "--help"]) == 0
+        assert "`" not in capsys.readouterr().out, cmd
+
+
+def test_generate_decodes_an_exported_folder_with_its_heads(run, tmp_path, capsys):
+    d, model, tok = run
+    assert main(["export", "--run", str(d), "--out", str(tmp_path / "hf")]) == 0
+    capsys.readouterr()
+    assert main(["generate", "--run", str(tmp_path / "hf"), "--prompt", "def f(x):", "--max-new-tokens", "10",
+                 "--device", "cpu", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["stats"]["mode"] == "spec" and data["text"] == alone(model, tok, tok.encode("def f(x):"), 10)
+
+
+def test_convert_and_generate_take_a_cached_hub_id(run, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    d, model, tok = run
+    assert main(["export", "--run", str(d), "--out", str(tmp_path / "hf")]) == 0
+    snap = tmp_path / "hub" / "models--acme--tiny" / "snapshots" / ("ab" * 20)
+    shutil.copytree(tmp_path / "hf", snap)
+    (tmp_path / "hub" / "models--acme--tiny" / "refs").mkdir()
+    (tmp_path / "hub" / "models--acme--tiny" / "refs" / "main").write_text(snap.name)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert main(["convert", "--hf", "acme/tiny", "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    for name in ("acme/tiny", str(tmp_path / "run")):
+        assert main(["generate", "--run", name, "--prompt", "ab", "--max-new-tokens", "6", "--device", "cpu", "--json"]) == 0
+        assert json.loads(capsys.readouterr().out)["text"] == alone(model, tok, tok.encode("ab"), 6)
