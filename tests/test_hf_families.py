@@ -134,3 +134,18 @@ def test_unsupported_family_variants_are_one_line_errors():
     hf = {**BASE, "model_type": "llama", "rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}
     with pytest.raises(UserError, match="yarn"):
         config_from_hf(hf)
+
+
+@pytest.mark.parametrize("heads", ["medusa:2", "sequential:2", "parallel:1"])
+def test_speculative_decoding_of_gemma3_with_fresh_heads_equals_transformers_greedy(tmp_path, heads):
+    """Heads on a Gemma-3 backbone build Gemma blocks and read the scaled embedding; whatever they
+    draft, the verified output is transformers' greedy output."""
+    from multitoken.config import HeadsConfig
+
+    ref = family_model("gemma3")
+    convert_hf(save_hf(ref, tmp_path / "hf"), tmp_path / "run", heads=HeadsConfig.parse(heads))
+    model = load_run(tmp_path / "run")[0]
+    prompt = ids(n=7, batch=1)
+    want = ref.generate(prompt, max_new_tokens=16, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 7:].tolist()
+    got, stats = generate(model, prompt[0].tolist(), 16, mode="spec")
+    assert got[0] == want and stats.mode == "spec"
