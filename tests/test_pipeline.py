@@ -165,3 +165,13 @@ def test_bad_input_to_load_is_one_line(folder, kwargs, message, monkeypatch):
     with pytest.raises(UserError, match=message) as e:
         multitoken.load(**{"name": folder, **kwargs})
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("prompt", ["hello", ["a", "b"], [1.5, 2], None, 3, torch.zeros(2, 3), [True, 2], [[1, -2]]])
+def test_the_token_level_generate_refuses_text_and_odd_types_in_one_line(prompt):
+    """multitoken.generate takes token ids; text or floats are a UserError naming the fix, not torch's TypeError."""
+    from conftest import tiny_model
+
+    with pytest.raises(UserError) as e:
+        multitoken.generate(tiny_model().eval(), prompt, 4)
+    assert "\n" not in str(e.value)

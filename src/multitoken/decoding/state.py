@@ -12,6 +12,7 @@ once as a CUDA graph and replayed (nanochat/gpt-fast keep their caches the same 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from numbers import Integral
 
 import torch
 from torch import Tensor
@@ -31,12 +32,25 @@ def prepare_prompts(prompt_ids, max_seq_len: int, device: torch.device | str = "
     Returns:
         (idx (B, T), lengths (B,)) on `device`.
     """
+    text_hint = "for text, use multitoken.load(...).generate('...') or encode it with the tokenizer first"
+    if isinstance(prompt_ids, str) or (isinstance(prompt_ids, (list, tuple)) and any(isinstance(r, str) for r in prompt_ids)):
+        raise UserError(f"prompts are token ids here, not text: {text_hint}")
     if isinstance(prompt_ids, Tensor):
+        if prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex or prompt_ids.dtype == torch.bool \
+                or prompt_ids.dim() not in (1, 2):
+            raise UserError(f"prompt tensor of dtype {prompt_ids.dtype} and shape {tuple(prompt_ids.shape)}: give integer "
+                            "token ids, (T,) or (B, T)")
         rows = [prompt_ids.tolist()] if prompt_ids.dim() == 1 else prompt_ids.tolist()
-    else:
+    elif isinstance(prompt_ids, (list, tuple)):
         rows = list(prompt_ids)
-        if rows and all(isinstance(t, int) for t in rows):
+        if rows and all(isinstance(t, Integral) for t in rows):
             rows = [rows]
+    else:
+        raise UserError(f"prompts must be token ids (a list of ints, a list of lists or a LongTensor), not "
+                        f"{type(prompt_ids).__name__}: {text_hint}")
+    if not all(isinstance(r, (list, tuple)) and all(isinstance(t, Integral) and not isinstance(t, bool) and t >= 0 for t in r)
+               for r in rows):
+        raise UserError("prompts must be lists of non-negative integer token ids (one list per prompt)")
     if not rows or any(len(r) == 0 for r in rows):
         raise UserError("empty prompt: give at least one token of prompt text")
     longest = max(len(r) for r in rows)
