@@ -325,7 +325,8 @@ for opt, v in [("--steps", "0"), ("--steps", "²"), ("--seeds", "0"), ("--seeds"
                ("--seq-len", "1"), ("--eval-every", "0"), ("--eval-windows", "-1"), ("--line-cases", "0"),
                ("--chunk-steps", "0"), ("--max-minutes", "0"), ("--max-minutes", "nan"), ("--max-minutes", "-1"),
                ("--max-steps", "0"), ("--max-steps", "٣"), ("--suite", "bogus"), ("--axes", "flops"), ("--axes", ""),
-               ("--axes", "tokens,tokens"), ("--device", "bogus"), ("--preset", "gigantic")]:
+               ("--axes", "tokens,tokens"), ("--device", "bogus"), ("--preset", "gigantic"), ("--gen-prompts", "-1"),
+               ("--gen-tokens", "0")]:
     case(f"ablate{opt}={v}", abl(opt, v), expect=re.escape(opt) if opt not in ("--device", "--preset") else "")
 for v in ["parallel:²", "x=eagle:2", "p=parallel:1/w=geometric:2", "p=parallel:1/w=1,nan", "p=parallel:1/lambda=0.3,0.1@200%",
           "p=sequential:1/lambda=nan", "p=parallel:1/w=1,0.5,0.25", "p=parallel:1/zzz=1", "p=parallel:1/data=chars", "a b=none", "p=parallel:1/w="]:
@@ -345,6 +346,24 @@ case("ablate--train-config-sets-heads", lambda b, w: abl("--train-config", str(w
 case("ablate--train-config-lr-nan", lambda b, w: abl("--train-config", str(write(w / "c.toml", "lr = nan\n")))(b, w), expect="lr")
 case("ablate--train-config-missing", abl("--train-config", "/nonexistent/c.toml"), expect="not found")
 case("ablate-empty-path", lambda b, w: abl()(b, w)[:4] + [""] + abl()(b, w)[5:])
+case("ablate-phase-suite-with-seeds", lambda b, w: ["ablate", "--data", D(b), "--out", str(w / "study"), "--suite",
+                                                    "phase1-seq-vs-plain", "--seeds", "2", "--device", "cpu"], expect="--seeds")
+case("ablate-phase-pick-without-results", lambda b, w: ["ablate", "--data", D(b), "--out", str(w / "study"), "--suite",
+                                                        "phase4-seeds", "--preset", "tiny", "--device", "cpu"],
+     expect="earlier phases")
+case("ablate--results-user-folder", lambda b, w: abl("--results", user_folder(w))(b, w), expect="--results")
+
+
+def results_with(ws: Path, text: str) -> str:
+    """A --results folder of ours holding one ablate_result.json with `text` in it."""
+    write(ws / "r" / ".multitoken.json", '{"multitoken": "results", "format": 1}')
+    write(ws / "r" / "runs" / "tiny" / "x" / "seed0-steps2" / "ablate_result.json", text)
+    return str(ws / "r")
+
+
+case("ablate--results-not-a-result", lambda b, w: abl("--results", results_with(w, "{}"))(b, w), expect="not a result")
+case("ablate--results-other-data", lambda b, w: abl("--results", results_with(
+    w, '{"identity": {}, "data": {"key": "main", "sha256": "00ff"}}'))(b, w), expect="fingerprint")
 
 # head and tokenizer specs
 for v in ["parallel:²", "medusa:1000000", "medusa:0", "medusa:-1", "medusa:١", "medusa:", "eagle:2", "", "medusa:2.5", "medusa:2:shared", "sequential:2:shard", "sequential:shared"]:
@@ -530,6 +549,25 @@ case("ablate--suite=issue15", lambda b, w: ["ablate", "--data", D(b), "--out", s
      expect="--suite")
 
 
+# distill-data: the model writes its own training data
+def dd(*extra: str, run: Callable[[Path], str] | None = None) -> Argv:
+    return lambda b, w: ["distill-data", "--run", (run or R)(b), "--out", str(w / "new_data"), "--device", "cpu",
+                         "--quiet", *extra]
+
+
+case("distill-data-run-missing", lambda b, w: ["distill-data", "--run", str(w / "nope"), "--out", str(w / "new_data"), "--quiet"])
+case("distill-data-out-user-folder", lambda b, w: dd("--chat", "2", "--code", "0")(b, w)[:4] + [user_folder(w)] + dd()(b, w)[5:]
+     + ["--chat", "2", "--code", "0"])
+case("distill-data--chat=-1", dd("--chat", "-1"))
+case("distill-data--code-prefix=5,2", dd("--code-prefix", "5,2"))
+case("distill-data--temperatures=nan", dd("--temperatures", "0,nan"))
+case("distill-data-code-without-corpus", dd("--chat", "0", "--code", "4"), expect="--corpus")
+case("distill-data-no-chat-template", dd("--chat", "2", "--code", "0"), expect="chat template")
+case("distill-data-nothing-asked", dd("--chat", "0", "--code", "0"), expect="chat")
+case("bench-decode--sets=bogus", lambda b, w: ["bench", "decode", "--run", R(b), "--sets", "bogus", "--out", str(w / "bo")])
+case("bench-decode--peers=bogus", lambda b, w: ["bench", "decode", "--run", R(b), "--peers", "bogus", "--out", str(w / "bo")])
+
+
 # ---- the sweep -----------------------------------------------------------------------------------
 
 
@@ -556,5 +594,5 @@ def test_every_subcommand_is_swept():
     sub = next(a for a in build_parser()._actions if a.dest == "command")
     commands = set(sub.choices)
     assert len(commands) >= len(COMMAND_MODULES)
-    swept = {p.id.split("-")[0] for p in CASES}
+    swept = {c for c in commands for p in CASES if p.id == c or p.id.startswith(c + "-")}
     assert commands <= swept, f"no bad-input case for {sorted(commands - swept)}"

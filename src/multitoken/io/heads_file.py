@@ -95,3 +95,22 @@ def attach_heads_to(base: Transformer, heads_file: str | Path, run_dir: str = "t
     device = next(base.parameters()).device
     model = build_model(cfg, {**base.state_dict(), **{"mtp." + k: v for k, v in tensors.items()}}, fresh_heads=False)
     return model.to(device)
+
+
+def load_heads_into(model: Transformer, heads_file: str | Path) -> None:
+    """Copy the heads of `heads_file` into `model`'s heads (a warm start): the file must hold the
+    same heads spec and have been trained on this backbone; one-line errors otherwise."""
+    meta = heads_info(heads_file)
+    if meta.get("backbone_sha256") != backbone_fingerprint(model):
+        raise UserError(f"{heads_file} was trained on another backbone than this run's --init: give heads trained on it")
+    if model.mtp is None or meta.get("heads") != str(model.config.heads):
+        raise UserError(f"{heads_file} holds {meta.get('heads')} heads, this run trains {model.config.heads}: "
+                        "give --heads as the file's, or another heads file")
+    tensors = read_safetensors(Path(heads_file), "write it again")
+    own = model.mtp.state_dict()
+    if {k: tuple(v.shape) for k, v in tensors.items()} != {k: tuple(v.shape) for k, v in own.items()}:
+        raise UserError(f"{heads_file}: its tensors do not match {model.config.heads} heads on this model: write it again with save_heads")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v.to(own[k].dtype))
+

@@ -39,6 +39,7 @@ KINDS = {
     "export": "a folder written by `multitoken export`",
     "features": "a backbone feature set of `multitoken retrofit`",
     "ablate": "a study folder of `multitoken ablate`",
+    "results": "a results folder of `multitoken ablate --results`",
 }
 
 

@@ -152,11 +152,12 @@ def eval_stats(model, windows: Iterable[Tensor], eos_id: int | None, device: tor
         device = next(model.parameters()).device
     loss_fn = MTPLoss(D, weights=[1.0] * (D + 1), eos_id=eos_id)
     stats = EvalStats.zeros(D)
-    for window in windows:
+    for batch in windows:
+        window, mask = batch if isinstance(batch, (tuple, list)) else (batch, None)
         window = window.to(device)
         with autocast():
             hiddens = model(window[:, :-1])  # D+1 x (B, T, C)
-            out = loss_fn(model, hiddens, window)
+            out = loss_fn(model, hiddens, window, loss_mask=None if mask is None else mask.to(device))
             B, T = window.shape[0], window.shape[1] - 1
             argmax = [_argmax_rows(h.flatten(0, 1), model.unembed_weight(k)).view(B, T) for k, h in enumerate(hiddens)]
         count = out.per_depth_count.double().cpu()

@@ -39,15 +39,18 @@ from multitoken.errors import UserError
 IGNORE_INDEX = -100
 
 
-def shift_targets(window: Tensor, depth: int, eos_id: int | None = None) -> Tensor:
+def shift_targets(window: Tensor, depth: int, eos_id: int | None = None, loss_mask: Tensor | None = None) -> Tensor:
     """Targets of depth `depth` for the inputs ``window[:, :-1]``.
 
     Args:
         window: (B, T+1) token ids.
         depth: 0 for the next token, k for the token k+1 places ahead.
         eos_id: document separator; None when the window holds a single document.
+        loss_mask: (B, T+1) bool, aligned with `window`: False marks tokens that are never targets
+            (prompts and user turns of data the model wrote itself); None: every token is one.
     Returns:
-        (B, T) long: ``window[:, i+depth+1]`` where it exists in the same document, else IGNORE_INDEX.
+        (B, T) long: ``window[:, i+depth+1]`` where it exists in the same document (and is not
+        masked out), else IGNORE_INDEX.
     """
     B, T = window.shape[0], window.shape[1] - 1
     target = torch.full((B, T), IGNORE_INDEX, dtype=torch.long, device=window.device)
@@ -55,6 +58,8 @@ def shift_targets(window: Tensor, depth: int, eos_id: int | None = None) -> Tens
     if n <= 0:
         return target
     ahead = window[:, depth + 1 : depth + 1 + n]
+    if loss_mask is not None:
+        ahead = torch.where(loss_mask[:, depth + 1 : depth + 1 + n].bool(), ahead, IGNORE_INDEX)
     if eos_id is None:
         target[:, :n] = ahead
         return target
@@ -175,7 +180,7 @@ class MTPLoss:
         lam = schedule_value(self.schedule, step)
         return [1.0] + [lam / self.depth] * self.depth
 
-    def __call__(self, model, hiddens: list[Tensor], window: Tensor, step: int = 0) -> LossOutput:
+    def __call__(self, model, hiddens: list[Tensor], window: Tensor, step: int = 0, loss_mask: Tensor | None = None) -> LossOutput:
         """Loss of the hidden states `model` returned for ``window[:, :-1]``.
 
         Args:
@@ -183,6 +188,7 @@ class MTPLoss:
             hiddens: ``model(window[:, :-1])``, one (B, T, C) per depth.
             window: (B, T+1) token ids.
             step: training step, for the lambda schedule.
+            loss_mask: (B, T+1) bool or None (see `shift_targets`).
         """
         D = len(hiddens) - 1
         weights = self.depth_weights(step)[: D + 1]
@@ -191,7 +197,7 @@ class MTPLoss:
         first = 1 if self.skip_main else 0
         if self.skip_main and (hiddens[0].requires_grad or model.unembed_weight(0).requires_grad):
             raise ValueError("skip_main: the main head's loss has a gradient here (is the backbone frozen?)")
-        targets = [shift_targets(window, k, self.eos_id).flatten() for k in range(D + 1)]
+        targets = [shift_targets(window, k, self.eos_id, loss_mask).flatten() for k in range(D + 1)]
         counts = torch.stack([(t != IGNORE_INDEX).sum() for t in targets])  # (D+1,)
         scales = [(weights[k] / counts[k].clamp(min=1)).float() for k in range(D + 1)]
         teachers: list[Tensor | None] = [None] * (D + 1)

@@ -42,6 +42,7 @@ from multitoken.config import HeadsConfig, ModelConfig, TrainConfig, from_dict
 from multitoken.errors import UserError
 from multitoken.io import checkpoint as ckpt
 from multitoken.io import outdir
+from multitoken.io.heads_file import load_heads_into
 from multitoken.model import Transformer
 from multitoken.training import parallel
 from multitoken.training.evaluate import EvalStats, check_same_tokenizer, eval_stats, plot_accuracy, summarize
@@ -215,7 +216,8 @@ def load_backbone(model: Transformer, init_dir: str | Path) -> None:
     model.init_heads_from_backbone()
 
 
-def global_depth_weights(base: list[float], windows: list[torch.Tensor], eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def global_depth_weights(base: list[float], windows: list[torch.Tensor], eos_id: int,
+                         masks: list[torch.Tensor | None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-micro-batch depth weights that make the summed, rank-averaged gradient equal the
     gradient of one global batch (see the module docstring). Stays on the windows' device: no
     host synchronisation per step.
@@ -224,12 +226,21 @@ def global_depth_weights(base: list[float], windows: list[torch.Tensor], eos_id:
         ((micro, D+1) float64 weights, (D+1,) global valid-target counts).
     """
     D = len(base) - 1
-    local = torch.stack([torch.stack([(shift_targets(w, k, eos_id) != IGNORE_INDEX).sum() for k in range(D + 1)])
-                         for w in windows]).double()  # (micro, D+1)
+    masks = masks or [None] * len(windows)
+    local = torch.stack([torch.stack([(shift_targets(w, k, eos_id, m) != IGNORE_INDEX).sum() for k in range(D + 1)])
+                         for w, m in zip(windows, masks)]).double()  # (micro, D+1)
     total = parallel.all_reduce_sum(local.sum(0))
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     base_t = torch.tensor(base, dtype=torch.float64, device=local.device)
     return base_t * world * local / total.clamp(min=1.0), total
+
+
+def split_batch(batch, device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(window, loss mask or None) on `device`, from a loader batch: a tensor, or a (tokens, mask)
+    pair when the DATA_DIR has a loss mask (data the model wrote itself)."""
+    if isinstance(batch, (tuple, list)):
+        return batch[0].to(device, non_blocking=True), batch[1].to(device, non_blocking=True)
+    return batch.to(device, non_blocking=True), None
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -521,6 +532,10 @@ class Trainer:
                 raise UserError(f"{state['folder']}: weights do not match {out_dir / ckpt.CONFIG_FILE}; was it edited?")
         elif cfg.init:
             load_backbone(model, cfg.init)
+            if cfg.init_heads:
+                load_heads_into(model, cfg.init_heads)
+        elif cfg.init_heads:
+            raise UserError("--init-heads needs --init: the backbone the heads file was trained on")
         if cfg.freeze_backbone:
             model.freeze_backbone()  # frozen blocks record no autograd graph: none of their inputs needs a gradient
         raw = model
@@ -575,8 +590,8 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches (exact averaging: module docstring)."""
         cfg, raw, D, eos_id = self.cfg, self.raw, self.raw.depth, self.model_cfg.eos_id
         lr = lr_at(self.step, cfg)
-        windows = [next(self.loader).to(self.device, non_blocking=True) for _ in range(cfg.grad_accum)]
-        weights, counts = global_depth_weights(self.loss.depth_weights(self.step), windows, eos_id)
+        windows, masks = zip(*(split_batch(next(self.loader), self.device) for _ in range(cfg.grad_accum)))
+        weights, counts = global_depth_weights(self.loss.depth_weights(self.step), list(windows), eos_id, list(masks))
         ce_sum = torch.zeros(D + 1, dtype=torch.float64, device=self.device)
         correct = torch.zeros(D + 1, dtype=torch.float64, device=self.device)
         for j, window in enumerate(windows):
@@ -584,7 +599,7 @@ class Trainer:
                               kernel=self.loss_kernel, skip_main=self.skip_main)
             with parallel.no_sync(self.model, j == len(windows) - 1):
                 with self.autocast():
-                    out = loss_fn(raw, self.model(window[:, :-1]), window, self.step)
+                    out = loss_fn(raw, self.model(window[:, :-1]), window, self.step, masks[j])
                 out.loss.backward()
             c = out.per_depth_count.double()
             ce_sum += out.per_depth_loss.double() * c
