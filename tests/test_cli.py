@@ -81,6 +81,7 @@ def test_defaults_are_shown_in_help(capsys):
     assert main(["generate", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
     assert "most new tokens per prompt (default: 128)" in text and "(default: 1.0)" in text
+    assert "0 = greedy (default: 0.0)" in text and "(default: [])" not in text  # a 0 default shows, an empty list does not
 
 
 def test_one_dtype_spelling_with_aliases(run, capsys):

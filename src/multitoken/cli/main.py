@@ -64,7 +64,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        d = action.default  # identity, not ==: a default of 0 or 0.0 is worth showing, False (a flag) is not
+        if "default" in text.lower() or d is None or d is False or d is argparse.SUPPRESS or d == [] or not action.option_strings:
             return text
         return super()._get_help_string(action) or ""
 
