@@ -518,6 +518,37 @@ case("train-out-is-a-file", lambda b, w: train_args(b, w, out=str(write(w / "afi
 case("prepare-out-is-a-file", lambda b, w: prep()(b, w)[:-2] + [str(write(w / "afile", "x")), "--quiet"])
 
 
+# the front door: models by name, batches of prompts, chat, dtype spellings, log levels
+case("generate-hub-id-not-cached", lambda b, w: ["generate", "--run", "acme/absent-model", "--prompt", "x", "--device", "cpu"],
+     expect="not in the Hugging Face cache")
+case("generate-run-is-a-file", lambda b, w: ["generate", "--run", str(write(w / "afile", "x")), "--prompt", "x", "--device", "cpu"],
+     expect="is a file")
+case("generate--prompts-missing", lambda b, w: ["generate", "--run", R(b), "--prompts", str(w / "nope.txt"), "--device", "cpu"],
+     expect="not found")
+case("generate--prompts-blank", lambda b, w: ["generate", "--run", R(b), "--prompts", str(write(w / "p.txt", "\n  \n")),
+                                              "--device", "cpu"], expect="no prompts")
+case("generate--prompts-and-prompt", gen("--prompts", "p.txt"), expect="not allowed with")
+case("generate--chat-without-template", gen("--chat"), expect="chat template")
+case("generate--heads-file-missing", gen("--heads", "/nonexistent/heads.safetensors"), expect="does not exist")
+case("generate--heads-spec-on-a-run", gen("--heads", "medusa:2"), expect="run directory")
+case("generate--heads-bad-spec", gen("--heads", "medusa:x"), expect="--heads")
+for v in ["fp8", "int4", ""]:
+    case(f"generate--dtype={v}", gen("--dtype", v), expect="--dtype")
+case("generate--log-level=loud", lambda b, w: ["--log-level", "loud", *gen()(b, w)], expect="--log-level")
+case("chat-without-template", lambda b, w: ["chat", "--run", R(b), "--device", "cpu"], expect="chat template")
+case("chat-run-missing", lambda b, w: ["chat", "--run", str(w / "nope"), "--device", "cpu"], expect="does not exist")
+case("chat--max-new-tokens=0", lambda b, w: ["chat", "--run", R(b), "--max-new-tokens", "0"], expect="--max-new-tokens")
+case("chat--system-empty", lambda b, w: ["chat", "--run", R(b), "--system", ""], expect="--system")
+case("convert-hub-id-not-cached", lambda b, w: ["convert", "--hf", "acme/absent-model", "--out", str(w / "new_run")],
+     expect="not in the Hugging Face cache")
+case("convert--dtype=float16", lambda b, w: ["convert", "--hf", str(b / "hf"), "--out", str(w / "new_run"), "--dtype", "float16"],
+     expect="bfloat16 or float32")
+case("convert--dtype=fp8", lambda b, w: ["convert", "--hf", str(b / "hf"), "--out", str(w / "new_run"), "--dtype", "fp8"],
+     expect="--dtype")
+case("ablate--suite=issue15", lambda b, w: ["ablate", "--data", D(b), "--out", str(w / "study"), "--suite", "issue15"],
+     expect="--suite")
+
+
 # distill-data: the model writes its own training data
 def dd(*extra: str, run: Callable[[Path], str] | None = None) -> Argv:
     return lambda b, w: ["distill-data", "--run", (run or R)(b), "--out", str(w / "new_data"), "--device", "cpu",

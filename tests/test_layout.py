@@ -19,11 +19,11 @@ ROOT = Path(multitoken.__file__).parent
 
 # package -> packages it must never import (anything under multitoken.<name>)
 FORBIDDEN: dict[str, set[str]] = {
-    "model": {"training", "decoding", "io", "cli", "data", "bench", "demo", "experiments"},
-    "decoding": {"training", "cli", "bench", "demo", "experiments"},
-    "data": {"model", "training", "decoding", "cli", "bench", "demo", "experiments"},
-    "io": {"training", "decoding", "cli", "bench", "demo", "experiments"},
-    "training": {"cli", "bench", "demo", "experiments"},
+    "model": {"training", "decoding", "io", "cli", "data", "bench", "demo", "experiments", "pipeline"},
+    "decoding": {"training", "cli", "bench", "demo", "experiments", "pipeline"},
+    "data": {"model", "training", "decoding", "cli", "bench", "demo", "experiments", "pipeline"},
+    "io": {"training", "decoding", "cli", "bench", "demo", "experiments", "pipeline"},
+    "training": {"cli", "bench", "demo", "experiments", "pipeline"},
     "bench": {"cli", "experiments"},
     "experiments": {"cli", "bench", "demo"},
 }

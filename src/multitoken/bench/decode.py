@@ -274,10 +274,11 @@ def relative_step_costs(step_costs: dict) -> dict:
 
 def plot(data: dict, path: Path) -> None:
     """Tokens/s per method (log scale) and speed-up over our plain decoding, per (batch, temperature)."""
-    import matplotlib
+    from multitoken.viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path.name)
+    if plt is None:
+        return
 
     rows = [r for r in data["results"] if "tokens_per_s" in r]
     groups = sorted({(r["batch"], r.get("prompts", ""), r["temperature"]) for r in rows})

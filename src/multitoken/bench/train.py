@@ -157,10 +157,11 @@ def table(data: dict) -> str:
 
 
 def plot(data: dict, path: Path) -> None:
-    import matplotlib
+    from multitoken.viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path.name)
+    if plt is None:
+        return
 
     rows = [r for r in data["results"] if r["loss"] != "naive"]
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows) + 2), 4))

@@ -70,6 +70,17 @@ def device_arg(text: str) -> str:
         raise argparse.ArgumentTypeError(e.as_option()) from None
 
 
+def dtype_arg(text: str) -> str:
+    """``type=`` for ``--dtype``: auto|bfloat16|float16|float32 (bf16, fp16, fp32 kept as aliases),
+    returned in the canonical spelling."""
+    from multitoken.checks import dtype_name
+
+    try:
+        return dtype_name(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("dtype ")) from None
+
+
 def tokenizer_arg(text: str) -> str:
     """``type=`` for ``--tokenizer``: ``bpe:N`` is checked here (N from 257, the byte alphabet plus
     EOS), before anything is read or written; paths are checked when loaded."""

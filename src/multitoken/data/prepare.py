@@ -20,6 +20,7 @@ rebuilds). The corpus's documents are held in memory while preparing (fine up to
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import itertools
 import json
@@ -36,6 +37,8 @@ from multitoken.data.shards import ShardWriter, dtype_for_vocab, read_header
 from multitoken.data.tokenizer import Tokenizer
 from multitoken.errors import BadValue, UserError
 from multitoken.io import outdir
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 META_FILE = "meta.json"
@@ -85,7 +88,7 @@ def prepare(
     args = _arguments(source, tokenizer, field, val_fraction, max_docs)
     if not force and _is_complete(out, args):
         return {**load_meta(out), "reused": True}
-    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    say = log.info if progress else (lambda msg: None)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     docs = list(itertools.islice(source, max_docs))

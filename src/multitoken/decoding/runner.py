@@ -21,6 +21,7 @@ same warm-up times a few replays: those are the step costs the draft-length choi
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ from pathlib import Path
 import torch
 
 from multitoken.decoding.state import DecodeState
+
+log = logging.getLogger(__name__)
 
 MIN_BUCKET = 64
 
@@ -83,11 +86,8 @@ class CompiledBlock:
                     self.runner.compile_time_s += time.perf_counter() - t0
                 return out
             except Exception as e:  # a compiler failure must not stop decoding
-                import sys
-
                 self.runner.compile_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                print(f"warning: compiled decoding failed ({self.runner.compile_error}); decoding with eager blocks",
-                      file=sys.stderr)
+                log.warning(f"warning: compiled decoding failed ({self.runner.compile_error}); decoding with eager blocks")
         return self.eager(*args)
 
 

@@ -11,9 +11,13 @@ once as a CUDA graph and replayed (nanochat/gpt-fast keep their caches the same 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from numbers import Integral
+
 import torch
 from torch import Tensor
 
+from multitoken.config import MAX_EOS_IDS
 from multitoken.errors import UserError
 from multitoken.model.kv_cache import KVCache
 
@@ -28,12 +32,25 @@ def prepare_prompts(prompt_ids, max_seq_len: int, device: torch.device | str = "
     Returns:
         (idx (B, T), lengths (B,)) on `device`.
     """
+    text_hint = "for text, use multitoken.load(...).generate('...') or encode it with the tokenizer first"
+    if isinstance(prompt_ids, str) or (isinstance(prompt_ids, (list, tuple)) and any(isinstance(r, str) for r in prompt_ids)):
+        raise UserError(f"prompts are token ids here, not text: {text_hint}")
     if isinstance(prompt_ids, Tensor):
+        if prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex or prompt_ids.dtype == torch.bool \
+                or prompt_ids.dim() not in (1, 2):
+            raise UserError(f"prompt tensor of dtype {prompt_ids.dtype} and shape {tuple(prompt_ids.shape)}: give integer "
+                            "token ids, (T,) or (B, T)")
         rows = [prompt_ids.tolist()] if prompt_ids.dim() == 1 else prompt_ids.tolist()
-    else:
+    elif isinstance(prompt_ids, (list, tuple)):
         rows = list(prompt_ids)
-        if rows and all(isinstance(t, int) for t in rows):
+        if rows and all(isinstance(t, Integral) for t in rows):
             rows = [rows]
+    else:
+        raise UserError(f"prompts must be token ids (a list of ints, a list of lists or a LongTensor), not "
+                        f"{type(prompt_ids).__name__}: {text_hint}")
+    if not all(isinstance(r, (list, tuple)) and all(isinstance(t, Integral) and not isinstance(t, bool) and t >= 0 for t in r)
+               for r in rows):
+        raise UserError("prompts must be lists of non-negative integer token ids (one list per prompt)")
     if not rows or any(len(r) == 0 for r in rows):
         raise UserError("empty prompt: give at least one token of prompt text")
     longest = max(len(r) for r in rows)
@@ -61,21 +78,27 @@ class Emitter:
         self.budget = torch.zeros(B, dtype=torch.long, device=device)
         self.count = torch.zeros(B, dtype=torch.long, device=device)
         self.done = torch.ones(B, dtype=torch.bool, device=device)
-        self.eos = torch.full((B,), -1, dtype=torch.long, device=device)  # -1: no EOS
+        self.eos = torch.full((B, MAX_EOS_IDS), -1, dtype=torch.long, device=device)  # -1: no EOS in that column
         self._cols = torch.arange(q_max, device=device)
 
-    def reset(self, lengths: Tensor, max_new_tokens: int, max_seq_len: int, eos_id: int | None) -> None:
+    def reset(self, lengths: Tensor, max_new_tokens: int, max_seq_len: int, eos_id: int | Sequence[int] | None) -> None:
+        """Start a call; `eos_id` is one id, several (a row stops at the first of any), or None."""
         self.budget.copy_((max_seq_len - lengths).clamp(max=max_new_tokens))
         self.count.zero_()
         self.done.copy_(self.budget <= 0)
-        self.eos.fill_(-1 if eos_id is None else eos_id)
+        ids = [] if eos_id is None else [int(eos_id)] if isinstance(eos_id, int) else [int(i) for i in eos_id]
+        if len(ids) > MAX_EOS_IDS:
+            raise UserError(f"{len(ids)} EOS ids given: at most {MAX_EOS_IDS} are supported")
+        self.eos.fill_(-1)
+        if ids:
+            self.eos[:, : len(ids)] = torch.tensor(ids, dtype=torch.long)
 
     def push(self, tokens: Tensor, n: Tensor) -> Tensor:
         """Append the first n (B,) of tokens (B, q) per row; return how many each row took (B,)."""
         q = tokens.shape[1]
         cols = self._cols[:q]
         n = torch.where(self.done, 0, n)
-        hit = (tokens == self.eos[:, None]) & (cols < n[:, None])  # (B, q)
+        hit = (tokens[:, :, None] == self.eos[:, None, :]).any(-1) & (cols < n[:, None])  # (B, q)
         any_hit = hit.any(1)
         n = torch.where(any_hit, hit.int().argmax(1) + 1, n)
         n = torch.minimum(n, self.budget - self.count)

@@ -103,11 +103,11 @@ def markdown_table(summary: dict[str, Any]) -> str:
 def plot_curves(study, summary: dict[str, Any], path: Path) -> None:
     """Main-head validation loss against tokens (equal tokens) or FLOPs (equal compute): one panel
     per axis and DATA_DIR, one line per configuration (mean over seeds), min-max of seeds as a band."""
-    import matplotlib
+    from multitoken.viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot(path.name)
+    if plt is None:
+        return
     variants = study.plan().variants()
     groups = [k for k in DATA_KEYS if any(v.data == k for v in variants)]
     fig, axs = plt.subplots(len(groups), len(study.axes), figsize=(6 * len(study.axes), 4 * len(groups)), squeeze=False)

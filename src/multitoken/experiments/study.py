@@ -27,10 +27,10 @@ short). Run again with the same arguments to continue.
 
 from __future__ import annotations
 
+import logging
 import dataclasses
 import math
 import shutil
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +41,8 @@ from multitoken.experiments.config import (AXES, PER_RUN_FIELDS, PICK, Group, Pi
                                            parse_variant, suite)
 from multitoken.experiments.results import RESULT_FILE, ResultStore, identity
 from multitoken.io import outdir
+
+log = logging.getLogger(__name__)
 
 GRID_SEEDS, GRID_AXES = 3, ("tokens", "compute")
 
@@ -283,7 +285,7 @@ def build_study(cfg: StudyConfig) -> Study:
     for v in variants:  # a head spec that does not fit the preset (parallel:7 on 4 layers) fails now, not after hours
         flops_per_token(v, preset, 257, cfg.seq_len)
     outdir.check(Path(cfg.out), "ablate")
-    say = (lambda m: None) if cfg.quiet else (lambda m: print(m, file=sys.stderr))
+    say = (lambda m: None) if cfg.quiet else log.info
     study = Study(cfg, preset, groups, data, base, say=say)
     if cfg.results:
         study.store = ResultStore(Path(cfg.results), study.fingerprints)

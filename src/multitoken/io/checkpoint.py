@@ -16,10 +16,10 @@ or otherwise damaged file is a one-line `UserError` naming it, never a traceback
 
 from __future__ import annotations
 
+import logging
 import json
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,6 +31,8 @@ from multitoken.config import ModelConfig, from_dict
 from multitoken.errors import UserError
 from multitoken.io.outdir import atomic_write, remove_temporaries, temporary_pattern, write_json
 from multitoken.model import Transformer
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -263,7 +265,7 @@ def load_latest_checkpoint(run_dir: str | Path, warn: Callable[[str], None] | No
     Raises:
         UserError: no checkpoint of the run loads (the message names the newest one's damage).
     """
-    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    warn = warn or log.warning
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not (root / LATEST_FILE).is_file():
         return None

@@ -68,8 +68,15 @@ def attach_heads(run_dir: str | Path, heads_file: str | Path, max_seq_len: int |
 
     Refuses heads trained on another backbone (fingerprints differ) in one line.
     """
-    meta = heads_info(heads_file)
     base, tok = load_run(run_dir)
+    model = attach_heads_to(base, heads_file, str(run_dir))
+    return (limit_context(model, max_seq_len) if max_seq_len else model), tok
+
+
+def attach_heads_to(base: Transformer, heads_file: str | Path, run_dir: str = "the model") -> Transformer:
+    """`base` (a plain model, in memory) with the heads of `heads_file` on it: a new model, same checks
+    as `attach_heads`."""
+    meta = heads_info(heads_file)
     if base.mtp is not None:
         raise UserError(f"{run_dir} already has {base.config.heads} heads: attach heads to a plain model")
     if meta.get("backbone_sha256") != backbone_fingerprint(base):
@@ -85,8 +92,9 @@ def attach_heads(run_dir: str | Path, heads_file: str | Path, max_seq_len: int |
         want = {k: tuple(v.shape) for k, v in Transformer(cfg).mtp.state_dict().items()}
     if {k: tuple(v.shape) for k, v in tensors.items()} != want:
         raise UserError(f"{heads_file}: its tensors are not those of {heads} heads on {run_dir}'s model: write the file again with save_heads")
+    device = next(base.parameters()).device
     model = build_model(cfg, {**base.state_dict(), **{"mtp." + k: v for k, v in tensors.items()}}, fresh_heads=False)
-    return (limit_context(model, max_seq_len) if max_seq_len else model), tok
+    return model.to(device)
 
 
 def load_heads_into(model: Transformer, heads_file: str | Path) -> None:

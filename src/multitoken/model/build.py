@@ -35,6 +35,6 @@ def limit_context(model: Transformer, max_seq_len: int) -> Transformer:
     if not 1 <= max_seq_len <= model.config.max_seq_len:
         raise BadValue("max_seq_len", max_seq_len, f"choose between 1 and the model's {model.config.max_seq_len}")
     model.config.max_seq_len = max_seq_len
-    model.rope_cos = model.rope_cos[:max_seq_len].clone()
-    model.rope_sin = model.rope_sin[:max_seq_len].clone()
+    for name in model._rope_names():
+        setattr(model, name, getattr(model, name)[:max_seq_len].clone())
     return model

@@ -313,12 +313,12 @@ def check_same_tokenizer(run_dir: str | Path, data_dir: str | Path, fix: str) ->
 
 def plot_accuracy(result: dict[str, Any], path: str | Path, title: str = "") -> None:
     """Bar chart of top-1 accuracy per depth, with the per-position acceptance of simulated drafting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from multitoken.io.outdir import atomic_write
+    from multitoken.viz import pyplot
+
+    plt = pyplot(str(path))
+    if plt is None:
+        return
 
     acc = result["accuracy_per_depth"]
     fig, ax = plt.subplots(figsize=(5, 3.2))

@@ -22,10 +22,10 @@ so is any that equals an evaluation prompt (``exclude``), so benchmarks stay on 
 
 from __future__ import annotations
 
+import logging
 import json
 import random
 import re
-import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -39,6 +39,8 @@ from multitoken.data.prepare import FORMAT, META_FILE, load_meta, shard_path
 from multitoken.data.shards import ShardWriter, dtype_for_vocab, read_shard
 from multitoken.errors import BadValue, UserError
 from multitoken.io import outdir
+
+log = logging.getLogger(__name__)
 
 SENTINEL = "\x00MULTITOKEN-USER-TURN\x00"
 MASK_VOCAB = 2  # a mask shard holds 0/1 "the model wrote this token"
@@ -334,7 +336,7 @@ def distill_data(model, tok, out: str | Path, cfg: SelfGenConfig, corpus: str | 
     outdir.claim(out, "prepare")
     outdir.remove_temporaries(out, DATA_FILES)
     (out / META_FILE).unlink(missing_ok=True)
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    say = log.info if progress else (lambda msg: None)
     rng = random.Random(cfg.seed)
     run = BatchedWriter(model, cfg.batch_size, tok.eos_id, cfg.top_p, cfg.seed, generate)
     stats: Counter = Counter()

@@ -23,6 +23,7 @@ Run directory (see checkpoint.py for the checkpoint layout):
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import dataclasses
 import json
@@ -46,6 +47,8 @@ from multitoken.model import Transformer
 from multitoken.training import parallel
 from multitoken.training.evaluate import EvalStats, check_same_tokenizer, eval_stats, plot_accuracy, summarize
 from multitoken.training.loss import MTPLoss, Targets, resolve_weights, split_batch
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE, PLOT_FILE, TB_DIR = "metrics.jsonl", "loss.png", "tb"
 # The files train writes into RUN_DIR besides config.json and model.safetensors: the only names
@@ -148,7 +151,7 @@ def saved_run_config(run_dir: str | Path, warn: Any = None) -> dict[str, Any]:
         saved = ckpt.checkpoint_run_config(run_dir)
         if saved is None or not isinstance(saved.get("train"), dict):
             raise
-        (warn or (lambda m: print(m, file=sys.stderr)))(f"warning: {e}; using the copy in the latest checkpoint")
+        (warn or log.warning)(f"warning: {e}; using the copy in the latest checkpoint")
         return saved
 
 
@@ -267,12 +270,10 @@ class MetricsLog:
                     if r.get("step", 0) <= resume_step:
                         self.records.append(r)
             outdir.atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in self.records)))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        from multitoken.viz import summary_writer
 
-            self.tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=resume_step + 1 if resume_step else None)
-        except ImportError:  # tensorboard is optional: JSONL and the plot carry the same numbers
-            self.tb = None
+        # tensorboard is optional (the viz extra): JSONL and the plot carry the same numbers
+        self.tb = summary_writer(str(run_dir / TB_DIR), purge_step=resume_step + 1 if resume_step else None)
         self.file = open(self.path, "a")
 
     def log(self, record: dict[str, Any]) -> None:
@@ -295,10 +296,11 @@ class MetricsLog:
         """loss.png: one line per depth, train solid, validation dashed with markers."""
         if not self.enabled or not self.records:
             return
-        import matplotlib
+        from multitoken.viz import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot("loss.png")
+        if plt is None:
+            return
 
         fig, ax = plt.subplots(figsize=(6, 4))
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -363,7 +365,7 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
            stop: int, max_minutes: float | None = None) -> dict[str, Any]:
     """The run, in its named parts: start (checks, where from), build, resume, then step, log,
     evaluate and save until `stop`."""
-    say = (lambda m: print(m, file=sys.stderr)) if info.is_main and progress else (lambda m: None)
+    say = log.info if info.is_main and progress else (lambda m: None)
     tokenizer, model_cfg, state = start(cfg, info, data_dir, out_dir, resume, say)
     t = Trainer.build(cfg, info, model_cfg, state, data_dir, out_dir)
     if state is not None:
@@ -436,7 +438,7 @@ def start(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: Pa
     """
     from multitoken.data.prepare import load_meta, load_tokenizer
 
-    warn = (lambda m: print(m, file=sys.stderr)) if info.is_main else (lambda m: None)
+    warn = log.warning if info.is_main else (lambda m: None)
     outdir.check(out_dir, "train")  # before anything reads or writes there: a folder of someone else's is refused
     load_meta(data_dir)  # a one-line error for a missing or incomplete DATA_DIR
     tokenizer = load_tokenizer(data_dir)
@@ -660,7 +662,7 @@ class Trainer:
 
 def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     """Whether the run computes under bf16 autocast (`cfg.dtype`, 'auto' meaning on CUDA)."""
-    return cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return cfg.dtype in ("bfloat16", "bf16") or (cfg.dtype == "auto" and device.type == "cuda")
 
 
 def optimizer_update(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], lr: float,

@@ -20,7 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from multitoken.config import HeadsConfig, ModelConfig
 
-Rope = tuple[Tensor, Tensor]
+Rope = tuple[Tensor, ...]
+"""(cos, sin), or (cos, sin, local_cos, local_sin) for a model with local layers (`Transformer.rope`)."""
 
 
 @dataclass(frozen=True)
