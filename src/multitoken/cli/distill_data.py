@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from multitoken.cli.options import device_arg, floats, ints, listed, path_arg
+from multitoken.cli.options import device_arg, dtype_arg, floats, ints, listed, path_arg
 from multitoken.errors import UserError
 
 
@@ -47,8 +47,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-minutes", type=floats(0, 1e6, lo_open=True), default=None, help="stop generating after this long")
     p.add_argument("--seed", type=ints(0, (1 << 63) - 1), default=0, help="seed (default 0)")
     p.add_argument("--device", default="auto", type=device_arg, help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="weights while generating: auto = bfloat16 on CUDA, float32 on the CPU")
+    p.add_argument("--dtype", default="auto", type=dtype_arg,
+                   help="weights while generating: auto|bfloat16|float16|float32; auto = bfloat16 on CUDA, float32 on the CPU")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run)
 
