@@ -19,7 +19,8 @@ ROOT = Path(multitoken.__file__).parent
 # package -> packages it must never import (anything under multitoken.<name>)
 FORBIDDEN: dict[str, set[str]] = {
     "model": {"training", "decoding", "io", "cli", "data", "bench", "demo"},
-    "decoding": {"training", "cli", "bench", "demo"},
+    "decoding": {"training", "cli", "bench", "demo", "serve"},
+    "serve": {"training", "cli", "bench", "demo"},
     "data": {"model", "training", "decoding", "cli", "bench", "demo"},
     "io": {"training", "decoding", "cli", "bench", "demo"},
     "training": {"cli", "bench", "demo"},

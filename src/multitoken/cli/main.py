@@ -19,7 +19,8 @@ from multitoken.errors import BadValue, UserError
 
 # Modules that register a subcommand, in the order `--help` lists them.
 COMMAND_MODULES: list[str] = [f"multitoken.cli.{name}" for name in (
-    "demo", "prepare", "train", "ablate", "eval", "convert", "export", "retrofit", "generate", "tree", "bench")]
+    "demo", "prepare", "train", "ablate", "eval", "convert", "export", "retrofit", "generate", "tree", "bench",
+    "serve")]
 
 
 class Parser(argparse.ArgumentParser):

@@ -395,6 +395,11 @@ class Generation:
         return not self._queue and not self.active
 
     @property
+    def waiting(self) -> int:
+        """Requests queued for a slot."""
+        return len(self._queue)
+
+    @property
     def free_slots(self) -> int:
         return self._slots.count(None)
 
@@ -735,7 +740,10 @@ class StopText:
     def __init__(self, tokenizer, stop: Sequence[str] = (), eos_id: int | None = None) -> None:
         from multitoken.data.tokenizer import StreamDecoder
 
-        self.dec = StreamDecoder(tokenizer)
+        # Never emit a held-back character early (StreamDecoder's default gives up after 8 ids): a
+        # step of several tokens can end inside a character whose last byte the next step brings.
+        # The text waits only while it ends in U+FFFD, and the end of the stream flushes it.
+        self.dec = StreamDecoder(tokenizer, max_hold=1 << 30)
         self.stop, self.eos = [s for s in stop if s], eos_id
         self.hold = max((len(s) for s in self.stop), default=1) - 1
         self.text, self.sent, self.stopped = "", 0, False
