@@ -46,11 +46,11 @@ def test_rows_join_and_leave_between_steps(kind):
     gen = Engine(model, 2).start([], Settings(10, mode="spec", stream=True))
     reqs = [([3, 5, 2], SETTINGS[0], 4), ([1, 1], SETTINGS[1], 9), ([7, 0, 4, 4], SETTINGS[3], 6),
             ([2], SETTINGS[2], 10), ([6, 3], SETTINGS[4], 3), ([5, 5, 5], SETTINGS[0], 8)]
-    ids = [gen.add(p, sampling=s, seed=7 + i, max_new_tokens=n) for i, (p, s, n) in enumerate(reqs[:3])]
+    ids = [gen.add(*reqs[0][:2], seed=7, max_new_tokens=reqs[0][2])]  # greedy alone first: then sampled rows join
     gen.step()
     gen.step()
     victim = gen.add([4, 4], sampling=SETTINGS[1], seed=3, max_new_tokens=20)
-    ids += [gen.add(p, sampling=s, seed=7 + i, max_new_tokens=n) for i, (p, s, n) in enumerate(reqs[3:], start=3)]
+    ids += [gen.add(p, sampling=s, seed=7 + i, max_new_tokens=n) for i, (p, s, n) in enumerate(reqs[1:], start=1)]
     streamed: dict[int, list[int]] = {}
     cancelled = False
     while not gen.done:
@@ -61,8 +61,8 @@ def test_rows_join_and_leave_between_steps(kind):
             gen.cancel(victim)
             cancelled = True
     assert cancelled and gen.requests[victim].finish_reason == "cancelled"
-    for rid, (p, s, n) in zip(ids, reqs):
-        assert gen.requests[rid].tokens == streamed[rid] == alone(model, p, n, s, 7 + rid - (rid > victim)), rid
+    for i, (rid, (p, s, n)) in enumerate(zip(ids, reqs)):
+        assert gen.requests[rid].tokens == streamed[rid] == alone(model, p, n, s, 7 + i), i
 
 
 def test_mixed_settings_keep_each_rows_exact_distribution():

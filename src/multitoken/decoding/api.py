@@ -426,16 +426,15 @@ class Generation:
                            temperature=st.temperature, top_k=st.top_k, top_p=st.top_p)
 
     def _use_strategy(self, s: RowSampling) -> None:
-        """Run `s`'s strategy from now on; drafts made greedily get their one-hot distributions."""
+        """Run `s`'s strategy from now on.
+
+        Switching from greedy to sampling needs nothing for the rows already decoding: a greedy
+        row's target is one-hot, so lossless verification accepts exactly the drafts equal to its
+        argmax and emits the argmax whatever draft distribution q the buffer holds for it.
+        """
         st = self.engine.state
-        old = self.strategy
-        lossless_chain = self.mode_now == "spec" and self.k_now > 0 and not self.typical
-        if not s.greedy and lossless_chain:
-            fresh = st.qd is None
+        if not s.greedy and self.mode_now == "spec" and self.k_now > 0 and not self.typical:
             st.ensure_sampling_buffers(self.model.depth)
-            if old is not None and (old.s.greedy or fresh):
-                k = self.k_now
-                st.qd[:, :k] = torch.nn.functional.one_hot(st.drafts[:, :k], st.V).to(st.qd.dtype)
         tree = self.tree if self.mode_now == "tree" else None
         self.strategy = self.engine.strategy(self.mode_now, self.k_now, s, tree, self.typical)
         self.periodic = (self.strategy.k > 0 or self.settings.eos_id is not None or self.settings.stream)
