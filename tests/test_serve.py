@@ -293,3 +293,17 @@ def test_sigterm_drains_the_requests_in_flight_then_exits(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.slow
+def test_serve_bench_runs_end_to_end_on_the_cpu(tmp_path):
+    """bench/serve_bench.py --quick: a tiny model, two servers (spec, ntp), zero failed requests."""
+    bench = Path(__file__).parents[1] / "bench" / "serve_bench.py"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    r = subprocess.run([sys.executable, str(bench), "--quick", "--out-dir", str(tmp_path)], env=env, timeout=600,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "serve_quick.json").read_text())
+    assert {x["server"] for x in data["results"]} == {"multitoken spec", "multitoken ntp"}
+    assert all(x["failures"] == 0 and x["output_tokens"] > 0 for x in data["results"])
+    assert (tmp_path / "serve_quick.png").stat().st_size > 0
