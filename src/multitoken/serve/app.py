@@ -59,69 +59,55 @@ class Metrics:
                 self.per_pos.labels(position=str(j)).inc(a)
 
 
-def build_app(model, tokenizer, model_name: str, slots: int = 8, mode: str = "spec", draft: int | None = None,
-              sync_every: int | None = None, compile: bool | None = None, graphs: bool | None = None):
-    """The FastAPI app serving `model` (the decoding thread starts and stops with the app's lifespan).
+class Endpoints:
+    """The handlers, over one `DecodeLoop` (decoding happens on its thread, never here)."""
 
-    Args:
-        model, tokenizer: what to serve; model_name: the id /v1/models lists and requests name.
-        slots: rows decoded together; mode: "spec" (speculative, exact; the default) or "ntp".
-        draft: drafts per step (None: all heads); sync_every, compile, graphs: the engine's.
-    """
-    metrics = Metrics(model.depth if mode == "spec" else 0)
-    loop = DecodeLoop(model, tokenizer, slots, mode, draft, metrics, sync_every, compile, graphs)
-    context, vocab = model.config.max_seq_len, model.config.vocab_size
+    def __init__(self, model, tokenizer, model_name: str, loop: DecodeLoop, metrics: Metrics) -> None:
+        self.tokenizer, self.model_name, self.loop, self.metrics = tokenizer, model_name, loop, metrics
+        self.context, self.vocab = model.config.max_seq_len, model.config.vocab_size
 
-    @asynccontextmanager
-    async def lifespan(app):
-        loop.start()
-        yield
-        await asyncio.to_thread(loop.stop)  # uvicorn has let the requests in flight finish
-
-    app = FastAPI(title="multitoken", lifespan=lifespan)
-    app.state.loop, app.state.metrics = loop, metrics
-
-    def error(e: APIError) -> JSONResponse:
-        metrics.errors.labels(status=str(e.status)).inc()
+    def error(self, e: APIError) -> JSONResponse:
+        self.metrics.errors.labels(status=str(e.status)).inc()
         return JSONResponse(e.body(), status_code=e.status)
 
-    @app.exception_handler(404)
-    async def not_found(request, exc):
-        return error(APIError(404, f"no endpoint {request.url.path}: see /v1/completions, /v1/chat/completions, "
-                                   "/v1/models, /health, /metrics", code="not_found"))
+    async def completions(self, request: Request):
+        return await self.handle("completions", request)
 
-    @app.exception_handler(405)
-    async def bad_method(request, exc):
-        return error(APIError(405, f"{request.method} is not allowed on {request.url.path}", code="method_not_allowed"))
+    async def chat(self, request: Request):
+        return await self.handle("chat", request)
 
-    async def handle(kind: str, request: Request):
+    async def handle(self, kind: str, request: Request):
         try:
-            job = check_request(kind, parse_body(await request.body()), tokenizer, context, vocab, model_name)
+            body = parse_body(await request.body())
+            job = check_request(kind, body, self.tokenizer, self.context, self.vocab, self.model_name)
         except APIError as e:
-            return error(e)
-        ticket = loop.submit(job)
+            return self.error(e)
+        ticket = self.loop.submit(job)
         if job.stream:
-            return StreamingResponse(stream(ticket), media_type="text/event-stream")
-        return await whole(ticket, request)
+            return StreamingResponse(self.stream(ticket), media_type="text/event-stream")
+        return await self.whole(ticket, request)
 
-    async def whole(ticket: Ticket, request: Request):
+    async def whole(self, ticket: Ticket, request: Request):
+        """The whole answer as one object; a client that goes away meanwhile cancels its row."""
         parts = []
         while True:
             try:
                 event = await asyncio.wait_for(ticket.events.get(), timeout=0.5)
             except asyncio.TimeoutError:
                 if await request.is_disconnected():
-                    loop.cancel(ticket)
+                    self.loop.cancel(ticket)
                     return Response(status_code=499)
                 continue
             if event[0] == "text":
                 parts.append(event[1])
             elif event[0] == "error":
-                return error(APIError(event[1], event[2], kind="server_error" if event[1] >= 500 else "invalid_request_error"))
+                kind = "server_error" if event[1] >= 500 else "invalid_request_error"
+                return self.error(APIError(event[1], event[2], kind=kind))
             else:
                 return JSONResponse(completion(ticket.job, "".join(parts), event[1], event[2]))
 
-    async def stream(ticket: Ticket):
+    async def stream(self, ticket: Ticket):
+        """Server-sent events: a first chunk, text chunks, the finish chunk, usage if asked, [DONE]."""
         job, ended = ticket.job, False
         try:
             yield sse(chunk(job, "", first=True))
@@ -141,36 +127,64 @@ def build_app(model, tokenizer, model_name: str, slots: int = 8, mode: str = "sp
             yield sse("[DONE]")
         finally:
             if not ended:  # the client went away (the generator was closed mid-stream)
-                loop.cancel(ticket)
+                self.loop.cancel(ticket)
 
-    @app.post("/v1/completions")
-    async def completions(request: Request):
-        return await handle("completions", request)
+    async def models(self):
+        return {"object": "list", "data": [{"id": self.model_name, "object": "model", "created": 0,
+                                            "owned_by": "multitoken", "max_model_len": self.context}]}
 
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request):
-        return await handle("chat", request)
-
-    @app.get("/v1/models")
-    async def models():
-        return {"object": "list", "data": [{"id": model_name, "object": "model", "created": 0, "owned_by": "multitoken",
-                                            "max_model_len": context}]}
-
-    @app.get("/health")
-    async def health():
-        ok = loop.thread.is_alive()
-        body = {"status": "ok" if ok else "down", "running": loop.running, "last_error": loop.error}
+    async def health(self):
+        ok = self.loop.thread.is_alive()
+        body = {"status": "ok" if ok else "down", "running": self.loop.running, "last_error": self.loop.error}
         return JSONResponse(body, status_code=200 if ok else 503)
 
-    @app.get("/metrics")
-    async def metrics_page():
+    async def metrics_page(self):
         from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-        metrics.running.set(loop.running)
-        metrics.waiting.set(loop.waiting)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+        self.metrics.running.set(self.loop.running)
+        self.metrics.waiting.set(self.loop.waiting)
+        return Response(generate_latest(self.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
+    async def not_found(self, request, exc):
+        return self.error(APIError(404, f"no endpoint {request.url.path}: see /v1/completions, /v1/chat/completions, "
+                                        "/v1/models, /health, /metrics", code="not_found"))
+
+    async def bad_method(self, request, exc):
+        return self.error(APIError(405, f"{request.method} is not allowed on {request.url.path}",
+                                   code="method_not_allowed"))
+
+
+def build_app(model, tokenizer, model_name: str, slots: int = 8, mode: str = "spec", draft: int | None = None,
+              sync_every: int | None = None, compile: bool | None = None, graphs: bool | None = None) -> FastAPI:
+    """The FastAPI app serving `model` (the decoding thread starts and stops with the app's lifespan).
+
+    Args:
+        model, tokenizer: what to serve; model_name: the id /v1/models lists and requests name.
+        slots: rows decoded together; mode: "spec" (speculative, exact; the default) or "ntp".
+        draft: drafts per step (None: all heads); sync_every, compile, graphs: the engine's.
+    Returns:
+        the app; ``app.state.loop`` is its `DecodeLoop`, ``app.state.metrics`` its `Metrics`.
+    """
+    metrics = Metrics(model.depth if mode == "spec" else 0)
+    loop = DecodeLoop(model, tokenizer, slots, mode, draft, metrics, sync_every, compile, graphs)
+    ep = Endpoints(model, tokenizer, model_name, loop, metrics)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        loop.start()
+        yield
+        await asyncio.to_thread(loop.stop)  # uvicorn has let the requests in flight finish
+
+    app = FastAPI(title="multitoken", lifespan=lifespan)
+    app.state.loop, app.state.metrics = loop, metrics
+    app.add_api_route("/v1/completions", ep.completions, methods=["POST"])
+    app.add_api_route("/v1/chat/completions", ep.chat, methods=["POST"])
+    app.add_api_route("/v1/models", ep.models, methods=["GET"])
+    app.add_api_route("/health", ep.health, methods=["GET"])
+    app.add_api_route("/metrics", ep.metrics_page, methods=["GET"])
+    app.add_exception_handler(404, ep.not_found)
+    app.add_exception_handler(405, ep.bad_method)
     return app
 
 
-__all__ = ["Job", "Metrics", "build_app"]
+__all__ = ["Endpoints", "Job", "Metrics", "build_app"]
