@@ -307,3 +307,29 @@ def test_serve_bench_runs_end_to_end_on_the_cpu(tmp_path):
     assert {x["server"] for x in data["results"]} == {"multitoken spec", "multitoken ntp"}
     assert all(x["failures"] == 0 and x["output_tokens"] > 0 for x in data["results"])
     assert (tmp_path / "serve_quick.png").stat().st_size > 0
+
+
+def test_a_failing_decoding_step_fails_its_requests_and_the_server_goes_on():
+    model, tok = make_model()
+    app = build_app(model, tok, NAME, slots=2, mode="spec")
+    s = Server(app)
+    loop = app.state.loop
+    real = type(loop.gen).step
+    calls = {"n": 0}
+
+    def broken(gen):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("planted failure")
+        return real(gen)
+
+    try:
+        type(loop.gen).step = broken
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "a", "max_tokens": 5, "temperature": 0}, timeout=60)
+        assert r.status_code == 500 and "planted failure" in r.json()["error"]["message"]
+        ok = httpx.post(s.url + "/v1/completions", json={"prompt": "a", "max_tokens": 5, "temperature": 0}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == text_of(tok, alone(model, tok, [97], 5))
+        assert "planted failure" in httpx.get(s.url + "/health", timeout=30).json()["last_error"]
+    finally:
+        type(loop.gen).step = real
+        s.close()

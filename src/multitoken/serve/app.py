@@ -82,6 +82,8 @@ class Endpoints:
             job = check_request(kind, body, self.tokenizer, self.context, self.vocab, self.model_name)
         except APIError as e:
             return self.error(e)
+        except Exception as e:  # a bug of ours, not the client's: a 500 with OpenAI's body, and the server goes on
+            return self.error(APIError(500, f"{type(e).__name__}: {e}"[:500], kind="server_error"))
         ticket = self.loop.submit(job)
         if job.stream:
             return StreamingResponse(self.stream(ticket), media_type="text/event-stream")

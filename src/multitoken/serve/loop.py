@@ -36,7 +36,10 @@ class Ticket:
     first_token: float | None = None
 
     def post(self, *event) -> None:
-        self.aloop.call_soon_threadsafe(self.events.put_nowait, event)
+        try:
+            self.aloop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # the event loop is gone (shutdown): nobody is listening any more
+            pass
 
 
 class DecodeLoop:
