@@ -29,7 +29,8 @@ import uvicorn  # noqa: E402
 
 from conftest import tiny_model  # noqa: E402
 from multitoken.data.tokenizer import Tokenizer  # noqa: E402
-from multitoken.decoding.api import StopText, generate  # noqa: E402
+from multitoken.decoding.api import generate  # noqa: E402
+from multitoken.decoding.text import StopText  # noqa: E402
 from multitoken.io.checkpoint import save_run  # noqa: E402
 from multitoken.serve.app import build_app  # noqa: E402
 

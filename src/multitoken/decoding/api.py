@@ -41,6 +41,7 @@ from multitoken.decoding.runner import Runner, backend, bucket
 from multitoken.decoding.sampling import RowSampling, Sampling
 from multitoken.decoding.state import DecodeState, prepare_prompts
 from multitoken.decoding.strategies import Chain, Plain, Tree
+from multitoken.decoding.text import StopText
 from multitoken.errors import BadValue, UserError
 
 MODES = ("ntp", "spec", "tree")
@@ -725,50 +726,3 @@ class TextStream:
         self.stats.new_tokens = len(self.token_ids)
         wall = self.stats.wall_time_s
         self.stats.tokens_per_second = self.stats.new_tokens / wall if wall > 0 else 0.0
-
-
-class StopText:
-    """Detokenise a stream of token ids with stop strings: text out as soon as it is certain.
-
-    Several tokens may arrive at once (a speculative step): the text they make is searched for
-    every stop string, across piece boundaries, and cut before the first match. Text that could
-    still become the start of a stop string is held back; a UTF-8 character split across tokens
-    is never emitted half (`StreamDecoder`). EOS ids are not text.
-    """
-
-    def __init__(self, tokenizer, stop: Sequence[str] = (), eos_id: int | None = None) -> None:
-        from multitoken.data.tokenizer import StreamDecoder
-
-        # Never emit a held-back character early (StreamDecoder's default gives up after 8 ids): a
-        # step of several tokens can end inside a character whose last byte the next step brings.
-        # The text waits only while it ends in U+FFFD, and the end of the stream flushes it.
-        self.dec = StreamDecoder(tokenizer, max_hold=1 << 30)
-        self.stop, self.eos = [s for s in stop if s], eos_id
-        self.hold = max((len(s) for s in self.stop), default=1) - 1
-        self.text, self.sent, self.stopped = "", 0, False
-
-    def push(self, ids: Sequence[int]) -> str:
-        """Feed new token ids; return the text now certain (empty once a stop string was seen)."""
-        if self.stopped:
-            return ""
-        self.text += self.dec.push([t for t in ids if t != self.eos])
-        cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.stopped = self.text[:cut], True
-            return self._out(len(self.text))
-        return self._out(len(self.text) - self.hold)
-
-    def finish(self) -> str:
-        """The rest of the text at the end of the stream."""
-        if not self.stopped:
-            self.text += self.dec.flush()
-            cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self.text, self.stopped = self.text[:cut], True
-        return self._out(len(self.text))
-
-    def _out(self, upto: int) -> str:
-        if upto <= self.sent:
-            return ""
-        piece, self.sent = self.text[self.sent: upto], upto
-        return piece

@@ -18,7 +18,8 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from multitoken.decoding.api import Engine, Settings, StopText
+from multitoken.decoding.api import Engine, Settings
+from multitoken.decoding.text import StopText
 from multitoken.serve.protocol import Job, usage
 
 
@@ -57,6 +58,9 @@ class DecodeLoop:
                  metrics=None, sync_every: int | None = None, compile: bool | None = None,
                  graphs: bool | None = None) -> None:
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
+        # An explicit draft length: the auto choice never goes back from plain steps, which in a
+        # generation that runs as long as the server would turn speculation off for good.
+        draft = draft or (model.depth if mode == "spec" else None)
         self.settings = Settings(max_new_tokens=1 << 20, mode=mode, draft=draft, eos_id=tokenizer.eos_id,
                                  sync_every=sync_every, stream=True)
         self.engine = Engine(model, slots, compile=compile, graphs=graphs)
