@@ -568,6 +568,8 @@ class Generation:
             r.done, r.finish_reason = True, ("stop" if eos is not None and r.tokens and r.tokens[-1] == eos else "length")
         if finished:
             self._free(finished)
+            if self.active:  # the rows left may all be greedy now: the cheaper step serves them
+                self._use_strategy(self._sampling_for(self.active))
         # The live bucket follows the rows still decoding: a free row's stale position must not widen it.
         self.maxpos = max((pos[r.slot] for r in self.active), default=0)
         if self.auto and self.active and self.strategy.k:
