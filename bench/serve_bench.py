@@ -7,9 +7,10 @@ until `--requests-per-stream` x C greedy requests have finished. Each request st
 
 Reported per (mode, C): output tokens/s over the wall time of the level, TTFT (request sent ->
 first text chunk) and TPOT ((latency - TTFT) / (tokens - 1)) as p50/p90/p99, the mean acceptance
-length from the usage, failures, and spec/ntp ratios measured in the same run. An already
-running OpenAI-compatible server (`transformers serve`, vLLM, ...) can be measured the same way
-with --peer URL --peer-model NAME, over the same prompts.
+length from the usage, failures, and spec/ntp ratios measured in the same run. --transformers
+also starts `transformers serve` on the run's backbone (exported with `multitoken export`'s
+code; --transformers-cb adds its continuous batching) and reports our ratios against it; an
+already running OpenAI-compatible server (vLLM, ...) is measured with --peer URL --peer-model NAME.
 
     python bench/serve_bench.py --run RUN_DIR [--heads-file F] [--streams 1,8,32,64] [--new-tokens 128]
     python bench/serve_bench.py --quick      # a tiny model built here, on the CPU: an end-to-end smoke test
@@ -73,10 +74,16 @@ def tiny_run(folder: Path) -> Path:
 
 
 class Served:
-    """`multitoken serve` as a subprocess on a free local port."""
+    """`multitoken serve` (or, with `cmd`, another server) as a subprocess on a free local port."""
 
-    def __init__(self, args, mode: str) -> None:
+    def __init__(self, args, mode: str, cmd: list[str] | None = None) -> None:
         self.port = free_port()
+        if cmd is not None:
+            self.cmd = [c.replace("{port}", str(self.port)) for c in cmd]
+            self.proc = subprocess.Popen(self.cmd)
+            self.url = f"http://127.0.0.1:{self.port}"
+            self._wait()
+            return
         cmd = [sys.executable, "-m", "multitoken", "serve", "--run", str(args.run), "--port", str(self.port), "--mode", mode,
                "--slots", str(args.slots), "--device", args.device, "--model-name", "bench"]
         if args.heads_file:
@@ -116,7 +123,9 @@ async def one(client, url: str, model: str, prompt: str, n: int, chat: bool) -> 
         path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}]}
     else:
         path, body = "/v1/completions", {"prompt": prompt}
-    body |= {"model": model, "max_tokens": n, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
+    if model is not None:  # None: the server's only model (transformers serve with a preloaded model)
+        body["model"] = model
+    body |= {"max_tokens": n, "temperature": 0, "stream": True, "stream_options": {"include_usage": True}}
     t0 = time.perf_counter()
     ttft, usage = None, None
     async with client.stream("POST", url + path, json=body) as r:
@@ -208,6 +217,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default=None)
     p.add_argument("--completions", action="store_true", help="use /v1/completions instead of chat")
+    p.add_argument("--transformers", action="store_true",
+                   help="also measure `transformers serve` on the run's backbone (exported to a temporary HF folder)")
+    p.add_argument("--transformers-cb", action="store_true", help="with --transformers: its --continuous-batching")
     p.add_argument("--peer", default=None, metavar="URL", help="also measure this running OpenAI-compatible server")
     p.add_argument("--peer-model", default=None, help="the model name to send to --peer")
     p.add_argument("--name", default=None, help="results file name part (default: the run folder's name)")
@@ -237,12 +249,32 @@ def main(argv: list[str] | None = None) -> int:
                       f"failures {r['failures']}", flush=True)
         finally:
             server.close()
+    if args.transformers:
+        from multitoken.io.hf import export_hf
+
+        hf_dir = Path(tempfile.mkdtemp(prefix="mt-serve-bench-hf-")) / "hf"
+        export_hf(args.run, hf_dir)  # the backbone (and any heads in the run, which transformers ignores)
+        cmd = ["transformers", "serve", str(hf_dir), "--host", "127.0.0.1", "--port", "{port}", "--device", args.device]
+        if args.transformers_cb:
+            cmd.append("--continuous-batching")
+        server = Served(args, "transformers", cmd)
+        try:
+            asyncio.run(level(server.url, None, 1, 1, 8, not args.completions))
+            for c in streams:
+                r = asyncio.run(level(server.url, None, c, args.requests_per_stream, args.new_tokens, not args.completions))
+                results.append({"server": "transformers serve"} | r)
+                print(f"transformers streams={c:3d}: {r['tokens_per_s']:8.1f} tok/s, failures {r['failures']}", flush=True)
+        finally:
+            server.close()
     if args.peer:
         for c in streams:
             r = asyncio.run(level(args.peer, args.peer_model or "default", c, args.requests_per_stream, args.new_tokens,
                                   not args.completions))
             results.append({"server": f"peer {args.peer}"} | r)
     for r in results:
+        peer = next((b for b in results if b["server"] == "transformers serve" and b["streams"] == r["streams"]), None)
+        if r["server"].startswith("multitoken") and peer and peer["tokens_per_s"]:
+            r["vs_transformers_serve"] = r["tokens_per_s"] / peer["tokens_per_s"]
         if r["server"] == "multitoken spec":
             base = next((b for b in results if b["server"] == "multitoken ntp" and b["streams"] == r["streams"]), None)
             if base and base["tokens_per_s"]:
