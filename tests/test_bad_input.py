@@ -476,6 +476,17 @@ case("train-resume-checkpoint-truncated",
 case("train-resume-other-heads",
      lambda b, w: train_args(b, w, "--resume", "--steps", "4", "--heads", "medusa:1", out=str(copy(b, w, "run"))))
 
+# serve: every refusal comes before the server listens
+case("serve-no-run", lambda b, w: ["serve"])
+case("serve-run-missing", lambda b, w: ["serve", "--run", str(w / "nope"), "--device", "cpu"], expect="does not exist")
+case("serve-port-too-big", lambda b, w: ["serve", "--run", R(b), "--port", "70000"], expect="--port")
+case("serve-port-text", lambda b, w: ["serve", "--run", R(b), "--port", "http"], expect="--port")
+case("serve-slots-zero", lambda b, w: ["serve", "--run", R(b), "--slots", "0"], expect="--slots")
+case("serve-mode-tree", lambda b, w: ["serve", "--run", R(b), "--mode", "tree"], expect="--mode")
+case("serve-heads-file-missing", lambda b, w: ["serve", "--run", R(b), "--heads-file", str(w / "none.safetensors"),
+                                               "--device", "cpu"])
+case("serve-weights-truncated", lambda b, w: ["serve", "--run", damaged_run("weights-truncated")(b, w), "--device", "cpu"])
+
 # damaged data
 for how in ["train-truncated", "meta-not-json", "meta-missing", "header-garbage", "train-ids-out-of-range",
             "one-id-out-of-range"]:

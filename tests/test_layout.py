@@ -19,13 +19,14 @@ ROOT = Path(multitoken.__file__).parent
 
 # package -> packages it must never import (anything under multitoken.<name>)
 FORBIDDEN: dict[str, set[str]] = {
-    "model": {"training", "decoding", "io", "cli", "data", "bench", "demo", "experiments", "pipeline"},
-    "decoding": {"training", "cli", "bench", "demo", "experiments", "pipeline"},
-    "data": {"model", "training", "decoding", "cli", "bench", "demo", "experiments", "pipeline"},
-    "io": {"training", "decoding", "cli", "bench", "demo", "experiments", "pipeline"},
-    "training": {"cli", "bench", "demo", "experiments", "pipeline"},
+    "model": {"training", "decoding", "io", "cli", "data", "bench", "demo", "experiments", "pipeline", "serve"},
+    "decoding": {"training", "cli", "bench", "demo", "experiments", "pipeline", "serve"},
+    "serve": {"training", "cli", "bench", "demo", "experiments"},
+    "data": {"model", "training", "decoding", "cli", "bench", "demo", "experiments", "pipeline", "serve"},
+    "io": {"training", "decoding", "cli", "bench", "demo", "experiments", "pipeline", "serve"},
+    "training": {"cli", "bench", "demo", "experiments", "pipeline", "serve"},
     "bench": {"cli", "experiments"},
-    "experiments": {"cli", "bench", "demo"},
+    "experiments": {"cli", "bench", "demo", "serve"},
 }
 TOP_LEVEL = {"config", "errors", "checks"}
 """Modules beside the packages that every layer may use; they import no package but the model's head registry."""

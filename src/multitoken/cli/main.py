@@ -37,6 +37,7 @@ COMMANDS: dict[str, str] = {
     "retrofit": "train MTP heads on a frozen pretrained model from backbone features computed once",
     "generate": "generate text from a run, a Hugging Face folder or a Hub id, plainly or self-speculatively",
     "chat": "chat with a model in the terminal through its chat template (tau after each answer)",
+    "serve": "an OpenAI-compatible server with continuous batching and exact speculative decoding",
     "tree": "measure the heads' top-k accuracy and write RUN_DIR/tree.json (static draft tree)",
     "bench": "benchmarks: decoding and training speed, side by side",
 }

@@ -50,6 +50,15 @@ def use_compile_cache() -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
 
 
+def backend(device: torch.device, compile: bool | None, graphs: bool | None) -> tuple[bool, bool]:
+    """The one place the defaults live: (compile, graphs), None = on for CUDA, off elsewhere.
+
+    CUDA graphs exist only on CUDA, so graphs=True elsewhere means off.
+    """
+    cuda = torch.device(device).type == "cuda"
+    return (cuda if compile is None else bool(compile)), (cuda if graphs is None else bool(graphs) and cuda)
+
+
 class CompiledBlock:
     """`Block.cached` under torch.compile, falling back to eager blocks if compilation fails.
 
@@ -96,15 +105,13 @@ class Runner:
 
     Args:
         state: the decode state.
-        compile: torch.compile each step (inductor), once per (strategy, bucket).
-        graphs: capture each step as a CUDA graph (default: on CUDA devices).
+        compile: torch.compile the blocks (default: on CUDA; `backend`).
+        graphs: capture each step as a CUDA graph (default: on CUDA; `backend`).
     """
 
     def __init__(self, state: DecodeState, compile: bool | None = None, graphs: bool | None = None) -> None:
-        cuda = state.device.type == "cuda"
         self.state = state
-        self.graphs = cuda if graphs is None else (graphs and cuda)
-        self.compile = cuda if compile is None else compile
+        self.compile, self.graphs = backend(state.device, compile, graphs)
         self._graphs: dict = {}
         self._pool = None
         self.compile_time_s = 0.0
