@@ -15,13 +15,16 @@ from pathlib import Path
 import torch
 
 from multitoken.checks import Range
-from multitoken.cli.options import device_arg, ints, option, path_arg, text_arg
+from multitoken.cli.options import device_arg, dtype_arg, ints, option, path_arg, text_arg
 from multitoken.config import MAX_HEAD_DEPTH
 from multitoken.errors import UserError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("serve", help="serve a run over OpenAI's HTTP API (continuous batching, speculative decoding)")
+    p = subparsers.add_parser(
+        "serve", help="serve a run over OpenAI's HTTP API (continuous batching, speculative decoding)",
+        description="Serve a model over OpenAI's HTTP API (/v1/completions, /v1/chat/completions, /v1/models, "
+                    "/health, /metrics) with continuous batching and exact self-speculative decoding (on by default).")
     p.add_argument("--run", required=True, type=path_arg, help="run directory (from train, convert or a retrofit)")
     p.add_argument("--heads-file", type=path_arg, default=None, metavar="FILE",
                    help="attach these heads (a file written by retrofit.save_heads) to the run's plain model")
@@ -35,7 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--model-name", type=text_arg, default=None, help="the model id clients name (default: the run folder's name)")
     p.add_argument("--max-seq-len", type=option(Range(2, 1 << 20, integer=True)), default=None, help="context (sizes the KV cache)")
     p.add_argument("--device", default="auto", type=device_arg, help="auto (CUDA when available), cpu, cuda or cuda:N")
-    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--dtype", default="auto", type=dtype_arg,
+                   help="weights: auto|bfloat16|float16|float32 (default auto: the run's own)")
     p.set_defaults(func=run)
 
 
@@ -45,7 +49,7 @@ def load(args: argparse.Namespace):
 
     if not Path(args.run).is_dir():
         raise UserError(f"run directory {args.run} does not exist: train one with `multitoken train` or `multitoken convert`")
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype = getattr(torch, args.dtype) if args.dtype and args.dtype != "auto" else None
     if args.heads_file:
         from multitoken.io.heads_file import attach_heads
 

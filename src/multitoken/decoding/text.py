@@ -9,6 +9,7 @@ UTF-8 bytes are split across tokens or steps is held back until it is complete. 
 from __future__ import annotations
 
 from collections.abc import Sequence
+
 from multitoken.decoding.state import eos_ids
 
 

@@ -380,6 +380,8 @@ def _write(out: Path, tok, cfg: SelfGenConfig, docs: list[Document], copied: lis
         splits["val" if i % cfg.val_every == cfg.val_every - 1 else "train"].append(d)
     for i, d in enumerate(copied):
         splits["val" if i % cfg.val_every == cfg.val_every - 1 else "train"].append(d)
+    if not splits["val"] and len(splits["train"]) >= 2:  # few documents: the last one still validates
+        splits["val"].append(splits["train"].pop())
     if not splits["val"] or not splits["train"]:
         raise UserError(f"only {len(docs) + len(copied)} document(s): too few for a train and a validation split; ask for more")
     counts = {}
