@@ -43,7 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-keep-weights", dest="keep_weights", action="store_false",
                    help="delete each finished run's model.safetensors (checkpoints are always deleted)")
     p.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, out_kind="ablate")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -6,12 +6,17 @@ a `UserError` into one line on stderr (exit status 2) instead of a traceback; an
 named setting (`BadValue`) is worded with the setting's option name. A bad option is one
 such line too (``error: multitoken train: argument --lr: ...``), not argparse's usage block;
 `main` returns the exit status in every case and never raises SystemExit.
+
+A subcommand that writes an ``--out`` folder sets ``out_kind`` (its `outdir.KINDS` key); `main`
+holds that folder's lock while the command runs, so a second process on it is refused in one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import os
 import sys
 import typing
 
@@ -54,7 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with out_lock(args):
+            return int(args.func(args) or 0)
     except BadValue as e:
         print(f"error: {e.as_option()}", file=sys.stderr)
         return 2
@@ -64,6 +70,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def out_lock(args: argparse.Namespace) -> typing.ContextManager[object]:
+    """The lock on the command's ``--out`` (none for commands that write no folder, and none on
+    the other ranks of a torchrun job, whose rank 0 holds it)."""
+    kind = getattr(args, "out_kind", None)
+    if kind is None or getattr(args, "out", None) is None or int(os.environ.get("RANK", "0") or 0) != 0:
+        return contextlib.nullcontext()
+    from multitoken.io import outdir
+
+    return outdir.locked(args.out, kind)
 
 
 if __name__ == "__main__":

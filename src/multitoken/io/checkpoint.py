@@ -29,7 +29,7 @@ from safetensors.torch import load_file, save_file
 
 from multitoken.config import ModelConfig, from_dict
 from multitoken.errors import UserError
-from multitoken.io.outdir import atomic_write, remove_temporaries, temporary_pattern, write_json
+from multitoken.io.outdir import SAFETENSORS_TMP, atomic_write, remove_temporaries, temporary_pattern, write_json
 from multitoken.model import Transformer
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
@@ -198,6 +198,10 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     root = Path(run_dir) / CHECKPOINTS_DIR
     folder = root / f"step_{step:08d}"
     folder.mkdir(parents=True, exist_ok=True)
+    foreign = [p.name for p in folder.iterdir() if not _checkpoint_entry(p)]
+    if foreign:  # someone else's files (another run's --out made here?): never mix ours in
+        raise UserError(f"{folder} holds files a checkpoint does not ({', '.join(sorted(foreign)[:3])}): move them "
+                        f"out of the run directory, then resume")
     save_tensors(folder / WEIGHTS_FILE, weights)
     groups: list[dict[str, Any]] = []
     if optimizer is not None:
@@ -304,6 +308,7 @@ def checkpoint_run_config(run_dir: str | Path) -> dict[str, Any] | None:
 # The names save_checkpoint writes; cleanup and pruning delete these and nothing else.
 _STEP_DIR = re.compile(r"step_\d{8}")
 _CHECKPOINT_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
+_CHECKPOINT_TMP = temporary_pattern(_CHECKPOINT_FILES)
 _TRASH_PREFIX = ".deleting-"
 
 
@@ -327,13 +332,17 @@ def remove_stale_temporaries(run_dir: str | Path, run_files: tuple[str, ...] = (
     return n
 
 
+def _checkpoint_entry(p: Path) -> bool:
+    """Whether `p` is a file `save_checkpoint` writes, or a temporary of one (ours or safetensors')."""
+    return p.is_file() and not p.is_symlink() and (p.name in _CHECKPOINT_FILES or bool(_CHECKPOINT_TMP.fullmatch(p.name))
+                                                   or bool(SAFETENSORS_TMP.fullmatch(p.name)))
+
+
 def _remove_checkpoint(folder: Path, rename: bool = True) -> bool:
     """Delete a checkpoint folder that holds only what `save_checkpoint` writes (and its
     temporaries); a folder with anything else in it is left alone. Returns whether it went."""
-    tmp = temporary_pattern(_CHECKPOINT_FILES)
     entries = list(folder.iterdir())
-    if any(not (p.is_file() and not p.is_symlink() and (p.name in _CHECKPOINT_FILES or tmp.fullmatch(p.name)))
-           for p in entries):
+    if not all(_checkpoint_entry(p) for p in entries):
         return False
     # Rename first so that a kill halfway never leaves a half-deleted folder under a checkpoint name.
     trash = folder.with_name(f"{_TRASH_PREFIX}{folder.name}") if rename else folder

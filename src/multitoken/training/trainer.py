@@ -441,6 +441,9 @@ def start(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: Pa
     if rem or per_rank < 1:
         raise UserError(f"batch_size={cfg.batch_size} must be a multiple of world size x grad_accum = "
                         f"{info.world_size} x {cfg.grad_accum}")
+    if not has_checkpoint and (out_dir / ckpt.WEIGHTS_FILE).is_file():  # trained, then checkpoints/ went
+        raise UserError(f"{out_dir} holds trained weights but no checkpoints/ to continue from: train a new run "
+                        f"from them with --init {out_dir} --out NEW_DIR")
     if has_checkpoint and not resume:
         raise UserError(f"{out_dir} already holds a run: pass --resume to continue it or choose another --out")
     state = ckpt.load_latest_checkpoint(out_dir, warn) if resume else None  # falls back past a damaged latest one
@@ -630,11 +633,11 @@ class Trainer:
         weights = gather_weights(self.model, self.raw, info, cfg.fsdp)
         optim = gather_optimizer(self.model, self.optimizer, self.names, info, cfg.fsdp)
         loader_state = self.loader.state_dict()
-        if info.is_main:
-            ckpt.save_tensors(out_dir / ckpt.WEIGHTS_FILE, weights)  # what load_run reads: the latest weights
+        if info.is_main:  # the checkpoint first: run weights with no checkpoint mean a finished run lost its own
             ckpt.save_checkpoint(out_dir, self.step, weights, optim, rng_state(self.device),
                                  {"loader": loader_state, "world_size": info.world_size, "config": self.run_config},
                                  cfg.keep_checkpoints)
+            ckpt.save_tensors(out_dir / ckpt.WEIGHTS_FILE, weights)  # what load_run reads: the latest weights
         parallel.barrier()
 
 
