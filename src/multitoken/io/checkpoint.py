@@ -3,7 +3,8 @@
 A RUN_DIR holds what `train`, `convert` or a retrofit produced and what `eval`, `generate` and
 `export` read:
 
-    config.json        {"model": ModelConfig as a dict, ...anything else the writer records}
+    config.json        {"model": ModelConfig as a dict (complete), "tokenizer_sha256" (train: under
+                       "data"), ...anything else the writer records}
     model.safetensors  the weights (tied LM head stored once, as embed_tokens.weight)
     tokenizer.json     the tokenizer (or what `Tokenizer.save` writes)
     .multitoken.json   the ownership marker (see outdir.py): which command wrote the folder
@@ -16,6 +17,7 @@ or otherwise damaged file is a one-line `UserError` naming it, never a traceback
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -93,14 +95,27 @@ def save_run(run_dir: str | Path, model: Transformer, tokenizer=None, extra: dic
     if tokenizer is not None:
         tokenizer.save(run_dir)
     save_weights(run_dir / WEIGHTS_FILE, model)
-    write_json(run_dir / CONFIG_FILE, {"model": model.config.to_dict(), **(extra or {})})
+    recorded = {"tokenizer_sha256": tokenizer.fingerprint()} if tokenizer is not None else {}
+    write_json(run_dir / CONFIG_FILE, {"model": model.config.to_dict(), **recorded, **(extra or {})})
 
 
 def load_config(run_dir: str | Path) -> ModelConfig:
+    """The `ModelConfig` of a run directory (its config.json's complete "model" section)."""
     data = read_json(Path(run_dir) / CONFIG_FILE)
     if not isinstance(data, dict) or "model" not in data:
         raise UserError(f"{Path(run_dir) / CONFIG_FILE} has no 'model' section: not a multitoken run directory")
-    return from_dict(ModelConfig, data["model"])
+    return complete_model_config(data["model"], Path(run_dir) / CONFIG_FILE)
+
+
+def complete_model_config(data: Any, where: str | Path) -> ModelConfig:
+    """A `ModelConfig` from a run's record of it, which must name every field: a missing key would
+    silently take a default (another eos_id, rope_theta, ...) and change every output."""
+    if isinstance(data, dict):
+        missing = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in data]
+        if missing:
+            raise UserError(f"{where}: the model config lacks {', '.join(missing)}: restore the file (a training run's "
+                            f"checkpoints/step_*/state.json holds a copy) or re-create the run")
+    return from_dict(ModelConfig, data)
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -125,7 +140,21 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", dtype: tor
         from multitoken.data.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(run_dir)
+        check_run_tokenizer(run_dir, tokenizer)
     return model, tokenizer
+
+
+def check_run_tokenizer(run_dir: str | Path, tokenizer) -> None:
+    """Refuse a run whose tokenizer is not the one it was made with: config.json's fingerprint
+    (`Tokenizer.fingerprint`) when it records one (runs written before it was recorded are not
+    checked; generate refuses an id past the model's vocabulary by itself)."""
+    data = read_json(Path(run_dir) / CONFIG_FILE)
+    section = data.get("data") if isinstance(data.get("data"), dict) else {}
+    recorded = section.get("tokenizer_sha256") or data.get("tokenizer_sha256")
+    fix = "restore the run's own tokenizer.json (the DATA_DIR it was trained on holds a copy)"
+    if isinstance(recorded, str) and recorded and tokenizer.fingerprint() != recorded:
+        raise UserError(f"{Path(run_dir)}: its tokenizer is not the one the run was made with (the fingerprint differs "
+                        f"from config.json's {recorded[:12]}): {fix}")
 
 
 # ---- training checkpoints ---------------------------------------------------------------------
