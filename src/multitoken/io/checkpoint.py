@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 
 from multitoken.config import ModelConfig, from_dict
 from multitoken.errors import UserError
+from multitoken.io.checkpoint_state import check_checkpoint
 from multitoken.io.outdir import SAFETENSORS_TMP, atomic_write, remove_temporaries, temporary_pattern, write_json
 from multitoken.model import Transformer
 
@@ -276,15 +277,17 @@ def load_checkpoint(folder: str | Path) -> dict[str, Any]:
     """
     folder = Path(folder)
     state = read_json(folder / STATE_FILE)
+    weights, rng = load_tensors(folder / WEIGHTS_FILE), load_tensors(folder / RNG_FILE)
     try:
-        step = int(state["step"])
         optimizer = None
-        if state.get("has_optimizer"):
+        if isinstance(state, dict) and state.get("has_optimizer") is True:
             optimizer = optimizer_from_flat(load_tensors(folder / OPTIMIZER_FILE), state["optimizer_param_groups"])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise UserError(f"{folder} is damaged ({type(e).__name__}: {e}): delete it to resume from the previous checkpoint") from None
-    return {"step": step, "weights": load_tensors(folder / WEIGHTS_FILE), "optimizer": optimizer,
-            "rng": load_tensors(folder / RNG_FILE), "state": state}
+        check_checkpoint(int(folder.name.removeprefix("step_")), state, weights, optimizer, rng,
+                         (folder / OPTIMIZER_FILE).is_file())
+    except (KeyError, TypeError, ValueError, AttributeError, UserError) as e:
+        reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        raise UserError(f"{folder} is damaged ({reason}): delete it to resume from the previous checkpoint") from None
+    return {"step": state["step"], "weights": weights, "optimizer": optimizer, "rng": rng, "state": state}
 
 
 def load_latest_checkpoint(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> dict[str, Any] | None:
