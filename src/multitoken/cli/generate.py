@@ -48,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise UserError(f"--prompt-file {path} not found: give an existing text file")
-        prompt = path.read_text()
+        try:
+            prompt = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompt-file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     else:
         prompt = args.prompt
     if not prompt:

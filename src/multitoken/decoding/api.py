@@ -29,6 +29,7 @@ import torch
 
 from multitoken.decoding.runner import Runner, bucket
 from multitoken.decoding.sampling import Sampling
+from multitoken.decoding.inputs import check_decode_options
 from multitoken.decoding.state import DecodeState, prepare_prompts
 from multitoken.decoding.strategies import Chain, Plain, Tree
 from multitoken.errors import BadValue, UserError
@@ -159,7 +160,8 @@ def decode(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", draft
     s = Sampling(temperature, top_k, top_p)
     device = next(model.parameters()).device
     L = model.config.max_seq_len
-    idx, lengths = prepare_prompts(prompt_ids, L, device)
+    check_decode_options(model.config.vocab_size, draft, seed, eos_id)
+    idx, lengths = prepare_prompts(prompt_ids, L, device, model.config.vocab_size)
     B = idx.shape[0]
     if mode == "ntp" and lossy_typical:
         raise UserError("typical acceptance needs drafts: use --mode spec or --mode tree with it")

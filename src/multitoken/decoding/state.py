@@ -14,26 +14,24 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from multitoken.decoding.inputs import prompt_rows
 from multitoken.errors import UserError
 from multitoken.model.kv_cache import KVCache
 
 
-def prepare_prompts(prompt_ids, max_seq_len: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+def prepare_prompts(prompt_ids, max_seq_len: int, device: torch.device | str = "cpu",
+                    vocab_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Right-pad prompts into (B, T) and return them with their lengths (B,).
 
     Args:
         prompt_ids: a (B, T) LongTensor (every row full length), a list of ints (one prompt)
             or a list of lists (prompts of different lengths).
         max_seq_len: the model's context; every prompt must be shorter.
+        vocab_size: every id must be below it (None: not checked); see `inputs.prompt_rows`.
     Returns:
         (idx (B, T), lengths (B,)) on `device`.
     """
-    if isinstance(prompt_ids, Tensor):
-        rows = [prompt_ids.tolist()] if prompt_ids.dim() == 1 else prompt_ids.tolist()
-    else:
-        rows = list(prompt_ids)
-        if rows and all(isinstance(t, int) for t in rows):
-            rows = [rows]
+    rows = prompt_rows(prompt_ids, vocab_size)
     if not rows or any(len(r) == 0 for r in rows):
         raise UserError("empty prompt: give at least one token of prompt text")
     longest = max(len(r) for r in rows)

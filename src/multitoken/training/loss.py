@@ -155,6 +155,8 @@ class MTPLoss:
     def __init__(self, depth: int, weights: list[float] | None = None, mtp_lambda: str | float = 0.3,
                  eos_id: int | None = None, distill: bool = False, chunk_rows: int = 0,
                  memory_efficient: bool = True, kernel: str | None = None, skip_main: bool = False) -> None:
+        if not (isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0):
+            raise UserError(f"MTPLoss depth {depth!r}: give the model's number of extra depths (model.depth)")
         if kernel is not None and kernel not in LOSS_KERNELS:
             raise UserError(f"loss kernel {kernel!r}: choose one of {', '.join(LOSS_KERNELS)}")
         if weights is not None and len(weights) != depth + 1:
@@ -185,6 +187,9 @@ class MTPLoss:
             step: training step, for the lambda schedule.
         """
         D = len(hiddens) - 1
+        if D != self.depth:
+            raise UserError(f"MTPLoss(depth={self.depth}) was given {D + 1} hidden states (a model of depth {D}): "
+                            f"build it as MTPLoss(model.depth)")
         weights = self.depth_weights(step)[: D + 1]
         n = window.shape[0] * (window.shape[1] - 1)
         kernel = resolve_loss_kernel(self.kernel, window.device)
