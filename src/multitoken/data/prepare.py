@@ -90,6 +90,8 @@ def prepare(
     train, val = split_documents(docs, val_fraction)
     _check_split_docs(source, len(docs), train, val, val_fraction)  # before the tokenizer trains on the train split
     seconds["read"] = time.perf_counter() - t
+    # A tokenizer read from a path fails here, before `out` changes; bpe:N trains below.
+    loaded = None if tokenizer.startswith("bpe:") else Tokenizer.from_spec(tokenizer)
     # Only now, with a corpus that can be prepared, does anything in `out` change.
     outdir.claim(out, "prepare")  # the ownership marker first: a killed prepare leaves a folder we still own
     outdir.remove_temporaries(out, DATA_FILES, fixed=[f"{s}.bin.tmp" for s in SPLITS])  # a killed run's leftovers
@@ -98,7 +100,7 @@ def prepare(
     t = time.perf_counter()
     if tokenizer.startswith("bpe:"):
         say(f"training {tokenizer} on {len(train)} train documents ({sum(len(d.text) for d in train) / 1e6:.1f}M characters)")
-    tok = Tokenizer.from_spec(tokenizer, train_texts=(d.text for d in train), length=len(train))
+    tok = loaded or Tokenizer.from_spec(tokenizer, train_texts=(d.text for d in train), length=len(train))
     seconds["tokenizer"] = time.perf_counter() - t
 
     t = time.perf_counter()
