@@ -358,3 +358,52 @@ def test_no_sync_skips_the_all_reduce_on_every_micro_batch_but_the_last():
         with parallel.no_sync(fsdp, j == 2):
             pass
     assert fsdp.calls == [False, False, True]
+
+
+# ---- survivors of the fresh round of mutants (docs/testing.md lists the round) --------------------------
+
+
+def test_top_p_keeps_the_smallest_set_that_reaches_it_exactly():
+    """Four equal tokens (p = 0.25 exactly) and top_p 0.5: two tokens reach 0.5, so two stay."""
+    from multitoken.decoding.sampling import Sampling, probs
+
+    p = probs(torch.zeros(4), Sampling(1.0, 0, 0.5))
+    assert sorted(p.tolist()) == [0.0, 0.0, 0.5, 0.5]
+    assert sorted(probs(torch.zeros(4), Sampling(1.0, 0, 0.75)).tolist()) == pytest.approx([0, 1 / 3, 1 / 3, 1 / 3])
+
+
+def test_logged_tokens_count_every_step_by_hand(data, tmp_path):
+    from multitoken.training.trainer import train
+
+    train(tiny_train_config(steps=3), data, tmp_path / "run", progress=False)
+    assert [r["tokens"] for r in records(tmp_path / "run")] == [s * 4 * 32 for s in (1, 2, 3)]  # batch 4 x seq_len 32
+
+
+def test_grad_clip_zero_means_no_clipping():
+    from multitoken.training.trainer import optimizer_update
+
+    for clip, want in ((0.0, -10.0), (1.0, -1.0)):
+        w = torch.nn.Parameter(torch.zeros(1))
+        w.grad = torch.tensor([10.0])
+        norm = optimizer_update(torch.optim.SGD([w], lr=1.0), [w], 1.0, clip)
+        assert float(norm) == 10.0 and w.item() == pytest.approx(want)
+
+
+def test_missing_kv_heads_default_to_the_attention_heads_as_in_transformers():
+    from transformers import LlamaConfig
+
+    from multitoken.io.hf import config_from_hf
+
+    hf = {k: v for k, v in HF.items() if k != "num_key_value_heads"}
+    assert config_from_hf(dict(hf)).n_kv_heads == LlamaConfig(**hf).num_key_value_heads == 4
+
+
+def test_cleanup_deletes_only_the_exact_temporary_names(tmp_path):
+    from multitoken.io import outdir
+
+    ours = tmp_path / ".config.json.k2j_h5g6.tmp"  # what mkstemp makes
+    theirs = [tmp_path / n for n in (".config.json.My Backup.tmp", ".config.json.old-v2.tmp", ".config.json..tmp")]
+    for p in [ours, *theirs]:
+        p.write_text("x")
+    assert outdir.remove_temporaries(tmp_path, ["config.json"]) == 1
+    assert not ours.exists() and all(p.exists() for p in theirs)
