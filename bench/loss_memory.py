@@ -33,7 +33,7 @@ def one(kind: str, depth: int, efficient: bool, vocab: int, batch: int, seq: int
                       max_seq_len=seq, heads=HeadsConfig(kind, depth))
     model = Transformer(cfg)
     window = torch.randint(0, vocab, (batch, seq + 1))
-    loss_fn = MTPLoss(model.depth, weights=[1.0] * (model.depth + 1), memory_efficient=efficient)
+    loss_fn = MTPLoss(model.depth, weights=[1.0] * (model.depth + 1), kernel="chunked" if efficient else "naive")
     for p in model.parameters():  # gradients exist before the step, as in training
         p.grad = torch.zeros_like(p)
     before = rss_mb()

@@ -34,7 +34,7 @@ from pathlib import Path
 from multitoken.config import HeadsConfig, TrainConfig
 from multitoken.data.prepare import prepare
 from multitoken.io.checkpoint import load_run, read_json
-from multitoken.io.heads_file import save_heads
+from multitoken.io.heads_file import heads_info, save_heads
 from multitoken.io.hf import convert_gguf
 from multitoken.training.trainer import train
 
@@ -46,7 +46,12 @@ def stage(name: str, **info) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--gguf", required=True, type=Path, help="SmolLM2-135M-Instruct's GGUF file")
-    p.add_argument("--corpus", required=True, type=Path, help="folder of .py files (e.g. a site-packages)")
+    p.add_argument("--corpus", type=Path, default=None, help="folder of .py files (e.g. a site-packages)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="train on this DATA_DIR (e.g. from `multitoken distill-data`) instead of preparing --corpus")
+    p.add_argument("--init-heads", type=Path, default=None, help="warm start: a heads file trained on this backbone")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: --tokens / tokens per step)")
+    p.add_argument("--warmup", type=int, default=None, help="LR warmup steps (default min(100, steps / 10))")
     p.add_argument("--work", required=True, type=Path, help="folder for the converted model, data, runs and heads")
     p.add_argument("--heads", default="sequential:4:shared", help="heads to train (sequential:N[:shared], medusa:N, ...)")
     p.add_argument("--tokens", type=int, default=50_000_000, help="training tokens in all (steps = tokens / tokens per step)")
@@ -71,34 +76,47 @@ def main(argv: list[str] | None = None) -> int:
         convert_gguf(args.gguf, base, dtype="fp32", max_seq_len=args.context)
     stage("convert", run=str(base), seconds=round(time.perf_counter() - t0, 1))
 
-    data = work / "data"
-    t = time.perf_counter()
-    meta = prepare(str(args.corpus), str(base), data, glob="**/*.py", val_fraction=args.val_fraction, progress=False)
-    splits = {k: v["tokens"] for k, v in meta["splits"].items()}
-    stage("prepare", data=str(data), tokens=splits, files={k: v["docs"] for k, v in meta["splits"].items()},
-          seconds=round(time.perf_counter() - t, 1))
+    if args.data is not None:
+        data = args.data
+        meta = read_json(data / "meta.json")
+    elif args.corpus is not None:
+        data = work / "data"
+        t = time.perf_counter()
+        meta = prepare(str(args.corpus), str(base), data, glob="**/*.py", val_fraction=args.val_fraction, progress=False)
+        stage("prepare", data=str(data), tokens={k: v["tokens"] for k, v in meta["splits"].items()},
+              files={k: v["docs"] for k, v in meta["splits"].items()}, seconds=round(time.perf_counter() - t, 1))
+    else:
+        raise SystemExit("give --corpus DIR (prepared here) or --data DATA_DIR")
 
     run = work / "runs" / name
     per_step = args.batch_size * args.seq_len
-    steps = math.ceil(args.tokens / per_step)
-    cfg = TrainConfig(heads=str(heads), init=str(base), freeze_backbone=True, distill=True, steps=steps,
+    steps = args.steps or math.ceil(args.tokens / per_step)
+    warmup = min(100, steps // 10) if args.warmup is None else args.warmup
+    cfg = TrainConfig(heads=str(heads), init=str(base), init_heads=str(args.init_heads or ""), freeze_backbone=True,
+                      distill=True, steps=steps,
                       batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.lr / 10,
-                      warmup=min(100, steps // 10), weight_decay=0.0, eval_every=max(steps // 8, 1), eval_batches=args.eval_batches,
-                      save_every=max(steps // 8, 1), log_every=20, device=args.device, dtype="bf16" if args.device.startswith("cuda") else "fp32", compile=args.compile,
+                      warmup=warmup, weight_decay=0.0, eval_every=max(steps // 4, 1), eval_batches=args.eval_batches,
+                      save_every=max(steps // 4, 1), log_every=20, device=args.device, dtype="bf16" if args.device.startswith("cuda") else "fp32", compile=args.compile,
                       max_seq_len=args.context)
     resume = (run / "checkpoints" / "latest.json").is_file()
     result = train(cfg, data, run, resume=resume, progress=False, max_minutes=args.max_minutes)
     stage("train", run=str(run), step=result["step"], steps=steps, tokens_per_s=round(result["tokens_per_s"]),
           val_accuracy_per_depth=result["val_accuracy_per_depth"], expected_tau=result["expected_tau"])
+    warm = heads_info(args.init_heads)["info"] if args.init_heads else {}
     summary = {"heads": str(heads), "step": result["step"], "steps": steps, "tokens": result["step"] * per_step,
+               "tokens_before": int(warm.get("tokens_total", warm.get("tokens", 0)) or 0),
                "val_accuracy_per_depth": result["val_accuracy_per_depth"], "expected_tau": result["expected_tau"],
                "val_loss_per_depth": result["val_loss_per_depth"], "train": read_json(run / "config.json")["train"],
                "data": meta, "command": " ".join(["python", "examples/smollm2_gpu.py", *(argv or sys.argv[1:])])}
     # The heads as they stand (after `step` of `steps` steps, recorded with them): a time-boxed call
     # always leaves something to bench; the next call continues training and writes them again.
     model, _ = load_run(run)
+    summary["tokens_total"] = summary["tokens_before"] + summary["tokens"]
+    summary["data_recipe"] = meta.get("self_generated", {}).get("config") or meta.get("corpus")
     path = save_heads(model, work / "heads" / f"{name}.safetensors",
-                      {k: summary[k] for k in ("heads", "step", "steps", "tokens", "expected_tau", "command")})
+                      {k: summary[k] for k in ("heads", "step", "steps", "tokens", "tokens_before", "tokens_total",
+                                               "expected_tau", "command", "data_recipe")}
+                      | {"warm_start": warm.get("command")})
     summary["heads_file"], summary["heads_bytes"] = str(path), path.stat().st_size
     stage("heads", file=str(path), bytes=path.stat().st_size, finished=result["step"] >= steps)
     (work / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")

@@ -35,3 +35,10 @@ def _deterministic_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+# Tests never reach the network: huggingface_hub reads only its cache (a Hub id that is not cached
+# is the one-line error a user sees offline).
+import os  # noqa: E402
+
+os.environ["HF_HUB_OFFLINE"] = "1"

@@ -66,3 +66,37 @@ def test_relative_step_costs_compare_with_the_plain_step_of_the_same_temperature
             dict(step="chain", detail="3", temperature=1.0, live=128, seconds=2.6),
             dict(step="tree", detail="t", temperature=0.0, live=256, seconds=9.0)]  # no plain step at 256: left out
     assert relative_step_costs({1: rows}) == {1: {"chain:3@128,T=0": pytest.approx(1.2), "chain:3@128,T=1": pytest.approx(1.3)}}
+
+
+def test_head_training_bench_runs_every_option_on_a_tiny_shape():
+    from multitoken.bench.head_train import run_matrix
+
+    rows = run_matrix([dict(distill=True, teacher="per_depth"), dict(distill=True), dict(distill=True, ttt=True),
+                       dict(distill=False, chunk_rows=16)], progress=False, preset="tiny", heads="sequential:2",
+                      batch_size=2, seq_len=16, steps=2, warmup=1, device="cpu", overrides=dict(vocab_size=97))
+    assert len(rows) == 4 and rows[0]["vs_first"] == 1.0
+    assert all(r["tokens_per_s"] > 0 and r["kernel"] == "chunked" for r in rows)
+
+
+def test_distillation_baseline_has_the_gradient_of_the_kl():
+    """The bench's baseline (the teacher recomputed per depth, a cross-entropy to it) and the KL
+    with the teacher once differ by the teacher's entropy only: the same gradients."""
+    from multitoken.bench.head_train import per_depth_teacher_loss
+    from multitoken.training.loss import Targets
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=97, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64, max_seq_len=64,
+                      eos_id=1, heads=HeadsConfig.parse("sequential:3"))
+    model = Transformer(cfg)
+    model.freeze_backbone()
+    w = torch.randint(2, 97, (2, 21))
+    t = Targets.build(w, 3, 1)
+    grads = []
+    for old in (True, False):
+        h = model(w[:, :-1])
+        loss = (per_depth_teacher_loss(model, h, t, [1.0] * 4, chunk_rows=7) if old else
+                MTPLoss(3, [1.0] * 4, eos_id=1, distill=True, skip_main=True, chunk_rows=7)(model, h, w, targets=t).loss)
+        ps = [p for p in model.parameters() if p.requires_grad]
+        grads.append(torch.autograd.grad(loss, ps))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

@@ -125,9 +125,9 @@ def test_config_fields_map_exactly():
 
 
 @pytest.mark.parametrize("change,message", [
-    (dict(model_type="gpt2"), "llama, qwen2, mistral"),
-    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "rope"),
-    (dict(rope_scaling={"type": "linear", "factor": 2.0}), "rope"),
+    (dict(model_type="gpt2"), "llama, qwen2, mistral, qwen3, gemma3_text"),
+    (dict(rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0}), "low_freq_factor"),
+    (dict(rope_scaling={"type": "yarn", "factor": 2.0}), "rope"),
     (dict(hidden_act="gelu"), "silu"),
     (dict(mlp_bias=True), "mlp_bias"),
     (dict(attention_bias=True), "o_proj"),

@@ -2,7 +2,8 @@
 
 Each module's imports are read with `ast` (lazy imports inside functions included) and checked
 against the allowed directions: the model knows nothing of training, decoding, files or the CLI;
-decoding knows nothing of training or the CLI; only the CLI imports the CLI.
+decoding knows nothing of training or the CLI; experiments (the study harness) sit above training
+and decoding, and nothing but the CLI imports them; only the CLI imports the CLI.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ ROOT = Path(multitoken.__file__).parent
 
 # package -> packages it must never import (anything under multitoken.<name>)
 FORBIDDEN: dict[str, set[str]] = {
-    "model": {"training", "decoding", "io", "cli", "data", "bench", "demo"},
-    "decoding": {"training", "cli", "bench", "demo"},
-    "data": {"model", "training", "decoding", "cli", "bench", "demo"},
-    "io": {"training", "decoding", "cli", "bench", "demo"},
-    "training": {"cli", "bench", "demo"},
-    "bench": {"cli"},
+    "model": {"training", "decoding", "io", "cli", "data", "bench", "demo", "experiments", "pipeline", "serve"},
+    "decoding": {"training", "cli", "bench", "demo", "experiments", "pipeline", "serve"},
+    "serve": {"training", "cli", "bench", "demo", "experiments"},
+    "data": {"model", "training", "decoding", "cli", "bench", "demo", "experiments", "pipeline", "serve"},
+    "io": {"training", "decoding", "cli", "bench", "demo", "experiments", "pipeline", "serve"},
+    "training": {"cli", "bench", "demo", "experiments", "pipeline", "serve"},
+    "bench": {"cli", "experiments"},
+    "experiments": {"cli", "bench", "demo", "serve"},
 }
 TOP_LEVEL = {"config", "errors", "checks"}
 """Modules beside the packages that every layer may use; they import no package but the model's head registry."""

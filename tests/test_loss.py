@@ -1,5 +1,7 @@
 """Target alignment (the classic bug) and the memory-efficient loss against the naive one."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,8 +9,8 @@ import torch.nn.functional as F
 from conftest import FAMILIES, tiny_model
 from multitoken.errors import UserError
 from multitoken.training import loss as loss_mod
-from multitoken.training.loss import (IGNORE_INDEX, MTPLoss, linear_cross_entropy, naive_linear_cross_entropy,
-                                      parse_schedule, resolve_loss_kernel, schedule_value, shift_targets)
+from multitoken.training.loss import (IGNORE_INDEX, MTPLoss, Targets, linear_cross_entropy, naive_linear_cross_entropy,
+                                      parse_schedule, resolve_loss_kernel, resolve_weights, schedule_value, shift_targets)
 
 X = IGNORE_INDEX
 EOS = 0
@@ -35,6 +37,55 @@ def test_alignment_packed_documents_never_cross_a_boundary():
     assert shift_targets(w, 3, EOS).tolist() == [[X, X, X, X, X, X, X]]
     # Without a separator the same window is one document.
     assert shift_targets(w, 1, None).tolist() == [[EOS, c, d, e, EOS, 26, X]]
+
+
+def test_alignment_with_a_loss_mask_ignores_masked_target_tokens_at_every_depth():
+    # A chat window: [u1 u2] is a user turn (masked), [a b c] the model's answer, EOS ends it.
+    u1, u2, a, b, c = 31, 32, 33, 34, 35
+    w = torch.tensor([[u1, u2, a, b, c, EOS]])
+    m = torch.tensor([[0, 0, 1, 1, 1, 1]], dtype=torch.bool)
+    #                  inputs:  u1   u2   a    b    c
+    assert shift_targets(w, 0, EOS, m).tolist() == [[X, a, b, c, EOS]]  # u1 predicts u2: masked
+    assert shift_targets(w, 1, EOS, m).tolist() == [[a, b, c, EOS, X]]
+    assert shift_targets(w, 2, EOS, m).tolist() == [[b, c, EOS, X, X]]
+    # A masked token in the middle (a second user turn) is no target at any depth; the rest stay.
+    m2 = torch.tensor([[1, 1, 1, 0, 1, 1]], dtype=torch.bool)
+    assert shift_targets(w, 0, EOS, m2).tolist() == [[u2, a, X, c, EOS]]
+    assert shift_targets(w, 1, EOS, m2).tolist() == [[a, X, c, EOS, X]]
+    assert shift_targets(w, 2, EOS, m2).tolist() == [[X, c, EOS, X, X]]
+    t = Targets.build(w, 2, EOS, m2)
+    assert t.counts.tolist() == [4, 3, 2]  # each depth normalises by its own valid targets
+    with pytest.raises(ValueError, match="shape"):
+        shift_targets(w, 0, EOS, m[:, :-1])
+
+
+def test_masked_targets_add_nothing_to_the_loss():
+    """Masking a target token changes the loss exactly as dropping that term from a hand-computed
+    mean: the per-depth loss is the mean CE over the unmasked targets only."""
+    model = tiny_model("parallel", 2, seed=5)
+    window = torch.randint(2, 61, (2, 10))
+    mask = torch.ones_like(window, dtype=torch.bool)
+    mask[0, 3:6] = False
+    mask[1, 8] = False
+    hiddens = model(window[:, :-1])
+    out = MTPLoss(2, weights=[1.0, 1.0, 1.0], eos_id=1)(model, hiddens, window, loss_mask=mask)
+    for k in range(3):
+        logits = model.logits(hiddens[k], k)  # (B, T, V)
+        terms = [F.cross_entropy(logits[b, i], window[b, i + k + 1]) for b in range(2) for i in range(9 - k)
+                 if mask[b, i + k + 1]]
+        torch.testing.assert_close(out.per_depth_loss[k], torch.stack(terms).mean().detach(), atol=1e-5, rtol=0)
+        assert int(out.per_depth_count[k]) == len(terms)
+
+
+def test_decay_weights_follow_dflash_formula():
+    gamma = 2.5
+    got = resolve_weights("decay:2.5", "parallel", 4)
+    assert got == pytest.approx([1.0] + [math.exp(-(k - 1) / gamma) for k in range(1, 5)], rel=1e-12)
+    assert got[1] == 1.0 and got[2] < 1.0  # the first extra depth keeps weight 1
+    with pytest.raises(UserError, match="decay:G"):
+        resolve_weights("decay:-1", "parallel", 2)
+    with pytest.raises(UserError, match="decay:G"):
+        resolve_weights("decay:x", "parallel", 2)
 
 
 def test_alignment_rows_are_independent():
@@ -86,7 +137,7 @@ def test_memory_efficient_loss_equals_naive_in_value_and_gradient(kind, distill,
     for efficient in (True, False):
         model = tiny_model(kind, 3, seed=7, n_layers=4)
         loss_fn = MTPLoss(3, weights=None if kind == "sequential" else [1.0, 0.5, 0.3, 0.2], eos_id=1,
-                          distill=distill, chunk_rows=5, memory_efficient=efficient)
+                          distill=distill, chunk_rows=5, kernel="chunked" if efficient else "naive")
         out = loss_fn(model, model(window[:, :-1]), window)
         (out.loss * upstream).backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
@@ -122,17 +173,17 @@ def test_linear_cross_entropy_matches_autograd_in_float64_and_never_builds_full_
 
 
 def test_distillation_targets_are_the_main_heads_later_distribution():
-    """Depth k at position i learns softmax(main logits at i+k): perfect heads give zero KL."""
+    """Depth k at position i learns softmax(main logits at i+k): perfect heads give zero KL.
+
+    (A cross-entropy to the teacher would report the teacher's entropy here, not 0.)"""
     model = tiny_model("parallel", 2, seed=2)
     window = torch.randint(2, 61, (1, 12))
     hiddens = model(window[:, :-1])
     # A "perfect" head: depth k's state equals the main state k positions later.
     perfect = [hiddens[0]] + [torch.cat([hiddens[0][:, k:], hiddens[0][:, -1:].expand(-1, k, -1)], 1) for k in (1, 2)]
     out = MTPLoss(2, weights=[1.0, 1.0, 1.0], eos_id=1, distill=True)(model, perfect, window)
-    main_logp = torch.log_softmax(model.logits(hiddens[0]), -1)
-    entropy = -(main_logp.exp() * main_logp).sum(-1)[0]  # CE against itself = entropy
     for k in (1, 2):
-        torch.testing.assert_close(out.per_depth_loss[k], entropy[k:11].mean().detach(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(out.per_depth_loss[k], torch.tensor(0.0), atol=1e-5, rtol=0)
         assert out.per_depth_acc[k] == 1.0
 
 

@@ -227,3 +227,28 @@ def test_meta_records_the_tokenizer_identity_and_load_tokenizer_checks_it(corpor
     (tmp_path / "d" / "tokenizer.json").write_text(json.dumps(tok))
     with pytest.raises(UserError, match=r"tokenizer\.json is not the tokenizer the shards were made with"):
         load_tokenizer(tmp_path / "d")
+
+
+def test_data_fingerprint_is_sha256_of_tokenizer_and_shards_and_tells_two_prepares_apart(corpora: dict[str, Path],
+                                                                                          tmp_path: Path) -> None:
+    """meta.json's data_sha256 against hashlib over the files; a second prepare of the same corpus gives the
+    same one, a corpus with one file changed another (the study refuses results measured on other data)."""
+    import hashlib
+    import shutil
+
+    meta = prepare(str(corpora["dir"]), "bytes", tmp_path / "a", progress=False)
+    d = tmp_path / "a"
+    naive = hashlib.sha256(meta["tokenizer_sha256"].encode() + (d / "train.bin").read_bytes() + (d / "val.bin").read_bytes())
+    assert meta["data_sha256"] == naive.hexdigest() == prep.data_sha256(d)
+    assert prepare(str(corpora["dir"]), "bytes", tmp_path / "b", progress=False)["data_sha256"] == meta["data_sha256"]
+    corpus = tmp_path / "corpus"
+    shutil.copytree(corpora["dir"], corpus)
+    first = sorted(p for p in corpus.rglob("*") if p.is_file())[0]
+    first.write_text(first.read_text() + "\nx = 1\n")
+    other = prepare(str(corpus), "bytes", tmp_path / "c", progress=False)
+    assert other["data_sha256"] != meta["data_sha256"]
+    # a DATA_DIR from before the record: computed from the files, the same value
+    m = json.loads((d / "meta.json").read_text())
+    del m["data_sha256"]
+    (d / "meta.json").write_text(json.dumps(m))
+    assert prep.data_sha256(d) == naive.hexdigest()

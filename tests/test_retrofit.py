@@ -14,7 +14,7 @@ from multitoken.data.tokenizer import Tokenizer
 from multitoken.errors import UserError
 from multitoken.io.checkpoint import load_run, save_run
 from multitoken.model import Transformer
-from multitoken.training.retrofit import FeatureSet, add_heads, backbone_features, feature_kind, fit_heads, hiddens_from_features, precompute_features
+from multitoken.training.retrofit import FeatureSet, add_heads, backbone_features, fit_heads, hiddens_from_features, precompute_features
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
@@ -23,8 +23,8 @@ def test_hidden_states_from_features_equal_the_full_forward(kind):
     window = torch.randint(2, 61, (2, 13))
     with torch.no_grad():
         want = model(window[:, :-1])
-        feats = backbone_features(model, window[:, :-1], feature_kind(model.config.heads))
-        got = hiddens_from_features(model, window, feats, feature_kind(model.config.heads))
+        feats = backbone_features(model, window[:, :-1], model.trunk_layers())
+        got = hiddens_from_features(model, window, feats, model.trunk_layers())
     assert len(got) == len(want) == 3
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, atol=1e-6, rtol=0)
@@ -48,19 +48,19 @@ def pretrained(tmp_path):
 
 def test_features_are_stored_once_and_fitting_moves_only_the_heads(pretrained, tmp_path):
     base, data = pretrained
-    meta = precompute_features(base, data, tmp_path / "feat", "last", seq_len=32, max_tokens=32 * 20, batch_size=4,
+    meta = precompute_features(base, data, tmp_path / "feat", 2, seq_len=32, max_tokens=32 * 20, batch_size=4,
                                shard_windows=8, progress=False)
     assert meta["windows"] == 20 and meta["shards"] == 3 and meta["tokens"] == 640
-    again = precompute_features(base, data, tmp_path / "feat", "last", seq_len=32, max_tokens=32 * 20, progress=False)
+    again = precompute_features(base, data, tmp_path / "feat", 2, seq_len=32, max_tokens=32 * 20, progress=False)
     assert again["seconds"] == meta["seconds"]  # reused, not recomputed
     with pytest.raises(UserError, match="other settings"):
-        precompute_features(base, data, tmp_path / "feat", "trunk", seq_len=32, max_tokens=640, progress=False)
+        precompute_features(base, data, tmp_path / "feat", 1, seq_len=32, max_tokens=640, progress=False)
 
     fs = FeatureSet(tmp_path / "feat")
     assert fs.tokens.shape == (20, 33) and fs.features.shape == (20, 32, 32) and fs.features.dtype == torch.bfloat16
     model, _ = add_heads(base, HeadsConfig("medusa", 2))
     with torch.no_grad():  # stored states are the backbone's (up to bf16 rounding)
-        torch.testing.assert_close(fs.features[:2].float(), backbone_features(model, fs.tokens[:2, :-1], "last"), atol=0.05, rtol=0.02)
+        torch.testing.assert_close(fs.features[:2].float(), backbone_features(model, fs.tokens[:2, :-1], 2), atol=0.05, rtol=0.02)
     backbone = {n: p.clone() for n, p in model.named_parameters() if not n.startswith("mtp.")}
     heads = {n: p.clone() for n, p in model.named_parameters() if n.startswith("mtp.")}
     log = fit_heads(model, fs, steps=30, batch_size=4, lr=3e-3, log_every=5, progress=False)

@@ -271,3 +271,51 @@ def test_frozen_backbone_builds_no_graph(kind):
     hiddens = model(torch.randint(0, 61, (2, 8)))
     assert hiddens[0].grad_fn is None and not hiddens[0].requires_grad
     assert all(h.requires_grad for h in hiddens[1:])
+
+
+def _with_masks(monkeypatch, make_mask):
+    """Make TokenLoader yield (tokens, mask) pairs, as it does for data with a loss-mask shard."""
+    from multitoken.data.loader import TokenLoader
+
+    real_next, real_eval = TokenLoader.__next__, TokenLoader.eval_batches
+    monkeypatch.setattr(TokenLoader, "__next__", lambda self: (lambda w: (w, make_mask(w)))(real_next(self)))
+    monkeypatch.setattr(TokenLoader, "eval_batches",
+                        lambda self, n=None: ((w, make_mask(w)) for w in real_eval(self, n)))
+
+
+def test_training_accepts_token_mask_pairs_and_masked_targets_leave_the_loss(data, tmp_path, monkeypatch):
+    """An all-true mask trains bit for bit as plain windows; masking the first half of every window
+    lowers each depth's target count in training and evaluation (and the run still trains)."""
+    cfg = tiny_train_config(steps=2, heads="sequential:2")
+    plain = train(cfg, data, tmp_path / "plain", progress=False)
+    with monkeypatch.context() as m:
+        _with_masks(m, lambda w: torch.ones_like(w, dtype=torch.bool))
+        ones = train(cfg, data, tmp_path / "ones", progress=False)
+    assert [r["loss_per_depth"] for r in train_records(tmp_path / "ones")] == \
+        [r["loss_per_depth"] for r in train_records(tmp_path / "plain")]
+    assert ones["val_loss_per_depth"] == plain["val_loss_per_depth"]
+
+    def half(w):
+        mask = torch.ones_like(w, dtype=torch.bool)
+        mask[:, : w.shape[1] // 2] = False
+        return mask
+
+    with monkeypatch.context() as m:
+        _with_masks(m, half)
+        train(cfg, data, tmp_path / "half", progress=False)
+    val_plain, val_half = train_records(tmp_path / "plain", "val")[-1], train_records(tmp_path / "half", "val")[-1]
+    assert all(h < p for h, p in zip(val_half["count_per_depth"], val_plain["count_per_depth"]))
+
+
+def test_recipe_options_train_from_init(data, tmp_path):
+    """The head-training recipe's options together: frozen backbone from --init, distillation,
+    training-time test, pass-through eh_proj, decaying depth weights, small loss chunks."""
+    train(tiny_train_config(steps=2, heads="none"), data, tmp_path / "base", progress=False)
+    out = train(tiny_train_config(steps=3, heads="sequential:3", init=str(tmp_path / "base"), freeze_backbone=True,
+                                  distill=True, ttt=True, eh_pass_through=True, loss_weights="decay:2",
+                                  loss_chunk_rows=24, lr=1e-2), data, tmp_path / "heads", progress=False)
+    assert all(v is not None and v == v for v in out["train_loss_per_depth"][1:])
+    saved = json.loads((tmp_path / "heads/config.json").read_text())["train"]
+    assert saved["ttt"] and saved["eh_pass_through"] and saved["loss_weights"] == "decay:2.0"
+    with pytest.raises(UserError, match="--ttt needs"):
+        train(tiny_train_config(steps=1, heads="parallel:2", ttt=True), data, tmp_path / "bad", progress=False)

@@ -137,3 +137,29 @@ def parse_int(text: str, lo: int | None = None, hi: int | None = INT63, what: st
         return int(Ints(lo, hi).parse(text))
     except ValueError as e:
         raise UserError(f"{what}: {e}") from None
+
+
+# ---- dtypes ---------------------------------------------------------------------------------------
+
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+"""The one spelling of dtypes on the command line and in the API (transformers' and vLLM's)."""
+DTYPE_ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+"""Older spellings, still accepted."""
+
+
+def dtype_name(text: str) -> str:
+    """The canonical name of a dtype spelling (``bf16`` -> ``bfloat16``), or a one-line `UserError`."""
+    name = DTYPE_ALIASES.get(str(text).strip().lower(), str(text).strip().lower())
+    if name not in DTYPES:
+        raise UserError(f"dtype {text!r}: choose one of {'|'.join(DTYPES)} (aliases: {', '.join(DTYPE_ALIASES)})")
+    return name
+
+
+def parse_dtype(text: str):
+    """'auto' or the torch dtype for a spelling (torch imported only here, so parsing stays fast)."""
+    name = dtype_name(text)
+    if name == "auto":
+        return "auto"
+    import torch
+
+    return getattr(torch, name)

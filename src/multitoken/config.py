@@ -12,7 +12,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any
 
-from multitoken.checks import INT63, Floats, Ints, Range
+from multitoken.checks import DTYPE_ALIASES, INT63, Floats, Ints, Range, dtype_name
 from multitoken.errors import BadValue, UserError
 
 MAX_HEAD_DEPTH = 16
@@ -20,6 +20,12 @@ MAX_HEAD_DEPTH = 16
 DeepSeek-V3 one; far beyond that a typo (``medusa:1000000``) would only run out of memory."""
 MAX_SEQ_LEN = 1 << 21
 """Longest context we build a static KV cache for (2M positions)."""
+ROPE_KINDS = ("default", "linear", "llama3")
+"""`RopeScaling.kind` values (model/layers.py's `rope_tables` computes them as transformers does)."""
+ACTIVATIONS = ("silu", "gelu_tanh")
+"""`ModelConfig.hidden_act` values: SwiGLU (Llama family) or GeGLU with tanh-approximated GELU (Gemma)."""
+MAX_EOS_IDS = 8
+"""Most end-of-sequence ids a model may stop on (Llama-3.x has 3, Gemma-3 2)."""
 LOSS_KERNELS = ("auto", "chunked", "naive", "liger")
 """`TrainConfig.loss_kernel` values (training/loss.py runs them)."""
 RECOMPUTE_MODES = ("auto", "on", "off")
@@ -68,6 +74,23 @@ class HeadsConfig:
 
 
 @dataclass
+class RopeScaling:
+    """How RoPE frequencies are stretched for long contexts (transformers' ``rope_parameters``)."""
+
+    kind: str = "default"
+    """'default' (plain RoPE), 'linear' (every frequency divided by `factor`; Gemma-3's global
+    layers from 4B up) or 'llama3' (Llama-3.1's band-wise rescaling)."""
+    factor: float = 1.0
+    """Stretch factor (8 for Llama-3.1 and Gemma-3-4B's global layers)."""
+    low_freq_factor: float = 1.0
+    """llama3: wavelengths above original_max_seq_len / low_freq_factor are divided by `factor`."""
+    high_freq_factor: float = 4.0
+    """llama3: wavelengths below original_max_seq_len / high_freq_factor are kept; in between they blend."""
+    original_max_seq_len: int = 8192
+    """llama3: the context the model was pretrained with before scaling."""
+
+
+@dataclass
 class ModelConfig:
     """A Llama-family decoder (Llama, Qwen2, Mistral, SmolLM2 map onto it one to one) plus MTP heads."""
 
@@ -88,25 +111,58 @@ class ModelConfig:
     max_seq_len: int = 256
     """Longest sequence (prompt + generation); sizes the RoPE table and the KV cache."""
     rope_theta: float = 10000.0
-    """RoPE base frequency."""
+    """RoPE base frequency (of the global layers, when some layers are local)."""
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)
+    """Frequency scaling of the global layers' RoPE (local layers always use plain RoPE)."""
+    local_layers: list[int] = field(default_factory=list)
+    """Indices of sliding-window ("local") layers, whose RoPE base is `rope_local_theta` (Gemma-3:
+    five local layers to one global). Their window is `sliding_window`, and max_seq_len never
+    exceeds it, so that within the context a window equals full causal attention."""
+    rope_local_theta: float = 10000.0
+    """RoPE base of the local layers (Gemma-3: 10000 while the global layers use 1e6)."""
+    sliding_window: int = 0
+    """Window of the local layers in tokens; 0 without local layers."""
     norm_eps: float = 1e-5
     """RMSNorm epsilon."""
+    norm_plus_one: bool = False
+    """RMSNorms scale by (1 + weight), in float32 (Gemma): the stored weight starts at 0."""
+    qk_norm: bool = False
+    """An RMSNorm over each head's queries and keys before RoPE (Qwen3, Gemma-3)."""
+    sandwich_norms: bool = False
+    """Gemma-3's four norms per block: the attention and MLP outputs are normalised too
+    (post_attention_layernorm, post_feedforward_layernorm) and the MLP input has its own
+    pre_feedforward_layernorm; without it, post_attention_layernorm is the MLP's input norm (Llama)."""
+    hidden_act: str = "silu"
+    """The gated MLP's activation: 'silu' (SwiGLU) or 'gelu_tanh' (Gemma's GeGLU)."""
+    scale_embeddings: bool = False
+    """Multiply token embeddings by sqrt(dim) (Gemma); a tied LM head uses the unscaled matrix."""
+    attn_scale: float = 0.0
+    """Softmax scale of attention; 0 means 1/sqrt(head_dim) (Gemma-3: query_pre_attn_scalar**-0.5)."""
+    final_logit_softcap: float = 0.0
+    """Logits become cap * tanh(logits / cap) when > 0 (Gemma-2's final soft-capping); 0: off."""
     tie_embeddings: bool = True
     """Share the embedding matrix with the LM head."""
     attention_bias: bool = False
     """Bias on the q/k/v projections (Qwen2 has it)."""
     eos_id: int = 0
     """End-of-sequence token: separates packed documents and stops generation."""
+    eos_ids: list[int] = field(default_factory=list)
+    """Every id that ends generation (Llama-3.x's ``<|eot_id|>`` beside ``<|end_of_text|>``); empty
+    means `eos_id` alone. `stop_ids` is the list to use."""
     heads: HeadsConfig = field(default_factory=HeadsConfig)
     """Multi-token-prediction heads."""
 
     def __post_init__(self) -> None:
         if isinstance(self.heads, dict):
             self.heads = from_dict(HeadsConfig, self.heads)
+        if isinstance(self.rope_scaling, dict):
+            self.rope_scaling = from_dict(RopeScaling, self.rope_scaling)
         check_fields(self, MODEL_RANGES)  # types and ranges first: the divisions below need them
         if not isinstance(self.heads, HeadsConfig):
             raise UserError(f"heads={self.heads!r}: give a HeadsConfig or a dict with kind and depth")
         check_fields(self.heads, HEADS_RANGES)
+        if isinstance(self.rope_scaling, RopeScaling):
+            check_fields(self.rope_scaling, ROPE_RANGES)
         if self.head_dim == 0:
             if self.dim % self.n_heads:
                 raise UserError(f"dim={self.dim} is not divisible by n_heads={self.n_heads}: set head_dim or change one of them")
@@ -131,6 +187,16 @@ class ModelConfig:
             (not h.shared or (h.kind != "none" and "shared" in family(h.kind).flags),
              f"heads.shared is for sequential modules, not {h.kind}: drop it"),
             (0 <= self.eos_id < self.vocab_size, f"eos_id={self.eos_id} is outside the vocabulary (size {self.vocab_size})"),
+            (isinstance(self.rope_scaling, RopeScaling) and self.rope_scaling.kind in ROPE_KINDS,
+             f"rope_scaling.kind={getattr(self.rope_scaling, 'kind', self.rope_scaling)!r}: choose one of {', '.join(ROPE_KINDS)}"),
+            (self.hidden_act in ACTIVATIONS, f"hidden_act={self.hidden_act!r}: choose one of {', '.join(ACTIVATIONS)}"),
+            (_int_list(self.eos_ids, 0, self.vocab_size) and len(self.eos_ids) <= MAX_EOS_IDS,
+             f"eos_ids={self.eos_ids!r}: give at most {MAX_EOS_IDS} token ids inside the vocabulary (size {self.vocab_size})"),
+            (_int_list(self.local_layers, 0, self.n_layers),
+             f"local_layers={self.local_layers!r}: give layer indices from 0 to {self.n_layers - 1}"),
+            (not self.local_layers or 1 <= self.max_seq_len <= self.sliding_window,
+             f"max_seq_len={self.max_seq_len} exceeds sliding_window={self.sliding_window}: windowed attention is not implemented, "
+             f"so the context must fit the window (set max_seq_len <= {self.sliding_window})"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -138,6 +204,16 @@ class ModelConfig:
         problem = family(h.kind).check_config(self) if h.kind != "none" else None
         if problem:
             raise UserError(problem)
+
+    def with_heads(self, heads: HeadsConfig, **overrides: Any) -> "ModelConfig":
+        """The same model with other MTP heads (and `overrides` of other fields), checked: the one
+        place "same model, new heads" is written (retrofit, --init, heads files)."""
+        return dataclasses.replace(self, heads=heads, **overrides)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        """The ids generation stops on: `eos_ids`, else `eos_id` alone."""
+        return list(self.eos_ids) or [self.eos_id]
 
     @property
     def n_cache_layers(self) -> int:
@@ -157,7 +233,25 @@ class ModelConfig:
         d = dataclasses.asdict(self)
         if not self.heads.shared:
             del d["heads"]["shared"]  # config.json keeps its keys for every run that does not share a module
+        # Fields of newer model families are written only when set, so that a Llama-family run's
+        # config.json reads as before (and older releases can still read it).
+        for name, default in _FAMILY_DEFAULTS.items():
+            if d[name] == default:
+                del d[name]
         return d
+
+
+_FAMILY_DEFAULTS: dict[str, Any] = {
+    "rope_scaling": dataclasses.asdict(RopeScaling()), "local_layers": [], "rope_local_theta": 10000.0, "sliding_window": 0,
+    "norm_plus_one": False, "qk_norm": False, "sandwich_norms": False, "hidden_act": "silu", "scale_embeddings": False,
+    "attn_scale": 0.0, "final_logit_softcap": 0.0, "eos_ids": [],
+}
+
+
+def _int_list(values: Any, lo: int, hi: int) -> bool:
+    """`values` is a list of distinct ints in [lo, hi)."""
+    return (isinstance(values, list) and all(type(v) is int and lo <= v < hi for v in values)
+            and len(set(values)) == len(values))
 
 
 def _or(names: list[str]) -> str:
@@ -172,6 +266,12 @@ HEADS_RANGES: dict[str, Range] = {
     "depth": Ints(0, MAX_HEAD_DEPTH),
     "medusa_layers": Ints(1, 16),
 }
+ROPE_RANGES: dict[str, Range] = {
+    "factor": Floats(1),
+    "low_freq_factor": Floats(0, lo_open=True),
+    "high_freq_factor": Floats(0, lo_open=True),
+    "original_max_seq_len": Ints(1, MAX_SEQ_LEN),
+}
 MODEL_RANGES: dict[str, Range] = {
     "vocab_size": Ints(1, 1 << 24),
     "dim": Ints(1, 1 << 16),
@@ -182,6 +282,10 @@ MODEL_RANGES: dict[str, Range] = {
     "intermediate_size": Ints(1, 1 << 20),
     "max_seq_len": Ints(1, MAX_SEQ_LEN),
     "rope_theta": Floats(0, lo_open=True),
+    "rope_local_theta": Floats(0, lo_open=True),
+    "sliding_window": Ints(0, MAX_SEQ_LEN),
+    "attn_scale": Floats(0),
+    "final_logit_softcap": Floats(0),
     "norm_eps": Floats(0, 1, lo_open=True, hi_open=True),
     "eos_id": Ints(0, 1 << 24),
 }
@@ -234,8 +338,9 @@ def parse_schedule(spec: str | float | list) -> list[tuple[int, float]]:
     return out
 
 
-WEIGHT_SCHEDULES = "default, equal, geometric:R (R in (0, 1]) or lambda"
+WEIGHT_SCHEDULES = "default, equal, geometric:R (R in (0, 1]), decay:G (G > 0) or lambda"
 GEOMETRIC_RATIO = Floats(0, 1, lo_open=True)
+DECAY_GAMMA = Floats(0, 1e6, lo_open=True)
 
 
 def parse_weights(spec: str | list | None) -> list[float] | str | None:
@@ -243,7 +348,8 @@ def parse_weights(spec: str | list | None) -> list[float] | str | None:
     depth is known (`resolve_weights`).
 
     Named schedules: ``default`` (the head family's, `HeadFamily.default_loss_weights`), ``equal`` (1 per depth),
-    ``geometric:R`` (R^k at depth k: 1, R, R^2, ...; the main head largest) and ``lambda``
+    ``geometric:R`` (R^k at depth k: 1, R, R^2, ...; the main head largest), ``decay:G``
+    (DFlash's exp(-(k-1)/G) at extra depth k >= 1, the main head 1) and ``lambda``
     (DeepSeek's 1, lambda/D, ..., lambda/D, lambda taken from ``--mtp-lambda``, schedules
     included: one place for its value).
 
@@ -265,6 +371,11 @@ def parse_weights(spec: str | list | None) -> list[float] | str | None:
             return f"geometric:{float(GEOMETRIC_RATIO.parse(arg))!r}"
         except ValueError as e:
             raise UserError(f"loss weights {spec!r}: geometric:R needs a ratio R {GEOMETRIC_RATIO.describe()} ({e})") from None
+    if name == "decay" and sep:
+        try:
+            return f"decay:{float(DECAY_GAMMA.parse(arg))!r}"
+        except ValueError as e:
+            raise UserError(f"loss weights {spec!r}: decay:G needs a scale G {DECAY_GAMMA.describe()} ({e})") from None
     if name == "lambda":
         raise UserError(f"loss weights {spec!r}: write lambda alone; its value comes from --mtp-lambda "
                         "(e.g. --loss-weights lambda --mtp-lambda 0.3,0.1@800)")
@@ -363,7 +474,7 @@ class TrainConfig:
     """Clip the global gradient norm to this value; 0 turns clipping off."""
     loss_weights: list[float] | str | None = None
     """Per-depth loss weights, main head first, or a named schedule: equal, geometric:R (R^k at
-    depth k) or lambda (1 then lambda/D per extra depth, lambda from mtp_lambda); None uses the
+    depth k), decay:G (1 for the main head, exp(-(k-1)/G) at extra depth k, as DFlash) or lambda (1 then lambda/D per extra depth, lambda from mtp_lambda); None uses the
     head family's default (equal for parallel, 0.8^k for medusa, 1 and lambda/D for sequential)."""
     mtp_lambda: str = "0.3"
     """DeepSeek lambda schedule used when the weights are lambda/D: "0.3" or "0.3,0.1@10000"."""
@@ -372,9 +483,21 @@ class TrainConfig:
     instead of the data tokens; natural with a frozen backbone."""
     freeze_backbone: bool = False
     """Train the MTP heads only (Medusa-1 style); the backbone's weights stay bit-identical."""
+    ttt: bool = False
+    """Training-time test (EAGLE-3), sequential heads only: depths >= 2 are trained on their own
+    earlier argmax drafts, as drafting feeds them (docs/training.md), also in evaluation."""
+    eh_pass_through: bool = False
+    """Heads started from a backbone (`init`): each sequential module's eh_proj starts as the
+    identity on the hidden-state half and zero on the embedding half, so it first passes hnorm(h) on."""
+    loss_chunk_rows: int = 0
+    """Rows (tokens) per chunk of the chunked loss and distillation kernels; 0 picks ~64 MB of
+    float32 logits on a CPU and ~1 GB on a GPU."""
     init: str = ""
     """A RUN_DIR whose backbone weights the run starts from; its model config wins over `preset`,
     heads are added per `heads` and initialised from the backbone."""
+    init_heads: str = ""
+    """A heads file (`save_heads`) the heads start from instead of the backbone: a warm start that
+    continues an earlier retrofit; needs `init` (the backbone the file was trained on) and the same `heads`."""
     max_seq_len: int = 0
     """Model context length; 0 keeps the preset's (raised to seq_len when shorter)."""
     eval_every: int = 100
@@ -392,9 +515,10 @@ class TrainConfig:
     device: str = "auto"
     """'auto' (CUDA when available, else CPU), 'cpu', 'cuda' or 'cuda:N'."""
     dtype: str = "auto"
-    """Autocast dtype: 'auto' (bf16 on CUDA, fp32 on CPU), 'bf16' or 'fp32'. Weights stay fp32."""
+    """Autocast dtype: 'auto' (bfloat16 on CUDA, float32 on CPU), 'bfloat16' or 'float32' (bf16, fp32 are
+    aliases). Weights stay float32."""
     compile: bool = False
-    """torch.compile each block (parallel.apply_compile)."""
+    """torch.compile each block (parallel.apply_compile), and the distillation kernel's per-chunk math."""
     fsdp: bool = False
     """Under torchrun, shard with FSDP2 instead of replicating with DDP."""
     loss_kernel: str = "auto"
@@ -409,6 +533,8 @@ class TrainConfig:
             self.betas = tuple(self.betas)
         if isinstance(self.mtp_lambda, (int, float)) and not isinstance(self.mtp_lambda, bool):
             self.mtp_lambda = str(self.mtp_lambda)  # TOML `mtp_lambda = 0.3`
+        if isinstance(self.dtype, str) and self.dtype.strip().lower() in ("auto", "bfloat16", "float32", *DTYPE_ALIASES):
+            self.dtype = dtype_name(self.dtype)  # one spelling from here on (older runs say bf16 / fp32)
 
     def validate(self) -> None:
         """Raise a one-line `UserError` for values that cannot work (types, ranges, NaN and inf included)."""
@@ -429,7 +555,7 @@ class TrainConfig:
         checks = [
             (self.seq_len >= 2, f"seq_len={self.seq_len}: use at least 2 tokens per window"),
             (self.min_lr <= self.lr, f"min_lr={self.min_lr} is above lr={self.lr}: the decay goes down to min_lr"),
-            (self.dtype in ("auto", "bf16", "fp32"), f"dtype={self.dtype!r}: choose auto, bf16 or fp32"),
+            (self.dtype in ("auto", "bfloat16", "float32"), f"dtype={self.dtype!r}: choose auto, bfloat16 or float32 (training autocasts to bf16 or not at all)"),
             (self.loss_kernel in LOSS_KERNELS, f"loss_kernel={self.loss_kernel!r}: choose {', '.join(LOSS_KERNELS)}"),
             (self.recompute in RECOMPUTE_MODES, f"recompute={self.recompute!r}: choose {', '.join(RECOMPUTE_MODES)}"),
         ]
@@ -459,6 +585,7 @@ TRAIN_RANGES: dict[str, Range] = {
     "keep_checkpoints": Ints(1, 1 << 20),
     "log_every": Ints(1),
     "seed": Ints(0, INT63),
+    "loss_chunk_rows": Ints(0, 1 << 24),
 }
 BETA_RANGE = Floats(0, 1, hi_open=True)
 """Each AdamW beta: a decay rate in [0, 1)."""

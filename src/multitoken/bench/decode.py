@@ -164,6 +164,14 @@ def bench(model, tok, run_dir, args) -> dict:
     sets = {}
     for B in args.batch:
         n = args.prompts or B
+        if getattr(args, "sets", None):  # named evaluation sets (HumanEval, our chat prompts): whole prompts, ragged
+            if tok is None:
+                raise UserError("--sets needs a model with a tokenizer (--run or --hf)")
+            from multitoken.data.evalsets import prompt_ids
+
+            for name in args.sets:
+                sets[B, name] = prompt_ids(name, tok, args.prompts)
+            continue
         sets[B, "code"] = (val_prompts(args.data, n, args.prompt_tokens) if args.data
                            else code_prompts(tok, model.config.vocab_size, n, args.prompt_tokens))
         if args.chat:
@@ -196,6 +204,8 @@ def bench(model, tok, run_dir, args) -> dict:
                     peers.append(("transformers prompt lookup", dict(prompt_lookup_num_tokens=10)))
                 if B == 1 and getattr(hf.config, "num_mtp_layers", None):
                     peers.append(("transformers use_mtp", dict(use_mtp=True)))
+                chosen = getattr(args, "peers", None)
+                peers = [(n, kw) for n, kw in peers if not chosen or PEERS[n] in chosen]
                 for name, kw in peers:
                     sample = dict(do_sample=True, temperature=T, top_k=0) if T else dict(do_sample=False)
 
@@ -227,6 +237,10 @@ def bench(model, tok, run_dir, args) -> dict:
                          for (key, live), v in eng.runner.costs.items()]
     return dict(results=results, step_costs_s=step_costs)
 
+
+PEERS = {"transformers generate": "default", "transformers static cache": "static",
+         "transformers prompt lookup": "prompt-lookup", "transformers use_mtp": "use-mtp"}
+"""transformers' decoders that `--peers` names."""
 
 CHAT_PROMPTS = [
     [{"role": "user", "content": "Write a Python function that checks whether a string is a palindrome."}],
@@ -260,10 +274,11 @@ def relative_step_costs(step_costs: dict) -> dict:
 
 def plot(data: dict, path: Path) -> None:
     """Tokens/s per method (log scale) and speed-up over our plain decoding, per (batch, temperature)."""
-    import matplotlib
+    from multitoken.viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path.name)
+    if plt is None:
+        return
 
     rows = [r for r in data["results"] if "tokens_per_s" in r]
     groups = sorted({(r["batch"], r.get("prompts", ""), r["temperature"]) for r in rows})

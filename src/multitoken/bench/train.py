@@ -58,13 +58,13 @@ class MasterWeights:
 
 
 def measure(preset: str, heads: str, batch_size: int, seq_len: int, vocab: int, steps: int, warmup: int,
-            device: torch.device, compile: bool, memory_efficient: bool = True, *, loss: str | None = None,
+            device: torch.device, compile: bool, *, loss: str = "auto",
             recompute: str = "auto", attention: str = "auto", compile_mode: str = "blocks",
             precision: str = "autocast", freeze_backbone: bool = False) -> dict:
     """Train `steps` timed steps (after `warmup`) on random tokens; tokens/s, memory, FLOPs.
 
     Args:
-        loss: loss kernel (`loss.LOSS_KERNELS`); None follows `memory_efficient` (chunked or naive).
+        loss: loss kernel (`loss.LOSS_KERNELS`; ``naive`` builds full logits).
         recompute: the heads' recomputation, `parallel.apply_recompute`'s mode.
         attention: SDPA backend (`parallel.attention_backend`); entered before the first step.
         compile_mode: `parallel.apply_compile`'s mode, when `compile`.
@@ -80,7 +80,7 @@ def measure(preset: str, heads: str, batch_size: int, seq_len: int, vocab: int, 
     cfg = ModelConfig.from_preset(preset, heads=HeadsConfig.parse(heads), vocab_size=vocab, max_seq_len=seq_len)
     model = Transformer(cfg).to(device)
     cuda = device.type == "cuda"
-    kernel = resolve_loss_kernel(loss or ("chunked" if memory_efficient else "naive"), device)
+    kernel = resolve_loss_kernel(loss, device)
     if freeze_backbone:
         model.freeze_backbone()
     recompute_note = apply_recompute(model, recompute, batch_size * seq_len, device, cuda)
@@ -157,10 +157,11 @@ def table(data: dict) -> str:
 
 
 def plot(data: dict, path: Path) -> None:
-    import matplotlib
+    from multitoken.viz import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot(path.name)
+    if plt is None:
+        return
 
     rows = [r for r in data["results"] if r["loss"] != "naive"]
     fig, ax = plt.subplots(figsize=(max(5, 1.3 * len(rows) + 2), 4))

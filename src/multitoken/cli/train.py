@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import logging
 import argparse
 import dataclasses
 import json
 import os
-import sys
 from pathlib import Path
 
 from multitoken.checks import Range
@@ -14,7 +14,10 @@ from multitoken.cli.options import add_dataclass_arguments, ints, option, path_a
 from multitoken.config import TRAIN_RANGES, TrainConfig
 from multitoken.io import checkpoint as ckpt
 from multitoken.io import outdir
-from multitoken.training.trainer import load_toml, resolve_config, resume_config, saved_run_config, train
+from multitoken.training import trainer
+from multitoken.training.trainer import load_toml, resolve_config, resume_config, saved_run_config
+
+log = logging.getLogger(__name__)
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -45,10 +48,12 @@ def run(args: argparse.Namespace) -> int:
         saved = saved_run_config(out, None if main_rank else (lambda m: None))
         cfg, ignored = resume_config(saved["train"], {**(load_toml(args.config) if args.config else {}), **cli})
         if ignored and main_rank:
-            print(f"ignored on resume (the run keeps its own values): {', '.join(ignored)}", file=sys.stderr)
+            log.warning(f"ignored on resume (the run keeps its own values): {', '.join(ignored)}")
     else:
         cfg = resolve_config(cli, args.config)
-    result = train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after,
+    # Looked up when the command runs, not when this module is imported (which --help's lazy
+    # loading may do at any time): a test or a caller that replaces trainer.train is obeyed.
+    result = trainer.train(cfg, args.data, args.out, resume=args.resume, progress=not args.quiet, stop_after=args.stop_after,
                    max_minutes=args.max_minutes)
     if int(os.environ.get("RANK", "0")) == 0:  # one summary per job, not per process
         print(json.dumps(result, indent=2))

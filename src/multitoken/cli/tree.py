@@ -15,13 +15,16 @@ from multitoken.training.evaluate import measure_topk_accuracy
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("tree", help="measure the heads' top-k accuracy and write RUN_DIR/tree.json (static draft tree)")
+    p = subparsers.add_parser("tree", help="measure the heads' top-k accuracy and write RUN_DIR/tree.json (static draft tree)",
+                              description="Score the heads' top-k accuracy per depth on the validation split and build the "
+                                          "static draft tree with the most expected accepted tokens; `generate --mode tree` "
+                                          "reads RUN_DIR/tree.json.")
     p.add_argument("--run", required=True, type=path_arg, help="run directory with MTP heads")
     p.add_argument("--data", required=True, type=path_arg, help="DATA_DIR from `multitoken prepare` (its validation split is used)")
     p.add_argument("--nodes", type=ints(2, MAX_TREE_NODES), default=DEFAULT_NODES * 4, help="tree size, root included")
     p.add_argument("--ranks", type=ints(1, MAX_TREE_RANKS), default=10, help="candidates per depth to measure")
     p.add_argument("--batches", type=ints(1, 1 << 20), default=16, help="validation batches to score")
-    p.add_argument("--batch-size", type=ints(1, 1 << 20), default=8)
+    p.add_argument("--batch-size", type=ints(1, 1 << 20), default=8, help="windows per validation batch")
     p.add_argument("--seq-len", type=ints(2, MAX_SEQ_LEN), default=None, help="window length (default: the model's context)")
     p.add_argument("--device", default="auto", type=device_arg, help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.set_defaults(func=run)

@@ -2,7 +2,9 @@
 
 Each batch is a LongTensor of shape (B, seq_len + 1): inputs are ``batch[:, :-1]``, and the
 next-token and multi-token targets are all built later, by the loss, from the same window. So the
-loader knows nothing of MTP (STYLE.md practice 4).
+loader knows nothing of MTP (STYLE.md practice 4). A DATA_DIR with a loss mask per split (data the
+model wrote itself, `multitoken distill-data`) gives (tokens, mask) pairs instead: the mask, bool
+and aligned with the window, is False on tokens that are never targets (prompts, user turns).
 
 Training order. The shard is cut into windows of seq_len + 1 tokens with stride seq_len (the
 last token of a window is the first of the next), starting at a random phase in [0, seq_len).
@@ -65,11 +67,21 @@ class TokenLoader:
         if p.is_dir():
             from multitoken.data.prepare import load_meta, shard_path  # prepare imports the tokenizer stack; keep it lazy
 
+            meta = load_meta(p)
             if vocab_size is None:
-                vocab_size = load_meta(p)["vocab_size"]
+                vocab_size = meta["vocab_size"]
+            mask_name = meta["splits"].get(split, {}).get("mask")
+            mask_path = p / mask_name if isinstance(mask_name, str) else None
             p = shard_path(p, split)
+        else:
+            mask_path = None
         self.path = p
         self.tokens = read_shard(p, vocab_size)  # memory-mapped (N,) uint16/uint32, verified
+        # A loss mask (data the model wrote itself, `distill-data`): 1 where a token may be a target.
+        self.mask = read_shard(mask_path, 2) if mask_path is not None else None
+        if self.mask is not None and len(self.mask) != len(self.tokens):
+            raise UserError(f"{mask_path} holds {len(self.mask)} entries for {len(self.tokens)} tokens in {p}: "
+                            "write the DATA_DIR again (multitoken distill-data)")
         self.batch_size = batch_size
         self.seq_len = seq_len
         self.seed = seed
@@ -166,9 +178,13 @@ class TokenLoader:
 
     # ---- shared -------------------------------------------------------------------------------
 
-    def _gather(self, starts: np.ndarray) -> torch.Tensor:
+    def _gather(self, starts: np.ndarray):
+        """(B, T+1) int64 windows; with a loss mask, the pair (windows, (B, T+1) bool mask)."""
         idx = starts[:, None] + np.arange(self.seq_len + 1)  # (B, T+1)
-        return torch.from_numpy(self.tokens[idx].astype(np.int64))
+        tokens = torch.from_numpy(self.tokens[idx].astype(np.int64))
+        if self.mask is None:
+            return tokens
+        return tokens, torch.from_numpy(self.mask[idx] != 0)
 
     def __repr__(self) -> str:
         return (f"TokenLoader({self.path}, tokens={len(self.tokens)}, B={self.batch_size}, T={self.seq_len}, "

@@ -7,7 +7,9 @@ DATA_DIR holds:
 - ``tokenizer.json`` + ``tokenizer_config.json``: the tokenizer (``bpe:N`` is trained here, on
   the train split only, so validation text never shapes the vocabulary).
 - ``meta.json``: what was prepared (corpus, tokenizer, its fingerprint, vocab_size, eos_id, dtype, per-split
-  document and token counts, the validation sources) and the arguments that made it.
+  document and token counts, the validation sources), the data's fingerprint (``data_sha256``:
+  sha256 over the tokenizer's fingerprint and both shard files, so two prepares that came out
+  token for token identical have the same one) and the arguments that made it.
 
 ``meta.json`` is written last and removed first: its presence marks a complete DATA_DIR, and every
 file is written to a temporary name and renamed, so a killed prepare never leaves a half file
@@ -18,6 +20,7 @@ rebuilds). The corpus's documents are held in memory while preparing (fine up to
 
 from __future__ import annotations
 
+import logging
 import hashlib
 import itertools
 import json
@@ -34,6 +37,8 @@ from multitoken.data.shards import ShardWriter, dtype_for_vocab, read_header
 from multitoken.data.tokenizer import Tokenizer
 from multitoken.errors import BadValue, UserError
 from multitoken.io import outdir
+
+log = logging.getLogger(__name__)
 
 FORMAT = 1
 META_FILE = "meta.json"
@@ -83,7 +88,7 @@ def prepare(
     args = _arguments(source, tokenizer, field, val_fraction, max_docs)
     if not force and _is_complete(out, args):
         return {**load_meta(out), "reused": True}
-    say = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
+    say = log.info if progress else (lambda msg: None)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
     docs = list(itertools.islice(source, max_docs))
@@ -113,6 +118,7 @@ def prepare(
     _check_split_tokens(source, counts)
     seconds["encode"] = time.perf_counter() - t
     tok.save(out)
+    fingerprint = _data_sha256(out, tok.fingerprint())
 
     meta = {
         "format": FORMAT,
@@ -127,6 +133,7 @@ def prepare(
         "bos_id": tok.bos_id,
         "dtype": dtype.name,
         "splits": counts,
+        "data_sha256": fingerprint,
         "sources": {"val": [d.source for d in val], "train_sha1": _sources_sha1(train)},
         "skipped": [list(s) for s in source.skipped],
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
@@ -204,6 +211,13 @@ def tokenizer_sha256(data_dir: str | Path) -> str:
     """The identity (`Tokenizer.fingerprint`) of a DATA_DIR's tokenizer: meta.json's record, or, for a DATA_DIR
     prepared before it was recorded, computed from its tokenizer files."""
     return load_meta(data_dir).get("tokenizer_sha256") or load_tokenizer(data_dir).fingerprint()
+
+
+def data_sha256(data_dir: str | Path) -> str:
+    """The fingerprint of a DATA_DIR's contents (see the module docstring): meta.json's record, or, for a
+    DATA_DIR prepared before it was recorded, computed from its files."""
+    meta = load_meta(data_dir)
+    return meta.get("data_sha256") or _data_sha256(Path(data_dir), tokenizer_sha256(data_dir))
 
 
 def shard_path(data_dir: str | Path, split: str) -> Path:
@@ -325,6 +339,16 @@ def _default_seq_len() -> int:
     from multitoken.config import TrainConfig
 
     return TrainConfig.seq_len
+
+
+def _data_sha256(out: Path, tokenizer_fingerprint: str) -> str:
+    """sha256 over the tokenizer's fingerprint, then each split's shard file (header and tokens) in SPLITS order."""
+    h = hashlib.sha256(tokenizer_fingerprint.encode())
+    for split in SPLITS:
+        with open(out / f"{split}.bin", "rb") as f:
+            while block := f.read(1 << 24):
+                h.update(block)
+    return h.hexdigest()
 
 
 def _sources_sha1(docs: list[Document]) -> str:

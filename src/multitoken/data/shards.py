@@ -35,9 +35,9 @@ the whole corpus, which a user should choose to do (``multitoken prepare --force
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
-import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +47,8 @@ from typing import Iterable
 import numpy as np
 
 from multitoken.errors import UserError
+
+log = logging.getLogger(__name__)
 
 MAGIC = b"MTTOKENS"
 VERSION = 2
@@ -218,8 +220,8 @@ def _verify(p: Path, h: ShardHeader, tokens: np.ndarray, vocab_size: int | None)
     """One pass over the tokens: CRC-32 against the header, and the largest id against the vocabulary."""
     if h.crc32 is None and p not in _warned:
         _warned.add(p)
-        print(f"warning: {p} is a version-{h.version} token shard without a checksum, so damage inside it cannot be "
-              f"detected; {REBUILD} to add one", file=sys.stderr)
+        log.warning(f"warning: {p} is a version-{h.version} token shard without a checksum, so damage inside it cannot be "
+                    f"detected; {REBUILD} to add one")
     crc, bad = 0, -1
     for s in range(0, h.count, VERIFY_CHUNK):
         chunk = tokens[s : s + VERIFY_CHUNK]

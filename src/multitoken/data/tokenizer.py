@@ -260,7 +260,7 @@ class Tokenizer:
         of a token through GPT-2's byte alphabet, so a token that holds part of a multi-byte
         character counts its own bytes and the lengths of a document's tokens add up to the UTF-8
         length of its text. Other vocabularies fall back to the UTF-8 length of each token decoded
-        alone (exact for whole-character tokens). Used for bits per byte (ablate.py).
+        alone (exact for whole-character tokens). Used for bits per byte (experiments/quality.py).
         """
         inverse = {c: b for b, c in _byte_alphabet().items()}
         special = {i for i, t in self._tok.get_added_tokens_decoder().items() if t.special}
@@ -298,6 +298,11 @@ class Tokenizer:
         """Ids of `messages` ([{"role": "user", "content": ...}, ...]) rendered through the model's
         chat template, ending with the prompt for the assistant's turn (as Hugging Face renders it:
         a sandboxed Jinja environment, blocks trimmed)."""
+        return self.encode(self.render_chat(messages), special=True)
+
+    def render_chat(self, messages: list[dict[str, str]], add_generation_prompt: bool = True) -> str:
+        """The text of `messages` through the chat template (`chat` encodes it); without the
+        assistant's prompt when add_generation_prompt is False."""
         if not self.chat_template:
             raise UserError("this tokenizer has no chat template: convert the model from a GGUF or a folder that has one")
         try:
@@ -310,9 +315,8 @@ class Tokenizer:
 
         env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
         env.globals["raise_exception"] = raise_exception
-        text = env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=True,
+        return env.from_string(self.chat_template).render(messages=messages, add_generation_prompt=add_generation_prompt,
                                                           bos_token=self.bos_token or "", eos_token=self.eos_token)
-        return self.encode(text, special=True)
 
     def save(self, directory: str | Path) -> Path:
         """Write ``tokenizer.json`` and ``tokenizer_config.json`` into `directory` (atomically each).

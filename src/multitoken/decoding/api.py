@@ -1,16 +1,25 @@
-"""The `generate` API: one engine per model and batch size, decoding loops with few host syncs, streaming.
+"""The decoding API: an `Engine` per model and batch size, `Generation`s that rows join and leave, `generate`.
 
-`generate` decodes one or several prompts plainly ("ntp"), with chain drafts ("spec") or with a
-draft tree ("tree"); speculative output is identical to plain greedy decoding, or has exactly
-plain sampling's distribution. The first call for a model and batch size builds an `Engine`
-(decode state, runner, strategies) that later calls reuse, so buffers, compiled steps and
-CUDA graphs are made once.
+An `Engine` holds the decode state, runner and strategies for one model at one batch size (B
+slots), so buffers, compiled blocks and CUDA graphs are made once and reused. `Engine.start`
+begins a `Generation` over some prompts; more rows may `add` themselves while it runs, and a row
+that finishes (or is cancelled) frees its slot for the next one: continuous batching, which
+`multitoken serve` runs on. Sampling settings are per row (temperature, top-k and top-p live as
+tensors in the state and are not part of any step's key; a row may bring its own seed).
+`generate` and `TextStream` are short loops over a generation; `engines(model)` is the small
+cache of engines they use, kept on the model object.
+
+A call to `Generation.step()` does one of two things: it prefills the rows waiting for a slot
+(one pass: in place over the whole batch when no row is decoding, otherwise in a side state of
+the group's size whose rows are then copied into the free slots), or it decodes until the next
+host check. Speculative output is identical to plain greedy decoding, or has exactly plain
+sampling's distribution, row by row, whatever the other rows of the batch do.
 
 Host syncs: the loop keeps a bound on every row's position on the host, so it needs the device
-only to learn whether all rows are done. Plain decoding without EOS knows that from the token
-budget and never syncs before the end; otherwise the loop checks every `sync_every` steps (8 on
-CUDA, every step on the CPU, where a check costs nothing). Streaming reads new tokens at those
-same points.
+only to learn which rows are done. Plain decoding without EOS knows that from the token budget
+and never syncs before the end; otherwise the loop checks every `sync_every` steps (8 on CUDA,
+every step on the CPU, where a check costs nothing). A check is one read of the device (done
+flags, counts, statistics and, when streaming, the new tokens).
 
 Draft length: with `draft=None` on a runner that measures step costs (CUDA graphs), the loop
 picks, at each check, the number of drafts k' (0 = plain decoding) that maximises expected
@@ -21,17 +30,19 @@ far and the measured cost of each step; `GenerationStats.chosen_draft` says what
 from __future__ import annotations
 
 import time
-import weakref
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 
 import torch
+from torch import Tensor
 
-from multitoken.decoding.runner import Runner, bucket
-from multitoken.decoding.sampling import Sampling
 from multitoken.decoding.inputs import check_decode_options
-from multitoken.decoding.state import DecodeState, prepare_prompts
+from multitoken.decoding.runner import Runner, backend, bucket
+from multitoken.decoding.sampling import RowSampling, Sampling
+from multitoken.decoding.state import DecodeState, eos_ids, eos_row, prepare_prompts
 from multitoken.decoding.strategies import Chain, Plain, Tree
+from multitoken.decoding.text import StopText
 from multitoken.errors import BadValue, UserError
 
 MODES = ("ntp", "spec", "tree")
@@ -41,7 +52,7 @@ PREFILL_BUCKET = 16  # prompts are right-padded to a multiple of this (prefill c
 
 @dataclass
 class GenerationStats:
-    """What one `generate` call did.
+    """What one generation did.
 
     tau is tokens emitted per verification step, bonus token included (1.0 for plain decoding);
     acceptance_per_position[j-1] is the fraction of (row, step) pairs in which draft position j
@@ -68,7 +79,7 @@ class GenerationStats:
     compile_time_s: float = 0.0
     """Seconds this call spent compiling blocks and capturing graphs (included in wall_time_s)."""
     host_syncs: int = 0
-    """Times the loop read the device to decide whether to go on."""
+    """Times the loop read the device."""
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,54 +91,66 @@ class GenerationStats:
         return line + (f", acceptance per position: {acc}" if acc else "")
 
 
-class Engine:
-    """Decode state, runner and strategies for one model at one batch size (see the module docstring)."""
+@dataclass(frozen=True)
+class Settings:
+    """How a generation decodes; its rows share these (sampling may differ per row: `Generation.add`)."""
 
-    def __init__(self, model, batch_size: int, scratch: int, compile: bool | None, graphs: bool | None) -> None:
-        k = max(model.depth, 1)
-        self.state = DecodeState(model, batch_size, scratch, rand_width=max(2 * k + 1, scratch))
-        self.runner = Runner(self.state, compile=compile, graphs=graphs)
-        self.model = model
-        self.fingerprint = _fingerprint(model)
-        self._strategies: dict = {}
-
-    def strategy(self, mode: str, k: int, s: Sampling, tree=None, typical: bool = False):
-        key = (mode, k, s, repr(tree), typical)
-        st = self._strategies.get(key)
-        if st is None:
-            if mode == "ntp" or k == 0:
-                st = Plain(self.model, self.state, s)
-            elif mode == "spec":
-                st = Chain(self.model, self.state, s, k, typical)
-            else:
-                st = Tree(self.model, self.state, s, tree, typical)
-            self._strategies[key] = st
-        return st
-
-
-def _fingerprint(model) -> tuple:
-    """Where the weights live: a captured graph reads them by address, so new tensors need a new engine."""
-    return tuple(p.data_ptr() for p in model.parameters()) + (next(model.parameters()).dtype,)
+    max_new_tokens: int = 64
+    """Most tokens per row (also capped by the context); a row may ask for fewer."""
+    mode: str = "ntp"
+    """"ntp" (plain), "spec" (chain self-speculative) or "tree" (tree self-speculative)."""
+    draft: int | None = None
+    """Drafted tokens per step (None: all heads, and on CUDA graphs the loop may choose fewer)."""
+    tree: object = None
+    """For mode "tree": a StaticTree, a DynamicTree, a node count, or None (16 nodes)."""
+    eos_id: int | Sequence[int] | None = None
+    """A row stops after this token, or after any of several (None: only its budget stops it)."""
+    lossy_typical: bool = False
+    """Medusa's typical acceptance instead of exact verification (LOSSY when sampling)."""
+    sync_every: int | None = None
+    """Steps between host checks (None: 8 on CUDA, 1 elsewhere)."""
+    stream: bool = False
+    """Read new tokens at every check (`Generation.new_tokens`), not only when rows finish."""
+    sampling: Sampling = Sampling()
+    """Rows' sampling unless `add` gives their own."""
+    seed: int | None = None
+    """Seeds the generator shared by rows without a seed of their own (None: the global RNG)."""
 
 
-_ENGINES: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+@dataclass
+class Request:
+    """One row of a generation, as the host sees it."""
 
+    rid: int
+    prompt: list[int]
+    sampling: Sampling
+    budget: int
+    """Tokens this row may generate."""
+    generator: torch.Generator | None
+    """Its own seeded generator, or None (the generation's shared one)."""
+    slot: int = -1
+    joined_at: int = 0
+    """The generation's step count when this row was prefilled."""
+    tokens: list[int] = field(default_factory=list)
+    """Generated so far (as last read from the device)."""
+    unread: int = 0
+    """Tokens already returned by `Generation.new_tokens`."""
+    done: bool = False
+    finish_reason: str | None = None
+    """"stop" (EOS), "length" (budget) or "cancelled"."""
+    row_steps: int = 0
+    step_tokens: int = 0
+    accepted: list[int] = field(default_factory=list)
+    """Steps in which draft position j was accepted, j = 1..k."""
 
-def engine_for(model, batch_size: int, scratch: int = 0, compile: bool | None = None, graphs: bool | None = None) -> Engine:
-    """The engine for (model, batch size), built on first use and rebuilt only when it cannot serve.
+    @property
+    def tau(self) -> float:
+        """Tokens per step, bonus included (after prefill)."""
+        return self.step_tokens / self.row_steps if self.row_steps else 0.0
 
-    compile, graphs: None = the device's default (both on CUDA, neither on the CPU).
-    """
-    cuda = next(model.parameters()).device.type == "cuda"
-    compile = cuda if compile is None else compile
-    graphs = cuda if graphs is None else (graphs and cuda)
-    per = _ENGINES.setdefault(model, {})
-    e = per.get(batch_size)
-    if (e is None or e.state.scratch < scratch or e.runner.compile != compile or e.runner.graphs != graphs
-            or e.fingerprint != _fingerprint(model)):
-        per.pop(batch_size, None)
-        e = per[batch_size] = Engine(model, batch_size, max(scratch, DEFAULT_SCRATCH), compile, graphs)
-    return e
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        return [a / self.row_steps if self.row_steps else 0.0 for a in self.accepted]
 
 
 def check_draft(model, draft: int | None) -> int:
@@ -140,122 +163,457 @@ def check_draft(model, draft: int | None) -> int:
     return k
 
 
-def decode(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", draft: int | None = None,
-           temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-           tree=None, eos_id: int | None = None, lossy_typical: bool = False, compile: bool | None = None,
-           graphs: bool | None = None, sync_every: int | None = None, stream: bool = False
-           ) -> tuple[Iterator[list[list[int]]], Engine, GenerationStats]:
-    """Set up a decoding run; iterate the returned pieces to drive it (see `generate`).
-
-    Returns:
-        (pieces, engine, stats): with stream=True, pieces yields the new tokens of every row
-        since the last piece; the engine's emitter holds the output; `finish` fills stats.
-    """
-    if mode not in MODES:
-        raise BadValue("mode", repr(mode), f"choose one of {', '.join(MODES)}")
+def check_max_new_tokens(n) -> int:
     from multitoken.checks import MAX_NEW_TOKENS
 
-    if not (isinstance(max_new_tokens, int) and 1 <= max_new_tokens <= MAX_NEW_TOKENS):
-        raise BadValue("max_new_tokens", repr(max_new_tokens), f"must be an integer between 1 and {MAX_NEW_TOKENS}")
-    s = Sampling(temperature, top_k, top_p)
-    device = next(model.parameters()).device
-    L = model.config.max_seq_len
-    check_decode_options(model.config.vocab_size, draft, seed, eos_id)
-    idx, lengths = prepare_prompts(prompt_ids, L, device, model.config.vocab_size)
-    B = idx.shape[0]
-    if mode == "ntp" and lossy_typical:
-        raise UserError("typical acceptance needs drafts: use --mode spec or --mode tree with it")
-    t = None
-    if mode == "ntp":
-        k, q = 0, 1
-    elif mode == "spec":
-        k = check_draft(model, draft)
-        q = k + 1
-    else:
-        from multitoken.decoding.trees import as_tree
+    if isinstance(n, bool) or not (isinstance(n, int) and 1 <= n <= MAX_NEW_TOKENS):
+        raise BadValue("max_new_tokens", repr(n), f"must be an integer between 1 and {MAX_NEW_TOKENS}")
+    return n
 
-        check_draft(model, draft)
-        t = as_tree(tree, draft, model.depth)
-        k, q = t.depth, t.nodes
-    engine = engine_for(model, B, q + 1, compile, graphs)
-    st, runner = engine.state, engine.runner
-    if not s.greedy and mode == "spec" and not lossy_typical:
-        st.ensure_sampling_buffers(model.depth)
-    if mode == "tree":
-        st.ensure_tree_buffers(model.depth)
-    strategy = engine.strategy(mode, k, s, t, lossy_typical)
-    auto = draft is None and k > 0 and runner.graphs
-    stats = GenerationStats(mode=mode, draft=k, batch_size=B, lossless=not (lossy_typical and not s.greedy))
-    gen = None
-    if seed is not None:
-        gen = torch.Generator(device=device)
-        gen.manual_seed(seed)
-    sync_every = sync_every or (8 if device.type == "cuda" else 1)
-    compile_before = runner.compile_time_s  # read before prefill: the first compilation happens there
-    st.emitter.reset(lengths, max_new_tokens, L, eos_id)
-    st.tally.reset()
-    len_host = lengths.tolist()
-    max_budget = max(min(max_new_tokens, L - n) for n in len_host)
 
-    def pieces() -> Iterator[list[list[int]]]:
-        nonlocal strategy
-        sent = [0] * B
-        chosen = [strategy.k]
+def plan(model, settings: Settings) -> tuple[int, int, object]:
+    """(draft positions k, fed tokens per step q, tree or None) for `settings`; one-line errors when impossible."""
+    if settings.mode not in MODES:
+        raise BadValue("mode", repr(settings.mode), f"choose one of {', '.join(MODES)}")
+    check_max_new_tokens(settings.max_new_tokens)
+    if settings.mode == "ntp":
+        if settings.lossy_typical:
+            raise UserError("typical acceptance needs drafts: use --mode spec or --mode tree with it")
+        return 0, 1, None
+    if settings.mode == "spec":
+        k = check_draft(model, settings.draft)
+        return k, k + 1, None
+    from multitoken.decoding.trees import as_tree
 
-        def new_tokens() -> list[list[int]]:
-            counts = st.emitter.count.tolist()
-            hi = max(counts)
-            rows = st.emitter.out[:, :hi].tolist()
-            out = [row[a:c] for row, a, c in zip(rows, sent, counts)]
-            sent[:] = counts
-            return out
+    check_draft(model, settings.draft)
+    t = as_tree(settings.tree, settings.draft, model.depth)
+    return t.depth, t.nodes, t
 
+
+def _fingerprint(model) -> tuple:
+    """Where the weights live: a captured graph reads them by address, so new tensors need a new engine."""
+    return tuple(p.data_ptr() for p in model.parameters()) + (next(model.parameters()).dtype,)
+
+
+class Engine:
+    """Decode state, runner and strategies for one model at one batch size (see the module docstring).
+
+    Args:
+        model: a `Transformer` (eval mode).
+        batch_size: rows decoded together (slots).
+        scratch: cache slots past the context (the largest step's fed tokens plus one).
+        compile, graphs: compiled blocks and CUDA graphs; None = the device's default (`runner.backend`).
+    """
+
+    def __init__(self, model, batch_size: int, scratch: int = DEFAULT_SCRATCH, compile: bool | None = None,
+                 graphs: bool | None = None) -> None:
+        k = max(model.depth, 1)
+        self.model, self.batch_size = model, batch_size
+        self.state = DecodeState(model, batch_size, scratch, rand_width=max(2 * k + 1, scratch))
+        self.runner = Runner(self.state, compile=compile, graphs=graphs)
+        self.fingerprint = _fingerprint(model)
+        self.generation: Generation | None = None
+        """The generation that owns the state now (starting another one ends it)."""
+        self._strategies: dict = {}
+        self._side: dict[int, Engine] = {}  # group size -> an engine that prefills joining rows apart
+
+    def strategy(self, mode: str, k: int, s: Sampling | RowSampling, tree=None, typical: bool = False):
+        key = (mode, k, s, repr(tree), typical)
+        st = self._strategies.get(key)
+        if st is None:
+            if mode == "ntp" or k == 0:
+                st = Plain(self.model, self.state, s)
+            elif mode == "spec":
+                st = Chain(self.model, self.state, s, k, typical)
+            else:
+                st = Tree(self.model, self.state, s, tree, typical)
+            self._strategies[key] = st
+        return st
+
+    def side(self, size: int) -> "Engine":
+        """The engine that prefills `size` joining rows apart from the decoding batch (made once)."""
+        e = self._side.get(size)
+        if e is None:
+            e = self._side[size] = Engine(self.model, size, self.state.scratch, compile=False, graphs=False)
+            e.state.cache.block_fn = self.state.cache.block_fn  # the same compiled block, if any
+        return e
+
+    def serves(self, scratch: int, compile: bool | None, graphs: bool | None) -> bool:
+        """Whether this engine can run a call with these needs (weights still where they were)."""
+        c, g = backend(self.state.device, compile, graphs)
+        return (self.state.scratch >= scratch and self.runner.compile == c and self.runner.graphs == g
+                and self.fingerprint == _fingerprint(self.model))
+
+    def start(self, prompts=(), settings: Settings = Settings()) -> "Generation":
+        """Begin a generation over `prompts` (token lists; more may join later with `Generation.add`).
+
+        Args:
+            prompts: a (B, T) LongTensor, a list of ints, or a list of token lists; may be empty.
+            settings: how to decode (`Settings`).
+        Returns:
+            the `Generation`; drive it with `step()` until `done`.
+        """
+        V = self.model.config.vocab_size
+        check_decode_options(V, settings.draft, settings.seed, settings.eos_id)
+        gen = Generation(self, settings)
+        if isinstance(prompts, Tensor) or len(prompts):
+            idx, lengths = prepare_prompts(prompts, self.model.config.max_seq_len, vocab_size=V)
+            for row, n in zip(idx.tolist(), lengths.tolist()):
+                gen.add(row[:n])
+        return gen
+
+
+class Engines:
+    """A model's engines by batch size, rebuilt only when one cannot serve a call (`engines(model)`)."""
+
+    def __init__(self) -> None:
+        self._by_size: dict[int, Engine] = {}
+
+    def get(self, model, batch_size: int, scratch: int = 0, compile: bool | None = None,
+            graphs: bool | None = None) -> Engine:
+        e = self._by_size.get(batch_size)
+        if e is None or not e.serves(scratch, compile, graphs):
+            self._by_size.pop(batch_size, None)
+            e = self._by_size[batch_size] = Engine(model, batch_size, max(scratch, DEFAULT_SCRATCH), compile, graphs)
+        return e
+
+    def __deepcopy__(self, memo) -> "Engines":  # a copied model decodes with engines of its own
+        return Engines()
+
+    def __getstate__(self) -> dict:
+        return {"_by_size": {}}
+
+
+def engines(model) -> Engines:
+    """The engines kept on `model` (made on first use; they go when the model goes)."""
+    e = model.__dict__.get("_decoding_engines")
+    if e is None:
+        e = Engines()
+        model.__dict__["_decoding_engines"] = e
+    return e
+
+
+def engine_for(model, batch_size: int, scratch: int = 0, compile: bool | None = None, graphs: bool | None = None) -> Engine:
+    """`engines(model).get(...)`: the engine `generate` uses for this batch size."""
+    return engines(model).get(model, batch_size, scratch, compile, graphs)
+
+
+class Generation:
+    """Rows decoding together on one engine; rows join (`add`) and leave (finish, `cancel`) between steps.
+
+    Drive it with `step()` until `done`; `new_tokens()` gives what each row produced since the
+    last call (with `Settings.stream`, after every check), `result()` the token lists and stats.
+    """
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine, self.settings, self.model = engine, settings, engine.model
+        self.k, self.q, self.tree = plan(engine.model, settings)
+        if engine.state.scratch < self.q + 1:
+            raise UserError(f"this engine has {engine.state.scratch} scratch slots and a step feeds {self.q} tokens: "
+                            "build the Engine with scratch >= q + 1")
+        st, dev = engine.state, engine.state.device
+        if settings.mode == "tree":
+            st.ensure_tree_buffers(self.model.depth)
+        self.typical = settings.lossy_typical
+        self.mode_now, self.k_now = settings.mode, self.k  # what the loop runs now (auto may shorten it)
+        self.chosen = [self.k]
+        self.auto = settings.draft is None and self.k > 0 and engine.runner.graphs
+        self.sync_every = settings.sync_every or (8 if dev.type == "cuda" else 1)
+        self.shared_gen: torch.Generator | None = None
+        if settings.seed is not None:
+            self.shared_gen = torch.Generator(device=dev)
+            self.shared_gen.manual_seed(settings.seed)
+        self.requests: dict[int, Request] = {}
+        self._queue: deque[Request] = deque()
+        self._next_rid = 0
+        self._slots: list[Request | None] = [None] * engine.batch_size
+        self.strategy = None
+        self.steps = 0  # decoding steps run (after prefill), all rows together
+        self.device_steps = 0  # the tally's count of steps in which some row was active
+        self.syncs = 0
+        self.maxpos = 0  # a bound on every row's cache position, as of the last check
+        self.since = 0  # steps since that check
+        self.t0 = time.perf_counter()
+        self.compile_before = engine.runner.compile_time_s
+        st.tally.reset()
+        st.emitter.done.fill_(True)
+        engine.generation = self
+
+    # ---- rows joining and leaving ------------------------------------------------------------
+    def add(self, prompt: Sequence[int], sampling: Sampling | None = None, seed: int | None = None,
+            max_new_tokens: int | None = None) -> int:
+        """Queue one prompt; it joins at the next `step` with a free slot.
+
+        Args:
+            prompt: token ids (non-empty, shorter than the context, inside the vocabulary).
+            sampling: this row's settings (default: the generation's).
+            seed: this row's own generator (default: the generation's shared one).
+            max_new_tokens: this row's budget (default: the generation's), capped by the context.
+        Returns:
+            the request id (`requests[rid]`, keys of `new_tokens()`).
+        """
+        L, V = self.model.config.max_seq_len, self.model.config.vocab_size
+        ids = list(prompt)
+        if not ids:
+            raise UserError("empty prompt: give at least one token of prompt text")
+        if len(ids) >= L:
+            raise UserError(f"prompt of {len(ids)} tokens does not fit the context of {L}: shorten the prompt")
+        if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V for t in ids):
+            raise UserError(f"prompt token ids must be integers from 0 to {V - 1} (this model's vocabulary)")
+        n = check_max_new_tokens(self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens)
+        gen = None
+        if seed is not None:
+            gen = torch.Generator(device=self.engine.state.device)
+            gen.manual_seed(seed)
+        r = Request(self._next_rid, ids, sampling or self.settings.sampling, min(n, L - len(ids)), gen)
+        self._next_rid += 1
+        self.requests[r.rid] = r
+        self._queue.append(r)
+        return r.rid
+
+    def cancel(self, rid: int) -> None:
+        """Stop a row now (a client went away): its slot is free for the next `step`."""
+        r = self.requests[rid]
+        if r.done:
+            return
+        if r in self._queue:
+            self._queue.remove(r)
+        elif r.slot >= 0:
+            self.engine.state.emitter.done[r.slot] = True
+            self._free([r])
+        r.done, r.finish_reason = True, "cancelled"
+
+    def forget(self, rid: int) -> None:
+        """Drop a finished request's record (a long-running server would otherwise keep them all)."""
+        if not self.requests[rid].done:
+            raise UserError(f"request {rid} is still decoding: cancel it before forgetting it")
+        del self.requests[rid]
+
+    @property
+    def active(self) -> list[Request]:
+        return [r for r in self._slots if r is not None]
+
+    @property
+    def done(self) -> bool:
+        """No row decoding and none waiting."""
+        return not self._queue and not self.active
+
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot."""
+        return len(self._queue)
+
+    @property
+    def free_slots(self) -> int:
+        return self._slots.count(None)
+
+    def _free(self, rows: list[Request]) -> None:
+        for r in rows:
+            self._slots[r.slot] = None
+
+    # ---- steps ------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Prefill the rows waiting for a slot (if any can join), else decode until the next host check."""
+        if self.engine.generation is not self:
+            raise UserError("this engine has started another generation since: one generation per engine at a time")
+        if self._queue and self.free_slots:
+            with torch.no_grad():
+                self._join()
+        elif self.active:
+            with torch.no_grad():
+                self._decode()
+
+    def _sampling_for(self, rows: list[Request]) -> RowSampling:
+        st = self.engine.state
+        return RowSampling(greedy=all(r.sampling.greedy for r in rows),
+                           filtered=any(r.sampling.top_k > 0 or r.sampling.top_p < 1.0 for r in rows),
+                           temperature=st.temperature, top_k=st.top_k, top_p=st.top_p)
+
+    def _use_strategy(self, s: RowSampling) -> None:
+        """Run `s`'s strategy from now on.
+
+        Switching from greedy to sampling needs nothing for the rows already decoding: a greedy
+        row's target is one-hot, so lossless verification accepts exactly the drafts equal to its
+        argmax and emits the argmax whatever draft distribution q the buffer holds for it.
+        """
+        st = self.engine.state
+        if not s.greedy and self.mode_now == "spec" and self.k_now > 0 and not self.typical:
+            st.ensure_sampling_buffers(self.model.depth)
+        tree = self.tree if self.mode_now == "tree" else None
+        self.strategy = self.engine.strategy(self.mode_now, self.k_now, s, tree, self.typical)
+        self.periodic = (self.strategy.k > 0 or self.settings.eos_id is not None or self.settings.stream)
+
+    def _fill_rand(self, st: DecodeState, rows: list[tuple[int, Request]]) -> None:
+        """This step's uniforms: the shared generator for all rows, then each own generator its row."""
+        st.rand.uniform_(generator=self.shared_gen)
+        for i, r in rows:
+            if r.generator is not None:
+                st.rand[i].uniform_(generator=r.generator)
+
+    def _join(self) -> None:
+        st, model = self.engine.state, self.model
+        free = [i for i, r in enumerate(self._slots) if r is None]
+        new = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
+        in_place = not self.active  # nothing decoding: prefill over the whole batch, no copies
+        for r, slot in zip(new, free):
+            r.slot, r.joined_at = slot, self.steps
+            self._slots[slot] = r
+        self._use_strategy(self._sampling_for(self.active))
+        if in_place:
+            self._prefill(self.engine, [(r.slot, r) for r in new], st.batch_size)
+        else:
+            i = 0
+            while i < len(new):  # groups of powers of two, so that few side states are made
+                size = 1 << (len(new) - i).bit_length() - 1
+                group = new[i: i + size]
+                side = self.engine.side(size)
+                if st.qd is not None:
+                    side.state.ensure_sampling_buffers(model.depth)
+                if st.lq is not None:
+                    side.state.ensure_tree_buffers(model.depth)
+                width = self._prefill(side, list(enumerate(group)), size)
+                dev = st.device
+                st.copy_rows(side.state, torch.arange(size, device=dev),
+                             torch.tensor([r.slot for r in group], device=dev), width)
+                i += size
+        self.maxpos = max([self.maxpos] + [len(r.prompt) for r in new])
+        if self.settings.stream:
+            self._check(all_done=False)
+
+    def _prefill(self, engine: Engine, rows: list[tuple[int, Request]], size: int) -> int:
+        """Prefill `rows` (index in `engine`'s state, request) of a state of `size` rows; other rows stay done.
+
+        Returns:
+            the padded prompt width (the cache slots the prefill wrote).
+        """
+        st, dev, L = engine.state, engine.state.device, self.model.config.max_seq_len
+        longest = max(len(r.prompt) for _, r in rows)
+        T = min(-(-longest // PREFILL_BUCKET) * PREFILL_BUCKET, L)
+        idx = torch.zeros(size, T, dtype=torch.long)
+        lengths = torch.ones(size, dtype=torch.long)
+        budgets = torch.zeros(size, dtype=torch.long)
+        temp, top_k, top_p = torch.zeros(size), torch.zeros(size, dtype=torch.long), torch.ones(size)
+        for i, r in rows:
+            idx[i, : len(r.prompt)] = torch.tensor(r.prompt)
+            lengths[i], budgets[i] = len(r.prompt), r.budget
+            temp[i], top_k[i], top_p[i] = r.sampling.temperature, r.sampling.top_k, r.sampling.top_p
+        eos = torch.tensor([eos_row(self.settings.eos_id)], dtype=torch.long).expand(size, -1)
+        every = torch.arange(size)
+        idx, lengths, every = idx.to(dev), lengths.to(dev), every.to(dev)
+        st.set_sampling(every, temp.to(dev), top_k.to(dev), top_p.to(dev))
+        st.emitter.join(every, budgets.to(dev), eos.to(dev))
+        st.tally.reset(every)
+        s = self.strategy.s
+        tree = self.tree if self.mode_now == "tree" else None
+        strategy = engine.strategy(self.mode_now, self.k_now, RowSampling(s.greedy, s.filtered, st.temperature, st.top_k,
+                                                                          st.top_p), tree, self.typical)
         if not s.greedy:
-            st.rand.uniform_(generator=gen)
-        T = -(-idx.shape[1] // PREFILL_BUCKET) * PREFILL_BUCKET
-        padded = torch.zeros(B, min(T, L), dtype=torch.long, device=device)
-        padded[:, : idx.shape[1]] = idx
-        st.cache.live = bucket(padded.shape[1] + 1, st.cache.max_seq_len)
-        strategy.prefill(padded, lengths)
-        maxpos, since, steps = max(len_host), 0, 0
-        syncs = 0
-        if stream:
-            yield new_tokens()
-        periodic = strategy.k > 0 or eos_id is not None or stream
-        done = max_budget <= 1
-        if not done and periodic and device.type != "cuda":
-            done = bool(st.emitter.done.all())
-            syncs += 1
-        while not done:
-            if not s.greedy:
-                st.rand.uniform_(generator=gen)
-            runner.step(strategy, maxpos + (since + 1) * (strategy.k + 1) + strategy.q)
-            since += 1
-            steps += 1
-            if 1 + steps >= max_budget:  # every active step emits >= 1 token per row: all rows are done
+            self._fill_rand(st, rows)
+        st.cache.live = bucket(T + 1, st.cache.max_seq_len)
+        strategy.prefill(idx, lengths)
+        return T
+
+    def _sure_done_at(self) -> int:
+        """The step after which every decoding row has surely spent its budget (>= 1 token a step)."""
+        return max(r.joined_at + r.budget - 1 for r in self.active)
+
+    def _decode(self) -> None:
+        st, runner = self.engine.state, self.engine.runner
+        rows = [(r.slot, r) for r in self.active]
+        sure = self._sure_done_at()
+        while self.steps < sure:
+            if not self.strategy.s.greedy:
+                self._fill_rand(st, rows)
+            runner.step(self.strategy, self.maxpos + (self.since + 1) * (self.strategy.k + 1) + self.strategy.q)
+            self.since += 1
+            self.steps += 1
+            if (self.periodic or self._queue) and self.since >= self.sync_every:
                 break
-            if periodic and since >= sync_every:
-                # One read of the device: done, the largest position, and the acceptance so far.
-                flag, mp, row_steps, *acc = torch.cat([st.emitter.done.all().long()[None], st.cache.pos.max()[None],
-                                                       st.tally.row_steps[None], st.tally.accepted]).tolist()
-                syncs += 1
-                maxpos, since, done = mp, 0, bool(flag)
-                if auto and not done and strategy.k:
-                    strategy = choose_draft(engine, strategy, mode, s, t, lossy_typical, maxpos, row_steps, acc)
-                    if strategy.k != chosen[-1]:
-                        chosen.append(strategy.k)
-                        # Plain steps from here on: without EOS or streaming nothing needs a check.
-                        periodic = strategy.k > 0 or eos_id is not None or stream
-                if stream and not done:
-                    yield new_tokens()
-        stats.chosen_draft = chosen
-        stats.host_syncs = syncs + 1
-        stats.compile_time_s = runner.compile_time_s - compile_before
-        if stream:
-            yield new_tokens()
+        self._check(all_done=self.steps >= sure)
 
-    return pieces(), engine, stats
+    def _check(self, all_done: bool) -> None:
+        """One read of the device: done flags, counts, statistics, and the new tokens when streaming."""
+        st, rows = self.engine.state, self.active
+        B, K = st.batch_size, st.tally.accepted.shape[1]
+        width = st.emitter.out.shape[1]
+        read_out = self.settings.stream or all_done
+        lo = min(len(r.tokens) for r in rows)
+        stream = self.settings.stream  # tokens read at every check: only the new ones can be there
+        hi = min(width, max(min(r.budget, len(r.tokens) + 1 + self.since * (self.strategy.k + 1)) if stream else r.budget
+                            for r in rows))
+        parts = [st.emitter.done.long(), st.emitter.count, st.cache.pos, st.tally.steps[None],
+                 st.tally.row_steps, st.tally.step_tokens, st.tally.accepted.flatten()]
+        if read_out:
+            parts.append(st.emitter.out[:, lo:hi].flatten())
+        vals = torch.cat(parts).tolist()
+        self.syncs += 1
+        done, count, pos = vals[:B], vals[B: 2 * B], vals[2 * B: 3 * B]
+        self.device_steps, self.since = vals[3 * B], 0
+        o = 3 * B + 1
+        row_steps, step_tokens, acc = vals[o: o + B], vals[o + B: o + 2 * B], vals[o + 2 * B: o + 2 * B + B * K]
+        out = vals[o + 2 * B + B * K:]
+        finished = []
+        for r in rows:
+            b = r.slot
+            r.row_steps, r.step_tokens, r.accepted = row_steps[b], step_tokens[b], acc[b * K: b * K + self.k]
+            if read_out:
+                w = hi - lo
+                r.tokens += out[b * w + len(r.tokens) - lo: b * w + count[b] - lo]
+            if done[b] or all_done:
+                finished.append(r)
+        if finished and not read_out:  # the finished rows' tokens, read once
+            slots = torch.tensor([r.slot for r in finished], device=st.device)
+            for r, toks in zip(finished, st.emitter.out[slots, : max(count[r.slot] for r in finished)].tolist()):
+                r.tokens = toks[: count[r.slot]]
+            self.syncs += 1
+        for r in finished:
+            stops = eos_ids(self.settings.eos_id)
+            r.done, r.finish_reason = True, ("stop" if r.tokens and r.tokens[-1] in stops else "length")
+        if finished:
+            self._free(finished)
+            if self.active:  # the rows left may all be greedy now: the cheaper step serves them
+                self._use_strategy(self._sampling_for(self.active))
+        # The live bucket follows the rows still decoding: a free row's stale position must not widen it.
+        self.maxpos = max((pos[r.slot] for r in self.active), default=0)
+        if self.auto and self.active and self.strategy.k:
+            totals = [sum(row_steps)] + [sum(acc[b * K + j] for b in range(B)) for j in range(K)]
+            new = choose_draft(self.engine, self.strategy, self.settings.mode, self.strategy.s, self.tree, self.typical,
+                               self.maxpos, totals[0], totals[1:])
+            if new is not self.strategy:
+                self.mode_now, self.k_now = ("ntp", 0) if new.k == 0 else (self.mode_now, new.k)
+                self.chosen.append(new.k)
+                self._use_strategy(self.strategy.s)
 
+    # ---- results ----------------------------------------------------------------------------
+    def new_tokens(self) -> dict[int, list[int]]:
+        """Tokens each request produced since the last call, by request id (only requests with some)."""
+        out = {}
+        for r in self.requests.values():
+            if len(r.tokens) > r.unread:
+                out[r.rid] = r.tokens[r.unread:]
+                r.unread = len(r.tokens)
+        return out
+
+    def result(self) -> tuple[list[list[int]], GenerationStats]:
+        """(token lists in the order the requests were added, statistics); decodes to the end first."""
+        while not self.done:
+            self.step()
+        reqs = list(self.requests.values())
+        wall = time.perf_counter() - self.t0
+        K = max(self.chosen)
+        row_steps = sum(r.row_steps for r in reqs)
+        stats = GenerationStats(mode=self.settings.mode, draft=self.k, batch_size=len(reqs),
+                                lossless=not (self.typical and not all(r.sampling.greedy for r in reqs)))
+        stats.new_tokens = sum(len(r.tokens) for r in reqs)
+        stats.steps, stats.row_steps = self.device_steps, row_steps
+        stats.tau = sum(r.step_tokens for r in reqs) / row_steps if row_steps else 0.0
+        stats.acceptance_per_position = ([sum(r.accepted[j] for r in reqs) / row_steps if row_steps else 0.0
+                                          for j in range(K)] if self.k else [])
+        stats.chosen_draft, stats.host_syncs = self.chosen, self.syncs
+        stats.compile_time_s = self.engine.runner.compile_time_s - self.compile_before
+        stats.wall_time_s = wall
+        stats.tokens_per_second = stats.new_tokens / wall if wall > 0 else 0.0
+        return [r.tokens for r in reqs], stats
 
 def best_draft(acceptance: list[float], costs: dict[int, float]) -> int:
     """The draft length with the most expected tokens per second.
@@ -294,23 +652,11 @@ def choose_draft(engine: Engine, current, mode: str, s: Sampling, tree, typical:
     return options[best_draft(acceptance, costs)]
 
 
-def finish(engine: Engine, stats: GenerationStats, wall: float) -> tuple[list[list[int]], GenerationStats]:
-    """The output token lists and the filled statistics (one read of the device)."""
-    out = engine.state.emitter.tokens()
-    K = max(stats.chosen_draft) if stats.chosen_draft else stats.draft
-    steps, row_steps, step_tokens, acc = engine.state.tally.read(K)
-    stats.new_tokens, stats.steps, stats.row_steps = sum(len(r) for r in out), steps, row_steps
-    stats.tau = step_tokens / row_steps if row_steps else 0.0
-    stats.acceptance_per_position = [x / row_steps if row_steps else 0.0 for x in acc] if stats.draft else []
-    stats.wall_time_s = wall
-    stats.tokens_per_second = stats.new_tokens / wall if wall > 0 else 0.0
-    return out, stats
-
 
 @torch.no_grad()
 def generate(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", draft: int | None = None,
              temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-             tree=None, eos_id: int | None = None, lossy_typical: bool = False, compile: bool | None = None,
+             tree=None, eos_id: int | Sequence[int] | None = None, lossy_typical: bool = False, compile: bool | None = None,
              graphs: bool | None = None, sync_every: int | None = None) -> tuple[list[list[int]], GenerationStats]:
     """Generate continuations of one or several prompts.
 
@@ -326,7 +672,7 @@ def generate(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", dra
         seed: seeds a torch.Generator for sampling (None: the global RNG).
         tree: for mode "tree": a `trees.StaticTree`, a `trees.DynamicTree`, an int (dynamic tree
             of that many nodes) or None (a dynamic tree of 16 nodes).
-        eos_id: stop a row after this token (None: only the token limit stops).
+        eos_id: stop a row after this token, or after any of a list of ids (None: only the token limit stops).
         lossy_typical: Medusa's typical acceptance instead of exact verification (LOSSY).
         compile: torch.compile the model's blocks for decoding (default: on CUDA; cached on disk).
         graphs: capture steps as CUDA graphs (default: on CUDA).
@@ -334,12 +680,13 @@ def generate(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", dra
     Returns:
         (token lists per row, without the prompt; GenerationStats).
     """
-    t0 = time.perf_counter()
-    pieces, engine, stats = decode(model, prompt_ids, max_new_tokens, mode, draft, temperature, top_k, top_p, seed,
-                                   tree, eos_id, lossy_typical, compile, graphs, sync_every)
-    for _ in pieces:
-        pass
-    return finish(engine, stats, time.perf_counter() - t0)
+    settings = Settings(max_new_tokens, mode, draft, tree, eos_id, lossy_typical, sync_every,
+                        sampling=Sampling(temperature, top_k, top_p), seed=seed)
+    check_decode_options(model.config.vocab_size, draft, seed, eos_id)
+    idx, _ = prepare_prompts(prompt_ids, model.config.max_seq_len, vocab_size=model.config.vocab_size)
+    _, q, _ = plan(model, settings)
+    engine = engine_for(model, idx.shape[0], q + 1, compile, graphs)
+    return engine.start(prompt_ids, settings).result()
 
 
 class TextStream:
@@ -347,6 +694,7 @@ class TextStream:
 
     Stops on EOS, on any of `stop` strings (the text is cut before it) or at the token limit.
     Text that could be the start of a stop string is held back until it is clearly not.
+    Keyword arguments are `generate`'s.
     """
 
     def __init__(self, model, tokenizer, prompt: str, stop: Sequence[str] = (), **kwargs) -> None:
@@ -360,36 +708,27 @@ class TextStream:
         self.text = ""
 
     def __iter__(self) -> Iterator[str]:
-        from multitoken.data.tokenizer import StreamDecoder
-
-        t0 = time.perf_counter()
-        with torch.no_grad():
-            pieces, engine, stats = decode(self.model, [self.ids], stream=True, **self.kwargs)
-        dec = StreamDecoder(self.tokenizer)
-        eos = self.kwargs.get("eos_id")
-        hold = max((len(s) for s in self.stop), default=1) - 1
-        sent = 0  # characters of self.text already yielded
-        stopped = False
-        while True:
-            with torch.no_grad():  # only around the model's work: no_grad must not leak into the caller
-                item = next(pieces, None)
-            if item is None:
-                break
-            new = item[0]
+        kw = dict(self.kwargs)
+        compile, graphs = kw.pop("compile", None), kw.pop("graphs", None)
+        sampling = Sampling(kw.pop("temperature", 0.0), kw.pop("top_k", 0), kw.pop("top_p", 1.0))
+        settings = Settings(**kw, sampling=sampling, stream=True)
+        _, q, _ = plan(self.model, settings)
+        gen = engine_for(self.model, 1, q + 1, compile, graphs).start([self.ids], settings)
+        texts = StopText(self.tokenizer, self.stop, self.kwargs.get("eos_id"))
+        while not gen.done and not texts.stopped:
+            gen.step()
+            new = gen.new_tokens().get(0, [])
             self.token_ids += new
-            self.text += dec.push([t for t in new if t != eos])
-            cut = min((i for i in (self.text.find(s) for s in self.stop) if i >= 0), default=-1)
-            if cut >= 0:
-                self.text, stopped = self.text[:cut], True
-                break
-            if len(self.text) - hold > sent:
-                yield self.text[sent : len(self.text) - hold]
-                sent = len(self.text) - hold
-        if not stopped:
-            self.text += dec.flush()
-        if len(self.text) > sent:
-            yield self.text[sent:]
-        _, self.stats = finish(engine, stats, time.perf_counter() - t0)
+            piece = texts.push(new)
+            if piece:
+                yield piece
+        if texts.stopped:
+            gen.cancel(0)
+        piece = texts.finish()
+        if piece:
+            yield piece
+        self.text = texts.text
+        _, self.stats = gen.result()
         self.stats.new_tokens = len(self.token_ids)
         wall = self.stats.wall_time_s
         self.stats.tokens_per_second = self.stats.new_tokens / wall if wall > 0 else 0.0

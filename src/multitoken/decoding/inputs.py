@@ -61,10 +61,11 @@ def prompt_rows(prompt_ids: Any, vocab_size: int | None = None) -> list[list[int
 
 
 def check_decode_options(vocab_size: int, draft: Any, seed: Any, eos_id: Any) -> None:
-    """Refuse a `draft`, `seed` or `eos_id` of the wrong kind or out of range (None passes)."""
+    """Refuse a `draft`, `seed` or `eos_id` (one id or a list) of the wrong kind or out of range (None passes)."""
     if draft is not None and not _is_int(draft):
         raise BadValue("draft", repr(draft), "must be a whole number of drafted tokens")
     if seed is not None and not (_is_int(seed) and 0 <= seed <= SEED_MAX):
         raise BadValue("seed", repr(seed), "must be a whole number between 0 and 2**64-1")
-    if eos_id is not None and not (_is_int(eos_id) and 0 <= eos_id < vocab_size):
-        raise BadValue("eos_id", repr(eos_id), f"must be a token id of the vocabulary (0..{vocab_size - 1}), or None")
+    ids = [] if eos_id is None else list(eos_id) if isinstance(eos_id, (list, tuple)) else [eos_id]
+    if not all(_is_int(i) and 0 <= i < vocab_size for i in ids):
+        raise BadValue("eos_id", repr(eos_id), f"must be token ids of the vocabulary (0..{vocab_size - 1}), or None")

@@ -21,6 +21,7 @@ same warm-up times a few replays: those are the step costs the draft-length choi
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -28,6 +29,8 @@ from pathlib import Path
 import torch
 
 from multitoken.decoding.state import DecodeState
+
+log = logging.getLogger(__name__)
 
 MIN_BUCKET = 64
 
@@ -45,6 +48,15 @@ def use_compile_cache() -> None:
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
         path = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "multitoken" / "inductor"
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
+
+
+def backend(device: torch.device, compile: bool | None, graphs: bool | None) -> tuple[bool, bool]:
+    """The one place the defaults live: (compile, graphs), None = on for CUDA, off elsewhere.
+
+    CUDA graphs exist only on CUDA, so graphs=True elsewhere means off.
+    """
+    cuda = torch.device(device).type == "cuda"
+    return (cuda if compile is None else bool(compile)), (cuda if graphs is None else bool(graphs) and cuda)
 
 
 class CompiledBlock:
@@ -83,11 +95,8 @@ class CompiledBlock:
                     self.runner.compile_time_s += time.perf_counter() - t0
                 return out
             except Exception as e:  # a compiler failure must not stop decoding
-                import sys
-
                 self.runner.compile_error = f"{type(e).__name__}: {e}".splitlines()[0][:300]
-                print(f"warning: compiled decoding failed ({self.runner.compile_error}); decoding with eager blocks",
-                      file=sys.stderr)
+                log.warning(f"warning: compiled decoding failed ({self.runner.compile_error}); decoding with eager blocks")
         return self.eager(*args)
 
 
@@ -96,15 +105,13 @@ class Runner:
 
     Args:
         state: the decode state.
-        compile: torch.compile each step (inductor), once per (strategy, bucket).
-        graphs: capture each step as a CUDA graph (default: on CUDA devices).
+        compile: torch.compile the blocks (default: on CUDA; `backend`).
+        graphs: capture each step as a CUDA graph (default: on CUDA; `backend`).
     """
 
     def __init__(self, state: DecodeState, compile: bool | None = None, graphs: bool | None = None) -> None:
-        cuda = state.device.type == "cuda"
         self.state = state
-        self.graphs = cuda if graphs is None else (graphs and cuda)
-        self.compile = cuda if compile is None else compile
+        self.compile, self.graphs = backend(state.device, compile, graphs)
         self._graphs: dict = {}
         self._pool = None
         self.compile_time_s = 0.0

@@ -5,11 +5,17 @@ for target and draft distributions, which lossless verification needs). `draw` t
 uniform number per row into a token by inverting the CDF, so a step's randomness is a small
 (B, R) buffer filled outside the step: a compiled step replayed as a CUDA graph then samples
 from the user's seeded generator without any random-number kernel of its own.
+
+Settings are either one `Sampling` for every row or a `RowSampling`: per-row tensors that live
+in the decode state, so a batch mixes greedy and sampled rows with different temperatures,
+top-k and top-p in one compiled step (only whether any row samples, or filters, is structure).
+A greedy row inside a sampling batch gets a one-hot distribution, under which lossless
+verification accepts exactly the drafts equal to the argmax and emits the argmax: plain greedy.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -42,9 +48,52 @@ class Sampling:
         return self.temperature == 0.0
 
 
-def probs(logits: Tensor, s: Sampling) -> Tensor:
+@dataclass(frozen=True)
+class RowSampling:
+    """Sampling settings per row, as (B,) tensors read in place (`DecodeState` owns them).
+
+    Equality and hashing see only the structure (`greedy`, `filtered`), never the values: a
+    strategy keyed on it serves any mix of settings with one compiled step.
+    """
+
+    greedy: bool
+    """Every row is greedy (the strategy may take the argmax path and skip sampling)."""
+    filtered: bool
+    """Some row uses top-k or top-p (the sort runs only then)."""
+    temperature: Tensor = field(compare=False, hash=False, repr=False)
+    """(B,) temperature per row; 0 = greedy."""
+    top_k: Tensor = field(compare=False, hash=False, repr=False)
+    """(B,) long; 0 = all tokens."""
+    top_p: Tensor = field(compare=False, hash=False, repr=False)
+    """(B,); 1 = all tokens."""
+
+
+def _row_probs(logits: Tensor, s: RowSampling) -> Tensor:
+    """`probs` with per-row settings: logits (B, ..., V), settings (B,), broadcast over the middle dims."""
+    B, V = logits.shape[0], logits.shape[-1]
+    shape = (B,) + (1,) * (logits.dim() - 1)
+    t = s.temperature.view(shape).float()
+    greedy = t == 0
+    z = logits / torch.where(greedy, 1.0, t)
+    if s.filtered:
+        sorted_z, order = z.sort(dim=-1, descending=True)
+        k = torch.where(s.top_k > 0, s.top_k, V).clamp(max=V).view(shape)
+        kth = sorted_z.gather(-1, (k - 1).expand(sorted_z.shape[:-1] + (1,)))
+        z = z.masked_fill(z < kth, float("-inf"))
+        sorted_z = sorted_z.masked_fill(sorted_z < kth, float("-inf"))  # the same order as sorting z again
+        sorted_p = sorted_z.softmax(-1)
+        top_p = s.top_p.view(shape).float()
+        drop = ((sorted_p.cumsum(-1) - sorted_p) >= top_p) & (top_p < 1.0)
+        z = z.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    one_hot = torch.nn.functional.one_hot(logits.argmax(-1), V).float()
+    return torch.where(greedy, one_hot, z.softmax(-1))
+
+
+def probs(logits: Tensor, s: "Sampling | RowSampling") -> Tensor:
     """Probabilities (..., V) after temperature, top-k and top-p (float32); one-hot when greedy."""
     logits = logits.float()
+    if isinstance(s, RowSampling):
+        return _row_probs(logits, s)
     if s.greedy:
         return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
     logits = logits / s.temperature
@@ -73,7 +122,7 @@ def draw(p: Tensor, u: Tensor) -> Tensor:
     return torch.searchsorted(cdf, target, right=True)[..., 0].clamp(max=p.shape[-1] - 1)
 
 
-def sample(logits: Tensor, s: Sampling, u: Tensor | None = None) -> Tensor:
+def sample(logits: Tensor, s: "Sampling | RowSampling", u: Tensor | None = None) -> Tensor:
     """Tokens (...) from logits (..., V): argmax when greedy, else a draw from `probs` with uniforms u (...)."""
     if s.greedy:
         return logits.argmax(-1)

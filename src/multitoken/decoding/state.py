@@ -11,9 +11,13 @@ once as a CUDA graph and replayed (nanochat/gpt-fast keep their caches the same 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from numbers import Integral
+
 import torch
 from torch import Tensor
 
+from multitoken.config import MAX_EOS_IDS
 from multitoken.decoding.inputs import prompt_rows
 from multitoken.errors import UserError
 from multitoken.model.kv_cache import KVCache
@@ -31,7 +35,27 @@ def prepare_prompts(prompt_ids, max_seq_len: int, device: torch.device | str = "
     Returns:
         (idx (B, T), lengths (B,)) on `device`.
     """
-    rows = prompt_rows(prompt_ids, vocab_size)
+    text_hint = "for text, use multitoken.load(...).generate('...') or encode it with the tokenizer first"
+    if isinstance(prompt_ids, str) or (isinstance(prompt_ids, (list, tuple)) and any(isinstance(r, str) for r in prompt_ids)):
+        raise UserError(f"prompts are token ids here, not text: {text_hint}")
+    if isinstance(prompt_ids, Tensor):
+        if prompt_ids.dtype.is_floating_point or prompt_ids.dtype.is_complex or prompt_ids.dtype == torch.bool \
+                or prompt_ids.dim() not in (1, 2):
+            raise UserError(f"prompt tensor of dtype {prompt_ids.dtype} and shape {tuple(prompt_ids.shape)}: give integer "
+                            "token ids, (T,) or (B, T)")
+        rows = [prompt_ids.tolist()] if prompt_ids.dim() == 1 else prompt_ids.tolist()
+    elif isinstance(prompt_ids, (list, tuple)):
+        rows = list(prompt_ids)
+        if rows and all(isinstance(t, Integral) for t in rows):
+            rows = [rows]
+    else:
+        raise UserError(f"prompts must be token ids (a list of ints, a list of lists or a LongTensor), not "
+                        f"{type(prompt_ids).__name__}: {text_hint}")
+    if not all(isinstance(r, (list, tuple)) and all(isinstance(t, Integral) and not isinstance(t, bool) and t >= 0 for t in r)
+               for r in rows):
+        raise UserError("prompts must be lists of non-negative integer token ids (one list per prompt)")
+    if vocab_size is not None:
+        rows = prompt_rows(rows, vocab_size)  # an id past the vocabulary names itself, not an IndexError
     if not rows or any(len(r) == 0 for r in rows):
         raise UserError("empty prompt: give at least one token of prompt text")
     longest = max(len(r) for r in rows)
@@ -44,13 +68,27 @@ def prepare_prompts(prompt_ids, max_seq_len: int, device: torch.device | str = "
     return idx.to(device), lengths.to(device)
 
 
+def eos_ids(eos_id: int | Sequence[int] | None) -> list[int]:
+    """The stop ids of a call: none, one, or several (at most MAX_EOS_IDS)."""
+    ids = [] if eos_id is None else [int(eos_id)] if isinstance(eos_id, int) else [int(i) for i in eos_id]
+    if len(ids) > MAX_EOS_IDS:
+        raise UserError(f"{len(ids)} EOS ids given: at most {MAX_EOS_IDS} are supported")
+    return ids
+
+
+def eos_row(eos_id: int | Sequence[int] | None) -> list[int]:
+    """`eos_ids` padded with -1 to MAX_EOS_IDS columns: one row of the emitter's EOS table."""
+    ids = eos_ids(eos_id)
+    return ids + [-1] * (MAX_EOS_IDS - len(ids))
+
+
 class Emitter:
     """Output buffer of generated tokens per row: applies EOS, the token budget, and done flags.
 
     Each row may generate ``min(max_new_tokens, max_seq_len - prompt_length)`` tokens, so that
     prompt plus output always fit the context. A step pushes up to q tokens per row; rows that
-    are done take none. Buffers are allocated once (`width` tokens per row plus scratch) and
-    `reset` starts a new call in place.
+    are done take none. Buffers are allocated once (`width` tokens per row plus scratch); `join`
+    starts rows in place (continuous batching: a row that joins does not disturb the others).
     """
 
     def __init__(self, batch_size: int, width: int, q_max: int, device: torch.device | str) -> None:
@@ -59,21 +97,29 @@ class Emitter:
         self.budget = torch.zeros(B, dtype=torch.long, device=device)
         self.count = torch.zeros(B, dtype=torch.long, device=device)
         self.done = torch.ones(B, dtype=torch.bool, device=device)
-        self.eos = torch.full((B,), -1, dtype=torch.long, device=device)  # -1: no EOS
+        self.eos = torch.full((B, MAX_EOS_IDS), -1, dtype=torch.long, device=device)  # -1: no EOS in that column
         self._cols = torch.arange(q_max, device=device)
 
-    def reset(self, lengths: Tensor, max_new_tokens: int, max_seq_len: int, eos_id: int | None) -> None:
-        self.budget.copy_((max_seq_len - lengths).clamp(max=max_new_tokens))
-        self.count.zero_()
-        self.done.copy_(self.budget <= 0)
-        self.eos.fill_(-1 if eos_id is None else eos_id)
+    def join(self, rows: Tensor, budgets: Tensor, eos: Tensor) -> None:
+        """Start rows (n,) afresh with token budgets (n,) and EOS ids (n, MAX_EOS_IDS) (-1: none)."""
+        self.budget[rows] = budgets
+        self.count[rows] = 0
+        self.done[rows] = budgets <= 0
+        self.eos[rows] = eos
+
+    def reset(self, lengths: Tensor, max_new_tokens: int, max_seq_len: int, eos_id: int | Sequence[int] | None) -> None:
+        """Start every row: prompts of `lengths` (B,), one budget and one EOS set for all; `eos_id` is
+        one id, several (a row stops at the first of any), or None."""
+        rows = torch.arange(self.out.shape[0], device=self.out.device)
+        eos = torch.tensor(eos_row(eos_id), dtype=torch.long, device=self.out.device).expand(len(rows), -1)
+        self.join(rows, (max_seq_len - lengths).clamp(max=max_new_tokens), eos)
 
     def push(self, tokens: Tensor, n: Tensor) -> Tensor:
         """Append the first n (B,) of tokens (B, q) per row; return how many each row took (B,)."""
         q = tokens.shape[1]
         cols = self._cols[:q]
         n = torch.where(self.done, 0, n)
-        hit = (tokens == self.eos[:, None]) & (cols < n[:, None])  # (B, q)
+        hit = (tokens[:, :, None] == self.eos[:, None, :]).any(-1) & (cols < n[:, None])  # (B, q)
         any_hit = hit.any(1)
         n = torch.where(any_hit, hit.int().argmax(1) + 1, n)
         n = torch.minimum(n, self.budget - self.count)
@@ -89,30 +135,48 @@ class Emitter:
 
 
 class Tally:
-    """Device-side counters (no host sync per step), read into `GenerationStats` at the end."""
+    """Device-side counters per row (no host sync per step): steps, emitted tokens, accepted drafts.
 
-    def __init__(self, k_max: int, device: torch.device | str) -> None:
+    Per row, so that a server can report each request's acceptance; the sums over rows are the
+    batch's statistics. A row's counters restart when it joins (`reset(rows)`).
+    """
+
+    def __init__(self, batch_size: int, k_max: int, device: torch.device | str) -> None:
+        B, K = batch_size, max(k_max, 1)
         self.steps = torch.zeros((), dtype=torch.long, device=device)  # steps in which some row was active
-        self.row_steps = torch.zeros((), dtype=torch.long, device=device)
-        self.step_tokens = torch.zeros((), dtype=torch.long, device=device)
-        self.accepted = torch.zeros(max(k_max, 1), dtype=torch.long, device=device)  # per draft position
-        self._j = torch.arange(1, max(k_max, 1) + 1, device=device)
+        self.row_steps = torch.zeros(B, dtype=torch.long, device=device)
+        self.step_tokens = torch.zeros(B, dtype=torch.long, device=device)
+        self.accepted = torch.zeros(B, K, dtype=torch.long, device=device)  # per draft position
+        self._j = torch.arange(1, K + 1, device=device)
 
-    def reset(self) -> None:
-        for t in (self.steps, self.row_steps, self.step_tokens, self.accepted):
-            t.zero_()
+    def reset(self, rows: Tensor | None = None) -> None:
+        """Zero every counter (rows=None) or the counters of rows (n,)."""
+        if rows is None:
+            for t in (self.steps, self.row_steps, self.step_tokens, self.accepted):
+                t.zero_()
+        else:
+            for t in (self.row_steps, self.step_tokens, self.accepted):
+                t[rows] = 0
 
     def step(self, active: Tensor, emitted: Tensor, n_accepted: Tensor | None = None) -> None:
         """Record one step: active (B,) rows, emitted (B,) tokens each, n_accepted (B,) drafts each."""
         self.steps.add_(active.any().long())
-        self.row_steps.add_(active.sum())
-        self.step_tokens.add_(torch.where(active, emitted, 0).sum())
+        self.row_steps.add_(active.long())
+        self.step_tokens.add_(torch.where(active, emitted, 0))
         if n_accepted is not None:
-            self.accepted.add_(((n_accepted[:, None] >= self._j) & active[:, None]).sum(0))
+            self.accepted.add_(((n_accepted[:, None] >= self._j) & active[:, None]).long())
+
+    def totals(self) -> Tensor:
+        """(3 + K,): steps, row steps, step tokens and accepted per position, summed over rows (no sync)."""
+        return torch.cat([self.steps[None], self.row_steps.sum()[None], self.step_tokens.sum()[None], self.accepted.sum(0)])
+
+    def rows(self, rows: Tensor) -> Tensor:
+        """(n, 2 + K): row steps, step tokens and accepted per position of rows (n,) (no sync)."""
+        return torch.cat([self.row_steps[rows, None], self.step_tokens[rows, None], self.accepted[rows]], 1)
 
     def read(self, k: int) -> tuple[int, int, int, list[int]]:
         """(steps, row_steps, step_tokens, accepted per position for the first k positions): one sync."""
-        vals = torch.cat([self.steps[None], self.row_steps[None], self.step_tokens[None], self.accepted]).tolist()
+        vals = self.totals().tolist()
         return vals[0], vals[1], vals[2], vals[3 : 3 + k]
 
 
@@ -136,16 +200,17 @@ class DecodeState:
         self.device = dev
         self.cache = KVCache.for_model(cfg, B, L + scratch, dtype, dev)
         self.emitter = Emitter(B, L, scratch, dev)
-        self.tally = Tally(k, dev)
+        self.tally = Tally(B, k, dev)
         self.x = torch.zeros(B, dtype=torch.long, device=dev)  # the pending token (emitted, not yet in the cache)
         self.drafts = torch.zeros(B, k, dtype=torch.long, device=dev)
         self.qd: Tensor | None = None  # (B, k, V) draft distributions, allocated when sampling losslessly
         self.lq: Tensor | None = None  # (B, k, V) draft logits a tree is built from
-        self.at = torch.zeros(B, dtype=torch.long, device=dev)  # fed index the next drafts come from
         self.rand = torch.zeros(B, rand_width, device=dev)
-        self.emitted = torch.zeros(B, scratch, dtype=torch.long, device=dev)
-        self.taken = torch.zeros(B, dtype=torch.long, device=dev)
-        self.lengths = torch.zeros(B, dtype=torch.long, device=dev)
+        # Sampling settings per row (sampling.RowSampling reads them): a step reads them by
+        # address, so rows with different settings share one compiled step and one CUDA graph.
+        self.temperature = torch.zeros(B, device=dev)
+        self.top_k = torch.zeros(B, dtype=torch.long, device=dev)
+        self.top_p = torch.ones(B, device=dev)
         self.hbuf: Tensor | None = None  # sequential drafter: h^0 per position (B, S, C)
         self.seq: Tensor | None = None  # sequential drafter: token per position (B, S + k + 1)
         if model.mtp is not None and not model.mtp.drafts_from_verify:
@@ -163,9 +228,37 @@ class DecodeState:
             self.lq = torch.zeros(self.batch_size, max(k, 1), self.V, device=self.device,
                                   dtype=self.cache.k.dtype)
 
+    def set_sampling(self, rows: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor) -> None:
+        """Sampling settings of rows (n,): temperature (0 = greedy), top-k (0 = all), top-p (1 = all)."""
+        self.temperature[rows] = temperature.to(self.temperature.dtype)
+        self.top_k[rows] = top_k.long()
+        self.top_p[rows] = top_p.to(self.top_p.dtype)
+
+    def row_tensors(self) -> dict[str, Tensor]:
+        """Every buffer with one entry per row along dim 0, by name (the KV cache's are per layer first)."""
+        ts = dict(pos=self.cache.pos, out=self.emitter.out, budget=self.emitter.budget, count=self.emitter.count,
+                  done=self.emitter.done, eos=self.emitter.eos, row_steps=self.tally.row_steps,
+                  step_tokens=self.tally.step_tokens, accepted=self.tally.accepted, x=self.x, drafts=self.drafts,
+                  temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
+        return ts | {n: t for n, t in (("qd", self.qd), ("lq", self.lq), ("hbuf", self.hbuf), ("seq", self.seq))
+                     if t is not None}
+
+    def copy_rows(self, src: "DecodeState", src_rows: Tensor, dst_rows: Tensor, width: int) -> None:
+        """Copy rows of another state of the same model (a prefill pass run apart) into rows here.
+
+        Args:
+            src: the state the rows were prefilled in (its optional buffers a subset of these).
+            src_rows, dst_rows: (n,) row indices there and here.
+            width: cache slots to copy (the prefill's padded prompt width; later slots are dead).
+        """
+        mine = self.row_tensors()
+        for name, theirs in src.row_tensors().items():
+            mine[name][dst_rows] = theirs[src_rows]
+        for a, b in ((self.cache.k, src.cache.k), (self.cache.v, src.cache.v)):
+            a[:, dst_rows, :, :width] = b[:, src_rows, :, :width]
+
     def small_tensors(self) -> list[Tensor]:
         """The loop state a warm-up or capture run may change and must give back (not the big buffers)."""
         ts = [self.cache.pos, self.emitter.budget, self.emitter.count, self.emitter.done, self.tally.steps,
-              self.tally.row_steps, self.tally.step_tokens, self.tally.accepted, self.x, self.drafts, self.at,
-              self.rand, self.emitted, self.taken]
+              self.tally.row_steps, self.tally.step_tokens, self.tally.accepted, self.x, self.drafts, self.rand]
         return ts + [t for t in (self.qd, self.lq) if t is not None]

@@ -43,9 +43,6 @@ class Strategy:
         self.model, self.state, self.s = model, state, s
         self.L = model.config.max_seq_len
 
-    def rand_width(self) -> int:
-        return 1
-
     def _prompt_pass(self, idx: Tensor, lengths: Tensor, n_heads: int) -> tuple[Tensor, Tensor, list[Tensor]]:
         """Prompt pass (right-padded, any width); returns (logits at each row's last token (B, V), last, states)."""
         st, B, T = self.state, idx.shape[0], idx.shape[1]
@@ -58,8 +55,7 @@ class Strategy:
         st = self.state
         x = sample(logits, self.s, st.rand[:, 0])
         st.x.copy_(x)
-        st.emitted[:, :1].copy_(x[:, None])
-        st.taken.copy_(st.emitter.push(x[:, None], torch.ones_like(x)))
+        st.emitter.push(x[:, None], torch.ones_like(x))
 
     def _commit(self, emitted: Tensor, n: Tensor) -> None:
         """Emit n+1 tokens per row (B, q'), count them, advance each unfinished row's cache."""
@@ -68,8 +64,6 @@ class Strategy:
         taken = st.emitter.push(emitted, n + 1)
         st.tally.step(active, taken, n if self.k else None)
         st.cache.pos.add_(torch.where(st.emitter.done, 0, n + 1))
-        st.emitted[:, : emitted.shape[1]].copy_(emitted)
-        st.taken.copy_(taken)
 
 
 class Plain(Strategy):
@@ -94,8 +88,6 @@ class Plain(Strategy):
         st.tally.step(active, taken)
         st.cache.pos.add_(active.long())
         st.x.copy_(y)
-        st.emitted[:, :1].copy_(y[:, None])
-        st.taken.copy_(taken)
 
 
 class _Drafting(Strategy):
@@ -140,9 +132,6 @@ class Chain(_Drafting):
         self.key = ("chain", k, typical, s)
         self._ar = torch.arange(self.q, device=state.device)
 
-    def rand_width(self) -> int:
-        return 2 * self.k + 1
-
     def step(self) -> None:
         st, model, k, s = self.state, self.model, self.k, self.s
         drafts = st.drafts[:, :k]
@@ -183,9 +172,6 @@ class Tree(_Drafting):
         if isinstance(tree, StaticTree):  # a static tree's shape never changes: its ancestors once
             parent = tree.tensors(dev)[0].expand(B, -1)
             self._anc = ancestors(parent, self.k)
-
-    def rand_width(self) -> int:
-        return self.q
 
     def step(self) -> None:
         st, model, k, N, s = self.state, self.model, self.k, self.q, self.s

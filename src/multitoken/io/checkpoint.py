@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import re
-import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,11 +29,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from multitoken.config import ModelConfig, from_dict
+from multitoken.config import _FAMILY_DEFAULTS, ModelConfig, from_dict
 from multitoken.errors import UserError
 from multitoken.io.checkpoint_state import check_checkpoint
 from multitoken.io.outdir import SAFETENSORS_TMP, atomic_write, remove_temporaries, temporary_pattern, write_json
 from multitoken.model import Transformer
+
+log = logging.getLogger(__name__)
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
 
@@ -112,7 +114,8 @@ def complete_model_config(data: Any, where: str | Path) -> ModelConfig:
     """A `ModelConfig` from a run's record of it, which must name every field: a missing key would
     silently take a default (another eos_id, rope_theta, ...) and change every output."""
     if isinstance(data, dict):
-        missing = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in data]
+        # every field but those of newer families, which `to_dict` leaves out at their defaults
+        missing = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in data and f.name not in _FAMILY_DEFAULTS]
         if missing:
             raise UserError(f"{where}: the model config lacks {', '.join(missing)}: restore the file (a training run's "
                             f"checkpoints/step_*/state.json holds a copy) or re-create the run")
@@ -299,7 +302,7 @@ def load_latest_checkpoint(run_dir: str | Path, warn: Callable[[str], None] | No
     Raises:
         UserError: no checkpoint of the run loads (the message names the newest one's damage).
     """
-    warn = warn or (lambda msg: print(msg, file=sys.stderr))
+    warn = warn or log.warning
     root = Path(run_dir) / CHECKPOINTS_DIR
     if not (root / LATEST_FILE).is_file():
         return None

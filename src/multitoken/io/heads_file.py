@@ -15,12 +15,12 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from multitoken.config import HeadsConfig, ModelConfig, from_dict
+from multitoken.config import HeadsConfig
 from multitoken.errors import UserError
 from multitoken.io.checkpoint import load_run, read_safetensors
-from multitoken.io.hf import build_model, limit_context
 from multitoken.io.outdir import atomic_write
 from multitoken.model import Transformer
+from multitoken.model.build import build_model, limit_context
 
 HEADS_FORMAT = "multitoken-heads/1"
 
@@ -72,15 +72,22 @@ def attach_heads(run_dir: str | Path, heads_file: str | Path, max_seq_len: int |
 
     Refuses heads trained on another backbone (fingerprints differ) in one line.
     """
-    meta = heads_info(heads_file)
     base, tok = load_run(run_dir)
+    model = attach_heads_to(base, heads_file, str(run_dir))
+    return (limit_context(model, max_seq_len) if max_seq_len else model), tok
+
+
+def attach_heads_to(base: Transformer, heads_file: str | Path, run_dir: str = "the model") -> Transformer:
+    """`base` (a plain model, in memory) with the heads of `heads_file` on it: a new model, same checks
+    as `attach_heads`."""
+    meta = heads_info(heads_file)
     if base.mtp is not None:
         raise UserError(f"{run_dir} already has {base.config.heads} heads: attach heads to a plain model")
     if meta.get("backbone_sha256") != backbone_fingerprint(base):
         raise UserError(f"{heads_file} was trained on another model than {run_dir}: attach it to the model it was trained on")
     try:
         heads = dataclasses.replace(HeadsConfig.parse(meta.get("heads", "")), medusa_layers=int(meta.get("medusa_layers", "1")))
-        cfg = from_dict(ModelConfig, {**base.config.to_dict(), "heads": dataclasses.asdict(heads)})
+        cfg = base.config.with_heads(heads)
     except (UserError, ValueError):
         raise UserError(f"{heads_file}: damaged metadata (heads {meta.get('heads')!r}, medusa_layers "
                         f"{meta.get('medusa_layers')!r}): write the file again with save_heads") from None
@@ -89,5 +96,25 @@ def attach_heads(run_dir: str | Path, heads_file: str | Path, max_seq_len: int |
         want = {k: tuple(v.shape) for k, v in Transformer(cfg).mtp.state_dict().items()}
     if {k: tuple(v.shape) for k, v in tensors.items()} != want:
         raise UserError(f"{heads_file}: its tensors are not those of {heads} heads on {run_dir}'s model: write the file again with save_heads")
+    device = next(base.parameters()).device
     model = build_model(cfg, {**base.state_dict(), **{"mtp." + k: v for k, v in tensors.items()}}, fresh_heads=False)
-    return (limit_context(model, max_seq_len) if max_seq_len else model), tok
+    return model.to(device)
+
+
+def load_heads_into(model: Transformer, heads_file: str | Path) -> None:
+    """Copy the heads of `heads_file` into `model`'s heads (a warm start): the file must hold the
+    same heads spec and have been trained on this backbone; one-line errors otherwise."""
+    meta = heads_info(heads_file)
+    if meta.get("backbone_sha256") != backbone_fingerprint(model):
+        raise UserError(f"{heads_file} was trained on another backbone than this run's --init: give heads trained on it")
+    if model.mtp is None or meta.get("heads") != str(model.config.heads):
+        raise UserError(f"{heads_file} holds {meta.get('heads')} heads, this run trains {model.config.heads}: "
+                        "give --heads as the file's, or another heads file")
+    tensors = read_safetensors(Path(heads_file), "write it again")
+    own = model.mtp.state_dict()
+    if {k: tuple(v.shape) for k, v in tensors.items()} != {k: tuple(v.shape) for k, v in own.items()}:
+        raise UserError(f"{heads_file}: its tensors do not match {model.config.heads} heads on this model: write it again with save_heads")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            own[k].copy_(v.to(own[k].dtype))
+

@@ -39,7 +39,7 @@ Every export's config.json also has a ``multitoken`` dict (``{"format": 1, "head
 from __future__ import annotations
 
 import contextlib
-import sys
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -48,52 +48,98 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from multitoken.config import HeadsConfig, ModelConfig
+from multitoken.config import HeadsConfig, ModelConfig, RopeScaling
 from multitoken.errors import BadValue, UserError
 from multitoken.io import outdir
 from multitoken.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_run, read_json, save_run
 from multitoken.io.outdir import atomic_write, write_json
 from multitoken.model import Transformer
+from multitoken.model.build import build_model, limit_context  # noqa: F401 (moved to model/; re-exported)
 from multitoken.model.heads import family, kinds
 
-SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
-ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM"}
+SUPPORTED_TYPES = ("llama", "qwen2", "mistral", "qwen3", "gemma3_text")
+ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "mistral": "MistralForCausalLM",
+                 "qwen3": "Qwen3ForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 FORMAT_VERSION = 1
+GEMMA = "gemma3_text"
+log = logging.getLogger(__name__)
 
 
 # ---- config ---------------------------------------------------------------------------------------
 
 
-def _rope_theta(hf: dict[str, Any]) -> float:
-    """RoPE base from either layout: transformers 5's ``rope_parameters`` or the older top-level keys."""
+def _rope_scaling(p: dict[str, Any]) -> RopeScaling:
+    """The native `RopeScaling` for one transformers rope dict (``rope_parameters`` or ``rope_scaling``)."""
+    kind = p.get("rope_type", p.get("type")) or "default"
+    keys = {"default": (), "linear": ("factor",),
+            "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+    if kind in keys:
+        lacking = [k for k in keys[kind] if not isinstance(p.get(k), (int, float))]
+        if lacking:
+            raise UserError(f"rope_type {kind!r} needs numbers for {', '.join(lacking)}: fix config.json's rope_parameters")
+        if kind == "default":
+            return RopeScaling()
+        if kind == "linear":
+            return RopeScaling(kind="linear", factor=float(p["factor"]))
+        return RopeScaling(kind="llama3", factor=float(p["factor"]), low_freq_factor=float(p["low_freq_factor"]),
+                           high_freq_factor=float(p["high_freq_factor"]),
+                           original_max_seq_len=int(p["original_max_position_embeddings"]))
+    raise UserError(f"rope scaling {kind!r} is not supported: the native model has plain, linear and llama3 RoPE")
+
+
+def _rope(hf: dict[str, Any]) -> tuple[float, RopeScaling, float]:
+    """(global theta, global scaling, local theta) from transformers 5's ``rope_parameters`` (one dict,
+    or one per layer type as Gemma-3 has) or the older top-level keys."""
     params = hf.get("rope_parameters") or {}
-    scaling = hf.get("rope_scaling") or {}
-    for p in (params, scaling):
-        kind = p.get("rope_type", p.get("type", "default"))
-        if kind not in (None, "default"):
-            raise UserError(f"rope scaling {kind!r} is not supported: only plain RoPE (rope_type 'default') maps onto the native model")
-    theta = params.get("rope_theta", hf.get("rope_theta"))
-    return float(theta) if theta is not None else 10000.0
+    if "full_attention" in params or "sliding_attention" in params:  # per layer type
+        full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+    else:
+        full = {**(hf.get("rope_scaling") or {}), **params}
+        local = {"rope_theta": hf.get("rope_local_base_freq", 10000.0)}
+    if _rope_scaling(local).kind != "default":
+        raise UserError("RoPE scaling on the sliding-window layers is not supported: only the global layers may scale")
+    theta = full.get("rope_theta", hf.get("rope_theta"))
+    return (float(theta) if theta is not None else 10000.0), _rope_scaling(full), float(local.get("rope_theta", 10000.0))
 
 
-def _max_seq_len(hf: dict[str, Any], model_type: str) -> int:
-    """max_position_embeddings, capped to the sliding window where one is configured.
+def _local_layers(hf: dict[str, Any], model_type: str) -> list[int]:
+    """Indices of the sliding-window layers that are in use (Gemma-3 always; Qwen2/3 when enabled)."""
+    layer_types = hf.get("layer_types") or []
+    if model_type in ("qwen2", "qwen3"):
+        if not hf.get("use_sliding_window") and "sliding_attention" not in layer_types:
+            return []
+        n = int(hf["num_hidden_layers"])
+        return [i for i in range(n) if i >= int(hf.get("max_window_layers") or 0)] if not layer_types else \
+            [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+    if model_type == GEMMA:
+        if not layer_types:  # older configs give the pattern: every N-th layer is global
+            every = int(hf.get("sliding_window_pattern") or 6)
+            layer_types = ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(int(hf["num_hidden_layers"]))]
+        return [i for i, t in enumerate(layer_types) if t == "sliding_attention"]
+    return [] if hf.get("sliding_window") is None else list(range(int(hf["num_hidden_layers"])))  # Mistral: every layer
+
+
+def _max_seq_len(hf: dict[str, Any], local: list[int]) -> int:
+    """max_position_embeddings, capped to the sliding window where some layer uses one.
 
     Within the window, sliding-window attention *is* full causal attention, so capping the
     sequence length keeps the model exact instead of approximating a window we do not implement.
     """
     max_pos = int(hf.get("max_position_embeddings") or 2048)
-    window = hf.get("sliding_window")
-    if model_type == "qwen2":
-        layer_types = hf.get("layer_types") or []
-        in_use = bool(hf.get("use_sliding_window")) or "sliding_attention" in layer_types
-        window = window if in_use else None
+    window = hf.get("sliding_window") if local else None
     if window is not None and int(window) < max_pos:
-        print(f"note: sliding_window={window} < max_position_embeddings={max_pos}: max_seq_len capped to {window}, "
-              "where full attention equals the window", file=sys.stderr)
+        log.info("sliding_window=%s < max_position_embeddings=%s: max_seq_len capped to %s, where full attention equals the window",
+                 window, max_pos, window)
         return int(window)
     return max_pos
+
+
+def eos_ids_from_hf(hf: dict[str, Any]) -> list[int]:
+    """Every end-of-sequence id of a config (``eos_token_id`` may be one id or a list)."""
+    eos = hf.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else ([] if eos is None else [eos])
+    return list(dict.fromkeys(int(i) for i in ids))
 
 
 def config_from_hf(hf: dict[str, Any], heads: HeadsConfig | None = None, eos_id: int | None = None) -> ModelConfig:
@@ -102,51 +148,104 @@ def config_from_hf(hf: dict[str, Any], heads: HeadsConfig | None = None, eos_id:
     Args:
         hf: the parsed config.json.
         heads: the MTP heads (default: none).
-        eos_id: the end-of-sequence id (default: the config's ``eos_token_id``, else 0).
+        eos_id: the end-of-sequence id (default: the config's first ``eos_token_id``, else 0); every
+            id of the config's list stops generation (``eos_ids``).
     Returns:
         The config; raises `UserError` naming what is supported for anything it cannot represent.
     """
     model_type = hf.get("model_type")
+    if model_type == "gemma3":
+        raise UserError("model_type 'gemma3' is the multimodal Gemma-3 (vision tower): convert the text model "
+                        "(model_type 'gemma3_text', e.g. gemma-3-270m or gemma-3-1b)")
     if model_type not in SUPPORTED_TYPES:
-        raise UserError(f"model_type {model_type!r} is not supported: convert handles {', '.join(SUPPORTED_TYPES)} (Llama-family) checkpoints")
-    act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise UserError(f"hidden_act {act!r} is not supported: the native MLP is SwiGLU with silu")
-    if model_type != "qwen2" and hf.get("attention_bias"):
+        raise UserError(f"model_type {model_type!r} is not supported: convert handles {', '.join(SUPPORTED_TYPES)} checkpoints")
+    gemma = model_type == GEMMA
+    act = hf.get("hidden_activation") or hf.get("hidden_act") or ("gelu_pytorch_tanh" if gemma else "silu")
+    acts = {"silu": "silu", "gelu_pytorch_tanh": "gelu_tanh"}
+    if act not in acts:
+        raise UserError(f"hidden_act {act!r} is not supported: the native MLP is gated with silu or gelu_pytorch_tanh")
+    if model_type not in ("qwen2",) and hf.get("attention_bias"):
         raise UserError(f"{model_type} with attention_bias=true (bias on o_proj too) is not supported: only q/k/v biases (Qwen2) map")
     if hf.get("mlp_bias"):
         raise UserError("mlp_bias=true is not supported: the native MLP has no biases")
     if int(hf.get("pretraining_tp") or 1) != 1:
         raise UserError("pretraining_tp > 1 is not supported: re-save the checkpoint with pretraining_tp=1")
+    if gemma and hf.get("use_bidirectional_attention"):
+        raise UserError("use_bidirectional_attention=true (EmbeddingGemma) is not supported: convert a causal Gemma-3 model")
     n_heads = int(hf["num_attention_heads"])
     dim = int(hf["hidden_size"])
+    eos_ids = eos_ids_from_hf(hf)
     if eos_id is None:
-        eos = hf.get("eos_token_id")
-        eos_id = int(eos[0] if isinstance(eos, list) else eos) if eos not in (None, []) else 0
+        eos_id = eos_ids[0] if eos_ids else 0
+    stop = list(dict.fromkeys([eos_id, *eos_ids]))  # the document separator first
+    eos_ids = stop if len(stop) > 1 else []
+    theta, scaling, local_theta = _rope(hf)
+    local = _local_layers(hf, model_type)
+    max_seq_len = _max_seq_len(hf, local)
+    head_dim = int(hf.get("head_dim") or dim // n_heads)
     return ModelConfig(
         vocab_size=int(hf["vocab_size"]),
         dim=dim,
         n_layers=int(hf["num_hidden_layers"]),
         n_heads=n_heads,
         n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-        head_dim=int(hf.get("head_dim") or dim // n_heads),
+        head_dim=head_dim,
         intermediate_size=int(hf["intermediate_size"]),
-        max_seq_len=_max_seq_len(hf, model_type),
-        rope_theta=_rope_theta(hf),
+        max_seq_len=max_seq_len,
+        rope_theta=theta,
+        rope_scaling=scaling,
+        # Mistral's and Qwen's windows keep one RoPE base; only Gemma's local layers have their own.
+        local_layers=local if gemma else [],
+        rope_local_theta=local_theta if gemma else 10000.0,
+        sliding_window=max_seq_len if gemma else 0,
         norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),  # the three classes default to untied
+        norm_plus_one=gemma,
+        qk_norm=model_type in ("qwen3", GEMMA),
+        sandwich_norms=gemma,
+        hidden_act=acts[act],
+        scale_embeddings=gemma,
+        attn_scale=float(hf.get("query_pre_attn_scalar") or head_dim) ** -0.5 if gemma else 0.0,
+        # transformers' Gemma-3 attention never applies attn_logit_softcapping; the final cap it does.
+        final_logit_softcap=float(hf.get("final_logit_softcapping") or 0.0),
+        tie_embeddings=bool(hf.get("tie_word_embeddings", gemma)),  # Llama/Qwen/Mistral default to untied, Gemma to tied
         attention_bias=model_type == "qwen2",
         eos_id=eos_id,
+        eos_ids=eos_ids,
         heads=heads or HeadsConfig(),
     )
 
 
+def family_of(cfg: ModelConfig) -> str:
+    """The transformers model type that represents `cfg` (the features decide, not a name)."""
+    if cfg.sandwich_norms:
+        return GEMMA
+    if cfg.qk_norm:
+        return "qwen3"
+    return "qwen2" if cfg.attention_bias else "llama"
+
+
+def _rope_dict(theta: float, s: RopeScaling) -> dict[str, Any]:
+    d: dict[str, Any] = {"rope_type": s.kind, "rope_theta": theta}
+    if s.kind != "default":
+        d["factor"] = s.factor
+    if s.kind == "llama3":
+        d.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor,
+                 original_max_position_embeddings=s.original_max_seq_len)
+    return d
+
+
 def config_to_hf(cfg: ModelConfig, model_type: str, dtype: torch.dtype, bos_id: int | None = None) -> dict[str, Any]:
-    """A config.json dict for `cfg` that transformers reads as `model_type` (heads described too)."""
+    """A config.json dict for `cfg` that transformers reads as `model_type` (heads described too).
+
+    A `model_type` that cannot represent `cfg` (Llama asked for a model with q/k norms, say) gives
+    way to the one that does (`family_of`); Mistral is Llama's layout under another name.
+    """
     if model_type not in SUPPORTED_TYPES:
         raise UserError(f"cannot export as {model_type!r}: choose one of {', '.join(SUPPORTED_TYPES)}")
-    if cfg.attention_bias != (model_type == "qwen2"):
-        model_type = "qwen2" if cfg.attention_bias else "llama"  # only Qwen2 has q/k/v biases without an o bias
+    if family_of(cfg) != (model_type if model_type != "mistral" else "llama"):
+        model_type = family_of(cfg)
+    gemma = model_type == GEMMA
+    eos = cfg.stop_ids
     hf: dict[str, Any] = {
         "architectures": [ARCHITECTURES[model_type]],
         "model_type": model_type,
@@ -157,25 +256,34 @@ def config_to_hf(cfg: ModelConfig, model_type: str, dtype: torch.dtype, bos_id: 
         "num_attention_heads": cfg.n_heads,
         "num_key_value_heads": cfg.n_kv_heads,
         "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
+        ("hidden_activation" if gemma else "hidden_act"): {"silu": "silu", "gelu_tanh": "gelu_pytorch_tanh"}[cfg.hidden_act],
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
-        # Both spellings: transformers 5 reads rope_parameters, older releases rope_theta.
-        "rope_theta": cfg.rope_theta,
-        "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
         "tie_word_embeddings": cfg.tie_embeddings,
-        "eos_token_id": cfg.eos_id,
+        "eos_token_id": eos if len(eos) > 1 else eos[0],
         "bos_token_id": bos_id,
         "torch_dtype": str(dtype).removeprefix("torch."),
         "dtype": str(dtype).removeprefix("torch."),
         "use_cache": True,
     }
+    if gemma:
+        hf.update(rope_parameters={"full_attention": _rope_dict(cfg.rope_theta, cfg.rope_scaling),
+                                   "sliding_attention": _rope_dict(cfg.rope_local_theta, RopeScaling())},
+                  layer_types=["sliding_attention" if i in cfg.local_layers else "full_attention" for i in range(cfg.n_layers)],
+                  sliding_window=cfg.sliding_window or cfg.max_seq_len, attention_bias=False,
+                  query_pre_attn_scalar=round((cfg.attn_scale or cfg.head_dim ** -0.5) ** -2),  # transformers wants an int
+                  final_logit_softcapping=cfg.final_logit_softcap or None, attn_logit_softcapping=None)
+    else:
+        # Both spellings: transformers 5 reads rope_parameters, older releases rope_theta / rope_scaling.
+        hf.update(rope_theta=cfg.rope_theta, rope_parameters=_rope_dict(cfg.rope_theta, cfg.rope_scaling))
+        if cfg.rope_scaling.kind != "default":
+            hf["rope_scaling"] = _rope_dict(cfg.rope_theta, cfg.rope_scaling)
     if model_type == "llama":
         hf.update(attention_bias=False, mlp_bias=False, pretraining_tp=1)
-    elif model_type == "qwen2":
+    elif model_type in ("qwen2", "qwen3"):
         hf.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers,
-                  layer_types=["full_attention"] * cfg.n_layers)
-    else:
+                  layer_types=["full_attention"] * cfg.n_layers, attention_bias=cfg.attention_bias)
+    elif model_type == "mistral":
         hf.update(sliding_window=None)
     h = cfg.heads
     if h.kind != "none":
@@ -261,7 +369,7 @@ def state_from_hf(hf_state: dict[str, torch.Tensor], cfg: ModelConfig, fresh_hea
         unused.append(name)
     if unused:
         raise UserError(f"{len(unused)} weight(s) have no place in a {cfg.heads} model (e.g. {', '.join(sorted(unused)[:3])}): "
-                        "not a plain Llama/Qwen2/Mistral checkpoint or an export of one")
+                        f"not a plain {', '.join(SUPPORTED_TYPES)} checkpoint or an export of one")
     missing = shape.missing_weights([n for n in model_names if n not in out], heads=not fresh_heads)
     if missing:
         raise UserError(f"checkpoint lacks {len(missing)} weight(s) (e.g. {', '.join(missing[:3])}): incomplete or not a Llama-family checkpoint")
@@ -317,33 +425,6 @@ def _config_eos(hf: dict[str, Any]) -> int | None:
     return int(eos) if eos is not None else None
 
 
-def build_model(cfg: ModelConfig, state: dict[str, torch.Tensor], fresh_heads: bool) -> Transformer:
-    """A native model holding `state`; with `fresh_heads`, the heads start from the backbone."""
-    model = Transformer.empty(cfg)
-    model.init_weights()  # RoPE buffers and random head weights, before the real weights land
-    result = model.load_state_dict({k: v.float() for k, v in state.items()}, strict=False)
-    missing = model.missing_weights(result.missing_keys, heads=False)
-    assert not missing and not result.unexpected_keys, (missing, result.unexpected_keys)
-    if fresh_heads:
-        model.init_heads_from_backbone()
-    return model.eval()
-
-
-def limit_context(model: Transformer, max_seq_len: int) -> Transformer:
-    """Shorten the model's context to `max_seq_len` in place (positions below it are unchanged).
-
-    The static KV cache holds ``max_seq_len`` slots and every decoding step attends over all of
-    them (masked), so a pretrained 8k context makes each step of a short generation pay for 8k
-    keys; a context sized to the job (e.g. 1024) keeps the outputs identical and the steps cheap.
-    """
-    if not 1 <= max_seq_len <= model.config.max_seq_len:
-        raise BadValue("max_seq_len", max_seq_len, f"choose between 1 and the model's {model.config.max_seq_len}")
-    model.config.max_seq_len = max_seq_len
-    model.rope_cos = model.rope_cos[:max_seq_len].clone()
-    model.rope_sin = model.rope_sin[:max_seq_len].clone()
-    return model
-
-
 def _resolve_heads(stored: HeadsConfig, asked: HeadsConfig | None, where: str) -> tuple[HeadsConfig, bool]:
     """(heads, fresh): the folder's own heads, or new ones when it has none."""
     if stored.kind != "none":
@@ -353,9 +434,62 @@ def _resolve_heads(stored: HeadsConfig, asked: HeadsConfig | None, where: str) -
     return (asked or HeadsConfig()), bool(asked and asked.kind != "none")
 
 
+def load_hf(hf_dir: str | Path, heads: HeadsConfig | None = None, tokenizer: str | None = None,
+            max_seq_len: int | None = None) -> tuple[Transformer, Any, dict[str, Any]]:
+    """The native model (fp32, eval mode) and tokenizer of a local Hugging Face folder, in memory.
+
+    Args:
+        hf_dir: folder with config.json, safetensors weights and tokenizer files (an export of ours too).
+        heads, tokenizer, max_seq_len: as for `convert_hf`.
+    Returns:
+        (model, tokenizer, config.json dict).
+    """
+    hf_dir = Path(hf_dir)
+    if not (hf_dir / "config.json").is_file():
+        raise UserError(f"{hf_dir} has no config.json: point --hf at a Hugging Face model folder (or use --gguf for a .gguf file)")
+    hf = read_json(hf_dir / "config.json")
+    if not isinstance(hf, dict):
+        raise UserError(f"{hf_dir / 'config.json'} holds {type(hf).__name__}, not an object: restore the model folder's config.json")
+    gen = hf_dir / "generation_config.json"
+    with _config_errors(hf_dir / "config.json"):
+        if gen.is_file():  # instruct models list their end-of-turn ids there (Llama-3.x, Gemma-3)
+            hf = {**hf, "eos_token_id": list(dict.fromkeys(eos_ids_from_hf(hf) + eos_ids_from_hf(read_json(gen))))}
+    state = read_safetensors_folder(hf_dir)
+    with _config_errors(hf_dir / "config.json"):
+        model_heads, fresh = _resolve_heads(heads_from_hf(hf), heads, str(hf_dir))
+        eos = _config_eos(hf)
+    tok = _load_tokenizer(hf_dir, eos, tokenizer)
+    with _config_errors(hf_dir / "config.json"):
+        cfg = config_from_hf(hf, model_heads, eos_id=tok.eos_id)
+    model = build_model(cfg, state_from_hf(state, cfg, fresh), fresh)
+    if max_seq_len:
+        limit_context(model, max_seq_len)
+    hf["_all_bf16"] = all(t.dtype == torch.bfloat16 for t in state.values() if t.is_floating_point())
+    return model, tok, hf
+
+
+def from_transformers(hf_model, heads: HeadsConfig | None = None) -> Transformer:
+    """The native model (fp32, eval mode, on the same device) of a loaded transformers model, in memory.
+
+    No folder is written or read: the config maps through `config_from_hf` and the weights by
+    name (`state_from_hf`), so a model someone already holds decodes with our engine and heads.
+
+    Args:
+        hf_model: a transformers ``*ForCausalLM`` of a supported family.
+        heads: fresh heads to add (initialised from the backbone); default none.
+    """
+    if not hasattr(hf_model, "config") or not hasattr(hf_model, "state_dict"):
+        raise UserError(f"{type(hf_model).__name__} is not a transformers model: give an AutoModelForCausalLM")
+    hf = hf_model.config.to_dict()
+    model_heads, fresh = _resolve_heads(heads_from_hf(hf), heads, type(hf_model).__name__)
+    cfg = config_from_hf(hf, model_heads)
+    device = next(hf_model.parameters()).device
+    return build_model(cfg, state_from_hf(hf_model.state_dict(), cfg, fresh), fresh).to(device)
+
+
 def convert_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None, heads: HeadsConfig | None = None,
                tokenizer: str | None = None, max_seq_len: int | None = None) -> Path:
-    """Convert a local Hugging Face Llama / Qwen2 / Mistral folder (safetensors) into a run directory.
+    """Convert a local Hugging Face folder (safetensors; any of `SUPPORTED_TYPES`) into a run directory.
 
     Args:
         hf_dir: folder with config.json, safetensors weights and tokenizer files.
@@ -370,23 +504,9 @@ def convert_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None, he
     """
     hf_dir = Path(hf_dir)
     outdir.check(out, "convert")  # before the slow part: a folder holding someone else's files is refused
-    if not (hf_dir / "config.json").is_file():
-        raise UserError(f"{hf_dir} has no config.json: point --hf at a Hugging Face model folder (or use --gguf for a .gguf file)")
-    hf = read_json(hf_dir / "config.json")
-    if not isinstance(hf, dict):
-        raise UserError(f"{hf_dir / 'config.json'} holds {type(hf).__name__}, not an object: restore the model folder's config.json")
-    state = read_safetensors_folder(hf_dir)
-    with _config_errors(hf_dir / "config.json"):
-        model_heads, fresh = _resolve_heads(heads_from_hf(hf), heads, str(hf_dir))
-        eos = _config_eos(hf)
-    tok = _load_tokenizer(hf_dir, eos, tokenizer)
-    with _config_errors(hf_dir / "config.json"):
-        cfg = config_from_hf(hf, model_heads, eos_id=tok.eos_id)
+    model, tok, hf = load_hf(hf_dir, heads, tokenizer, max_seq_len)
     if dtype is None:
-        dtype = "bf16" if all(t.dtype == torch.bfloat16 for t in state.values() if t.is_floating_point()) else "fp32"
-    model = build_model(cfg, state_from_hf(state, cfg, fresh), fresh)
-    if max_seq_len:
-        limit_context(model, max_seq_len)
+        dtype = "bf16" if hf["_all_bf16"] else "fp32"
     return _save(model, tok, out, dtype, source={"format": "hf", "path": str(hf_dir.resolve()), "model_type": hf["model_type"]})
 
 
@@ -486,7 +606,8 @@ def export_hf(run_dir: str | Path, out: str | Path, model_type: str | None = Non
     state = state_to_hf(model)
     atomic_write(out / "model.safetensors", lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
     write_json(out / "config.json", config_to_hf(model.config, mt, dtype, bos))
-    write_json(out / "generation_config.json", {"eos_token_id": model.config.eos_id, "bos_token_id": bos})
+    eos = model.config.stop_ids
+    write_json(out / "generation_config.json", {"eos_token_id": eos if len(eos) > 1 else eos[0], "bos_token_id": bos})
     if tok is not None:
         tok.save(out)
     return out

@@ -52,6 +52,7 @@ KINDS = {
     "features": "a backbone feature set of `multitoken retrofit`",
     "ablate": "a study folder of `multitoken ablate`",
     "bench": "a results folder of `multitoken bench`",
+    "results": "a results folder of `multitoken ablate --results`",
 }
 BENCH_FILES = ("decode.json", "decode.png", "train.json", "train.png")
 # (parent kind, kind): folders a command nests inside its own; any other --out inside a folder of ours is refused.

@@ -1,37 +1,85 @@
-"""The transformer's building blocks: RMSNorm, RoPE, attention, SwiGLU MLP and the pre-norm block.
+"""The transformer's building blocks: RMSNorm, RoPE, attention, gated MLP and the pre-norm block.
 
 Parameter names follow Hugging Face's Llama layout one to one (``self_attn.q_proj``,
 ``mlp.gate_proj``, ``input_layernorm``, ...), so Llama-family checkpoints map by renaming alone.
+The variants of newer families are config switches, named as transformers names their weights:
+Qwen3's and Gemma-3's ``self_attn.{q,k}_norm``, Gemma's (1 + w) RMSNorm, its GeGLU MLP and its
+``pre_/post_feedforward_layernorm``, and Llama-3.1's RoPE scaling (`rope_tables`).
 Every block also has a cached path (`Block.cached`) that writes its keys and values into its own
 layer of a static `KVCache`.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from multitoken.config import ModelConfig
+from multitoken.config import ModelConfig, RopeScaling
 from multitoken.model.kv_cache import KVCache
 
 
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+    """RMSNorm; with `plus_one` Gemma's form, which scales by (1 + weight) and keeps weight at 0."""
+
+    def __init__(self, dim: int, eps: float = 1e-5, plus_one: bool = False) -> None:
         super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.plus_one = eps, plus_one
+        self.weight = nn.Parameter(torch.zeros(dim) if plus_one else torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        # Normalise in float32 and scale in the input dtype, as Hugging Face's Llama does (parity).
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            # Gemma scales in float32 and casts after ((x * w).to(dtype)), Llama the other way round.
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        # Normalise in float32 and scale in the input dtype, as Hugging Face's Llama does (parity).
         return self.weight * xf.to(x.dtype)
 
+    def reset_parameters(self) -> None:
+        """The identity scale: 1, or 0 for the (1 + weight) form."""
+        nn.init.zeros_(self.weight) if self.plus_one else nn.init.ones_(self.weight)
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
+
+class ScaledEmbedding(nn.Embedding):
+    """Token embedding times `scale` in the weight's dtype (Gemma's sqrt(dim)); a tied LM head reads
+    the unscaled matrix, as in Gemma."""
+
+    def __init__(self, num: int, dim: int, scale: float = 1.0) -> None:
+        super().__init__(num, dim)
+        self.scale = scale
+
+    def forward(self, idx: Tensor) -> Tensor:
+        out = super().forward(idx)
+        if self.scale == 1.0:
+            return out
+        return out * torch.tensor(self.scale, dtype=self.weight.dtype, device=out.device)
+
+
+def _scaled_inv_freq(inv_freq: Tensor, s: RopeScaling) -> Tensor:
+    """Frequencies under `s`, as transformers' ``linear`` and ``llama3`` rope types compute them."""
+    if s.kind == "linear":
+        return inv_freq / s.factor
+    if s.kind != "llama3":
+        return inv_freq
+    low_wavelen = s.original_max_seq_len / s.low_freq_factor
+    high_wavelen = s.original_max_seq_len / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    # Between the two wavelengths, blend the scaled and the original frequency.
+    smooth = (s.original_max_seq_len / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    blended = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+    return torch.where(medium, blended, scaled)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, scaling: RopeScaling | None = None) -> tuple[Tensor, Tensor]:
     """(S, Dh) cos and sin for the half-split ("rotate_half") RoPE convention of Hugging Face."""
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    if scaling is not None:
+        inv_freq = _scaled_inv_freq(inv_freq, scaling)
     freqs = torch.outer(torch.arange(max_seq_len, dtype=torch.float32), inv_freq)  # (S, Dh/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (S, Dh)
     return emb.cos(), emb.sin()
@@ -52,12 +100,17 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.scale = cfg.attn_scale or None  # None: SDPA's own 1/sqrt(head_dim)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
+            self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
+        self.qk_norm = cfg.qk_norm
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         """Causal self-attention over x (B, T, C) alone (training, evaluation)."""
         B, T, _ = x.shape
         q, k, v = self._qkv(x, cos, sin)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads, scale=self.scale)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -65,6 +118,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        if self.qk_norm:  # per head, before RoPE (Qwen3, Gemma-3)
+            q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def cached(self, x: Tensor, cos: Tensor, sin: Tensor, kl: Tensor, vl: Tensor, rows: Tensor, slots: Tensor,
@@ -87,31 +142,47 @@ class Attention(nn.Module):
         # length, (B, Hkv, rep*q, Dh), so every kernel sees plain multi-head attention and no KV
         # head is copied (head h reads KV head h // rep, as Hugging Face's repeat_kv does).
         qf = q.reshape(B, self.n_kv_heads, -1, self.head_dim)
-        y = F.scaled_dot_product_attention(qf, kl[:, :, :live].to(q.dtype), vl[:, :, :live].to(q.dtype), attn_mask=bias)
+        y = F.scaled_dot_product_attention(qf, kl[:, :, :live].to(q.dtype), vl[:, :, :live].to(q.dtype), attn_mask=bias,
+                                           scale=self.scale)
         y = y.reshape(B, self.n_heads, T, self.head_dim)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
+    """Gated MLP: SwiGLU, or GeGLU with tanh-approximated GELU (Gemma's gelu_pytorch_tanh)."""
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        self.gelu = cfg.hidden_act == "gelu_tanh"
         self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        g = self.gate_proj(x)
+        return self.down_proj((F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)) * self.up_proj(x))
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; `layer` is its index into the KV cache."""
+    """Pre-norm transformer block; `layer` is its index into the KV cache.
+
+    A block of a local (sliding-window) layer takes the second pair of RoPE tables when the model
+    passes two (`Transformer.rope`); with `sandwich_norms` the attention and MLP outputs are
+    normalised before they join the residual stream (Gemma-3).
+    """
 
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
         self.layer = layer
-        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.local = layer in cfg.local_layers
+        eps, one = cfg.norm_eps, cfg.norm_plus_one
+        self.input_layernorm = RMSNorm(cfg.dim, eps, one)
         self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, eps, one)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = RMSNorm(cfg.dim, eps, one)
+            self.post_feedforward_layernorm = RMSNorm(cfg.dim, eps, one)
         self.mlp = MLP(cfg)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
@@ -122,12 +193,23 @@ class Block(nn.Module):
             # The decoding runner may swap in a compiled `cached` (one compilation serves every block).
             fn = cache.block_fn or Block.cached
             bias = cache.attention_bias(mask, self.self_attn.n_heads // self.self_attn.n_kv_heads, x.dtype)
-            return fn(self, x, rope[0], rope[1], cache.k[layer], cache.v[layer], cache._rows, slots, bias)
-        x = x + self.self_attn(self.input_layernorm(x), *rope)
+            cos, sin = self._rope(rope)
+            return fn(self, x, cos, sin, cache.k[layer], cache.v[layer], cache._rows, slots, bias)
+        return self._mlp(self._residual_attn(x, self.self_attn(self.input_layernorm(x), *self._rope(rope))))
+
+    def _rope(self, rope: tuple[Tensor, ...]) -> tuple[Tensor, Tensor]:
+        return (rope[2], rope[3]) if self.local and len(rope) == 4 else (rope[0], rope[1])
+
+    def _residual_attn(self, x: Tensor, attn: Tensor) -> Tensor:
+        return x + (self.post_attention_layernorm(attn) if self.sandwich else attn)
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        if self.sandwich:
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         return x + self.mlp(self.post_attention_layernorm(x))
 
     def cached(self, x: Tensor, cos: Tensor, sin: Tensor, kl: Tensor, vl: Tensor, rows: Tensor, slots: Tensor,
                bias: Tensor) -> Tensor:
         """The block over new tokens x (B, q, C) with this block's cache buffers (see `Attention.cached`)."""
-        x = x + self.self_attn.cached(self.input_layernorm(x), cos, sin, kl, vl, rows, slots, bias)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attn = self.self_attn.cached(self.input_layernorm(x), cos, sin, kl, vl, rows, slots, bias)
+        return self._mlp(self._residual_attn(x, attn))

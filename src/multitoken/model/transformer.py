@@ -24,7 +24,7 @@ from multitoken.config import ModelConfig
 from multitoken.errors import UserError
 from multitoken.model.heads import BackboneStates, HeadFamily, SharedModules, build_heads, default_loss_weights
 from multitoken.model.kv_cache import KVCache
-from multitoken.model.layers import Block, RMSNorm, rope_tables
+from multitoken.model.layers import Block, RMSNorm, ScaledEmbedding, rope_tables
 
 
 class Transformer(nn.Module):
@@ -39,16 +39,15 @@ class Transformer(nn.Module):
         if not isinstance(config, ModelConfig):
             raise UserError(f"Transformer needs a ModelConfig (e.g. ModelConfig.from_preset('tiny')), not {type(config).__name__}")
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.dim)
+        self.embed_tokens = ScaledEmbedding(config.vocab_size, config.dim, config.dim ** 0.5 if config.scale_embeddings else 1.0)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
-        self.norm = RMSNorm(config.dim, config.norm_eps)
+        self.norm = RMSNorm(config.dim, config.norm_eps, config.norm_plus_one)
         self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp: HeadFamily | None = build_heads(config)
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        for name, table in zip(self._rope_names(), self._rope_tables()):
+            self.register_buffer(name, table, persistent=False)
         self.init_weights()
 
     @classmethod
@@ -68,6 +67,17 @@ class Transformer(nn.Module):
         return SharedModules(self.embed_tokens, self.norm, self.lm_head)
 
     # ---- construction -------------------------------------------------------------------
+    def _rope_names(self) -> list[str]:
+        """The RoPE buffers: the global layers' pair, and the local layers' pair when there are local layers."""
+        return ["rope_cos", "rope_sin"] + (["rope_local_cos", "rope_local_sin"] if self.config.local_layers else [])
+
+    def _rope_tables(self) -> list[Tensor]:
+        c = self.config
+        tables = list(rope_tables(c.head_dim, c.max_seq_len, c.rope_theta, c.rope_scaling))
+        if c.local_layers:
+            tables += rope_tables(c.head_dim, c.max_seq_len, c.rope_local_theta)
+        return tables
+
     def init_weights(self) -> None:
         """Llama-style init: N(0, 0.02), output projections scaled by 1/sqrt(2L), norms at 1."""
         std, out_std = 0.02, 0.02 / math.sqrt(2 * self.config.n_layers)
@@ -78,20 +88,26 @@ class Transformer(nn.Module):
                 nn.init.normal_(p, std=out_std)
             else:
                 nn.init.normal_(p, std=std)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.reset_parameters()  # Gemma's (1 + w) norms start at 0, not 1
         if self.mtp is not None:
             self.mtp.reset_parameters(self.shared)
         self.init_buffers()
 
     def init_buffers(self) -> None:
         """Recompute the RoPE tables (after ``to_empty`` from the meta device, say)."""
-        cos, sin = rope_tables(self.config.head_dim, self.config.max_seq_len, self.config.rope_theta)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        for name, table in zip(self._rope_names(), self._rope_tables()):
+            getattr(self, name).copy_(table)
 
-    def init_heads_from_backbone(self) -> None:
-        """Start the heads from the backbone's weights (heads added to a pretrained model)."""
+    def init_heads_from_backbone(self, pass_through: bool = False) -> None:
+        """Start the heads from the backbone's weights (heads added to a pretrained model); with
+        `pass_through`, their input projections start by passing the hidden state on
+        (`HeadFamily.pass_hidden_through`)."""
         if self.mtp is not None:
             self.mtp.init_from_backbone(self.shared, self.layers[-1])
+            if pass_through:
+                self.mtp.pass_hidden_through()
 
     def backbone_parameters(self) -> list[nn.Parameter]:
         """Parameters of the main model (everything but the MTP heads)."""
@@ -130,11 +146,14 @@ class Transformer(nn.Module):
         return default_loss_weights(self.config.heads.kind, self.depth)
 
     # ---- pieces that decoding and retrofitting reuse ----------------------------------------
-    def rope(self, input_pos: Tensor) -> tuple[Tensor, Tensor]:
-        """Angles for positions (B, T) or (T,), shaped to broadcast over heads: (B|1, 1, T, Dh)."""
+    def rope(self, input_pos: Tensor) -> tuple[Tensor, ...]:
+        """Angles for positions (B, T) or (T,), shaped to broadcast over heads: (B|1, 1, T, Dh).
+
+        Returns (cos, sin), or (cos, sin, local_cos, local_sin) for a model with local layers
+        (each block picks its pair)."""
         if input_pos.dim() == 1:
             input_pos = input_pos[None]
-        return self.rope_cos[input_pos][:, None], self.rope_sin[input_pos][:, None]
+        return tuple(getattr(self, name)[input_pos][:, None] for name in self._rope_names())
 
     def run_layers(self, x: Tensor, start: int, end: int, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
                    slots: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
@@ -172,7 +191,9 @@ class Transformer(nn.Module):
 
     def logits(self, h: Tensor, depth: int = 0) -> Tensor:
         """Logits (..., V) for hidden states of depth `depth` as `forward` returns them."""
-        return F.linear(h, self.unembed_weight(depth))
+        logits = F.linear(h, self.unembed_weight(depth))
+        cap = self.config.final_logit_softcap
+        return logits if not cap else torch.tanh(logits / cap) * cap
 
     # ---- forward --------------------------------------------------------------------------
     def forward(self, idx: Tensor, *, cache: KVCache | None = None, input_pos: Tensor | None = None,

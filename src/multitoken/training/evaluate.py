@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from multitoken.errors import BadValue, UserError
-from multitoken.training.loss import IGNORE_INDEX, MTPLoss, shift_targets
+from multitoken.training.loss import IGNORE_INDEX, MTPLoss, shift_targets, split_batch
 
 
 @dataclass
@@ -102,20 +102,26 @@ def accepted_runs(main: Tensor, drafts: list[Tensor]) -> Tensor:
     return run
 
 
-def simulate_steps(run: Tensor, depth: int) -> tuple[int, int, list[int]]:
+def simulate_steps(run: Tensor, depth: int, written: Tensor | None = None) -> tuple[int, int, list[int]]:
     """Walk each row as decoding would: at i emit 1 + run[i] tokens, jump there.
 
     Args:
         run: (B, T) from `accepted_runs`.
         depth: D; steps are taken while i + D < T.
+        written: optional (B, T) bool, whether token i+1 is one the model writes (the loss mask
+            shifted by one); a position whose next token is a prompt's is stepped over uncounted.
     Returns:
         (tokens emitted, steps, per-k count of steps where draft k was accepted).
     """
     tokens, steps, accepted = 0, 0, [0] * depth
     T = run.shape[1]
-    for row in run.tolist():
+    rows = written.tolist() if written is not None else [None] * run.shape[0]
+    for row, wrote in zip(run.tolist(), rows):
         i = 0
         while i + depth < T:
+            if wrote is not None and not wrote[i]:
+                i += 1
+                continue
             r = row[i]
             tokens += 1 + r
             steps += 1
@@ -142,7 +148,7 @@ def eval_stats(model, windows: Iterable[Tensor], eos_id: int | None, device: tor
     Args:
         model: a Transformer (or anything with ``__call__(idx) -> [main, d1..dD]``, ``depth`` and
             ``unembed_weight(k)``); FSDP2 models are called as they are.
-        windows: (B, T+1) token batches.
+        windows: (B, T+1) token batches, or (tokens, loss mask) pairs (`loss.split_batch`).
         eos_id: document separator (targets never cross it).
         device: where to run; default the model's.
         autocast: a context factory wrapping the forward pass (bf16 autocast on GPU).
@@ -152,15 +158,18 @@ def eval_stats(model, windows: Iterable[Tensor], eos_id: int | None, device: tor
         device = next(model.parameters()).device
     loss_fn = MTPLoss(D, weights=[1.0] * (D + 1), eos_id=eos_id)
     stats = EvalStats.zeros(D)
-    for window in windows:
+    for batch in windows:
+        window, mask = split_batch(batch)
         window = window.to(device)
+        mask = None if mask is None else mask.to(device)
         with autocast():
             hiddens = model(window[:, :-1])  # D+1 x (B, T, C)
-            out = loss_fn(model, hiddens, window)
+            out = loss_fn(model, hiddens, window, loss_mask=mask)
             B, T = window.shape[0], window.shape[1] - 1
             argmax = [_argmax_rows(h.flatten(0, 1), model.unembed_weight(k)).view(B, T) for k, h in enumerate(hiddens)]
         count = out.per_depth_count.double().cpu()
-        tokens, steps, accepted = simulate_steps(accepted_runs(argmax[0], argmax[1:]), D)
+        written = None if mask is None else mask[:, 1:].bool()
+        tokens, steps, accepted = simulate_steps(accepted_runs(argmax[0], argmax[1:]), D, written)
         stats.add_(EvalStats(
             ce_sum=out.per_depth_loss.double().cpu() * count,
             correct=out.per_depth_acc.double().cpu() * count,
@@ -188,11 +197,13 @@ def measure_topk_accuracy(model, batches, ranks: int = 10, eos_id: int | None = 
     hits = torch.zeros(D, ranks, dtype=torch.float64)
     count = torch.zeros(D, dtype=torch.float64)
     device = next(model.parameters()).device
-    for window in batches:
+    for batch in batches:
+        window, mask = split_batch(batch)
         window = window.to(device)
+        mask = None if mask is None else mask.to(device)
         out = model(window[:, :-1])
         for d in range(1, D + 1):
-            target = shift_targets(window, d, eos_id)  # (B, T)
+            target = shift_targets(window, d, eos_id, mask)  # (B, T)
             top = model.logits(out[d], d).topk(ranks, dim=-1).indices  # (B, T, R)
             valid = target != IGNORE_INDEX
             hits[d - 1] += ((top == target[..., None]) & valid[..., None]).sum((0, 1)).double().cpu()
@@ -302,12 +313,12 @@ def check_same_tokenizer(run_dir: str | Path, data_dir: str | Path, fix: str) ->
 
 def plot_accuracy(result: dict[str, Any], path: str | Path, title: str = "") -> None:
     """Bar chart of top-1 accuracy per depth, with the per-position acceptance of simulated drafting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     from multitoken.io.outdir import atomic_write
+    from multitoken.viz import pyplot
+
+    plt = pyplot(str(path))
+    if plt is None:
+        return
 
     acc = result["accuracy_per_depth"]
     fig, ax = plt.subplots(figsize=(5, 3.2))

@@ -1,5 +1,5 @@
 """FLOPs per trained token of a model: what `bench train` compares tokens/s against and what
-`ablate` uses to give every configuration equal compute."""
+the study (multitoken.experiments) uses to give every configuration equal compute."""
 
 from __future__ import annotations
 

@@ -17,15 +17,20 @@ liger-kernel's fused Triton kernel (CUDA only, an optional package, imported on 
 call per depth with ``reduction="sum"``, the depth's weight / valid count applied as a scalar on
 the result (its backward scales the gradients stored in forward, so the weighting is exact), and
 per-token accuracy from the kernel's own argmax (first maximal index, as ``torch.argmax``).
-Self-distillation targets (a soft distribution) stay on the chunked kernel under ``liger``: its
-fused JSD/KL loss returns KL, not our cross-entropy, and gives no accuracy against the teacher's
-argmax. ``auto`` is liger on CUDA when it imports, else chunked.
+Self-distillation targets (a soft distribution, distill.py) have their own chunked kernel under
+``chunked``, ``auto`` and ``liger``: the teacher's distribution is computed once per chunk of
+positions for all depths. ``auto`` is liger on CUDA when it imports, else chunked.
+
+Loss mask: a (B, T+1) bool window aligned with the tokens marks tokens that must not be targets
+(prompts and user turns of chat data the model wrote only partly); `shift_targets` ignores a
+position whose target token is masked, at every depth, and each depth's count shrinks with it.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.util
+import math
 from dataclasses import dataclass
 
 import torch
@@ -35,34 +40,67 @@ from torch import Tensor
 from multitoken.config import LOSS_KERNELS, SCHEDULE_VALUE, parse_schedule, parse_weights
 from multitoken.model.heads import default_loss_weights
 from multitoken.errors import UserError
+from multitoken.training.distill import distill_kl, naive_distill_kl
 
 IGNORE_INDEX = -100
 
 
-def shift_targets(window: Tensor, depth: int, eos_id: int | None = None) -> Tensor:
+def shift_targets(window: Tensor, depth: int, eos_id: int | None = None, loss_mask: Tensor | None = None) -> Tensor:
     """Targets of depth `depth` for the inputs ``window[:, :-1]``.
 
     Args:
         window: (B, T+1) token ids.
         depth: 0 for the next token, k for the token k+1 places ahead.
         eos_id: document separator; None when the window holds a single document.
+        loss_mask: optional (B, T+1) bool aligned with `window`: False marks tokens that must not
+            be targets (prompts and user turns the model did not write); None trains on all.
     Returns:
-        (B, T) long: ``window[:, i+depth+1]`` where it exists in the same document, else IGNORE_INDEX.
+        (B, T) long: ``window[:, i+depth+1]`` where it exists in the same document and is not
+        masked, else IGNORE_INDEX.
     """
     B, T = window.shape[0], window.shape[1] - 1
+    if loss_mask is not None and loss_mask.shape != window.shape:
+        raise ValueError(f"loss_mask {tuple(loss_mask.shape)} must have the token window's shape {tuple(window.shape)}")
     target = torch.full((B, T), IGNORE_INDEX, dtype=torch.long, device=window.device)
     n = T - depth  # positions whose target lies inside the window
     if n <= 0:
         return target
     ahead = window[:, depth + 1 : depth + 1 + n]
-    if eos_id is None:
-        target[:, :n] = ahead
-        return target
-    is_eos = (window == eos_id).long()
-    doc = is_eos.cumsum(1) - is_eos  # EOS counted in the document it closes
-    same_doc = doc[:, :n] == doc[:, depth + 1 : depth + 1 + n]
-    target[:, :n] = torch.where(same_doc, ahead, IGNORE_INDEX)
+    keep = torch.ones_like(ahead, dtype=torch.bool)
+    if eos_id is not None:
+        is_eos = (window == eos_id).long()
+        doc = is_eos.cumsum(1) - is_eos  # EOS counted in the document it closes
+        keep = doc[:, :n] == doc[:, depth + 1 : depth + 1 + n]
+    if loss_mask is not None:
+        keep = keep & loss_mask[:, depth + 1 : depth + 1 + n].bool()  # the target token itself is masked
+    target[:, :n] = torch.where(keep, ahead, IGNORE_INDEX)
     return target
+
+
+@dataclass
+class Targets:
+    """Every depth's targets of one window, built once per micro-batch (the loss and the trainer's
+    exact averaging both read them)."""
+
+    tokens: Tensor
+    """(D+1, B*T) long: depth k's `shift_targets`, flattened; IGNORE_INDEX where there is none."""
+    counts: Tensor
+    """(D+1,) valid targets per depth."""
+
+    @classmethod
+    def build(cls, window: Tensor, depth: int, eos_id: int | None = None, loss_mask: Tensor | None = None) -> "Targets":
+        """Targets of depths 0..`depth` for ``window[:, :-1]`` (arguments as `shift_targets`)."""
+        t = torch.stack([shift_targets(window, k, eos_id, loss_mask).flatten() for k in range(depth + 1)])
+        return cls(t, (t != IGNORE_INDEX).sum(1))
+
+
+def split_batch(batch: Tensor | tuple[Tensor, Tensor] | list[Tensor]) -> tuple[Tensor, Tensor | None]:
+    """(tokens (B, T+1), loss mask (B, T+1) or None) from what a loader yields: a token tensor, or
+    a (tokens, mask) pair when the data carries a loss mask."""
+    if isinstance(batch, Tensor):
+        return batch, None
+    tokens, mask = batch
+    return tokens, mask
 
 
 LIGER_FIX = "install it (pip install liger-kernel) or pass --loss-kernel chunked"
@@ -114,6 +152,9 @@ def resolve_weights(spec: str | list | None, kind: str, depth: int) -> list[floa
         return [1.0] * (depth + 1)
     if spec == "lambda":
         return None
+    if spec.startswith("decay:"):  # DFlash: exp(-(k-1)/gamma) at extra depth k; the main head keeps 1
+        gamma = float(spec.partition(":")[2])
+        return [1.0] + [math.exp(-(k - 1) / gamma) for k in range(1, depth + 1)]
     ratio = float(spec.partition(":")[2])
     return [ratio**k for k in range(depth + 1)]
 
@@ -125,7 +166,8 @@ class LossOutput:
     loss: Tensor
     """Weighted total, differentiable."""
     per_depth_loss: Tensor
-    """(D+1,) mean cross-entropy per depth over its valid targets (NaN at 0 when `skip_main`)."""
+    """(D+1,) mean loss per depth over its valid targets: cross-entropy, or the KL to the teacher
+    at distilled depths (NaN at 0 when `skip_main`)."""
     per_depth_acc: Tensor
     """(D+1,) top-1 accuracy per depth (against the teacher's argmax when distilling; NaN at 0
     when `skip_main`)."""
@@ -134,42 +176,44 @@ class LossOutput:
 
 
 class MTPLoss:
-    """Weighted sum of per-depth cross-entropies.
+    """Weighted sum of per-depth losses: cross-entropy to the data, or with `distill` the KL to
+    the model's own distribution at depths >= 1. Built once per run; each call gets its targets
+    (or builds them) and optionally its own weights.
 
     Args:
         depth: extra depths D (the model's ``config.heads.depth``).
         weights: D+1 explicit weights, main first; None for DeepSeek's ``1, lambda/D, ...``.
         mtp_lambda: lambda schedule when ``weights`` is None (``"0.3,0.1@10000"``).
         eos_id: document separator for `shift_targets`.
-        distill: train depths >= 1 against the model's own main-head distribution at the later
-            position (self-distillation for heads on a frozen backbone) instead of data tokens.
-        chunk_rows: rows per chunk of the memory-efficient CE; 0 picks ~64 MB of logits.
-        memory_efficient: False computes full logits per depth (the reference path); same as
-            ``kernel="naive"``.
-        kernel: one of `LOSS_KERNELS`; None follows `memory_efficient` (chunked or naive).
+        distill: train depths >= 1 towards the main head's distribution at the later position
+            (self-distillation for heads on a frozen backbone; distill.py), the teacher's logits
+            computed once per chunk of positions for all depths; their per-depth loss is the KL.
+        chunk_rows: rows per chunk of the memory-efficient kernels; 0 picks the device's budget.
+        kernel: one of `LOSS_KERNELS` (``naive``: full logits, the reference); ``auto`` is
+            resolved once per device type (`resolve_loss_kernel`).
         skip_main: leave the main head's loss out (no LM-head matmul, no CE) when it can have no
             gradient (frozen backbone); its per-depth loss and accuracy are NaN. The teacher of
             `distill` is still computed.
+        compile: run the distillation kernel's per-chunk elementwise math under torch.compile
+            (`distill.distill_kl`'s `compiled`).
     """
 
     def __init__(self, depth: int, weights: list[float] | None = None, mtp_lambda: str | float = 0.3,
-                 eos_id: int | None = None, distill: bool = False, chunk_rows: int = 0,
-                 memory_efficient: bool = True, kernel: str | None = None, skip_main: bool = False) -> None:
+                 eos_id: int | None = None, distill: bool = False, chunk_rows: int = 0, kernel: str = "chunked",
+                 skip_main: bool = False, compile: bool = False) -> None:
         if not (isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0):
             raise UserError(f"MTPLoss depth {depth!r}: give the model's number of extra depths (model.depth)")
-        if kernel is not None and kernel not in LOSS_KERNELS:
+        if kernel not in LOSS_KERNELS:
             raise UserError(f"loss kernel {kernel!r}: choose one of {', '.join(LOSS_KERNELS)}")
         if weights is not None and len(weights) != depth + 1:
             raise UserError(f"loss weights {weights} need {depth + 1} values (main head first, then one per extra depth)")
-        if weights is not None and not any(isinstance(w, Tensor) for w in weights):
-            # Python numbers are checked here; tensors (the training loop's per-micro-batch weights,
-            # derived from checked ones) are not, which would cost a host sync per step.
+        if weights is not None:
             weights = [SCHEDULE_VALUE.check("loss weight", w) for w in weights]
         self.depth, self.weights, self.eos_id = depth, weights, eos_id
         self.schedule = parse_schedule(mtp_lambda)
-        self.distill, self.chunk_rows, self.memory_efficient = distill, chunk_rows, memory_efficient
-        self.kernel = kernel or ("chunked" if memory_efficient else "naive")
-        self.skip_main = skip_main
+        self.distill, self.chunk_rows, self.kernel, self.skip_main = distill, chunk_rows, kernel, skip_main
+        self.compile = compile
+        self._resolved: dict[str, str] = {}
 
     def depth_weights(self, step: int = 0) -> list[float]:
         if self.weights is not None:
@@ -177,7 +221,15 @@ class MTPLoss:
         lam = schedule_value(self.schedule, step)
         return [1.0] + [lam / self.depth] * self.depth
 
-    def __call__(self, model, hiddens: list[Tensor], window: Tensor, step: int = 0) -> LossOutput:
+    def kernel_on(self, device: torch.device | str) -> str:
+        """The kernel this loss runs on `device` (``auto`` resolved once per device type)."""
+        kind = torch.device(device).type
+        if kind not in self._resolved:
+            self._resolved[kind] = resolve_loss_kernel(self.kernel, device)
+        return self._resolved[kind]
+
+    def __call__(self, model, hiddens: list[Tensor], window: Tensor, step: int = 0, loss_mask: Tensor | None = None, *,
+                 targets: Targets | None = None, weights: Tensor | list[float] | None = None) -> LossOutput:
         """Loss of the hidden states `model` returned for ``window[:, :-1]``.
 
         Args:
@@ -185,55 +237,61 @@ class MTPLoss:
             hiddens: ``model(window[:, :-1])``, one (B, T, C) per depth.
             window: (B, T+1) token ids.
             step: training step, for the lambda schedule.
+            loss_mask: (B, T+1) bool, False where a token must not be a target (`shift_targets`).
+            targets: the window's `Targets` when the caller built them already (the trainer).
+            weights: (D+1,) weights for this call (the trainer's exact-averaging weights);
+                default `depth_weights(step)`.
         """
         D = len(hiddens) - 1
         if D != self.depth:
             raise UserError(f"MTPLoss(depth={self.depth}) was given {D + 1} hidden states (a model of depth {D}): "
                             f"build it as MTPLoss(model.depth)")
-        weights = self.depth_weights(step)[: D + 1]
-        n = window.shape[0] * (window.shape[1] - 1)
-        kernel = resolve_loss_kernel(self.kernel, window.device)
+        B, T = window.shape[0], window.shape[1] - 1
+        n = B * T
+        kernel = self.kernel_on(window.device)
+        if targets is None:
+            targets = Targets.build(window, D, self.eos_id, loss_mask)
+        if weights is None:
+            weights = self.depth_weights(step)
+        w = torch.as_tensor(weights, device=window.device)[: D + 1] if not isinstance(weights, Tensor) else weights[: D + 1]
+        counts = targets.counts[: D + 1]
+        scales = (w / counts.clamp(min=1)).float()  # (D+1,)
         first = 1 if self.skip_main else 0
         if self.skip_main and (hiddens[0].requires_grad or model.unembed_weight(0).requires_grad):
             raise ValueError("skip_main: the main head's loss has a gradient here (is the backbone frozen?)")
-        targets = [shift_targets(window, k, self.eos_id).flatten() for k in range(D + 1)]
-        counts = torch.stack([(t != IGNORE_INDEX).sum() for t in targets])  # (D+1,)
-        scales = [(weights[k] / counts[k].clamp(min=1)).float() for k in range(D + 1)]
-        teachers: list[Tensor | None] = [None] * (D + 1)
-        if self.distill:
-            main = hiddens[0].detach()
-            for k in range(1, D + 1):
-                # Depth k at position i learns the main head's distribution at position i+k; the
-                # last k positions get a placeholder: their targets are IGNORE_INDEX anyway.
-                teachers[k] = torch.cat([main[:, k:], main[:, -1:].expand(-1, k, -1)], dim=1).flatten(0, 1)
-        # Depths sharing an unembedding (and a target kind) go through one call: the matrix is streamed once.
-        groups: dict[tuple[int, bool], list[int]] = {}
-        for k in range(first, D + 1):
-            groups.setdefault((id(model.unembed_weight(k)), teachers[k] is not None), []).append(k)
-        fn = naive_linear_cross_entropy if kernel == "naive" else linear_cross_entropy
+        hard = [k for k in range(first, D + 1) if not (self.distill and k > 0)]
         total = hiddens[0].new_zeros((), dtype=torch.float32)
-        nan = torch.full((), float("nan"), device=window.device)
         ce_sum = torch.zeros(D + 1, device=window.device)
         correct = torch.zeros(D + 1, device=window.device)
-        for (_, soft), ks in groups.items():
-            if kernel == "liger" and not soft:
+        if self.distill and D:
+            fn = naive_distill_kl if kernel == "naive" else distill_kl
+            valid = (targets.tokens[1 : D + 1] != IGNORE_INDEX).view(D, B, T)
+            loss, ce_sum[1:], correct[1:] = fn(hiddens[0], model.unembed_weight(0), hiddens[1:],
+                                               [model.unembed_weight(k) for k in range(1, D + 1)], valid, scales[1:],
+                                               self.chunk_rows, self.compile)
+            total = total + loss
+        # Hard depths sharing an unembedding go through one call: the matrix is streamed once.
+        groups: dict[int, list[int]] = {}
+        for k in hard:
+            groups.setdefault(id(model.unembed_weight(k)), []).append(k)
+        fn = naive_linear_cross_entropy if kernel == "naive" else linear_cross_entropy
+        for ks in groups.values():
+            if kernel == "liger":
                 for k in ks:  # one call per depth: the depth's scale is a scalar on liger's summed loss
                     loss, ce_sum[k], correct[k] = liger_linear_cross_entropy(hiddens[k].flatten(0, 1),
-                                                                             model.unembed_weight(k), targets[k], counts[k])
+                                                                             model.unembed_weight(k), targets.tokens[k], counts[k])
                     total = total + loss * scales[k]
                 continue
             h = torch.cat([hiddens[k].flatten(0, 1) for k in ks])  # (len(ks) * N, C)
-            t = torch.cat([targets[k] for k in ks])
+            t = torch.cat([targets.tokens[k] for k in ks])
             scale = torch.cat([scales[k].expand(n) for k in ks])
-            teacher = torch.cat([teachers[k] for k in ks]) if soft else None
-            teacher_w = model.unembed_weight(0).detach() if soft else None
-            loss, ce, ok = fn(h, model.unembed_weight(ks[0]), t, scale, teacher, teacher_w, self.chunk_rows)
+            loss, ce, ok = fn(h, model.unembed_weight(ks[0]), t, scale, None, None, self.chunk_rows)
             total = total + loss
             for j, k in enumerate(ks):
                 ce_sum[k] = ce[j * n : (j + 1) * n].sum()
                 correct[k] = ok[j * n : (j + 1) * n].sum()
         if self.skip_main:
-            ce_sum[0], correct[0] = nan, nan
+            ce_sum[0], correct[0] = float("nan"), float("nan")
         c = counts.clamp(min=1).float()
         return LossOutput(total, ce_sum / c, correct / c, counts)
 

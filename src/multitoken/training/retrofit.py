@@ -16,12 +16,12 @@ io/smollm2.py.)
    Sequential MTP modules need h^0 (the same final hidden state, *before* the final norm) and the
    embeddings of later tokens (cheap, recomputed), so the stored un-normed last hidden state
    serves them too; parallel heads branch off the trunk (the first L-1 blocks), so for them the
-   trunk output is stored instead.
+   trunk output is stored instead. Which state: the one after the heads' `Transformer.trunk_layers()`
+   blocks (the "cut", recorded in the feature set's metadata).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import sys
 import time
@@ -39,33 +39,19 @@ from multitoken.io import outdir
 from multitoken.io.checkpoint import load_run, read_json, read_safetensors, save_run
 from multitoken.io.outdir import atomic_write, write_json
 from multitoken.model import Transformer
-from multitoken.model.heads import family
 from multitoken.training.evaluate import check_same_tokenizer
 from multitoken.training.trainer import lr_schedule, optimizer_update
 
 FEATURES_META = "features.json"
-FEATURES_FORMAT = 1
+FEATURES_FORMAT = 2  # 2: the cut (blocks run) is recorded, not a kind name
 FEATURE_SHARD = re.compile(r"\.?features-\d{5}\.safetensors(?:\.[a-z0-9_]+\.tmp)?")  # a shard or atomic_write's temporary of one
 
 
-def feature_kind(heads: HeadsConfig) -> str:
-    """Which backbone state the heads read: 'trunk' (parallel heads branch off block L-1) or
-    'last' (the last block's output before the final norm: Medusa and sequential modules)."""
-    if heads.kind == "none":
-        raise UserError("retrofitting needs heads: pass --heads medusa:N, sequential:N or parallel:N")
-    return family(heads.kind).feature_kind
-
-
-def _feature_cut(model: Transformer, kind: str) -> int:
-    """Blocks run to make features of `kind`: the parallel heads' trunk stops one block short."""
-    return model.config.n_layers - 1 if kind == "trunk" else model.config.n_layers
-
-
 @torch.no_grad()
-def backbone_features(model: Transformer, inputs: Tensor, kind: str) -> Tensor:
-    """(B, T, C) backbone state of `kind` ('trunk' or 'last') for input ids (B, T)."""
+def backbone_features(model: Transformer, inputs: Tensor, cut: int) -> Tensor:
+    """(B, T, C) backbone state after the first `cut` blocks for input ids (B, T)."""
     rope = model.rope(torch.arange(inputs.shape[1], device=inputs.device))
-    return model.run_layers(model.embed_tokens(inputs), 0, _feature_cut(model, kind), rope)
+    return model.run_layers(model.embed_tokens(inputs), 0, cut, rope)
 
 
 def feature_windows(data_dir: str | Path, seq_len: int, max_tokens: int, batch_size: int, seed: int):
@@ -80,7 +66,7 @@ def feature_windows(data_dir: str | Path, seq_len: int, max_tokens: int, batch_s
     return loader, n_windows
 
 
-def precompute_features(run_dir: str | Path, data_dir: str | Path, out: str | Path, kind: str, seq_len: int = 256,
+def precompute_features(run_dir: str | Path, data_dir: str | Path, out: str | Path, cut: int, seq_len: int = 256,
                         max_tokens: int = 200_000, batch_size: int = 8, seed: int = 0, shard_windows: int = 256,
                         progress: bool = True) -> dict[str, Any]:
     """Run the frozen backbone of `run_dir` once over training windows of `data_dir` and store its states.
@@ -94,7 +80,8 @@ def precompute_features(run_dir: str | Path, data_dir: str | Path, out: str | Pa
         run_dir: the pretrained model (a run directory, e.g. `smollm2_run_dir()`).
         data_dir: a DATA_DIR prepared with that model's tokenizer.
         out: folder for the shards.
-        kind: 'last' (Medusa, sequential) or 'trunk' (parallel), see `feature_kind`.
+        cut: backbone blocks to run, the heads' `Transformer.trunk_layers()` (all of them for
+            Medusa and sequential modules, L-1 for parallel heads).
         seq_len: tokens per window.
         max_tokens: input tokens to cover (rounded down to whole windows).
         batch_size: windows per backbone forward.
@@ -107,7 +94,7 @@ def precompute_features(run_dir: str | Path, data_dir: str | Path, out: str | Pa
 
     out = Path(out)
     outdir.check(out, "features", "--features")
-    args = {"run_dir": str(Path(run_dir).resolve()), "data_dir": str(Path(data_dir).resolve()), "kind": kind,
+    args = {"run_dir": str(Path(run_dir).resolve()), "data_dir": str(Path(data_dir).resolve()), "cut": cut,
             "seq_len": seq_len, "max_tokens": max_tokens, "seed": seed}
     meta_path = out / FEATURES_META
     if meta_path.is_file():
@@ -115,9 +102,9 @@ def precompute_features(run_dir: str | Path, data_dir: str | Path, out: str | Pa
         if meta.get("args") == args and meta.get("format") == FEATURES_FORMAT:
             return meta
         raise UserError(f"{out} holds features made with other settings ({meta.get('args')}): choose another --features folder or delete it")
-    if kind not in ("last", "trunk"):
-        raise UserError(f"feature kind {kind!r}: choose 'last' or 'trunk'")
     model, _ = load_run(run_dir, with_tokenizer=False)
+    if not 1 <= cut <= model.config.n_layers:
+        raise UserError(f"features after {cut} blocks: choose between 1 and the model's {model.config.n_layers}")
     if seq_len > model.config.max_seq_len:
         raise UserError(f"seq_len={seq_len} exceeds the model's max_seq_len={model.config.max_seq_len}: lower --seq-len")
     loader, n_windows = feature_windows(data_dir, seq_len, max_tokens, batch_size, seed)
@@ -150,7 +137,7 @@ def precompute_features(run_dir: str | Path, data_dir: str | Path, out: str | Pa
     while done < n_windows:
         window = next(loader)[: n_windows - done]  # (b, T+1)
         buf_t.append(window)
-        buf_f.append(backbone_features(model, window[:, :-1], kind).to(torch.bfloat16))
+        buf_f.append(backbone_features(model, window[:, :-1], cut).to(torch.bfloat16))
         done += len(window)
         if bar is not None:
             bar.update(len(window) * seq_len)
@@ -183,7 +170,7 @@ class FeatureSet:
             feats.append(part["features"])
         self.tokens = torch.cat(tokens)  # (N, T+1)
         self.features = torch.cat(feats)  # (N, T, C) bf16
-        self.kind = self.meta["args"]["kind"]
+        self.cut: int = self.meta["args"]["cut"]
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -201,14 +188,14 @@ class FeatureSet:
                 yield self.tokens[idx], self.features[idx].float()
 
 
-def hiddens_from_features(model: Transformer, window: Tensor, feats: Tensor, kind: str) -> list[Tensor]:
+def hiddens_from_features(model: Transformer, window: Tensor, feats: Tensor, cut: int) -> list[Tensor]:
     """``model(window[:, :-1])``'s ``[main, d1..dD]`` computed from stored backbone states.
 
     Args:
         model: the model with heads (backbone frozen).
         window: (B, T+1) token ids.
-        feats: (B, T, C) states of kind `kind` for ``window[:, :-1]``.
-        kind: 'last' or 'trunk'.
+        feats: (B, T, C) states after the first `cut` blocks for ``window[:, :-1]``.
+        cut: the blocks `feats` went through.
     Returns:
         The hidden states per depth, as `Transformer.forward` gives them (the main one detached:
         only the heads learn).
@@ -216,7 +203,7 @@ def hiddens_from_features(model: Transformer, window: Tensor, feats: Tensor, kin
     idx = window[:, :-1]
     rope = model.rope(torch.arange(idx.shape[1], device=idx.device))
     with torch.no_grad():
-        states = model.states_from(idx, feats, _feature_cut(model, kind), rope)
+        states = model.states_from(idx, feats, cut, rope)
     return [states.main] + model.mtp(model.shared, states, rope)
 
 
@@ -247,6 +234,9 @@ def fit_heads(model: Transformer, features: FeatureSet, steps: int, batch_size: 
     """
     from multitoken.training.loss import MTPLoss
 
+    if features.cut != model.trunk_layers():
+        raise UserError(f"the feature set holds states after {features.cut} blocks, the heads ({model.config.heads}) "
+                        f"branch off after {model.trunk_layers()}: make features for these heads (another --features folder)")
     model.freeze_backbone()
     if freeze_head_lm:
         for name, p in model.mtp.named_parameters():
@@ -265,7 +255,7 @@ def fit_heads(model: Transformer, features: FeatureSet, steps: int, batch_size: 
         bar = tqdm(total=steps, desc="fit heads", unit="step", file=sys.stderr)
     for step in range(steps):
         window, feats = next(batches)
-        out = loss_fn(model, hiddens_from_features(model, window, feats, features.kind), window, step)
+        out = loss_fn(model, hiddens_from_features(model, window, feats, features.cut), window, step)
         out.loss.backward()
         optimizer_update(opt, params, lr_schedule(step, lr, lr / 10, warmup, steps), grad_clip=1.0)
         if bar is not None:
@@ -290,16 +280,14 @@ def add_heads(run_dir: str | Path, heads: HeadsConfig, max_seq_len: int | None =
     Args:
         run_dir: a plain (headless) run directory.
         heads: the heads to add.
-        max_seq_len: a shorter context (see `hf.limit_context`); default the run's.
+        max_seq_len: a shorter context (see `model.build.limit_context`); default the run's.
     """
-    from multitoken.config import ModelConfig, from_dict
-    from multitoken.io.hf import build_model, limit_context
+    from multitoken.model.build import build_model, limit_context
 
     base, tok = load_run(run_dir)
     if base.mtp is not None:
         raise UserError(f"{run_dir} already has {base.config.heads} heads: retrofit starts from a plain model")
-    cfg = from_dict(ModelConfig, {**base.config.to_dict(), "heads": dataclasses.asdict(heads)})
-    model = build_model(cfg, base.state_dict(), fresh_heads=True)
+    model = build_model(base.config.with_heads(heads), base.state_dict(), fresh_heads=True)
     return (limit_context(model, max_seq_len) if max_seq_len else model), tok
 
 
@@ -321,7 +309,7 @@ def retrofit(init: str | Path, data_dir: str | Path, heads: HeadsConfig, out: st
         eval_batches: validation batches for the final per-depth accuracy and expected tau.
         seed: data order and head init.
         freeze_head_lm: train only Medusa heads' residual blocks (see `fit_heads`).
-        max_seq_len: context of the written run (default the pretrained one's; see `hf.limit_context`).
+        max_seq_len: context of the written run (default the pretrained one's; see `model.build.limit_context`).
     Returns:
         A summary: feature cost, training log, validation metrics and timings.
     """
@@ -331,7 +319,8 @@ def retrofit(init: str | Path, data_dir: str | Path, heads: HeadsConfig, out: st
     if tokens // seq_len < batch_size:
         raise UserError(f"--tokens {tokens} covers {tokens // seq_len} window(s) of {seq_len}, fewer than one batch of "
                         f"{batch_size}: give --tokens {batch_size * seq_len} or more, or lower --batch-size")
-    kind = feature_kind(heads)
+    if heads.kind == "none":
+        raise UserError("retrofitting needs heads: pass --heads medusa:N, sequential:N or parallel:N")
     outdir.check(out, "retrofit")  # before the slow part: folders holding someone else's files are refused
     features = Path(features) if features is not None else out / "features"
     outdir.check(features, "features", "--features")
@@ -342,7 +331,8 @@ def retrofit(init: str | Path, data_dir: str | Path, heads: HeadsConfig, out: st
     model, tok = add_heads(init, heads, max_seq_len)  # and a missing or damaged --init
     outdir.claim(out, "retrofit")
     t0 = time.perf_counter()
-    meta = precompute_features(init, data_dir, features, kind, seq_len, tokens, batch_size, seed, progress=progress)
+    meta = precompute_features(init, data_dir, features, model.trunk_layers(), seq_len, tokens, batch_size, seed,
+                               progress=progress)
     t1 = time.perf_counter()
     log = fit_heads(model, FeatureSet(features), steps, batch_size, lr, seed=seed, freeze_head_lm=freeze_head_lm, progress=progress)
     t2 = time.perf_counter()

@@ -23,6 +23,7 @@ Run directory (see checkpoint.py for the checkpoint layout):
 
 from __future__ import annotations
 
+import logging
 import contextlib
 import dataclasses
 import json
@@ -41,10 +42,13 @@ from multitoken.config import HeadsConfig, ModelConfig, TrainConfig, from_dict
 from multitoken.errors import UserError
 from multitoken.io import checkpoint as ckpt
 from multitoken.io import outdir
+from multitoken.io.heads_file import load_heads_into
 from multitoken.model import Transformer
 from multitoken.training import parallel
 from multitoken.training.evaluate import EvalStats, check_same_tokenizer, eval_stats, plot_accuracy, summarize
-from multitoken.training.loss import IGNORE_INDEX, MTPLoss, resolve_loss_kernel, resolve_weights, shift_targets
+from multitoken.training.loss import MTPLoss, Targets, resolve_weights, split_batch
+
+log = logging.getLogger(__name__)
 
 METRICS_FILE, PLOT_FILE, TB_DIR = "metrics.jsonl", "loss.png", "tb"
 # The files train writes into RUN_DIR besides config.json and model.safetensors: the only names
@@ -57,7 +61,7 @@ RUN_FILES = ("tokenizer.json", "tokenizer_config.json", METRICS_FILE, PLOT_FILE,
 # with another value, is named in one "ignored on resume" line.
 MODEL_OPTIONS = ("preset", "heads", "init", "max_seq_len")
 RESUME_OPTIONS = ("steps", "eval_every", "eval_batches", "save_every", "keep_checkpoints", "log_every", "device",
-                  "dtype", "compile", "fsdp", "loss_kernel", "recompute")
+                  "dtype", "compile", "fsdp", "loss_kernel", "loss_chunk_rows", "recompute")
 
 
 # ---- configuration: TOML, precedence, resume ----------------------------------------------------
@@ -147,7 +151,7 @@ def saved_run_config(run_dir: str | Path, warn: Any = None) -> dict[str, Any]:
         saved = ckpt.checkpoint_run_config(run_dir)
         if saved is None or not isinstance(saved.get("train"), dict):
             raise
-        (warn or (lambda m: print(m, file=sys.stderr)))(f"warning: {e}; using the copy in the latest checkpoint")
+        (warn or log.warning)(f"warning: {e}; using the copy in the latest checkpoint")
         return saved
 
 
@@ -185,20 +189,16 @@ def build_model_config(cfg: TrainConfig, vocab_size: int, eos_id: int) -> ModelC
         if vocab_size > base.vocab_size:
             raise UserError(f"the data's tokenizer has {vocab_size} ids but the --init model's vocabulary holds "
                             f"{base.vocab_size}: prepare the data with the model's tokenizer (--tokenizer {cfg.init})")
-        fields = {**base.to_dict(), "heads": dataclasses.asdict(heads), "eos_id": eos_id}
     else:
-        fields = {**ModelConfig.from_preset(cfg.preset).to_dict(), "vocab_size": vocab_size, "eos_id": eos_id,
-                  "heads": dataclasses.asdict(heads)}
-    if cfg.max_seq_len:
-        if cfg.max_seq_len < cfg.seq_len:
-            raise UserError(f"max_seq_len={cfg.max_seq_len} is shorter than seq_len={cfg.seq_len}: raise it or lower --seq-len")
-        fields["max_seq_len"] = cfg.max_seq_len
-    fields["max_seq_len"] = max(fields["max_seq_len"], cfg.seq_len)
-    return from_dict(ModelConfig, fields)
+        base = ModelConfig.from_preset(cfg.preset, vocab_size=vocab_size)
+    if cfg.max_seq_len and cfg.max_seq_len < cfg.seq_len:
+        raise UserError(f"max_seq_len={cfg.max_seq_len} is shorter than seq_len={cfg.seq_len}: raise it or lower --seq-len")
+    return base.with_heads(heads, eos_id=eos_id, max_seq_len=max(cfg.max_seq_len or base.max_seq_len, cfg.seq_len))
 
 
-def load_backbone(model: Transformer, init_dir: str | Path) -> None:
-    """Copy the backbone weights of run `init_dir` into `model`, then start the heads from them."""
+def load_backbone(model: Transformer, init_dir: str | Path, pass_through: bool = False) -> None:
+    """Copy the backbone weights of run `init_dir` into `model`, then start the heads from them
+    (`pass_through`: see `Transformer.init_heads_from_backbone`)."""
     path = Path(init_dir) / ckpt.WEIGHTS_FILE
     if not path.is_file():
         raise UserError(f"--init {init_dir}: {path.name} not found; point at a run directory made by train or convert")
@@ -209,24 +209,33 @@ def load_backbone(model: Transformer, init_dir: str | Path) -> None:
     if missing or result.unexpected_keys:
         raise UserError(f"--init {init_dir}: weights do not match its config.json (missing {missing[:3]}, "
                         f"unexpected {result.unexpected_keys[:3]})")
-    model.init_heads_from_backbone()
+    model.init_heads_from_backbone(pass_through)
 
 
-def global_depth_weights(base: list[float], windows: list[torch.Tensor], eos_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def global_depth_weights(base: list[float], targets: list[Targets]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-micro-batch depth weights that make the summed, rank-averaged gradient equal the
-    gradient of one global batch (see the module docstring). Stays on the windows' device: no
+    gradient of one global batch (see the module docstring). Stays on the targets' device: no
     host synchronisation per step.
 
+    Args:
+        base: the step's D+1 depth weights.
+        targets: each micro-batch's `Targets` (built once; the loss reads them too).
     Returns:
         ((micro, D+1) float64 weights, (D+1,) global valid-target counts).
     """
-    D = len(base) - 1
-    local = torch.stack([torch.stack([(shift_targets(w, k, eos_id) != IGNORE_INDEX).sum() for k in range(D + 1)])
-                         for w in windows]).double()  # (micro, D+1)
+    local = torch.stack([t.counts for t in targets]).double()  # (micro, D+1)
     total = parallel.all_reduce_sum(local.sum(0))
     world = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
     base_t = torch.tensor(base, dtype=torch.float64, device=local.device)
     return base_t * world * local / total.clamp(min=1.0), total
+
+
+def enable_ttt(model: Transformer) -> None:
+    """Train (and evaluate) with the training-time test (`HeadFamily.ttt`)."""
+    if model.mtp is None or not model.mtp.supports_ttt:
+        raise UserError(f"--ttt needs heads that draft one depth after another (sequential:N); "
+                        f"this model has {model.config.heads}: drop --ttt or use --heads sequential:N")
+    model.mtp.ttt = True
 
 
 def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
@@ -261,12 +270,10 @@ class MetricsLog:
                     if r.get("step", 0) <= resume_step:
                         self.records.append(r)
             outdir.atomic_write(self.path, lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in self.records)))
-        try:
-            from torch.utils.tensorboard import SummaryWriter
+        from multitoken.viz import summary_writer
 
-            self.tb = SummaryWriter(str(run_dir / TB_DIR), purge_step=resume_step + 1 if resume_step else None)
-        except ImportError:  # tensorboard is optional: JSONL and the plot carry the same numbers
-            self.tb = None
+        # tensorboard is optional (the viz extra): JSONL and the plot carry the same numbers
+        self.tb = summary_writer(str(run_dir / TB_DIR), purge_step=resume_step + 1 if resume_step else None)
         self.file = open(self.path, "a")
 
     def log(self, record: dict[str, Any]) -> None:
@@ -289,10 +296,11 @@ class MetricsLog:
         """loss.png: one line per depth, train solid, validation dashed with markers."""
         if not self.enabled or not self.records:
             return
-        import matplotlib
+        from multitoken.viz import pyplot
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        plt = pyplot("loss.png")
+        if plt is None:
+            return
 
         fig, ax = plt.subplots(figsize=(6, 4))
         colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -357,7 +365,7 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
            stop: int, max_minutes: float | None = None) -> dict[str, Any]:
     """The run, in its named parts: start (checks, where from), build, resume, then step, log,
     evaluate and save until `stop`."""
-    say = (lambda m: print(m, file=sys.stderr)) if info.is_main and progress else (lambda m: None)
+    say = log.info if info.is_main and progress else (lambda m: None)
     tokenizer, model_cfg, state = start(cfg, info, data_dir, out_dir, resume, say)
     t = Trainer.build(cfg, info, model_cfg, state, data_dir, out_dir)
     if state is not None:
@@ -435,7 +443,7 @@ def start(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: Pa
     """
     from multitoken.data.prepare import load_meta, load_tokenizer
 
-    warn = (lambda m: print(m, file=sys.stderr)) if info.is_main else (lambda m: None)
+    warn = log.warning if info.is_main else (lambda m: None)
     outdir.check(out_dir, "train")  # before anything reads or writes there: a folder of someone else's is refused
     load_meta(data_dir)  # a one-line error for a missing or incomplete DATA_DIR
     tokenizer = load_tokenizer(data_dir)
@@ -501,13 +509,15 @@ class Trainer:
         per_rank = cfg.batch_size // (info.world_size * cfg.grad_accum)
         self.loader = TokenLoader(data_dir, "train", per_rank, cfg.seq_len, cfg.seed, info.rank, info.world_size)
         self.val_loader = TokenLoader(data_dir, "val", per_rank, cfg.seq_len, cfg.seed, info.rank, info.world_size)
-        self.loss_kernel = resolve_loss_kernel(cfg.loss_kernel, self.device)
         # A frozen backbone gives the main head's loss no gradient: training steps skip its LM-head
         # matmul and CE (evaluation still measures it).
         self.skip_main = cfg.freeze_backbone
         self.recompute_note = ""
+        # One loss for the run, its kernel resolved here once; each micro-batch passes its targets and weights.
         self.loss = MTPLoss(raw.depth, resolve_weights(cfg.loss_weights, model_cfg.heads.kind, raw.depth),
-                            cfg.mtp_lambda, model_cfg.eos_id, cfg.distill)
+                            cfg.mtp_lambda, model_cfg.eos_id, cfg.distill, cfg.loss_chunk_rows, cfg.loss_kernel,
+                            self.skip_main, compile=cfg.compile)
+        self.loss_kernel = self.loss.kernel_on(self.device)
         self.run_config = {"model": model_cfg.to_dict(), "train": cfg.to_dict()}
         self.tokens_per_step = cfg.batch_size * cfg.seq_len
         self.log: MetricsLog | None = None
@@ -529,7 +539,13 @@ class Trainer:
             if bad or result.unexpected_keys:
                 raise UserError(f"{state['folder']}: weights do not match {out_dir / ckpt.CONFIG_FILE}; was it edited?")
         elif cfg.init:
-            load_backbone(model, cfg.init)
+            load_backbone(model, cfg.init, cfg.eh_pass_through)
+            if cfg.init_heads:
+                load_heads_into(model, cfg.init_heads)
+        elif cfg.init_heads:
+            raise UserError("--init-heads needs --init: the backbone the heads file was trained on")
+        if cfg.ttt:
+            enable_ttt(model)
         if cfg.freeze_backbone:
             model.freeze_backbone()  # frozen blocks record no autograd graph: none of their inputs needs a gradient
         raw = model
@@ -575,7 +591,8 @@ class Trainer:
                 f"{sum(p.numel() for p in self.trainable) / 1e6:.2f}M trainable; {info.world_size} process(es) on {self.device}"
                 f"{', FSDP2' if cfg.fsdp and info.distributed else ', DDP' if info.distributed else ''}; "
                 f"{self.tokens_per_step} tokens/step\n"
-                f"loss: {self.loss_kernel}{' (distillation targets: chunked)' if cfg.distill and self.loss_kernel == 'liger' else ''}; "
+                f"loss: {self.loss_kernel}{'; depths >= 1 distilled (KL, the teacher once per batch)' if cfg.distill else ''}"
+                f"{'; training-time test at depths >= 2' if cfg.ttt else ''}; "
                 f"{self.recompute_note}"
                 f"{'; main-head loss skipped in training steps (frozen backbone; measured at evaluation)' if self.skip_main else ''}")
 
@@ -584,16 +601,15 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches (exact averaging: module docstring)."""
         cfg, raw, D, eos_id = self.cfg, self.raw, self.raw.depth, self.model_cfg.eos_id
         lr = lr_at(self.step, cfg)
-        windows = [next(self.loader).to(self.device, non_blocking=True) for _ in range(cfg.grad_accum)]
-        weights, counts = global_depth_weights(self.loss.depth_weights(self.step), windows, eos_id)
+        batches = [self.next_batch() for _ in range(cfg.grad_accum)]  # [(window, loss mask or None)]
+        targets = [Targets.build(w, D, eos_id, m) for w, m in batches]  # once per micro-batch, read twice
+        weights, counts = global_depth_weights(self.loss.depth_weights(self.step), targets)
         ce_sum = torch.zeros(D + 1, dtype=torch.float64, device=self.device)
         correct = torch.zeros(D + 1, dtype=torch.float64, device=self.device)
-        for j, window in enumerate(windows):
-            loss_fn = MTPLoss(D, list(weights[j].unbind()), eos_id=eos_id, distill=cfg.distill, chunk_rows=self.loss.chunk_rows,
-                              kernel=self.loss_kernel, skip_main=self.skip_main)
-            with parallel.no_sync(self.model, j == len(windows) - 1):
+        for j, ((window, _), target) in enumerate(zip(batches, targets)):
+            with parallel.no_sync(self.model, j == len(batches) - 1):
                 with self.autocast():
-                    out = loss_fn(raw, self.model(window[:, :-1]), window, self.step)
+                    out = self.loss(raw, self.model(window[:, :-1]), window, self.step, targets=target, weights=weights[j])
                 out.loss.backward()
             c = out.per_depth_count.double()
             ce_sum += out.per_depth_loss.double() * c
@@ -601,6 +617,12 @@ class Trainer:
         grad_norm = optimizer_update(self.optimizer, self.trainable, lr, cfg.grad_clip)
         self.step += 1
         return StepStats(ce_sum, correct, counts, grad_norm)
+
+    def next_batch(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The next training window (B, T+1) and its loss mask (or None), on the device: the loader
+        yields a tensor, or a (tokens, mask) pair when the data carries a loss mask."""
+        window, mask = split_batch(next(self.loader))
+        return window.to(self.device, non_blocking=True), None if mask is None else mask.to(self.device, non_blocking=True)
 
     def log_train(self, stats: StepStats, tokens_per_s: float, bar=None) -> dict[str, Any]:
         """Reduce a step's statistics over ranks and log them (metrics.jsonl, TensorBoard, the bar)."""
@@ -673,7 +695,7 @@ def check_finite(first: torch.Tensor, out_dir: Path) -> None:
 
 def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
     """Whether the run computes under bf16 autocast (`cfg.dtype`, 'auto' meaning on CUDA)."""
-    return cfg.dtype == "bf16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return cfg.dtype in ("bfloat16", "bf16") or (cfg.dtype == "auto" and device.type == "cuda")
 
 
 def optimizer_update(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter], lr: float,

@@ -3,7 +3,7 @@
 A family is one ``nn.Module`` (stored as ``Transformer.mtp``, so its parameters are named
 ``mtp.*``) that owns everything about itself: how many backbone blocks run before it branches
 off, its training forward, how it drafts when decoding, its KV-cache layers, its export names,
-its FSDP units, its default loss weights and which backbone state retrofitting stores for it.
+its FSDP units, its default loss weights (retrofitting stores the state after its `trunk_layers`).
 It receives only the main model's shared modules (`SharedModules`), never the model, so its
 parameters are all its own and FSDP can shard it unit by unit.
 """
@@ -20,7 +20,8 @@ from torch.utils.checkpoint import checkpoint
 
 from multitoken.config import HeadsConfig, ModelConfig
 
-Rope = tuple[Tensor, Tensor]
+Rope = tuple[Tensor, ...]
+"""(cos, sin), or (cos, sin, local_cos, local_sin) for a model with local layers (`Transformer.rope`)."""
 
 
 @dataclass(frozen=True)
@@ -61,9 +62,11 @@ class HeadFamily(nn.Module):
     families that draft with their own passes over committed tokens (`step`)."""
     flags: ClassVar[tuple[str, ...]] = ()
     """Options written after the depth in a heads spec (``sequential:2:shared``)."""
-    feature_kind: ClassVar[str] = "last"
-    """Retrofitting: which backbone state to store, 'trunk' (after `trunk_layers` < L blocks) or
-    'last' (after every block); recorded in a feature set's metadata."""
+    supports_ttt: ClassVar[bool] = False
+    """Whether the family can train with the training-time test (`ttt`)."""
+    ttt: bool = False
+    """Training-time test (EAGLE-3): the training forward feeds depths >= 2 their own earlier
+    drafts, as drafting does (families with `supports_ttt`); set by the trainer, not stored."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -120,6 +123,10 @@ class HeadFamily(nn.Module):
 
     def init_from_backbone(self, shared: SharedModules, last_block: nn.Module) -> None:
         """Start the heads from a pretrained backbone (its last block and shared modules)."""
+
+    def pass_hidden_through(self) -> None:
+        """Start the heads' input projections so that they pass the hidden state on unchanged
+        (families without such a projection have nothing to do)."""
 
     # ---- parallelism ------------------------------------------------------------------------
     def fsdp_units(self) -> Iterator[nn.Module]:

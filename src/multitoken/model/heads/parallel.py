@@ -23,7 +23,6 @@ EXPORT_PREFIX = "mtp.parallel."
 
 class ParallelHeads(HeadFamily):
     kind = "parallel"
-    feature_kind = "trunk"
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)

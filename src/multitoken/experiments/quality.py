@@ -122,15 +122,20 @@ class LineCase:
     target: str
 
 
-def held_out_documents(tokens: np.ndarray, eos_id: int, decode: Callable[[list[int]], str]) -> list[str]:
-    """The validation split's documents (EOS-separated), decoded to text, in split order."""
+def held_out_token_docs(tokens: np.ndarray, eos_id: int) -> list[np.ndarray]:
+    """The validation split's documents (EOS-separated, EOS left out, empty ones skipped), in split order."""
     ends = np.flatnonzero(tokens == eos_id)
     docs, start = [], 0
     for end in [*ends.tolist(), len(tokens)]:
         if end > start:
-            docs.append(decode(tokens[start:end].tolist()))
+            docs.append(np.asarray(tokens[start:end]))
         start = end + 1
     return docs
+
+
+def held_out_documents(tokens: np.ndarray, eos_id: int, decode: Callable[[list[int]], str]) -> list[str]:
+    """The validation split's documents (EOS-separated), decoded to text, in split order."""
+    return [decode(d.tolist()) for d in held_out_token_docs(tokens, eos_id)]
 
 
 def next_line_cases(docs: Iterable[str], n: int, max_line_chars: int = MAX_LINE_CHARS) -> list[LineCase]:
@@ -164,7 +169,7 @@ def next_line_exact_match(model, tokenizer, cases: list[LineCase], context: int,
     Returns:
         {"exact_match": share of hits (None without cases), "cases": n, "hits": count}.
     """
-    from multitoken.decoding.api import generate
+    from multitoken.decoding import generate
 
     eos = tokenizer.eos_id
     hits = 0

