@@ -29,6 +29,9 @@ def parallel_info():
     return DistInfo()
 
 
+LOADER = {"epoch": 0, "pos": 3, "seed": 0, "seq_len": 8, "global_batch_size": 2, "n_tokens": 100}
+
+
 def test_optimizer_state_round_trip_is_exact(tmp_path):
     from conftest import tiny_model
 
@@ -37,9 +40,9 @@ def test_optimizer_state_round_trip_is_exact(tmp_path):
     names = {id(p): n for n, p in model.named_parameters()}
     saved = gather_optimizer(model, opt, names, parallel_info(), fsdp=False)
     folder = ckpt.save_checkpoint(tmp_path, 2, ckpt.model_state(model), saved, {"torch": torch.get_rng_state()},
-                                  {"loader": {"pos": 3}})
+                                  {"loader": LOADER})
     loaded = ckpt.load_checkpoint(folder)
-    assert loaded["step"] == 2 and loaded["state"]["loader"] == {"pos": 3}
+    assert loaded["step"] == 2 and loaded["state"]["loader"] == LOADER
     fresh = torch.optim.AdamW(param_groups(model, 0.1), lr=1e-3, betas=(0.9, 0.95))
     load_optimizer(model, fresh, loaded["optimizer"], names, fsdp=False)
     a, b = opt.state_dict(), fresh.state_dict()

@@ -123,12 +123,13 @@ def test_errors(tmp_path: Path) -> None:
 
 
 def test_cli(corpora: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["prepare", "--corpus", str(corpora["jsonl"]), "--field", "body", "--tokenizer", "bytes", "--out", str(tmp_path), "--quiet"]
+    data = tmp_path / "data"
+    argv = ["prepare", "--corpus", str(corpora["jsonl"]), "--field", "body", "--tokenizer", "bytes", "--out", str(data), "--quiet"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert out.startswith(f"prepared {tmp_path}") and "train" in out and "val" in out
-    assert main(argv) == 0 and capsys.readouterr().out.startswith(f"reused {tmp_path}")
-    assert json.loads((tmp_path / "meta.json").read_text())["corpus_kind"] == "jsonl"
+    assert out.startswith(f"prepared {data}") and "train" in out and "val" in out
+    assert main(argv) == 0 and capsys.readouterr().out.startswith(f"reused {data}")
+    assert json.loads((data / "meta.json").read_text())["corpus_kind"] == "jsonl"
     assert main(["prepare", "--corpus", str(tmp_path / "nope"), "--tokenizer", "bytes", "--out", str(tmp_path / "x")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: corpus") and err.count("\n") == 1

@@ -320,14 +320,19 @@ def parse_schedule(spec: str | float | list) -> list[tuple[int, float]]:
             out = [(int(SCHEDULE_STEP.check("schedule step", s)), float(SCHEDULE_VALUE.check("schedule value", v)))
                    for s, v in pairs]
         else:
-            for part in str(spec).split(","):
-                value, _, step = part.strip().partition("@")
+            for i, part in enumerate(str(spec).split(",")):
+                value, at, step = part.strip().partition("@")
+                if (at or i) and not step:  # "0.1@" or a later value without its step
+                    raise ValueError(f"{part.strip()!r} names no step")
                 out.append((int(SCHEDULE_STEP.parse(step)) if step else 0, float(SCHEDULE_VALUE.parse(value))))
     except (ValueError, TypeError) as e:
         raise UserError(f"schedule {spec!r}: {usage} ({e})") from None
     if not out:
         raise UserError(f"schedule {spec!r}: {usage}")
-    out.sort()
+    steps = [s for s, _ in out]
+    if any(b <= a for a, b in zip(steps, steps[1:])) or (len(out) > 1 and steps[1] == 0):
+        raise UserError(f"schedule {spec!r}: steps must increase, each named once (the first value holds from step 0), "
+                        f"e.g. 0.3,0.1@5,0.05@30")
     if out[0][0] != 0:
         out.insert(0, (0, out[0][1]))
     return out

@@ -62,7 +62,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-steps", type=ints(1), default=None, help="train at most this many steps in this invocation")
     p.add_argument("--whole-runs", action="store_true",
                    help="with --max-minutes: do not begin a run that would not finish in time at the speed measured so far")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, out_kind="ablate")
 
 
 def _axes(text: str) -> tuple[str, ...]:

@@ -20,6 +20,7 @@ from multitoken.checks import MAX_NEW_TOKENS, SAMPLING_RANGES
 from multitoken.cli.options import device_arg, dtype_arg, floats, ints, listed, option, path_arg
 from multitoken.config import MAX_SEQ_LEN, PRESETS, HeadsConfig
 from multitoken.errors import UserError
+from multitoken.io import outdir
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +83,7 @@ def register_decode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--dtype", default="auto", type=dtype_arg, metavar="auto|bfloat16|float16|float32",
                    help="auto: bfloat16 on CUDA, float32 on the CPU (aliases bf16, fp16, fp32)")
     p.add_argument("--out", default="bench-decode", type=path_arg, help="folder for decode.json and decode.png")
-    p.set_defaults(func=run_decode)
+    p.set_defaults(func=run_decode, out_kind="bench")
 
 
 def run_decode(args: argparse.Namespace) -> int:
@@ -94,8 +95,7 @@ def run_decode(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: name a folder for decode.json and decode.png")
+    outdir.check(out, "bench")  # before the slow part
     model, tok, run_dir, desc = decode.load_model(args)
     t0 = time.perf_counter()
     data = dict(command="multitoken " + " ".join(getattr(args, "argv", sys.argv[1:])), model=desc, dtype=args.dtype,
@@ -107,8 +107,8 @@ def run_decode(args: argparse.Namespace) -> int:
     data.update(decode.bench(model, tok, run_dir, args))
     data["relative_step_costs"] = decode.relative_step_costs(data["step_costs_s"])
     data["seconds"] = time.perf_counter() - t0
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "decode.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    outdir.claim(out, "bench")  # never a user's decode.json, nor a training run's folder
+    outdir.write_text(out / "decode.json", json.dumps(data, indent=1, default=str) + "\n")
     decode.plot(data, out / "decode.png")
     print(decode.table(data))
     print(f"wrote {out / 'decode.json'} and {out / 'decode.png'}")
@@ -135,7 +135,7 @@ def register_train(sub: argparse._SubParsersAction) -> None:
                    help="dense bf16 peak of the device, for MFU (989 for an H100/H200)")
     p.add_argument("--device", default="auto", type=device_arg, help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--out", default="bench-train", type=path_arg, help="folder for train.json and train.png")
-    p.set_defaults(func=run_train)
+    p.set_defaults(func=run_train, out_kind="bench")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -147,8 +147,7 @@ def run_train(args: argparse.Namespace) -> int:
     if "none" not in specs:
         specs.insert(0, "none")
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is a file: name a folder for train.json and train.png")
+    outdir.check(out, "bench")
     device = torch.device(args.device)
     results = []
     for spec in specs:
@@ -165,8 +164,8 @@ def run_train(args: argparse.Namespace) -> int:
                 machine=dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
                              torch=torch.__version__, python=platform.python_version()),
                 date=time.strftime("%Y-%m-%d"), results=results)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train.json").write_text(json.dumps(data, indent=1) + "\n")
+    outdir.claim(out, "bench")
+    outdir.write_text(out / "train.json", json.dumps(data, indent=1) + "\n")
     train.plot(data, out / "train.png")
     print(train.table(data))
     print(f"wrote {out / 'train.json'} and {out / 'train.png'}")

@@ -30,7 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default=None, type=path_arg, metavar="PATH", help="tokenizer to use when the folder has none")
     p.add_argument("--max-seq-len", type=ints(1, MAX_SEQ_LEN), default=None, metavar="N",
                    help="shorter context than the checkpoint's max_position_embeddings (sizes the static KV cache; positions < N unchanged)")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, out_kind="convert")
 
 
 def run(args: argparse.Namespace) -> int:

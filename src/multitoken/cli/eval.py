@@ -34,7 +34,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     check_same_tokenizer(args.run, args.data, f"evaluate on data prepared with the run's tokenizer "
                          f"(`multitoken prepare --tokenizer {Path(args.run) / 'tokenizer.json'} ...`)")
-    model, _ = load_run(args.run, device=device, with_tokenizer=False)
+    # the run's tokenizer is checked against its recorded fingerprint (eval reads the data's, not it)
+    model, _ = load_run(args.run, device=device, with_tokenizer=(Path(args.run) / "tokenizer.json").is_file())
     seq_len = args.seq_len or read_json(Path(args.run) / CONFIG_FILE).get("train", {}).get("seq_len", 0)
     seq_len = min(seq_len or 256, model.config.max_seq_len)
     result = evaluate(model, args.data, args.batches, batch_size=args.batch_size, seq_len=seq_len, device=device)

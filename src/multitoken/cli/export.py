@@ -15,7 +15,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--run", required=True, type=path_arg, metavar="RUN_DIR", help="run directory to export")
     e.add_argument("--out", required=True, type=path_arg, metavar="HF_DIR", help="folder to write")
     e.add_argument("--model-type", choices=SUPPORTED_TYPES, default=None, help="config model_type (default: the source's, else llama/qwen2)")
-    e.set_defaults(func=run)
+    e.set_defaults(func=run, out_kind="export")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -78,7 +78,10 @@ def read_prompts(args: argparse.Namespace) -> tuple[list[str], bool]:
         path = Path(args.prompt_file)
         if not path.is_file():
             raise UserError(f"--prompt-file {path} not found: give an existing text file")
-        prompts, batch = [path.read_text()], False
+        try:
+            prompts, batch = [path.read_text(encoding="utf-8")], False
+        except UnicodeDecodeError as e:
+            raise UserError(f"--prompt-file {path} is not UTF-8 text (byte {e.start}): save it as UTF-8") from None
     else:
         name = args.prompts
         missing = UserError("no prompt: give --prompt TEXT, --prompt-file FILE, --prompts FILE, or pipe prompts on stdin")

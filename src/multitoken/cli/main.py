@@ -7,6 +7,8 @@ named setting (`BadValue`) is worded with the setting's option name. A bad optio
 such line too (``error: multitoken train: argument --lr: ...``), not argparse's usage block;
 `main` returns the exit status in every case and never raises SystemExit.
 
+A subcommand that writes an ``--out`` folder sets ``out_kind`` (its `outdir.KINDS` key); `main`
+holds that folder's lock while the command runs, so a second process on it is refused in one line.
 ``--help`` is fast: `main` imports only the module of the subcommand it runs (torch included);
 the others are listed from `COMMANDS` alone, so ``multitoken --help`` imports no torch at all.
 Messages go through `logging` (``--log-level`` or ``MULTITOKEN_LOG_LEVEL``; default info) to
@@ -16,6 +18,7 @@ stderr; results go to stdout.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -151,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.func(args) or 0)
+        with out_lock(args):
+            return int(args.func(args) or 0)
     except BadValue as e:
         print(f"error: {e.as_option()}", file=sys.stderr)
         return 2
@@ -161,6 +165,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def out_lock(args: argparse.Namespace) -> typing.ContextManager[object]:
+    """The lock on the command's ``--out`` (none for commands that write no folder, and none on
+    the other ranks of a torchrun job, whose rank 0 holds it)."""
+    kind = getattr(args, "out_kind", None)
+    if kind is None or getattr(args, "out", None) is None or int(os.environ.get("RANK", "0") or 0) != 0:
+        return contextlib.nullcontext()
+    from multitoken.io import outdir
+
+    return outdir.locked(args.out, kind)
 
 
 if __name__ == "__main__":

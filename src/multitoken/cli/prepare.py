@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--include-tests", action="store_true", help=f"{STDLIB}: keep the test folders")
     p.add_argument("--force", action="store_true", help="rebuild even if DATA_DIR already holds this prepare")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, out_kind="prepare")
 
 
 def run(args: argparse.Namespace) -> int:

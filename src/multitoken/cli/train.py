@@ -35,7 +35,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="stop with a checkpoint once this much time has passed (resume later); time-boxed jobs")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_dataclass_arguments(p, TrainConfig, TRAIN_RANGES)
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, out_kind="train")
 
 
 def run(args: argparse.Namespace) -> int:

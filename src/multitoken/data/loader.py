@@ -144,8 +144,14 @@ class TokenLoader:
             if state[key] != mine:
                 raise UserError(f"cannot resume the data loader: it was saved with {key}={state[key]}, this run has {mine}; "
                                 "resume with the same data and settings")
-        self.epoch, self.pos = int(state["epoch"]), int(state["pos"])
-        self._epoch_starts = self._starts(self.epoch)
+        epoch, pos = state["epoch"], state["pos"]
+        if not (isinstance(epoch, int) and isinstance(pos, int) and epoch >= 0 and pos >= 0):
+            raise UserError(f"cannot resume the data loader: epoch {epoch!r} and position {pos!r} are not counts")
+        starts = self._starts(epoch)
+        if pos > len(starts):  # past the epoch's end: `_take` would never reach it (it used to spin forever)
+            raise UserError(f"cannot resume the data loader: position {pos} is past the {len(starts)} windows of "
+                            f"epoch {epoch}; the checkpoint's state.json is damaged")
+        self.epoch, self.pos, self._epoch_starts = epoch, pos, starts
 
     # ---- validation ---------------------------------------------------------------------------
 

@@ -95,6 +95,8 @@ def prepare(
     train, val = split_documents(docs, val_fraction)
     _check_split_docs(source, len(docs), train, val, val_fraction)  # before the tokenizer trains on the train split
     seconds["read"] = time.perf_counter() - t
+    # A tokenizer read from a path fails here, before `out` changes; bpe:N trains below.
+    loaded = None if tokenizer.startswith("bpe:") else Tokenizer.from_spec(tokenizer)
     # Only now, with a corpus that can be prepared, does anything in `out` change.
     outdir.claim(out, "prepare")  # the ownership marker first: a killed prepare leaves a folder we still own
     outdir.remove_temporaries(out, DATA_FILES, fixed=[f"{s}.bin.tmp" for s in SPLITS])  # a killed run's leftovers
@@ -103,7 +105,7 @@ def prepare(
     t = time.perf_counter()
     if tokenizer.startswith("bpe:"):
         say(f"training {tokenizer} on {len(train)} train documents ({sum(len(d.text) for d in train) / 1e6:.1f}M characters)")
-    tok = Tokenizer.from_spec(tokenizer, train_texts=(d.text for d in train), length=len(train))
+    tok = loaded or Tokenizer.from_spec(tokenizer, train_texts=(d.text for d in train), length=len(train))
     seconds["tokenizer"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -158,9 +160,39 @@ def load_meta(data_dir: str | Path) -> dict[str, Any]:
         meta = json.loads(f.read_text(encoding="utf-8"))
     except ValueError:
         raise UserError(f"{f} is not valid JSON: {fix} --force") from None
-    if meta.get("format") != FORMAT:
-        raise UserError(f"{d} was prepared in format {meta.get('format')}, this multitoken reads {FORMAT}: {fix} --force")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+        raise UserError(f"{d} was prepared in format {found}, this multitoken reads {FORMAT}: {fix} --force")
+    check_meta(meta, d, f"{fix} --force")
     return meta
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def check_meta(meta: dict[str, Any], d: Path, fix: str) -> None:
+    """Refuse a hand-edited ``meta.json`` whose fields would be trusted: every split present, its
+    shard the one `prepare` names (never another split's file nor a path outside DATA_DIR), and
+    counts that are whole numbers agreeing with the shard headers."""
+    where = f"{d / META_FILE}"
+    vocab, eos = meta.get("vocab_size"), meta.get("eos_id")
+    if not (_count(vocab) and vocab > 0 and _count(eos) and eos < vocab):
+        raise UserError(f"{where}: vocab_size {vocab!r} / eos_id {eos!r} are not a vocabulary size and an id in it: {fix}")
+    splits = meta.get("splits")
+    if not isinstance(splits, dict) or not all(isinstance(splits.get(s), dict) for s in SPLITS):
+        raise UserError(f"{where}: 'splits' must hold {' and '.join(SPLITS)} (found {str(splits)[:60]!r}): {fix}")
+    for split in SPLITS:
+        entry = splits[split]
+        if entry.get("file") != f"{split}.bin":
+            raise UserError(f"{where}: splits.{split}.file is {entry.get('file')!r}, not {split}.bin: {fix}")
+        for key in ("tokens", "docs"):
+            if not _count(entry.get(key)):
+                raise UserError(f"{where}: splits.{split}.{key} is {entry.get(key)!r}, not a count: {fix}")
+        shard = d / entry["file"]
+        if shard.is_file() and read_header(shard).count != entry["tokens"]:
+            raise UserError(f"{where}: splits.{split}.tokens is {entry['tokens']}, but {shard.name} holds "
+                            f"{read_header(shard).count} tokens: {fix}")
 
 
 def load_tokenizer(data_dir: str | Path) -> Tokenizer:

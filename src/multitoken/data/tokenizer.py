@@ -161,11 +161,14 @@ class Tokenizer:
         except Exception as e:  # the Rust parser's message says what is wrong in the file
             raise UserError(f"{p} is not a readable tokenizer.json ({e}): point --tokenizer at a tokenizer.json, model folder or .gguf") from None
         cfg = _read_hf_config(p.parent)
-        eos = eos_token or cfg.get("eos_token") or _eos_from_ids(tok, p.parent) or _first_in_vocab(tok, EOS_CANDIDATES)
+        eos = eos_token or _hf_token(cfg.get("eos_token"), p.parent) or _eos_from_ids(tok, p.parent) \
+            or _first_in_vocab(tok, EOS_CANDIDATES)
         if eos is None:
             raise UserError(f"cannot tell which token of {p} ends a document: add a tokenizer_config.json with eos_token, or pass eos_token")
         kind = cfg.get("multitoken_kind") if cfg.get("multitoken_kind") in ("bpe", "bytes") else "pretrained"
-        return cls(tok, eos, kind, bos_token=cfg.get("bos_token"), chat_template=cfg.get("chat_template"))
+        chat = cfg.get("chat_template")
+        return cls(tok, eos, kind, bos_token=_hf_token(cfg.get("bos_token"), p.parent),
+                   chat_template=chat if isinstance(chat, str) else None)
 
     @classmethod
     def _from_transformers(cls, folder: Path, eos_token: str | None, gguf_file: str | None = None) -> "Tokenizer":
@@ -408,6 +411,8 @@ def _read_hf_config(folder: Path) -> dict[str, Any]:
         cfg = json.loads(f.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
+    if not isinstance(cfg, dict):
+        raise UserError(f"{f} holds {type(cfg).__name__}, not an object of settings: fix or remove it")
     for key in ("eos_token", "bos_token"):
         v = cfg.get(key)
         cfg[key] = v.get("content") if isinstance(v, dict) else v  # older configs store AddedToken dicts
@@ -422,13 +427,24 @@ def _eos_from_ids(tok: _RustTokenizer, folder: Path) -> str | None:
             continue
         try:
             i = json.loads(f.read_text(encoding="utf-8")).get("eos_token_id")
-        except (OSError, ValueError):
+        except (OSError, ValueError, AttributeError):  # unreadable, or not an object
             continue
         if isinstance(i, list) and i:
             i = i[0]
         if isinstance(i, int) and tok.id_to_token(i) is not None:
             return tok.id_to_token(i)
     return None
+
+
+def _hf_token(value: Any, folder: Path) -> str | None:
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken object
+    ``{"content": ...}``; anything else (``"eos_token": 5``) is a one-line error naming the file."""
+    if value is None or isinstance(value, str):
+        return value or None
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    raise UserError(f"{folder / 'tokenizer_config.json'}: a special token is {value!r}, not the token's text "
+                    f'(write "eos_token": "<|endoftext|>"): fix the file')
 
 
 def _first_in_vocab(tok: _RustTokenizer, candidates: Sequence[str]) -> str | None:

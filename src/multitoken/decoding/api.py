@@ -37,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import Tensor
 
+from multitoken.decoding.inputs import check_decode_options
 from multitoken.decoding.runner import Runner, backend, bucket
 from multitoken.decoding.sampling import RowSampling, Sampling
 from multitoken.decoding.state import DecodeState, eos_ids, eos_row, prepare_prompts
@@ -252,9 +253,11 @@ class Engine:
         Returns:
             the `Generation`; drive it with `step()` until `done`.
         """
+        V = self.model.config.vocab_size
+        check_decode_options(V, settings.draft, settings.seed, settings.eos_id)
         gen = Generation(self, settings)
         if isinstance(prompts, Tensor) or len(prompts):
-            idx, lengths = prepare_prompts(prompts, self.model.config.max_seq_len)
+            idx, lengths = prepare_prompts(prompts, self.model.config.max_seq_len, vocab_size=V)
             for row, n in zip(idx.tolist(), lengths.tolist()):
                 gen.add(row[:n])
         return gen
@@ -679,7 +682,8 @@ def generate(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", dra
     """
     settings = Settings(max_new_tokens, mode, draft, tree, eos_id, lossy_typical, sync_every,
                         sampling=Sampling(temperature, top_k, top_p), seed=seed)
-    idx, _ = prepare_prompts(prompt_ids, model.config.max_seq_len)
+    check_decode_options(model.config.vocab_size, draft, seed, eos_id)
+    idx, _ = prepare_prompts(prompt_ids, model.config.max_seq_len, vocab_size=model.config.vocab_size)
     _, q, _ = plan(model, settings)
     engine = engine_for(model, idx.shape[0], q + 1, compile, graphs)
     return engine.start(prompt_ids, settings).result()

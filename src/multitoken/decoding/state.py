@@ -18,17 +18,20 @@ import torch
 from torch import Tensor
 
 from multitoken.config import MAX_EOS_IDS
+from multitoken.decoding.inputs import prompt_rows
 from multitoken.errors import UserError
 from multitoken.model.kv_cache import KVCache
 
 
-def prepare_prompts(prompt_ids, max_seq_len: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+def prepare_prompts(prompt_ids, max_seq_len: int, device: torch.device | str = "cpu",
+                    vocab_size: int | None = None) -> tuple[Tensor, Tensor]:
     """Right-pad prompts into (B, T) and return them with their lengths (B,).
 
     Args:
         prompt_ids: a (B, T) LongTensor (every row full length), a list of ints (one prompt)
             or a list of lists (prompts of different lengths).
         max_seq_len: the model's context; every prompt must be shorter.
+        vocab_size: every id must be below it (None: not checked); see `inputs.prompt_rows`.
     Returns:
         (idx (B, T), lengths (B,)) on `device`.
     """
@@ -51,6 +54,8 @@ def prepare_prompts(prompt_ids, max_seq_len: int, device: torch.device | str = "
     if not all(isinstance(r, (list, tuple)) and all(isinstance(t, Integral) and not isinstance(t, bool) and t >= 0 for t in r)
                for r in rows):
         raise UserError("prompts must be lists of non-negative integer token ids (one list per prompt)")
+    if vocab_size is not None:
+        rows = prompt_rows(rows, vocab_size)  # an id past the vocabulary names itself, not an IndexError
     if not rows or any(len(r) == 0 for r in rows):
         raise UserError("empty prompt: give at least one token of prompt text")
     longest = max(len(r) for r in rows)

@@ -3,7 +3,8 @@
 A RUN_DIR holds what `train`, `convert` or a retrofit produced and what `eval`, `generate` and
 `export` read:
 
-    config.json        {"model": ModelConfig as a dict, ...anything else the writer records}
+    config.json        {"model": ModelConfig as a dict (complete), "tokenizer_sha256" (train: under
+                       "data"), ...anything else the writer records}
     model.safetensors  the weights (tied LM head stored once, as embed_tokens.weight)
     tokenizer.json     the tokenizer (or what `Tokenizer.save` writes)
     .multitoken.json   the ownership marker (see outdir.py): which command wrote the folder
@@ -16,8 +17,9 @@ or otherwise damaged file is a one-line `UserError` naming it, never a traceback
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 import json
+import logging
 import os
 import re
 from pathlib import Path
@@ -27,9 +29,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from multitoken.config import ModelConfig, from_dict
+from multitoken.config import _FAMILY_DEFAULTS, ModelConfig, from_dict
 from multitoken.errors import UserError
-from multitoken.io.outdir import atomic_write, remove_temporaries, temporary_pattern, write_json
+from multitoken.io.checkpoint_state import check_checkpoint
+from multitoken.io.outdir import SAFETENSORS_TMP, atomic_write, remove_temporaries, temporary_pattern, write_json
 from multitoken.model import Transformer
 
 log = logging.getLogger(__name__)
@@ -95,14 +98,28 @@ def save_run(run_dir: str | Path, model: Transformer, tokenizer=None, extra: dic
     if tokenizer is not None:
         tokenizer.save(run_dir)
     save_weights(run_dir / WEIGHTS_FILE, model)
-    write_json(run_dir / CONFIG_FILE, {"model": model.config.to_dict(), **(extra or {})})
+    recorded = {"tokenizer_sha256": tokenizer.fingerprint()} if tokenizer is not None else {}
+    write_json(run_dir / CONFIG_FILE, {"model": model.config.to_dict(), **recorded, **(extra or {})})
 
 
 def load_config(run_dir: str | Path) -> ModelConfig:
+    """The `ModelConfig` of a run directory (its config.json's complete "model" section)."""
     data = read_json(Path(run_dir) / CONFIG_FILE)
     if not isinstance(data, dict) or "model" not in data:
         raise UserError(f"{Path(run_dir) / CONFIG_FILE} has no 'model' section: not a multitoken run directory")
-    return from_dict(ModelConfig, data["model"])
+    return complete_model_config(data["model"], Path(run_dir) / CONFIG_FILE)
+
+
+def complete_model_config(data: Any, where: str | Path) -> ModelConfig:
+    """A `ModelConfig` from a run's record of it, which must name every field: a missing key would
+    silently take a default (another eos_id, rope_theta, ...) and change every output."""
+    if isinstance(data, dict):
+        # every field but those of newer families, which `to_dict` leaves out at their defaults
+        missing = [f.name for f in dataclasses.fields(ModelConfig) if f.name not in data and f.name not in _FAMILY_DEFAULTS]
+        if missing:
+            raise UserError(f"{where}: the model config lacks {', '.join(missing)}: restore the file (a training run's "
+                            f"checkpoints/step_*/state.json holds a copy) or re-create the run")
+    return from_dict(ModelConfig, data)
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
@@ -127,7 +144,21 @@ def load_run(run_dir: str | Path, device: str | torch.device = "cpu", dtype: tor
         from multitoken.data.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.load(run_dir)
+        check_run_tokenizer(run_dir, tokenizer)
     return model, tokenizer
+
+
+def check_run_tokenizer(run_dir: str | Path, tokenizer) -> None:
+    """Refuse a run whose tokenizer is not the one it was made with: config.json's fingerprint
+    (`Tokenizer.fingerprint`) when it records one (runs written before it was recorded are not
+    checked; generate refuses an id past the model's vocabulary by itself)."""
+    data = read_json(Path(run_dir) / CONFIG_FILE)
+    section = data.get("data") if isinstance(data.get("data"), dict) else {}
+    recorded = section.get("tokenizer_sha256") or data.get("tokenizer_sha256")
+    fix = "restore the run's own tokenizer.json (the DATA_DIR it was trained on holds a copy)"
+    if isinstance(recorded, str) and recorded and tokenizer.fingerprint() != recorded:
+        raise UserError(f"{Path(run_dir)}: its tokenizer is not the one the run was made with (the fingerprint differs "
+                        f"from config.json's {recorded[:12]}): {fix}")
 
 
 # ---- training checkpoints ---------------------------------------------------------------------
@@ -200,6 +231,10 @@ def save_checkpoint(run_dir: str | Path, step: int, weights: dict[str, torch.Ten
     root = Path(run_dir) / CHECKPOINTS_DIR
     folder = root / f"step_{step:08d}"
     folder.mkdir(parents=True, exist_ok=True)
+    foreign = [p.name for p in folder.iterdir() if not _checkpoint_entry(p)]
+    if foreign:  # someone else's files (another run's --out made here?): never mix ours in
+        raise UserError(f"{folder} holds files a checkpoint does not ({', '.join(sorted(foreign)[:3])}): move them "
+                        f"out of the run directory, then resume")
     save_tensors(folder / WEIGHTS_FILE, weights)
     groups: list[dict[str, Any]] = []
     if optimizer is not None:
@@ -245,15 +280,17 @@ def load_checkpoint(folder: str | Path) -> dict[str, Any]:
     """
     folder = Path(folder)
     state = read_json(folder / STATE_FILE)
+    weights, rng = load_tensors(folder / WEIGHTS_FILE), load_tensors(folder / RNG_FILE)
     try:
-        step = int(state["step"])
         optimizer = None
-        if state.get("has_optimizer"):
+        if isinstance(state, dict) and state.get("has_optimizer") is True:
             optimizer = optimizer_from_flat(load_tensors(folder / OPTIMIZER_FILE), state["optimizer_param_groups"])
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-        raise UserError(f"{folder} is damaged ({type(e).__name__}: {e}): delete it to resume from the previous checkpoint") from None
-    return {"step": step, "weights": load_tensors(folder / WEIGHTS_FILE), "optimizer": optimizer,
-            "rng": load_tensors(folder / RNG_FILE), "state": state}
+        check_checkpoint(int(folder.name.removeprefix("step_")), state, weights, optimizer, rng,
+                         (folder / OPTIMIZER_FILE).is_file())
+    except (KeyError, TypeError, ValueError, AttributeError, UserError) as e:
+        reason = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
+        raise UserError(f"{folder} is damaged ({reason}): delete it to resume from the previous checkpoint") from None
+    return {"step": state["step"], "weights": weights, "optimizer": optimizer, "rng": rng, "state": state}
 
 
 def load_latest_checkpoint(run_dir: str | Path, warn: Callable[[str], None] | None = None) -> dict[str, Any] | None:
@@ -306,6 +343,7 @@ def checkpoint_run_config(run_dir: str | Path) -> dict[str, Any] | None:
 # The names save_checkpoint writes; cleanup and pruning delete these and nothing else.
 _STEP_DIR = re.compile(r"step_\d{8}")
 _CHECKPOINT_FILES = (WEIGHTS_FILE, OPTIMIZER_FILE, RNG_FILE, STATE_FILE)
+_CHECKPOINT_TMP = temporary_pattern(_CHECKPOINT_FILES)
 _TRASH_PREFIX = ".deleting-"
 
 
@@ -329,13 +367,17 @@ def remove_stale_temporaries(run_dir: str | Path, run_files: tuple[str, ...] = (
     return n
 
 
+def _checkpoint_entry(p: Path) -> bool:
+    """Whether `p` is a file `save_checkpoint` writes, or a temporary of one (ours or safetensors')."""
+    return p.is_file() and not p.is_symlink() and (p.name in _CHECKPOINT_FILES or bool(_CHECKPOINT_TMP.fullmatch(p.name))
+                                                   or bool(SAFETENSORS_TMP.fullmatch(p.name)))
+
+
 def _remove_checkpoint(folder: Path, rename: bool = True) -> bool:
     """Delete a checkpoint folder that holds only what `save_checkpoint` writes (and its
     temporaries); a folder with anything else in it is left alone. Returns whether it went."""
-    tmp = temporary_pattern(_CHECKPOINT_FILES)
     entries = list(folder.iterdir())
-    if any(not (p.is_file() and not p.is_symlink() and (p.name in _CHECKPOINT_FILES or tmp.fullmatch(p.name)))
-           for p in entries):
+    if not all(_checkpoint_entry(p) for p in entries):
         return False
     # Rename first so that a kill halfway never leaves a half-deleted folder under a checkpoint name.
     trash = folder.with_name(f"{_TRASH_PREFIX}{folder.name}") if rename else folder

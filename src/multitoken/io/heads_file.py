@@ -60,7 +60,11 @@ def heads_info(path: str | Path) -> dict[str, Any]:
         raise UserError(f"{path} is not a readable safetensors file ({type(e).__name__}): restore it or write it again") from None
     if meta.get("format") != HEADS_FORMAT:
         raise UserError(f"{path} is not a multitoken heads file (format {meta.get('format')!r}): give a file written by save_heads")
-    return {**meta, "info": json.loads(meta.get("info") or "{}")}
+    try:
+        info = json.loads(meta.get("info") or "{}")
+    except ValueError:
+        raise UserError(f"{path}: its 'info' metadata is not JSON: write the file again with save_heads") from None
+    return {**meta, "info": info}
 
 
 def attach_heads(run_dir: str | Path, heads_file: str | Path, max_seq_len: int | None = None) -> tuple[Transformer, Any]:

@@ -38,12 +38,14 @@ Every export's config.json also has a ``multitoken`` dict (``{"format": 1, "head
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from multitoken.config import HeadsConfig, ModelConfig, RopeScaling
@@ -389,9 +391,13 @@ def read_safetensors_folder(folder: Path) -> dict[str, torch.Tensor]:
         raise UserError(f"{folder} has no .safetensors weights: point --hf at a Hugging Face model folder")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        with safe_open(str(f), framework="pt") as sf:
-            for k in sf.keys():
-                state[k] = sf.get_tensor(k)
+        try:
+            with safe_open(str(f), framework="pt") as sf:
+                for k in sf.keys():
+                    state[k] = sf.get_tensor(k)
+        except (SafetensorError, OSError) as e:  # garbage or truncated: one line naming the file
+            reason = (str(e).splitlines() or [type(e).__name__])[0]
+            raise UserError(f"{f} is damaged ({reason}): restore the model folder's weights") from None
     return state
 
 
@@ -442,13 +448,19 @@ def load_hf(hf_dir: str | Path, heads: HeadsConfig | None = None, tokenizer: str
     if not (hf_dir / "config.json").is_file():
         raise UserError(f"{hf_dir} has no config.json: point --hf at a Hugging Face model folder (or use --gguf for a .gguf file)")
     hf = read_json(hf_dir / "config.json")
+    if not isinstance(hf, dict):
+        raise UserError(f"{hf_dir / 'config.json'} holds {type(hf).__name__}, not an object: restore the model folder's config.json")
     gen = hf_dir / "generation_config.json"
-    if gen.is_file():  # instruct models list their end-of-turn ids there (Llama-3.x, Gemma-3)
-        hf = {**hf, "eos_token_id": list(dict.fromkeys(eos_ids_from_hf(hf) + eos_ids_from_hf(read_json(gen))))}
+    with _config_errors(hf_dir / "config.json"):
+        if gen.is_file():  # instruct models list their end-of-turn ids there (Llama-3.x, Gemma-3)
+            hf = {**hf, "eos_token_id": list(dict.fromkeys(eos_ids_from_hf(hf) + eos_ids_from_hf(read_json(gen))))}
     state = read_safetensors_folder(hf_dir)
-    model_heads, fresh = _resolve_heads(heads_from_hf(hf), heads, str(hf_dir))
-    tok = _load_tokenizer(hf_dir, _config_eos(hf), tokenizer)
-    cfg = config_from_hf(hf, model_heads, eos_id=tok.eos_id)
+    with _config_errors(hf_dir / "config.json"):
+        model_heads, fresh = _resolve_heads(heads_from_hf(hf), heads, str(hf_dir))
+        eos = _config_eos(hf)
+    tok = _load_tokenizer(hf_dir, eos, tokenizer)
+    with _config_errors(hf_dir / "config.json"):
+        cfg = config_from_hf(hf, model_heads, eos_id=tok.eos_id)
     model = build_model(cfg, state_from_hf(state, cfg, fresh), fresh)
     if max_seq_len:
         limit_context(model, max_seq_len)
@@ -496,6 +508,17 @@ def convert_hf(hf_dir: str | Path, out: str | Path, dtype: str | None = None, he
     if dtype is None:
         dtype = "bf16" if hf["_all_bf16"] else "fp32"
     return _save(model, tok, out, dtype, source={"format": "hf", "path": str(hf_dir.resolve()), "model_type": hf["model_type"]})
+
+
+@contextlib.contextmanager
+def _config_errors(path: Path) -> Iterator[None]:
+    """A missing key or a value of the wrong type in a Hugging Face config.json as one line naming it."""
+    try:
+        yield
+    except KeyError as e:
+        raise UserError(f"{path} lacks {e}: restore the model folder's config.json") from None
+    except (TypeError, ValueError, AttributeError) as e:
+        raise UserError(f"{path} holds a value of the wrong kind ({e}): restore the model folder's config.json") from None
 
 
 def convert_gguf(gguf_file: str | Path, out: str | Path, dtype: str | None = None, heads: HeadsConfig | None = None,

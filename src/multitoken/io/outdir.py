@@ -9,19 +9,28 @@ section parses as a `ModelConfig` and carries the section its command writes ("t
 does not pass that test: `ModelConfig` rejects every key it does not know. Anything else is
 refused with a one-line error, so a user's files are never overwritten or deleted.
 
+An ``--out`` inside a folder of ours (``run1/checkpoints/step_00000006``) is refused too, except
+where a command nests its own folders (a study's runs, a retrofit's features). While a command
+writes a folder it holds an exclusive lock on ``.multitoken.lock`` in it (`locked`), so a second
+process on the same ``--out`` is refused in one line instead of interleaving its files.
+
 Deletion only ever hits temporaries we create, by their exact names, in folders we own:
 ``.NAME.XXXXXXXX.tmp`` (what `atomic_write` makes for file NAME through `tempfile.mkstemp`) for
-the names a command writes, never a recursive sweep. This module imports no torch, so the data
-side (tokenizer, prepare) shares the one implementation of atomic writes.
+the names a command writes, and safetensors' own ``.tmpXXXXXX`` (its writer renames that onto
+our temporary; a kill in between leaves it), never a recursive sweep. Files are written with the
+mode ``open()`` would give them (0666 less the umask), not mkstemp's 0600. This module imports
+no torch, so the data side (tokenizer, prepare) shares the one implementation of atomic writes.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, Callable
 
@@ -29,6 +38,9 @@ from multitoken.errors import UserError
 
 MARKER_FILE = ".multitoken.json"
 MARKER_FORMAT = 1
+LOCK_FILE = ".multitoken.lock"
+# safetensors' writer makes ".tmp" + 6 letters/digits beside the file it writes (the tempfile crate).
+SAFETENSORS_TMP = re.compile(r"\.tmp[A-Za-z0-9]{6}")
 
 # What each command's folder is called in messages, and what the fix is when --out is not one.
 KINDS = {
@@ -39,8 +51,19 @@ KINDS = {
     "export": "a folder written by `multitoken export`",
     "features": "a backbone feature set of `multitoken retrofit`",
     "ablate": "a study folder of `multitoken ablate`",
+    "bench": "a results folder of `multitoken bench`",
     "results": "a results folder of `multitoken ablate --results`",
 }
+BENCH_FILES = ("decode.json", "decode.png", "train.json", "train.png")
+# (parent kind, kind): folders a command nests inside its own; any other --out inside a folder of ours is refused.
+NESTED = {("ablate", "train"), ("retrofit", "features")}
+
+
+def file_mode() -> int:
+    """The mode ``open()`` gives a new file: 0666 less the process umask."""
+    mask = os.umask(0o022)  # reading the umask means setting it; put it straight back
+    os.umask(mask)
+    return 0o666 & ~mask
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -55,6 +78,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, file_mode())  # mkstemp (and safetensors) make 0600 files: give what open() would
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -82,13 +106,15 @@ def temporary_pattern(names: Iterable[str]) -> re.Pattern[str]:
 
 def remove_temporaries(folder: str | Path, names: Iterable[str], fixed: Iterable[str] = ()) -> int:
     """Delete the leftover temporaries of files `names` in `folder` itself (not in subfolders),
-    plus the exact file names in `fixed`. Returns how many files went."""
+    safetensors' own ``.tmpXXXXXX`` ones, plus the exact file names in `fixed`. Returns how many
+    files went."""
     folder = Path(folder)
     if not folder.is_dir():
         return 0
     pattern, fixed, n = temporary_pattern(names), set(fixed), 0
     for p in folder.iterdir():
-        if (pattern.fullmatch(p.name) or p.name in fixed) and p.is_file() and not p.is_symlink():
+        if (pattern.fullmatch(p.name) or SAFETENSORS_TMP.fullmatch(p.name) or p.name in fixed) and p.is_file() \
+                and not p.is_symlink():
             p.unlink()
             n += 1
     return n
@@ -112,13 +138,14 @@ def check(folder: str | Path, kind: str, option: str = "--out") -> None:
     Nothing is written: safe to call on every process of a distributed job.
     """
     folder = Path(folder)
+    _check_parents(folder, kind, option)
     if not folder.exists():
         if folder.is_symlink():
             raise UserError(f"{option} {folder} is a broken link: choose a new folder")
         return
     if not folder.is_dir():
         raise UserError(f"{option} {folder} is a file: give a folder (a new or empty one)")
-    entries = sorted(p.name for p in folder.iterdir())
+    entries = sorted(p.name for p in folder.iterdir() if p.name != LOCK_FILE)
     if not entries:
         return
     found = owner(folder)
@@ -142,6 +169,70 @@ def claim(folder: str | Path, kind: str, option: str = "--out") -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def locked(folder: str | Path, kind: str, option: str = "--out") -> Iterator[Path]:
+    """`check` `folder`, create it and hold an exclusive lock on it while the block runs, so that a
+    second process writing the same folder is refused in one line. The lock file goes again at the
+    end, and so does a folder this call created that is still empty (the command failed early).
+
+    Yields:
+        The folder.
+    """
+    folder = Path(folder)
+    check(folder, kind, option)
+    created = not folder.exists()
+    lock = folder / LOCK_FILE
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = _acquire(lock, folder, option)
+    except OSError as e:
+        raise UserError(f"{option} {folder}: cannot write there ({e.strerror}): choose a folder you can write") from None
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()}, multitoken {kind}\n".encode(), 0)
+        yield folder
+    finally:
+        with contextlib.suppress(OSError):
+            lock.unlink()  # while still holding it: `_acquire` retries when the file it locked went
+        os.close(fd)
+        if created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only succeeds when empty
+
+
+def _acquire(lock: Path, folder: Path, option: str) -> int:
+    """An open descriptor holding the exclusive lock on `lock`, or a one-line `UserError` naming the
+    holder. A lock file unlinked by its releasing holder between our open and our lock is retried."""
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, file_mode())
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            os.close(fd)
+            raise UserError(f"{option} {folder} is in use by another multitoken process ({holder}): wait for it to "
+                            f"finish or choose another folder") from None
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            return fd
+        os.close(fd)
+
+
+def _check_parents(folder: Path, kind: str, option: str) -> None:
+    """Refuse a `folder` inside a folder of ours (other than the nestings of `NESTED`)."""
+    for parent in folder.absolute().parents:
+        if not (parent / MARKER_FILE).is_file() and not (parent / "config.json").is_file() \
+                and not (parent / "meta.json").is_file():
+            continue  # cheap test first: most parents are not ours
+        found = owner(parent)
+        if found is not None and (found, kind) not in NESTED:
+            raise UserError(f"{option} {folder} is inside {parent}, which is {KINDS[found]}: choose a folder outside it "
+                            f"(its own files would be mixed with this one's)")
+
+
 def _json_or_none(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
@@ -155,6 +246,12 @@ def _legacy_owner(folder: Path) -> str | None:
     if isinstance(meta, dict) and meta.get("format") == 1 and isinstance(meta.get("args"), dict) \
             and meta["args"].get("format") == 1 and isinstance(meta.get("splits"), dict):
         return "prepare"
+    entries = {p.name for p in folder.iterdir()} - {LOCK_FILE}
+    if entries and entries <= set(BENCH_FILES):  # bench results of before the marker: our JSON's "command"
+        results = [_json_or_none(folder / n) for n in sorted(entries) if n.endswith(".json")]
+        if results and all(isinstance(r, dict) and str(r.get("command", "")).startswith("multitoken bench")
+                           for r in results):
+            return "bench"
     features = _json_or_none(folder / "features.json") if (folder / "features.json").is_file() else None
     if isinstance(features, dict) and features.get("format") == 1 and isinstance(features.get("args"), dict) \
             and "kind" in features["args"]:

@@ -36,6 +36,8 @@ class Transformer(nn.Module):
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
+        if not isinstance(config, ModelConfig):
+            raise UserError(f"Transformer needs a ModelConfig (e.g. ModelConfig.from_preset('tiny')), not {type(config).__name__}")
         self.config = config
         self.embed_tokens = ScaledEmbedding(config.vocab_size, config.dim, config.dim ** 0.5 if config.scale_embeddings else 1.0)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))

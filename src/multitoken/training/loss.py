@@ -201,6 +201,8 @@ class MTPLoss:
     def __init__(self, depth: int, weights: list[float] | None = None, mtp_lambda: str | float = 0.3,
                  eos_id: int | None = None, distill: bool = False, chunk_rows: int = 0, kernel: str = "chunked",
                  skip_main: bool = False, compile: bool = False) -> None:
+        if not (isinstance(depth, int) and not isinstance(depth, bool) and depth >= 0):
+            raise UserError(f"MTPLoss depth {depth!r}: give the model's number of extra depths (model.depth)")
         if kernel not in LOSS_KERNELS:
             raise UserError(f"loss kernel {kernel!r}: choose one of {', '.join(LOSS_KERNELS)}")
         if weights is not None and len(weights) != depth + 1:
@@ -241,6 +243,9 @@ class MTPLoss:
                 default `depth_weights(step)`.
         """
         D = len(hiddens) - 1
+        if D != self.depth:
+            raise UserError(f"MTPLoss(depth={self.depth}) was given {D + 1} hidden states (a model of depth {D}): "
+                            f"build it as MTPLoss(model.depth)")
         B, T = window.shape[0], window.shape[1] - 1
         n = B * T
         kernel = self.kernel_on(window.device)

@@ -39,6 +39,7 @@ from multitoken.io import outdir
 from multitoken.io.checkpoint import load_run, read_json, read_safetensors, save_run
 from multitoken.io.outdir import atomic_write, write_json
 from multitoken.model import Transformer
+from multitoken.training.evaluate import check_same_tokenizer
 from multitoken.training.trainer import lr_schedule, optimizer_update
 
 FEATURES_META = "features.json"
@@ -324,6 +325,8 @@ def retrofit(init: str | Path, data_dir: str | Path, heads: HeadsConfig, out: st
     features = Path(features) if features is not None else out / "features"
     outdir.check(features, "features", "--features")
     feature_windows(data_dir, seq_len, tokens, batch_size, seed)  # refuse too little data before writing anything
+    check_same_tokenizer(init, data_dir, f"prepare the data with the --init model's tokenizer "
+                         f"(--tokenizer {Path(init) / 'tokenizer.json'})")
     torch.manual_seed(seed)
     model, tok = add_heads(init, heads, max_seq_len)  # and a missing or damaged --init
     outdir.claim(out, "retrofit")

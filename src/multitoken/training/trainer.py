@@ -384,8 +384,13 @@ def _train(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: P
     t.raw.train()
     try:
         stop = min(stop, cfg.steps)
+        diverged = torch.full((), -1, dtype=torch.long, device=t.device)  # first step with a non-finite loss
         while t.step < stop:
             stats = t.train_step()
+            diverged = first_nonfinite(diverged, stats, t.step)
+            if t.step % cfg.log_every == 0 or t.step == stop or (cfg.eval_every and t.step % cfg.eval_every == 0) \
+                    or (cfg.save_every and t.step % cfg.save_every == 0) or max_minutes is not None:
+                check_finite(diverged, out_dir)  # before anything is logged or saved: NaN never reaches a file
             tokens_done += t.tokens_per_step
             window_tokens += t.tokens_per_step
             if max_minutes is not None and t.step < stop and out_of_time(t0, max_minutes, t.device, info.distributed):
@@ -449,6 +454,9 @@ def start(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: Pa
     if rem or per_rank < 1:
         raise UserError(f"batch_size={cfg.batch_size} must be a multiple of world size x grad_accum = "
                         f"{info.world_size} x {cfg.grad_accum}")
+    if not has_checkpoint and (out_dir / ckpt.WEIGHTS_FILE).is_file():  # trained, then checkpoints/ went
+        raise UserError(f"{out_dir} holds trained weights but no checkpoints/ to continue from: train a new run "
+                        f"from them with --init {out_dir} --out NEW_DIR")
     if has_checkpoint and not resume:
         raise UserError(f"{out_dir} already holds a run: pass --resume to continue it or choose another --out")
     state = ckpt.load_latest_checkpoint(out_dir, warn) if resume else None  # falls back past a damaged latest one
@@ -456,11 +464,14 @@ def start(cfg: TrainConfig, info: parallel.DistInfo, data_dir: Path, out_dir: Pa
         say(f"note: {out_dir} has no checkpoint yet; starting from step 0")
     if state is not None:
         saved = state["state"].get("config") or saved_run_config(out_dir, warn)
-        model_cfg = from_dict(ModelConfig, saved["model"])
+        model_cfg = ckpt.complete_model_config(saved["model"], state["folder"] / ckpt.STATE_FILE)
         check_model_options(cfg, from_dict(TrainConfig, saved["train"]))
         check_resume_tokenizer(tokenizer, out_dir, data_dir, model_cfg)
     else:
         model_cfg = build_model_config(cfg, tokenizer.vocab_size, tokenizer.eos_id)
+        if cfg.init:  # equal sizes are not enough: ids must mean the same text to the --init model
+            check_same_tokenizer(cfg.init, data_dir, f"prepare the data with the --init model's tokenizer "
+                                 f"(--tokenizer {Path(cfg.init) / 'tokenizer.json'})")
     if cfg.seq_len > model_cfg.max_seq_len:
         raise UserError(f"seq_len={cfg.seq_len} exceeds the model's max_seq_len={model_cfg.max_seq_len}: lower --seq-len")
     return tokenizer, model_cfg, state
@@ -652,12 +663,34 @@ class Trainer:
         weights = gather_weights(self.model, self.raw, info, cfg.fsdp)
         optim = gather_optimizer(self.model, self.optimizer, self.names, info, cfg.fsdp)
         loader_state = self.loader.state_dict()
-        if info.is_main:
-            ckpt.save_tensors(out_dir / ckpt.WEIGHTS_FILE, weights)  # what load_run reads: the latest weights
+        if info.is_main:  # the checkpoint first: run weights with no checkpoint mean a finished run lost its own
             ckpt.save_checkpoint(out_dir, self.step, weights, optim, rng_state(self.device),
                                  {"loader": loader_state, "world_size": info.world_size, "config": self.run_config},
                                  cfg.keep_checkpoints)
+            ckpt.save_tensors(out_dir / ckpt.WEIGHTS_FILE, weights)  # what load_run reads: the latest weights
         parallel.barrier()
+
+
+def first_nonfinite(first: torch.Tensor, stats: StepStats, step: int) -> torch.Tensor:
+    """`first`, or `step` when it is still -1 and this step's gradient norm is not finite.
+
+    Stays on the device (no sync per step). The gradient norm is non-finite whenever a rank's loss
+    is, and the same on every rank, so all ranks stop at the same step (a per-depth loss is NaN
+    by design where it is not computed: the main head's under a frozen backbone).
+    """
+    gn = stats.grad_norm.full_tensor() if hasattr(stats.grad_norm, "full_tensor") else stats.grad_norm
+    bad = ~torch.isfinite(gn)
+    return torch.where((first < 0) & bad, torch.full_like(first, step), first)
+
+
+def check_finite(first: torch.Tensor, out_dir: Path) -> None:
+    """Stop (one line) once a step's loss was not finite: RUN_DIR keeps its last good checkpoint."""
+    step = int(first.item())
+    if step >= 0:
+        latest = ckpt.checkpoint_folders(out_dir)
+        kept = f"{out_dir} keeps its checkpoint {latest[0].name}" if latest else "nothing was saved"
+        raise UserError(f"the loss was not finite at step {step} (training diverged): {kept}; lower --lr (or raise "
+                        f"--warmup, set --grad-clip) and train again")
 
 
 def uses_bf16(cfg: TrainConfig, device: torch.device) -> bool:
