@@ -12,7 +12,8 @@ budget and never syncs before the end; otherwise the loop checks every `sync_eve
 CUDA, every step on the CPU, where a check costs nothing). Streaming reads new tokens at those
 same points.
 
-Draft length: with `draft=None` on a runner that measures step costs (CUDA graphs), the loop
+Draft length: with `draft=None` on a runner that measures step costs (CUDA graphs, or timed
+steps on the CPU), the loop
 picks, at each check, the number of drafts k' (0 = plain decoding) that maximises expected
 tokens per second, (1 + sum_{j<=k'} acceptance_j) / cost(k'), from the acceptance measured so
 far and the measured cost of each step; `GenerationStats.chosen_draft` says what it chose.
@@ -182,7 +183,7 @@ def decode(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", draft
     if mode == "tree":
         st.ensure_tree_buffers(model.depth)
     strategy = engine.strategy(mode, k, s, t, lossy_typical)
-    auto = draft is None and k > 0 and runner.graphs
+    auto = draft is None and k > 0 and runner.measures_costs
     stats = GenerationStats(mode=mode, draft=k, batch_size=B, lossless=not (lossy_typical and not s.greedy))
     gen = None
     if seed is not None:
@@ -238,7 +239,7 @@ def decode(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", draft
                                                        st.tally.row_steps[None], st.tally.accepted]).tolist()
                 syncs += 1
                 maxpos, since, done = mp, 0, bool(flag)
-                if auto and not done and strategy.k:
+                if auto and not done and strategy.k and steps % 8 == 0:  # the CPU checks every step: choose less often
                     strategy = choose_draft(engine, strategy, mode, s, t, lossy_typical, maxpos, row_steps, acc)
                     if strategy.k != chosen[-1]:
                         chosen.append(strategy.k)
@@ -317,8 +318,8 @@ def generate(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", dra
         prompt_ids: (B, T) LongTensor, a list of ints, or a list of lists of different lengths.
         max_new_tokens: most tokens per row (also capped by the context).
         mode: "ntp" (plain), "spec" (chain self-speculative) or "tree" (tree self-speculative).
-        draft: drafted tokens per step, at most model.depth. None: all heads, and on CUDA graphs
-            the loop may run fewer (0 included) where the measured costs say they pay more.
+        draft: drafted tokens per step, at most model.depth. None: all heads, and where step costs
+            are measured (CUDA graphs, the CPU) the loop may run fewer (0 included) where they pay more.
         temperature, top_k, top_p: sampling; temperature 0 = greedy. Speculative modes stay
             exact: greedy output equals plain greedy, sampling has plain sampling's distribution.
         seed: seeds a torch.Generator for sampling (None: the global RNG).
