@@ -139,15 +139,14 @@ class DecodeState:
         self.cache = KVCache.for_model(cfg, B, L + scratch, dtype, dev)
         self.emitter = Emitter(B, L, scratch, dev)
         self.tally = Tally(k, dev)
-        self.x = torch.zeros(B, dtype=torch.long, device=dev)  # the pending token (emitted, not yet in the cache)
-        self.drafts = torch.zeros(B, k, dtype=torch.long, device=dev)
+        # The fed tokens of a chain step, [x, d_1..d_k]: x (the pending token, emitted, not yet in
+        # the cache) and the drafts are views into it, so a step feeds it without building it.
+        self.fed = torch.zeros(B, 1 + k, dtype=torch.long, device=dev)
+        self.x = self.fed[:, 0]
+        self.drafts = self.fed[:, 1:]
         self.qd: Tensor | None = None  # (B, k, V) draft distributions, allocated when sampling losslessly
         self.lq: Tensor | None = None  # (B, k, V) draft logits a tree is built from
-        self.at = torch.zeros(B, dtype=torch.long, device=dev)  # fed index the next drafts come from
         self.rand = torch.zeros(B, rand_width, device=dev)
-        self.emitted = torch.zeros(B, scratch, dtype=torch.long, device=dev)
-        self.taken = torch.zeros(B, dtype=torch.long, device=dev)
-        self.lengths = torch.zeros(B, dtype=torch.long, device=dev)
         self.hbuf: Tensor | None = None  # sequential drafter: h^0 per position (B, S, C)
         self.seq: Tensor | None = None  # sequential drafter: token per position (B, S + k + 1)
         if model.mtp is not None and not model.mtp.drafts_from_verify:
@@ -168,6 +167,5 @@ class DecodeState:
     def small_tensors(self) -> list[Tensor]:
         """The loop state a warm-up or capture run may change and must give back (not the big buffers)."""
         ts = [self.cache.pos, self.emitter.budget, self.emitter.count, self.emitter.done, self.tally.steps,
-              self.tally.row_steps, self.tally.step_tokens, self.tally.accepted, self.x, self.drafts, self.at,
-              self.rand, self.emitted, self.taken]
+              self.tally.row_steps, self.tally.step_tokens, self.tally.accepted, self.fed, self.rand]
         return ts + [t for t in (self.qd, self.lq) if t is not None]
