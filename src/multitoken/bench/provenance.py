@@ -21,13 +21,16 @@ import torch
 
 def git_commit(path: str | Path | None = None) -> str | None:
     """The checked-out commit of the repository holding `path` (default: this package), with
-    ``+dirty`` when tracked files differ from it; None outside a git checkout."""
+    ``+dirty`` when tracked code (src/, bench/ scripts, pyproject.toml) differs from it; None
+    outside a git checkout."""
     where = Path(path) if path is not None else Path(__file__).parent
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+        # Only the code counts: results being written (bench/results/) do not make a run dirty.
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/src", ":/bench",
+                                ":/pyproject.toml", ":!:/bench/results"], cwd=where,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return None
