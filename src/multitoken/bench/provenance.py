@@ -29,11 +29,12 @@ def git_commit(path: str | Path | None = None) -> str | None:
         if head.returncode != 0:
             return None
         # Only the code counts: results being written (bench/results/) do not make a run dirty.
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":/src", ":/bench",
-                                ":/pyproject.toml", ":!:/bench/results"], cwd=where,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)src", ":(top)bench",
+                                 ":(top)pyproject.toml", ":(top,exclude)bench/results"], cwd=where,
+                                capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
+    dirty = status.returncode != 0 or bool(status.stdout.strip())  # unknown counts as dirty
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
