@@ -239,7 +239,7 @@ def decode(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", draft
                                                        st.tally.row_steps[None], st.tally.accepted]).tolist()
                 syncs += 1
                 maxpos, since, done = mp, 0, bool(flag)
-                if auto and not done and strategy.k and steps % 8 == 0:  # the CPU checks every step: choose less often
+                if auto and not done and strategy.k and syncs % max(1, 8 // sync_every) == 0:  # about every 8 steps
                     strategy = choose_draft(engine, strategy, mode, s, t, lossy_typical, maxpos, row_steps, acc)
                     if strategy.k != chosen[-1]:
                         chosen.append(strategy.k)
