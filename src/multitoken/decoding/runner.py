@@ -19,13 +19,14 @@ back afterwards, so a graph can be captured mid-generation when a new bucket is 
 same warm-up times a few replays: those are the step costs the draft-length choice uses.
 
 On the CPU (no graphs) a step is synchronous, so the runner times every step it runs (two clock
-reads) and keeps a running estimate per (step kind, bucket). A kind it has not run yet is timed
-once the same way a graph warm-up runs (every row marked done, the loop state given back) and
-then follows the steps actually run. Those are the CPU's step costs for the draft-length choice.
+reads) and keeps the median of the last few per (step kind, bucket). A kind it has not run yet
+is timed once the same way a graph warm-up runs (every row marked done, the loop state given
+back) and then follows the steps actually run. Those are the CPU's step costs for the draft-length choice.
 """
 
 from __future__ import annotations
 
+import collections
 import os
 import statistics
 import time
@@ -41,8 +42,9 @@ CPU_COSTS = True
 turn it off: a choice that follows the clock would make their step counts vary)."""
 CPU_PROBES = 3
 """Timed runs of a step kind the CPU runner has not run yet (after one untimed run)."""
-CPU_SMOOTHING = 0.2
-"""Weight of a new timed CPU step in the running cost estimate (an exponential average)."""
+CPU_WINDOW = 15
+"""A CPU step kind's cost is the median of its last this many timed steps: one step stalled by
+another process on a shared machine must not move the draft-length choice."""
 
 
 def bucket(need: int, cap: int) -> int:
@@ -128,6 +130,7 @@ class Runner:
         """CPU steps are timed as they run (the costs are reported even where nothing chooses by them)."""
         self.measures_costs = self.graphs or (self.timed and CPU_COSTS)
         """Whether `cost` measures step costs for the draft-length choice (CUDA graphs, or the CPU)."""
+        self._recent: dict = {}  # (strategy key, bucket) -> the last CPU_WINDOW timed CPU steps
         self.compile_error: str | None = None
         """Why compilation was given up (the step then runs eager blocks), or None."""
         if self.compile:
@@ -149,8 +152,11 @@ class Runner:
             strategy.step()
             dt = time.perf_counter() - t0
             key = (strategy.key, live)
-            old = self.costs.get(key)
-            self.costs[key] = dt if old is None else old + CPU_SMOOTHING * (dt - old)
+            recent = self._recent.get(key)
+            if recent is None:
+                recent = self._recent[key] = collections.deque(maxlen=CPU_WINDOW)
+            recent.append(dt)
+            self.costs[key] = statistics.median(recent)
             return
         g = self._graphs.get((strategy.key, live))
         if g is None:
