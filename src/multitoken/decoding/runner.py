@@ -19,7 +19,8 @@ back afterwards, so a graph can be captured mid-generation when a new bucket is 
 same warm-up times a few replays: those are the step costs the draft-length choice uses.
 
 On the CPU (no graphs) a step is synchronous, so the runner times every step it runs (two clock
-reads) and keeps the median of the last few per (step kind, bucket). A kind it has not run yet
+reads of its thread's CPU time, `CPU_CLOCK`) and keeps the median of the last few per (step
+kind, bucket). A kind it has not run yet
 is timed once the same way a graph warm-up runs (every row marked done, the loop state given
 back) and then follows the steps actually run. Those are the CPU's step costs for the draft-length choice.
 """
@@ -42,6 +43,11 @@ CPU_COSTS = True
 turn it off: a choice that follows the clock would make their step counts vary)."""
 CPU_PROBES = 3
 """Timed runs of a step kind the CPU runner has not run yet (after one untimed run)."""
+CPU_CLOCK = time.thread_time
+"""What CPU steps are timed with: the decoding thread's CPU time. It equals wall time on an idle
+machine (the thread computes or spins at OpenMP barriers all step long) and leaves out the time
+the scheduler gives other processes on a busy one, which is long enough to stall the longer
+steps more often and made wall-clock costs pick plain steps there."""
 CPU_WINDOW = 15
 """A CPU step kind's cost is the median of its last this many timed steps: one step stalled by
 another process on a shared machine must not move the draft-length choice."""
@@ -148,9 +154,9 @@ class Runner:
             if not self.timed:
                 strategy.step()
                 return
-            t0 = time.perf_counter()
+            t0 = CPU_CLOCK()
             strategy.step()
-            dt = time.perf_counter() - t0
+            dt = CPU_CLOCK() - t0
             key = (strategy.key, live)
             recent = self._recent.get(key)
             if recent is None:
@@ -194,10 +200,10 @@ class Runner:
         self._graphs[(strategy.key, live)] = g
         return g
 
-    def _probe(self, strategy, live: int, clock=time.perf_counter) -> float:
+    def _probe(self, strategy, live: int, clock=None) -> float:
         """Seconds per eager step of `strategy` at bucket `live`, run with every row done (see the
-        module docstring); the loop state is given back. `clock`: wall time by default
-        (`time.process_time` counts only this process's CPU time, steadier on a busy machine)."""
+        module docstring); the loop state is given back. `clock`: default `CPU_CLOCK`."""
+        clock = clock or CPU_CLOCK
         st = self.state
         saved = [t.clone() for t in st.small_tensors()]
         st.emitter.done.fill_(True)
