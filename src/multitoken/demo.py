@@ -85,7 +85,7 @@ def run_demo(workdir: str | Path = "runs/demo", preset: str = "tiny", heads: str
     say(f"4/4 completing {len(PROMPTS)} code prompts, {max_new_tokens} bytes each: plain greedy decoding vs exact "
         f"self-speculative decoding, {repeats} interleaved runs each (medians)")
     rows = compare(model, [("code", p, tok.encode(p)) for p in PROMPTS], max_new_tokens, repeats, None, None, tok)
-    summary = {**record, "preset": preset, "heads": heads, "steps": steps, "tokenizer": tokenizer,
+    summary = {**record, "preset": preset, "heads": heads, "steps": steps, "tokenizer": tokenizer, "reused_run": resume,
                "parameters": model.num_parameters(heads=False), "head_parameters": model.num_parameters() - model.num_parameters(heads=False),
                "eval": result, "prompts": rows, "repeats": repeats, "threads": torch.get_num_threads(), **means(rows)}
     summary["seconds"] = time.perf_counter() - t0
