@@ -82,16 +82,25 @@ def run_demo(workdir: str | Path = "runs/demo", preset: str = "tiny", heads: str
     result = evaluate(model, data_dir, n_batches=8)
     print(format_table(result), flush=True)
 
+    train_threads = torch.get_num_threads()
+    # Decoding a model this small runs ops of microseconds: a second intra-op thread only adds
+    # OpenMP barriers (and stalls whenever another process holds the other core), so one thread
+    # decodes unless --threads says otherwise.
+    torch.set_num_threads(threads or 1)
     say(f"4/4 completing {len(PROMPTS)} code prompts, {max_new_tokens} bytes each: plain greedy decoding vs exact "
-        f"self-speculative decoding, {repeats} interleaved runs each (medians)")
+        f"self-speculative decoding, {repeats} interleaved runs each (medians), {torch.get_num_threads()} thread(s)")
     rows = compare(model, [("code", p, tok.encode(p)) for p in PROMPTS], max_new_tokens, repeats, None, None, tok)
+    decode_threads = torch.get_num_threads()
+    torch.set_num_threads(train_threads)
     summary = {**record, "preset": preset, "heads": heads, "steps": steps, "tokenizer": tokenizer, "reused_run": resume,
                "parameters": model.num_parameters(heads=False), "head_parameters": model.num_parameters() - model.num_parameters(heads=False),
-               "eval": result, "prompts": rows, "repeats": repeats, "threads": torch.get_num_threads(), **means(rows)}
+               "eval": result, "prompts": rows, "repeats": repeats, "threads": train_threads, "decode_threads": decode_threads,
+               **means(rows)}
     summary["seconds"] = time.perf_counter() - t0
     summary["load_after"] = load_average()
     (work / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    say(f"done in {summary['seconds']:.0f} s on {summary['threads']} thread(s) (load average {summary['load_after'][0] if summary['load_after'] else '?'}).")
+    say(f"done in {summary['seconds']:.0f} s, training on {train_threads} thread(s), decoding on {decode_threads} "
+        f"(load average {summary['load_after'][0] if summary['load_after'] else '?'}).")
     say(f"   trained: a {summary['parameters'] / 1e6:.2f}M-parameter {preset} model with {heads} heads, {steps} steps; "
         f"validation accuracy per depth {' / '.join(f'{a:.2f}' for a in result['accuracy_per_depth'])}")
     cost = summary["mean_step_cost"]
