@@ -27,6 +27,15 @@ def tiny_model(kind: str = "none", depth: int = 0, seed: int = 0, **overrides) -
 
 
 @pytest.fixture(autouse=True)
+def _fixed_draft_length(monkeypatch):
+    """`generate(draft=None)` drafts with every head: on the CPU the length chosen from timed steps
+    follows the clock, and tests count steps (tests/test_cpu_costs.py turns the choice back on)."""
+    from multitoken.decoding import runner
+
+    monkeypatch.setattr(runner, "CPU_COSTS", False)
+
+
+@pytest.fixture(autouse=True)
 def _deterministic_one_thread():
     """Seeded, and one intra-op thread: tiny matmuls and attention run many times slower with two
     OpenMP threads as soon as anything else runs on a 2-core machine."""

@@ -18,6 +18,9 @@ def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
     assert main(args) == 0
     summary = json.loads((tmp_path / "demo.json").read_text())
     assert summary["steps"] == 3 and len(summary["prompts"]) == 3
+    # What the README's figures rely on: where the numbers came from, and the timed step costs.
+    assert summary["commit"] and summary["load_before"] and summary["machine"]["cores"]
+    assert summary["mean_step_cost"] > 0 and all(p["step_cost"] > 0 for p in summary["prompts"])
     model, tok = load_run(tmp_path / "run")
     for p in summary["prompts"]:
         prompt = tok.encode(p["prompt"])
@@ -48,3 +51,5 @@ def test_smollm2_demo_decodes_exactly_with_the_shipped_heads(tmp_path):
     assert summary["heads"] == "sequential:4:shared" and all(p["identical"] for p in summary["prompts"])
     assert {p["kind"] for p in summary["prompts"]} == {"code", "chat"}
     assert summary["mean_tau_code"] > 1.3, summary["mean_tau_code"]
+    # transformers' greedy generate on the same float32 weights, timed beside ours, says the same
+    assert all(p["transformers_identical"] and p["vs_transformers"] > 0 for p in summary["prompts"] if p["kind"] == "code")

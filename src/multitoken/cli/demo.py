@@ -31,12 +31,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--tokenizer", default="bytes", type=tokenizer_arg, help="tokenizer for prepare: bytes or bpe:N (default: bytes)")
     p.add_argument("--max-new-tokens", type=ints(1, MAX_NEW_TOKENS), default=96, help="tokens per completion (default: 96)")
     p.add_argument("--threads", type=ints(1, 4096), default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--repeats", type=ints(1, 100), default=None,
+                   help="timed runs of each decoding method per prompt, interleaved, medians reported (default: 5; smollm2: 2)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.model == "smollm2":
-        demo.run_smollm2_demo(args.workdir or "runs/demo-smollm2", args.max_new_tokens, args.threads)
+        demo.run_smollm2_demo(args.workdir or "runs/demo-smollm2", args.max_new_tokens, args.threads,
+                              repeats=args.repeats or 2)
         return 0
-    demo.run_demo(args.workdir or "runs/demo", args.preset, args.heads, args.steps, args.tokenizer, args.max_new_tokens, args.threads)
+    demo.run_demo(args.workdir or "runs/demo", args.preset, args.heads, args.steps, args.tokenizer, args.max_new_tokens,
+                  args.threads, repeats=args.repeats or 5)
     return 0

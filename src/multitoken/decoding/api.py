@@ -21,7 +21,8 @@ and never syncs before the end; otherwise the loop checks every `sync_every` ste
 every step on the CPU, where a check costs nothing). A check is one read of the device (done
 flags, counts, statistics and, when streaming, the new tokens).
 
-Draft length: with `draft=None` on a runner that measures step costs (CUDA graphs), the loop
+Draft length: with `draft=None` on a runner that measures step costs (CUDA graphs, or timed
+steps on the CPU), the loop
 picks, at each check, the number of drafts k' (0 = plain decoding) that maximises expected
 tokens per second, (1 + sum_{j<=k'} acceptance_j) / cost(k'), from the acceptance measured so
 far and the measured cost of each step; `GenerationStats.chosen_draft` says what it chose.
@@ -317,7 +318,7 @@ class Generation:
         self.typical = settings.lossy_typical
         self.mode_now, self.k_now = settings.mode, self.k  # what the loop runs now (auto may shorten it)
         self.chosen = [self.k]
-        self.auto = settings.draft is None and self.k > 0 and engine.runner.graphs
+        self.auto = settings.draft is None and self.k > 0 and engine.runner.measures_costs
         self.sync_every = settings.sync_every or (8 if dev.type == "cuda" else 1)
         self.shared_gen: torch.Generator | None = None
         if settings.seed is not None:
@@ -575,7 +576,8 @@ class Generation:
                 self._use_strategy(self._sampling_for(self.active))
         # The live bucket follows the rows still decoding: a free row's stale position must not widen it.
         self.maxpos = max((pos[r.slot] for r in self.active), default=0)
-        if self.auto and self.active and self.strategy.k:
+        # The choice runs about every 8 steps (each check on the CPU, where checks are every step).
+        if self.auto and self.active and self.strategy.k and self.syncs % max(1, 8 // self.sync_every) == 0:
             totals = [sum(row_steps)] + [sum(acc[b * K + j] for b in range(B)) for j in range(K)]
             new = choose_draft(self.engine, self.strategy, self.settings.mode, self.strategy.s, self.tree, self.typical,
                                self.maxpos, totals[0], totals[1:])
@@ -665,8 +667,8 @@ def generate(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", dra
         prompt_ids: (B, T) LongTensor, a list of ints, or a list of lists of different lengths.
         max_new_tokens: most tokens per row (also capped by the context).
         mode: "ntp" (plain), "spec" (chain self-speculative) or "tree" (tree self-speculative).
-        draft: drafted tokens per step, at most model.depth. None: all heads, and on CUDA graphs
-            the loop may run fewer (0 included) where the measured costs say they pay more.
+        draft: drafted tokens per step, at most model.depth. None: all heads, and where step costs
+            are measured (CUDA graphs, the CPU) the loop may run fewer (0 included) where they pay more.
         temperature, top_k, top_p: sampling; temperature 0 = greedy. Speculative modes stay
             exact: greedy output equals plain greedy, sampling has plain sampling's distribution.
         seed: seeds a torch.Generator for sampling (None: the global RNG).

@@ -53,10 +53,12 @@ def head_drafts(model, states: list[Tensor], at: Tensor, next_pos: Tensor, s: Sa
                 ) -> tuple[Tensor, Tensor | None, Tensor]:
     """Drafts (B, k), their distributions (B, k, V) or None, and draft logits (B, k, V), from head
     states [(B, q, C)] * k at fed index `at` (B,) per row; u (B, k) uniforms."""
-    logits = [draft_logits(model, j, rows_at(h, at), next_pos + j - 1) for j, h in enumerate(states, start=1)]
-    out = [propose(lg, s, lossless, u[:, j]) for j, lg in enumerate(logits)]
-    d = torch.stack([o[0] for o in out], 1)
-    return d, (torch.stack([o[1] for o in out], 1) if out[0][1] is not None else None), torch.stack(logits, 1)
+    hs = rows_at(torch.stack(states, 2), at)  # (B, k, C): one gather for every head
+    logits = torch.stack([draft_logits(model, j, hs[:, j - 1], next_pos + j - 1) for j in range(1, len(states) + 1)], 1)
+    if s.greedy or not lossless:  # argmax drafts: one op for every depth
+        return logits.argmax(-1), None, logits
+    out = [propose(logits[:, j], s, lossless, u[:, j]) for j in range(len(states))]
+    return torch.stack([o[0] for o in out], 1), torch.stack([o[1] for o in out], 1), logits
 
 
 class ModuleDrafter:

@@ -17,12 +17,20 @@ done (nothing is emitted or committed, and the cache and drafter buffers are onl
 the committed positions or rewritten with the values they hold) and gives the small loop state
 back afterwards, so a graph can be captured mid-generation when a new bucket is reached. The
 same warm-up times a few replays: those are the step costs the draft-length choice uses.
+
+On the CPU (no graphs) a step is synchronous, so the runner times every step it runs (two clock
+reads of its thread's CPU time, `CPU_CLOCK`) and keeps the median of the last few per (step
+kind, bucket). A kind it has not run yet
+is timed once the same way a graph warm-up runs (every row marked done, the loop state given
+back) and then follows the steps actually run. Those are the CPU's step costs for the draft-length choice.
 """
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
+import statistics
 import time
 from pathlib import Path
 
@@ -33,6 +41,19 @@ from multitoken.decoding.state import DecodeState
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 64
+CPU_COSTS = True
+"""Time CPU steps, so that `generate(draft=None)` chooses the draft length there too (the tests
+turn it off: a choice that follows the clock would make their step counts vary)."""
+CPU_PROBES = 3
+"""Timed runs of a step kind the CPU runner has not run yet (after one untimed run)."""
+CPU_CLOCK = time.thread_time
+"""What CPU steps are timed with: the decoding thread's CPU time. It equals wall time on an idle
+machine (the thread computes or spins at OpenMP barriers all step long) and leaves out the time
+the scheduler gives other processes on a busy one, which is long enough to stall the longer
+steps more often and made wall-clock costs pick plain steps there."""
+CPU_WINDOW = 15
+"""A CPU step kind's cost is the median of its last this many timed steps: one step stalled by
+another process on a shared machine must not move the draft-length choice."""
 
 
 def bucket(need: int, cap: int) -> int:
@@ -117,7 +138,12 @@ class Runner:
         self.compile_time_s = 0.0
         """Seconds spent compiling and capturing (reported apart from decoding time)."""
         self.costs: dict = {}
-        """(strategy key, bucket) -> measured seconds per step (CUDA graphs only)."""
+        """(strategy key, bucket) -> measured seconds per step (graph replays, or timed CPU steps)."""
+        self.timed = not self.graphs and state.device.type == "cpu"
+        """CPU steps are timed as they run (the costs are reported even where nothing chooses by them)."""
+        self.measures_costs = self.graphs or (self.timed and CPU_COSTS)
+        """Whether `cost` measures step costs for the draft-length choice (CUDA graphs, or the CPU)."""
+        self._recent: dict = {}  # (strategy key, bucket) -> the last CPU_WINDOW timed CPU steps
         self.compile_error: str | None = None
         """Why compilation was given up (the step then runs eager blocks), or None."""
         if self.compile:
@@ -132,7 +158,18 @@ class Runner:
         live = self.live_for(need)
         self.state.cache.live = live
         if not self.graphs:
+            if not self.timed:
+                strategy.step()
+                return
+            t0 = CPU_CLOCK()
             strategy.step()
+            dt = CPU_CLOCK() - t0
+            key = (strategy.key, live)
+            recent = self._recent.get(key)
+            if recent is None:
+                recent = self._recent[key] = collections.deque(maxlen=CPU_WINDOW)
+            recent.append(dt)
+            self.costs[key] = statistics.median(recent)
             return
         g = self._graphs.get((strategy.key, live))
         if g is None:
@@ -170,11 +207,39 @@ class Runner:
         self._graphs[(strategy.key, live)] = g
         return g
 
+    def _probe(self, strategy, live: int, clock=None) -> float:
+        """Seconds per eager step of `strategy` at bucket `live`, run with every row done (see the
+        module docstring); the loop state is given back. `clock`: default `CPU_CLOCK`."""
+        clock = clock or CPU_CLOCK
+        st = self.state
+        saved = [t.clone() for t in st.small_tensors()]
+        st.emitter.done.fill_(True)
+        before = st.cache.live
+        st.cache.live = live
+        times = []
+        for _ in range(CPU_PROBES + 1):
+            t0 = clock()
+            strategy.step()
+            times.append(clock() - t0)
+        st.cache.live = before
+        for t, s in zip(st.small_tensors(), saved):
+            t.copy_(s)
+        return statistics.median(times[1:])
+
     def cost(self, strategy, need: int) -> float | None:
-        """Measured seconds per step of `strategy` at the bucket for `need`, capturing it if needed."""
+        """Measured seconds per step of `strategy` at the bucket for `need`, capturing (or on the CPU
+        timing) it if needed; None where the runner cannot measure (CUDA without graphs)."""
         live = self.live_for(need)
         key = (strategy.key, live)
-        if key not in self.costs and self.graphs:
-            self.state.cache.live = live
-            self._capture(strategy, live)
+        if key not in self.costs:
+            if self.graphs:
+                self.state.cache.live = live
+                self._capture(strategy, live)
+            elif self.measures_costs:
+                # A CPU step's cost hardly depends on the bucket (the weights dominate): the kind's
+                # nearest measured bucket serves until a step at this one is timed.
+                seen = [b for (k, b) in self.costs if k == strategy.key]
+                if seen:
+                    return self.costs[(strategy.key, min(seen, key=lambda b: abs(b - live)))]
+                self.costs[key] = self._probe(strategy, live)
         return self.costs.get(key)

@@ -201,8 +201,11 @@ class DecodeState:
         self.cache = KVCache.for_model(cfg, B, L + scratch, dtype, dev)
         self.emitter = Emitter(B, L, scratch, dev)
         self.tally = Tally(B, k, dev)
-        self.x = torch.zeros(B, dtype=torch.long, device=dev)  # the pending token (emitted, not yet in the cache)
-        self.drafts = torch.zeros(B, k, dtype=torch.long, device=dev)
+        # The fed tokens of a chain step, [x, d_1..d_k]: x (the pending token, emitted, not yet in
+        # the cache) and the drafts are views into it, so a step feeds it without building it.
+        self.fed = torch.zeros(B, 1 + k, dtype=torch.long, device=dev)
+        self.x = self.fed[:, 0]
+        self.drafts = self.fed[:, 1:]
         self.qd: Tensor | None = None  # (B, k, V) draft distributions, allocated when sampling losslessly
         self.lq: Tensor | None = None  # (B, k, V) draft logits a tree is built from
         self.rand = torch.zeros(B, rand_width, device=dev)
@@ -260,5 +263,5 @@ class DecodeState:
     def small_tensors(self) -> list[Tensor]:
         """The loop state a warm-up or capture run may change and must give back (not the big buffers)."""
         ts = [self.cache.pos, self.emitter.budget, self.emitter.count, self.emitter.done, self.tally.steps,
-              self.tally.row_steps, self.tally.step_tokens, self.tally.accepted, self.x, self.drafts, self.rand]
+              self.tally.row_steps, self.tally.step_tokens, self.tally.accepted, self.fed, self.rand]
         return ts + [t for t in (self.qd, self.lq) if t is not None]

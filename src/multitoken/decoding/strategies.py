@@ -29,7 +29,7 @@ from multitoken.decoding.drafting import ModuleDrafter, decode_pass, head_drafts
 from multitoken.decoding.sampling import Sampling, sample
 from multitoken.decoding.state import DecodeState
 from multitoken.decoding.trees import StaticTree, ancestors, build_nodes
-from multitoken.decoding.verify import rows_at, rows_at_many, verify_greedy, verify_sampling, verify_tree, verify_typical
+from multitoken.decoding.verify import accept_greedy, rows_at, rows_at_many, verify_sampling, verify_tree, verify_typical
 
 
 class Strategy:
@@ -134,8 +134,8 @@ class Chain(_Drafting):
 
     def step(self) -> None:
         st, model, k, s = self.state, self.model, self.k, self.s
-        drafts = st.drafts[:, :k]
-        fed = torch.cat([st.x[:, None], drafts], 1)  # (B, q)
+        fed = st.fed[:, : k + 1]  # (B, q): x and the drafts, in place
+        drafts = fed[:, 1:]
         pos = st.cache.pos[:, None] + self._ar  # (B, q)
         main, last, states = decode_pass(model, fed, st.cache, pos.clamp(max=self.L - 1), pos,
                                          st.cache.causal_mask(pos), k if self.from_verify else 0)
@@ -143,17 +143,21 @@ class Chain(_Drafting):
         if self.typical:
             n, final = verify_typical(logits, drafts, s, st.rand[:, k])
         elif s.greedy:
-            n, final = verify_greedy(logits, drafts)
+            # The main head's argmax row is the emitted sequence: accepted drafts equal it, and the
+            # bonus token is its entry after them (entries further on are never taken).
+            y = logits.argmax(-1)  # (B, q)
+            n, final = accept_greedy(y, drafts)
         else:
             n, final = verify_sampling(logits, drafts, st.qd[:, :k], s, st.rand[:, :k], st.rand[:, k])
-        emitted = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, n[:, None], final[:, None])  # (B, q)
-        self._commit(emitted, n)
+        if not s.greedy or self.typical:
+            y = torch.cat([drafts, drafts[:, :1]], 1).scatter(1, n[:, None], final[:, None])  # (B, q)
+        self._commit(y, n)
         st.x.copy_(final)
         u = st.rand[:, k + 1 : 2 * k + 1]
         if self.from_verify:
             self._set_drafts(*head_drafts(model, states, n, st.cache.pos + 1, s, self.lossless, u))
         else:
-            self.drafter.record(pos, last, emitted)
+            self.drafter.record(pos, last, y)
             self._set_drafts(*self.drafter.draft(st.cache.pos, s, self.lossless, u))
 
 

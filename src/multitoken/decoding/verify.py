@@ -41,9 +41,13 @@ def verify_greedy(logits: Tensor, drafts: Tensor) -> tuple[Tensor, Tensor]:
     Returns:
         (n (B,) accepted drafts, final (B,) the bonus token after them).
     """
-    y = logits.argmax(-1)  # (B, 1+k)
-    n = (drafts == y[:, :-1]).long().cumprod(1).sum(1)
-    return n, y.gather(1, n[:, None])[:, 0]
+    return accept_greedy(logits.argmax(-1), drafts)
+
+
+def accept_greedy(y: Tensor, drafts: Tensor) -> tuple[Tensor, Tensor]:
+    """`verify_greedy` from the main head's argmax tokens y (B, 1+k) instead of its logits."""
+    n = (drafts == y[:, :-1]).cumprod(1).sum(1)  # a bool cumprod is already int64
+    return n, y.gather(1, n[:, None]).squeeze(1)
 
 
 def verify_sampling(logits: Tensor, drafts: Tensor, q: Tensor, s: Sampling, u_accept: Tensor, u_draw: Tensor

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from multitoken.config import HeadsConfig, ModelConfig
@@ -55,7 +56,28 @@ class MedusaHeads(HeadFamily):
 
     def decode_states(self, shared: SharedModules, n: int, states: BackboneStates, rope: Rope, cache, slots,
                       mask) -> list[Tensor]:
-        return [head.blocks(states.main) for head in self.heads[:n]]
+        if n == 0:
+            return []
+        if len(self.heads[0].blocks) != 1:
+            return [head.blocks(states.main) for head in self.heads[:n]]
+        # The n one-block heads read the same state: one matmul for all of them instead of n.
+        # A small model's decoding step on a CPU costs its count of small ops, not its arithmetic.
+        h = states.main  # (B, q, C)
+        w, b = self._stacked(n)  # (n*C, C), (n*C,)
+        y = h[..., None, :] + F.silu(F.linear(h, w, b).unflatten(-1, (n, h.shape[-1])))  # (B, q, n, C)
+        return list(y.unbind(-2))
+
+    def _stacked(self, n: int) -> tuple[Tensor, Tensor]:
+        """The first n heads' residual-block weights stacked (n*C, C) and biases (n*C,), built once
+        and rebuilt when a weight moves or is written (training, loading, `.to`)."""
+        lins = [head.blocks[0].linear for head in self.heads[:n]]
+        key = (n, *((p.data_ptr(), p._version, p.dtype, p.device) for lin in lins for p in (lin.weight, lin.bias)))
+        hit = getattr(self, "_stack_cache", None)
+        if hit is None or hit[0] != key:
+            w = torch.cat([lin.weight.detach() for lin in lins])
+            b = torch.cat([lin.bias.detach() for lin in lins])
+            hit = self._stack_cache = (key, w, b)
+        return hit[1], hit[2]
 
     def unembed_weight(self, shared: SharedModules, k: int) -> Tensor:
         return self.heads[k - 1].lm_head.weight
