@@ -19,7 +19,7 @@ from multitoken.errors import BadValue, UserError
 
 # Modules that register a subcommand, in the order `--help` lists them.
 COMMAND_MODULES: list[str] = [f"multitoken.cli.{name}" for name in (
-    "demo", "prepare", "train", "ablate", "eval", "convert", "export", "retrofit", "generate", "tree", "bench")]
+    "demo", "prepare", "train", "ablate", "eval", "convert", "export", "retrofit", "draft_vocab", "generate", "tree", "bench")]
 
 
 class Parser(argparse.ArgumentParser):
