@@ -66,3 +66,43 @@ def test_relative_step_costs_compare_with_the_plain_step_of_the_same_temperature
             dict(step="chain", detail="3", temperature=1.0, live=128, seconds=2.6),
             dict(step="tree", detail="t", temperature=0.0, live=256, seconds=9.0)]  # no plain step at 256: left out
     assert relative_step_costs({1: rows}) == {1: {"chain:3@128,T=0": pytest.approx(1.2), "chain:3@128,T=1": pytest.approx(1.3)}}
+
+
+@torch.no_grad()
+def test_the_reference_decoder_decodes_greedily_like_full_forward_passes():
+    """bench decode's reference line (a minimal static-cache decoder on our weights) is greedy
+    decoding: equal to re-running the whole sequence without a cache at every token."""
+    from multitoken.bench.reference import MinimalDecoder
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=61, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=64, max_seq_len=64, eos_id=1)
+    model = Transformer(cfg).eval()
+    for p in model.parameters():
+        if p.dim() >= 2:
+            p.normal_(0, 0.15)
+    prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11]]
+    want = []
+    for pr in prompts:
+        seq = list(pr)
+        for _ in range(16):
+            seq.append(int(model.logits(model(torch.tensor([seq]))[0][0, -1]).argmax()))
+        want.append(seq[len(pr):])
+    assert MinimalDecoder(model, 3, slots=64).generate(prompts, 16) == want
+
+
+def test_bench_decode_runs_the_reference_and_each_draft_vocabulary_on_the_cpu(tmp_path):
+    import json
+
+    from multitoken.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "decode", "--preset", "tiny", "--heads", "parallel:2", "--batch", "1", "--temperature", "0",
+                 "--draft-vocab", "64,full", "--new-tokens", "6", "--prompt-tokens", "8", "--repeats", "1",
+                 "--no-transformers", "--no-eager", "--device", "cpu", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "decode.json").read_text())["results"]}
+    assert rows["reference: minimal decoder (eager)"]["token_match"] == 1.0
+    for v in ("64", "full"):
+        r = rows[f"ours chain V'={v}"]
+        assert r["token_match"] == 1.0 and r["draft_vocab"] == v and set(r["draft_cost_s"]) == {"1", "2"}
+    assert main(["bench", "decode", "--preset", "tiny", "--heads", "parallel:2", "--draft-vocab", "5000",
+                 "--no-transformers", "--device", "cpu", "--out", str(tmp_path / "b2")]) == 2
