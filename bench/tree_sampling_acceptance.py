@@ -50,6 +50,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default="bench/results/tree_sampling_acceptance.json")
+    ap.add_argument("--generate", type=int, default=0, metavar="N",
+                    help="instead: tau of chain, top-k tree and sampled tree through generate, N tokens per text")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     from multitoken.decoding.api import generate
@@ -62,6 +64,8 @@ def main() -> None:
     prompts = [tok.encode(p) for p in PROMPTS] + [tok.chat([{"role": "user", "content": c}]) for c in CHAT]
     prompts = prompts[: args.texts]
     t0 = time.perf_counter()
+    if args.generate:
+        return tau_through_generate(model, prompts, args)
     rows = {"min(p,q) chain": []}
     Ws = (1, 2, 4, 8)
     for W in Ws:
@@ -92,6 +96,29 @@ def main() -> None:
         command="PYTHONPATH=src python bench/tree_sampling_acceptance.py " + " ".join(f"--{k} {v}" for k, v in vars(args).items() if k != "out"),
         model="SmolLM2-135M-Instruct + shipped sequential:4:shared heads", temperature=1.0, positions=n,
         root_acceptance=summary), indent=1) + "\n")
+
+
+def tau_through_generate(model, prompts, args) -> None:
+    """tau at temperature 1 of the chain (all heads), the top-k tree and the sampled tree (16 nodes)."""
+    from multitoken.decoding.api import engine_for, generate
+    from multitoken.decoding.strategies import Tree
+
+    out = {}
+    for name, kw in (("chain", dict(mode="spec")), ("sampled tree", dict(mode="tree", tree=16)),
+                     ("top-k tree", dict(mode="tree", tree=16))):
+        taus = []
+        for i, p in enumerate(prompts):
+            if name == "top-k tree":  # the tree before issue 23: top-R candidates, one draw from p per node
+                for st in engine_for(model, 1)._strategies.values():
+                    if isinstance(st, Tree):
+                        st.sampled = False
+            _, stats = generate(model, [p], args.generate, temperature=1.0, seed=i, **kw)
+            taus.append(stats.tau)
+        out[name] = sum(taus) / len(taus)
+        print(f"  {name:14s} tau {out[name]:.2f}", flush=True)
+    Path(args.out).with_name("tree_sampling_tau.json").write_text(json.dumps(dict(
+        command="PYTHONPATH=src python bench/tree_sampling_acceptance.py --generate " + str(args.generate) + f" --texts {args.texts}",
+        model="SmolLM2-135M-Instruct + shipped sequential:4:shared heads", temperature=1.0, tau=out), indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -106,3 +106,20 @@ def test_bench_decode_runs_the_reference_and_each_draft_vocabulary_on_the_cpu(tm
         assert r["token_match"] == 1.0 and r["draft_vocab"] == v and set(r["draft_cost_s"]) == {"1", "2"}
     assert main(["bench", "decode", "--preset", "tiny", "--heads", "parallel:2", "--draft-vocab", "5000",
                  "--no-transformers", "--device", "cpu", "--out", str(tmp_path / "b2")]) == 2
+
+
+def test_width_deviation_is_zero_in_float32_on_the_cpu_and_sees_a_planted_drift():
+    """bench decode's bf16 diagnostic: teacher-forced passes of each width against one-token steps."""
+    from multitoken.bench.numerics import width_deviation
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64, max_seq_len=64, eos_id=1)
+    model = Transformer(cfg).eval()
+    tokens = torch.randint(2, 61, (40,)).tolist()
+    rows = width_deviation(model, tokens, [5, 16])
+    assert [r["width"] for r in rows] == [1, 5, 16] and all(r["positions"] == 24 for r in rows)
+    assert all(r["max_abs_logit_diff"] < 1e-4 and r["argmax_flips"] == 0 for r in rows)
+    # A model whose output depends on the pass width (planted): the diagnostic must show it.
+    forward = model.forward
+    model.forward = lambda idx, **kw: [h + 0.5 * (idx.shape[1] > 1) for h in forward(idx, **kw)]
+    assert width_deviation(model, tokens, [5])[1]["max_abs_logit_diff"] > 0.1

@@ -197,6 +197,7 @@ _REFERENCE: dict = {}
 
 
 def bench(model, tok, run_dir, args) -> dict:
+    from multitoken.bench.numerics import width_deviation
     from multitoken.bench.reference import draft_cost
     from multitoken.decoding.api import engine_for, generate
 
@@ -305,7 +306,13 @@ def bench(model, tok, run_dir, args) -> dict:
         eng = engine_for(model, B)  # the default engine (compiled blocks, graphs on CUDA)
         step_costs[B] = [dict(step=key[0], detail=str(key[1]), temperature=key[-1].temperature, live=live, seconds=v)
                          for (key, live), v in eng.runner.costs.items()]
-    return dict(results=results, step_costs_s=step_costs)
+    # bf16 exactness: how a verification pass of each width drifts from one-token steps, on the first
+    # prompt and our own greedy continuation of it (bench/numerics.py).
+    first = next(iter(sets.values()))[0]
+    cont, _ = generate(model, [first], args.new_tokens)
+    widths = sorted({model.depth + 1, args.tree_nodes, 32} if model.depth else {5, 16, 32})
+    deviation = width_deviation(model, (first + cont[0])[: model.config.max_seq_len], widths, start=min(16, len(first)))
+    return dict(results=results, step_costs_s=step_costs, width_deviation=deviation)
 
 
 CHAT_PROMPTS = [
@@ -379,6 +386,10 @@ def table(data: dict) -> str:
         lines.append(f"{r['method']:36s} {r['batch']:3d} {r.get('prompts', ''):>4s} {r['temperature']:4g} {r['tokens_per_s']:9.1f} "
                      f"{r.get('vs_our_plain', float('nan')):8.2f} {r.get('tau', float('nan')):5.2f} "
                      f"{r.get('token_match', float('nan')):6.3f} {r['warmup_s']:9.1f}")
+    for d in data.get("width_deviation", []):
+        if d["width"] > 1:
+            lines.append(f"pass of {d['width']} tokens vs one-token steps: max |logit diff| {d['max_abs_logit_diff']:.3g}, "
+                         f"argmax changed at {d['argmax_flips']} of {d['positions']} positions")
     for B, rel in data.get("relative_step_costs", {}).items():
         if rel:
             lines.append(f"step cost vs plain (B={B}): " + ", ".join(f"{k} {v:.2f}x" for k, v in sorted(rel.items())))
