@@ -196,9 +196,43 @@ def reference_run(model, groups, new_tokens: int, temperature: float, compile: b
 _REFERENCE: dict = {}
 
 
+def ours_row(generate, model, groups, args, name: str, kw: dict, T: float, B: int) -> tuple[dict, list]:
+    """One of our methods over every group, timed: (its result row, its outputs)."""
+    from multitoken.bench.reference import draft_cost
+
+    kw, extra = dict(kw), {}
+    if "vocab" in kw:  # a chain drafting over a reduced vocabulary, for this row only
+        model.mtp.set_draft_vocab(kw.pop("vocab"))
+        extra = dict(draft_vocab=name.split("=")[-1], draft_cost_s=draft_cost(model, B))
+    call = lambda: decode_groups(generate, model, groups, args.new_tokens, T, kw)  # noqa: E731
+    try:
+        warm, times, (out, st) = time_calls(call, args.repeats)
+    finally:
+        if extra:
+            model.mtp.set_draft_vocab(None)
+    tps = statistics.median(sum(len(r) for r in out) / t for t in times)
+    return dict(method=name, temperature=T, tokens_per_s=tps, warmup_s=warm, compile_s=st.compile_time_s, tau=st.tau,
+                acceptance=st.acceptance_per_position, chosen_draft=st.chosen_draft, host_syncs=st.host_syncs,
+                times_s=times, **extra), out
+
+
+def reference_row(model, groups, args, T: float, compiled: bool, ref) -> dict:
+    """The reference line's result row (an error row when it cannot run here)."""
+    name = "reference: minimal compiled decoder" if compiled else "reference: minimal decoder (eager)"
+    call = lambda: reference_run(model, groups, args.new_tokens, T, compiled)  # noqa: E731
+    try:
+        warm, times, (out, _) = time_calls(call, args.repeats)
+    except Exception as e:  # a reference that cannot run here is reported, not fatal
+        return dict(method=name, temperature=T, error=f"{type(e).__name__}: {e}"[:300])
+    row = dict(method=name, temperature=T, tokens_per_s=statistics.median(sum(len(r) for r in out) / t for t in times),
+               warmup_s=warm, times_s=times)
+    if T == 0 and ref is not None:
+        row["token_match"], row["first_divergence"] = match_rate(out, ref)
+    return row
+
+
 def bench(model, tok, run_dir, args) -> dict:
     from multitoken.bench.numerics import width_deviation
-    from multitoken.bench.reference import draft_cost
     from multitoken.decoding.api import engine_for, generate
 
     device = args.device
@@ -235,42 +269,16 @@ def bench(model, tok, run_dir, args) -> dict:
             for name, kw in modes:
                 if B > 1 and name.startswith("ours plain ") and name != "ours plain":
                     continue
-                kw = dict(kw)
-                extra = {}
-                if "vocab" in kw:
-                    model.mtp.set_draft_vocab(kw.pop("vocab"))
-                    extra = dict(draft_vocab=name.split("=")[-1], draft_cost_s=draft_cost(model, B))
-                call = lambda: decode_groups(generate, model, groups, args.new_tokens, T, kw)  # noqa: E731
-                try:
-                    warm, times, (out, st) = time_calls(call, args.repeats)
-                finally:
-                    if extra:
-                        model.mtp.set_draft_vocab(None)
-                toks = sum(len(r) for r in out)
-                tps = statistics.median(toks / t for t in times)
+                row, out = ours_row(generate, model, groups, args, name, kw, T, B)
+                row.update(batch=B, prompts=kind, n_prompts=len(all_prompts))
                 if name == "ours plain":
-                    ref, base_tps = out, tps
-                row = dict(method=name, batch=B, prompts=kind, n_prompts=len(all_prompts), temperature=T, tokens_per_s=tps,
-                           warmup_s=warm, compile_s=st.compile_time_s, tau=st.tau, acceptance=st.acceptance_per_position,
-                           chosen_draft=st.chosen_draft, host_syncs=st.host_syncs, times_s=times, **extra)
+                    ref, base_tps = out, row["tokens_per_s"]
                 if T == 0 and ref is not None:
                     row["token_match"], row["first_divergence"] = match_rate(out, ref)
                 results.append(row)
             if reference:
-                compiled = device.startswith("cuda")
-                name = "reference: minimal compiled decoder" if compiled else "reference: minimal decoder (eager)"
-                call = lambda: reference_run(model, groups, args.new_tokens, T, compiled)  # noqa: E731
-                try:
-                    warm, times, (out, _) = time_calls(call, args.repeats)
-                except Exception as e:  # a reference that cannot run here is reported, not fatal
-                    results.append(dict(method=name, batch=B, prompts=kind, temperature=T, error=f"{type(e).__name__}: {e}"[:300]))
-                else:
-                    row = dict(method=name, batch=B, prompts=kind, n_prompts=len(all_prompts), temperature=T,
-                               tokens_per_s=statistics.median(sum(len(r) for r in out) / t for t in times), warmup_s=warm,
-                               times_s=times)
-                    if T == 0 and ref is not None:
-                        row["token_match"], row["first_divergence"] = match_rate(out, ref)
-                    results.append(row)
+                row = reference_row(model, groups, args, T, device.startswith("cuda"), ref)
+                results.append(dict(row, batch=B, prompts=kind, n_prompts=len(all_prompts)))
             if hf is not None and B <= args.hf_max_batch:
                 peers = [("transformers generate", {}), ("transformers static cache", dict(cache_implementation="static"))]
                 if B == 1:
