@@ -447,6 +447,26 @@ case("convert-gguf-missing", lambda b, w: ["convert", "--gguf", str(w / "nope.gg
 case("export-run-missing", lambda b, w: ["export", "--run", str(w / "nope"), "--out", str(w / "hf_out")])
 case("retrofit-init-missing", lambda b, w: retro()(b, w)[:2] + [str(w / "nope")] + retro()(b, w)[3:])
 
+
+def heads_file(w: Path) -> str:
+    """A heads file (medusa:1 on a byte-level model) in the case's own folder."""
+    from multitoken.config import HeadsConfig, ModelConfig
+    from multitoken.io.heads_file import save_heads
+    from multitoken.model import Transformer
+
+    cfg = ModelConfig(vocab_size=257, dim=16, n_layers=1, n_heads=2, n_kv_heads=1, intermediate_size=32, max_seq_len=32,
+                      heads=HeadsConfig("medusa", 1))
+    return str(save_heads(Transformer(cfg), w / "heads.safetensors"))
+
+
+case("draft-vocab-data-missing", lambda b, w: ["draft-vocab", "--data", str(w / "nope"), "--size", "8", "--heads-file", heads_file(w)])
+case("draft-vocab-heads-missing", lambda b, w: ["draft-vocab", "--data", D(b), "--size", "8", "--heads-file", str(w / "nope")])
+case("draft-vocab-heads-not-heads", lambda b, w: ["draft-vocab", "--data", D(b), "--size", "8", "--heads-file", R(b) + "/model.safetensors"],
+     expect="not a multitoken heads file")
+case("draft-vocab-size-too-large", lambda b, w: ["draft-vocab", "--data", D(b), "--size", "100000", "--heads-file", heads_file(w)],
+     expect="choose a size")
+case("draft-vocab-size-zero", lambda b, w: ["draft-vocab", "--data", D(b), "--size", "0", "--heads-file", heads_file(w)])
+
 # malformed tree files
 TREES = {"not-json": "{paths", "not-utf8": b"\xff\xfe", "no-paths": '{"nodes": 3}', "paths-number": '{"paths": 5}',
          "paths-strings": '{"paths": [["a"]]}', "negative-rank": '{"paths": [[-1]]}', "orphan": '{"paths": [[0, 0]]}',

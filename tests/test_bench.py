@@ -100,3 +100,60 @@ def test_distillation_baseline_has_the_gradient_of_the_kl():
         grads.append(torch.autograd.grad(loss, ps))
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@torch.no_grad()
+def test_the_reference_decoder_decodes_greedily_like_full_forward_passes():
+    """bench decode's reference line (a minimal static-cache decoder on our weights) is greedy
+    decoding: equal to re-running the whole sequence without a cache at every token."""
+    from multitoken.bench.reference import MinimalDecoder
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=61, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=64, max_seq_len=64, eos_id=1)
+    model = Transformer(cfg).eval()
+    for p in model.parameters():
+        if p.dim() >= 2:
+            p.normal_(0, 0.15)
+    prompts = [[3, 4, 5, 6], [7, 8], [9, 10, 11]]
+    want = []
+    for pr in prompts:
+        seq = list(pr)
+        for _ in range(16):
+            seq.append(int(model.logits(model(torch.tensor([seq]))[0][0, -1]).argmax()))
+        want.append(seq[len(pr):])
+    assert MinimalDecoder(model, 3, slots=64).generate(prompts, 16) == want
+
+
+def test_bench_decode_runs_the_reference_and_each_draft_vocabulary_on_the_cpu(tmp_path):
+    import json
+
+    from multitoken.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "decode", "--preset", "tiny", "--heads", "parallel:2", "--batch", "1", "--temperature", "0",
+                 "--draft-vocab", "64,full", "--new-tokens", "6", "--prompt-tokens", "8", "--repeats", "1",
+                 "--no-transformers", "--no-eager", "--device", "cpu", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "decode.json").read_text())["results"]}
+    assert rows["reference: minimal decoder (eager)"]["token_match"] == 1.0
+    for v in ("64", "full"):
+        r = rows[f"ours chain V'={v}"]
+        assert r["token_match"] == 1.0 and r["draft_vocab"] == v and set(r["draft_cost_s"]) == {"1", "2"}
+    assert main(["bench", "decode", "--preset", "tiny", "--heads", "parallel:2", "--draft-vocab", "5000",
+                 "--no-transformers", "--device", "cpu", "--out", str(tmp_path / "b2")]) == 2
+
+
+def test_width_deviation_is_zero_in_float32_on_the_cpu_and_sees_a_planted_drift():
+    """bench decode's bf16 diagnostic: teacher-forced passes of each width against one-token steps."""
+    from multitoken.bench.numerics import width_deviation
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=61, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, intermediate_size=64, max_seq_len=64, eos_id=1)
+    model = Transformer(cfg).eval()
+    tokens = torch.randint(2, 61, (40,)).tolist()
+    rows = width_deviation(model, tokens, [5, 16])
+    assert [r["width"] for r in rows] == [1, 5, 16] and all(r["positions"] == 24 for r in rows)
+    assert all(r["max_abs_logit_diff"] < 1e-4 and r["argmax_flips"] == 0 for r in rows)
+    # A model whose output depends on the pass width (planted): the diagnostic must show it.
+    forward = model.forward
+    model.forward = lambda idx, **kw: [h + 0.5 * (idx.shape[1] > 1) for h in forward(idx, **kw)]
+    assert width_deviation(model, tokens, [5])[1]["max_abs_logit_diff"] > 0.1

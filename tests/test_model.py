@@ -111,3 +111,41 @@ def test_tied_embeddings_share_storage():
     assert model.lm_head.weight is model.embed_tokens.weight
     untied = tiny_model(tie_embeddings=False)
     assert untied.lm_head.weight is not untied.embed_tokens.weight
+
+
+@pytest.mark.parametrize("kind", ["none"] + FAMILIES)
+def test_fused_projections_keep_names_values_and_outputs_and_follow_the_weights(kind, tmp_path):
+    """Fusing q/k/v and gate/up changes where the weights live (so engines notice), not their names,
+    values, checkpoints or outputs (atol 0 in float32 against the unfused model, an outside copy);
+    an in-place update of one parameter reaches the fused matmul, and .to() fuses again."""
+    import copy
+
+    from multitoken.io.checkpoint import load_run, save_run
+    from multitoken.model.layers import fuse_projections
+
+    model = tiny_model(kind, 0 if kind == "none" else 2, attention_bias=True).eval()
+    ref = copy.deepcopy(model)
+    names = [n for n, _ in model.named_parameters()]
+    before = model.layers[0].self_attn.k_proj.weight.data_ptr()
+    fuse_projections(model)
+    assert [n for n, _ in model.named_parameters()] == names and model.layers[0].self_attn.k_proj.weight.data_ptr() != before
+    idx = torch.randint(0, 61, (2, 11))
+    with torch.no_grad():
+        for a, b in zip(model(idx), ref(idx)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        for m in (model, ref):
+            m.layers[1].self_attn.v_proj.weight.mul_(-1.5)
+            m.layers[1].mlp.up_proj.weight.add_(0.1)
+        for a, b in zip(model(idx), ref(idx)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+        model.double()
+        ref.double()
+        for a, b in zip(model(idx), ref(idx)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)
+    attn = model.layers[0].self_attn
+    assert attn._fused[0].dtype == torch.float64 and attn.q_proj.weight.data_ptr() == attn._fused[0].data_ptr()
+    save_run(tmp_path / "run", model.float())
+    loaded, _ = load_run(tmp_path / "run", with_tokenizer=False)
+    with torch.no_grad():
+        for a, b in zip(loaded(idx), ref.float()(idx)):
+            torch.testing.assert_close(a, b, atol=0, rtol=0)

@@ -100,6 +100,14 @@ def test_lossy_typical_at_temperature_zero_is_greedy():
 
 
 # ---- stubbed heads: tau ------------------------------------------------------------------------
+def stub_heads(model, fake) -> None:
+    """Give `model` a head family whose `draft_logits` hook is `fake(model, depth, h, pos)`: the
+    same family otherwise (its states, cache layers and drafter), swapped in by class."""
+    family = type(model.mtp)
+    model.mtp.__class__ = type(f"Stub{family.__name__}", (family,),
+                               {"draft_logits": lambda self, shared, k, h, pos=None: fake(model, k, h, pos)})
+
+
 def oracle(ref: torch.Tensor, vocab: int, right):
     """draft_logits stand-in: depth-k logits name ref's token at the drafted position, or a wrong one.
 
@@ -119,7 +127,7 @@ def oracle(ref: torch.Tensor, vocab: int, right):
 
 
 @pytest.mark.parametrize("kind", FAMILIES)
-def test_stubbed_heads_give_the_expected_tau(kind, monkeypatch):
+def test_stubbed_heads_give_the_expected_tau(kind):
     k, V = 3, 61
     model = spread_model(kind, k, 2)
     prompt = [[7, 8, 9, 10]]
@@ -132,7 +140,7 @@ def test_stubbed_heads_give_the_expected_tau(kind, monkeypatch):
         (lambda c, d: d == 1, [2], [1.0] + [0.0] * (k - 1)),
     ]
     for right, pattern, acceptance in cases:
-        monkeypatch.setattr(drafting, "draft_logits", oracle(ref, V, right))
+        stub_heads(model, oracle(ref, V, right))
         steps = 4 * len(pattern)
         n = 1 + sum(pattern) * (steps // len(pattern))  # the prefill's token, then whole steps
         out, stats = generate(model, prompt, n, mode="spec")
@@ -145,18 +153,18 @@ def test_stubbed_heads_give_the_expected_tau(kind, monkeypatch):
             assert out[0] == full[0][:n] and stats.tau == pytest.approx(sum(pattern) / len(pattern))
 
 
-def test_stubbed_module_one_gives_the_expected_tau_in_a_depth_one_tree(monkeypatch):
+def test_stubbed_module_one_gives_the_expected_tau_in_a_depth_one_tree():
     model = spread_model("sequential", 2, 2)
     prompt = [[7, 8, 9, 10]]
     full, _ = generate(model, prompt, 30)
     ref = torch.tensor([prompt[0] + full[0]])
     for right, tau in ((True, 2.0), (False, 1.0)):
-        monkeypatch.setattr(drafting, "draft_logits", oracle(ref, 61, lambda c, d, r=right: r))
+        stub_heads(model, oracle(ref, 61, lambda c, d, r=right: r))
         out, stats = generate(model, prompt, 21, mode="tree", tree=StaticTree([(0,), (1,)]))
         assert out[0] == full[0][:21] and stats.tau == pytest.approx(tau) and stats.steps == 20 // int(tau)
 
 
-def test_rows_advance_by_different_amounts(monkeypatch):
+def test_rows_advance_by_different_amounts():
     """Row 0's heads are always right, row 1's always wrong: tau per row differs, outputs stay exact."""
     k, V = 2, 61
     model = spread_model("parallel", k, 4)
@@ -170,7 +178,7 @@ def test_rows_advance_by_different_amounts(monkeypatch):
         a, b = good(model, depth, h, next_pos), wrong(model, depth, h, next_pos)
         return torch.stack([a[0], b[1]])
 
-    monkeypatch.setattr(drafting, "draft_logits", mixed)
+    stub_heads(model, mixed)
     out, stats = generate(model, p, 25, mode="spec")
     assert out == [r[:25] for r in full]
     # Row 0 needs 8 steps (3 tokens each), row 1 needs 24: tau over row-steps = 48 / 32.
@@ -199,7 +207,7 @@ def test_cache_after_rollbacks_equals_a_cache_built_from_scratch(kind, mode):
 
 @pytest.mark.parametrize("kind", ["sequential", SHARED])
 @pytest.mark.parametrize("mode,k", [("spec", 3), ("tree", 1), ("tree", 3)])
-def test_sequential_drafts_equal_a_full_forward_over_the_accepted_tokens(monkeypatch, kind, mode, k):
+def test_sequential_drafts_equal_a_full_forward_over_the_accepted_tokens(kind, mode, k):
     """Module k's draft at each step equals the uncached model's depth-k prediction on the same tokens.
 
     This pins the sliding-window invariant: every module's cache entries that a draft can see were
@@ -215,7 +223,7 @@ def test_sequential_drafts_equal_a_full_forward_over_the_accepted_tokens(monkeyp
         calls.append((depth, int(next_pos[0]), lg[0].clone()))
         return lg
 
-    monkeypatch.setattr(drafting, "draft_logits", record)
+    stub_heads(model, record)
     out, stats = generate(model, [prompt], 30, mode=mode, draft=k, tree=4)
     tokens = prompt + out[0]
     assert stats.steps > 3 and len(calls) == k * (stats.steps + 1)  # the prefill's drafts, then each step's

@@ -9,6 +9,13 @@ process and on the same prompts:
 - transformers' generate on the same weights (exported in-process): default cache, static
   cache, prompt lookup (batch 1) and, for sequential modules, its own MTP drafting with our
   modules (`use_mtp`, batch 1), where transformers is installed;
+- a reference line: `bench/reference.py`'s minimal decoder, compiled as one whole model with
+  ``mode="reduce-overhead"`` over a 2,048-slot static cache on CUDA (eager on the CPU), on the
+  same weights and prompts (`--no-reference` skips it);
+- with `--draft-vocab 4096,8192,16384,full`, the chain with all heads drafting over the N most
+  frequent tokens (counted on `--data`'s training split, else the N lowest ids, which a BPE
+  tokenizer orders roughly by frequency), with tau and the measured seconds of one draft's
+  logits (`draft_cost_s`) per size;
 at each batch size and temperature asked. Reported: tokens/s as medians over repeats (the first
 call of each method is warm-up and holds its compile and capture time, reported apart), tau,
 acceptance per position, speed-up over our plain decoding with graphs, the measured cost of
@@ -145,7 +152,87 @@ def time_calls(fn, repeats: int) -> tuple[float, list[float], object]:
     return warm, times, res
 
 
+def draft_vocabs(model, sizes: list, data: str | None) -> list[tuple[str, object]]:
+    """(label, draft ids or None for the full vocabulary) for each --draft-vocab size."""
+    if not sizes or model.mtp is None:
+        return []
+    V = model.config.vocab_size
+    counts = None
+    if data and any(s != "full" for s in sizes):
+        from multitoken.data.draft_vocab import count_tokens
+
+        counts = count_tokens(data)
+        if len(counts) != V:
+            raise UserError(f"--data {data} has a vocabulary of {len(counts)} tokens, the model {V}: use data made with the model's tokenizer")
+    out = []
+    for size in sizes:
+        if size == "full":
+            out.append(("full", None))
+            continue
+        if size > V:
+            raise UserError(f"--draft-vocab {size} is larger than the model's vocabulary of {V} tokens")
+        from multitoken.data.draft_vocab import frequent_tokens
+
+        eos = [model.config.eos_id] if model.config.eos_id is not None and model.config.eos_id < V else []
+        ids = frequent_tokens(counts, size, eos) if counts is not None else torch.arange(size)
+        out.append((str(size), ids))
+    return out
+
+
+def reference_run(model, groups, new_tokens: int, temperature: float, compile: bool):
+    """The minimal compiled decoder over each group in turn: (outputs, None) like `decode_groups`."""
+    from multitoken.bench.reference import MinimalDecoder
+
+    out = []
+    for g in groups:
+        dec = _REFERENCE.get(len(g))
+        if dec is None:
+            dec = _REFERENCE[len(g)] = MinimalDecoder(model, len(g), compile=compile)
+        gen = torch.Generator(device=next(model.parameters()).device).manual_seed(1)
+        out += dec.generate(g, new_tokens, temperature, gen)
+    return out, None
+
+
+_REFERENCE: dict = {}
+
+
+def ours_row(generate, model, groups, args, name: str, kw: dict, T: float, B: int) -> tuple[dict, list]:
+    """One of our methods over every group, timed: (its result row, its outputs)."""
+    from multitoken.bench.reference import draft_cost
+
+    kw, extra = dict(kw), {}
+    if "vocab" in kw:  # a chain drafting over a reduced vocabulary, for this row only
+        model.mtp.set_draft_vocab(kw.pop("vocab"))
+        extra = dict(draft_vocab=name.split("=")[-1], draft_cost_s=draft_cost(model, B))
+    call = lambda: decode_groups(generate, model, groups, args.new_tokens, T, kw)  # noqa: E731
+    try:
+        warm, times, (out, st) = time_calls(call, args.repeats)
+    finally:
+        if extra:
+            model.mtp.set_draft_vocab(None)
+    tps = statistics.median(sum(len(r) for r in out) / t for t in times)
+    return dict(method=name, temperature=T, tokens_per_s=tps, warmup_s=warm, compile_s=st.compile_time_s, tau=st.tau,
+                acceptance=st.acceptance_per_position, chosen_draft=st.chosen_draft, host_syncs=st.host_syncs,
+                times_s=times, **extra), out
+
+
+def reference_row(model, groups, args, T: float, compiled: bool, ref) -> dict:
+    """The reference line's result row (an error row when it cannot run here)."""
+    name = "reference: minimal compiled decoder" if compiled else "reference: minimal decoder (eager)"
+    call = lambda: reference_run(model, groups, args.new_tokens, T, compiled)  # noqa: E731
+    try:
+        warm, times, (out, _) = time_calls(call, args.repeats)
+    except Exception as e:  # a reference that cannot run here is reported, not fatal
+        return dict(method=name, temperature=T, error=f"{type(e).__name__}: {e}"[:300])
+    row = dict(method=name, temperature=T, tokens_per_s=statistics.median(sum(len(r) for r in out) / t for t in times),
+               warmup_s=warm, times_s=times)
+    if T == 0 and ref is not None:
+        row["token_match"], row["first_divergence"] = match_rate(out, ref)
+    return row
+
+
 def bench(model, tok, run_dir, args) -> dict:
+    from multitoken.bench.numerics import width_deviation
     from multitoken.decoding.api import engine_for, generate
 
     device = args.device
@@ -161,6 +248,10 @@ def bench(model, tok, run_dir, args) -> dict:
         modes += [("ours chain", dict(mode="spec", draft=model.depth)),
                   ("ours chain auto", dict(mode="spec")),
                   ("ours tree", dict(mode="tree", tree=args.tree_nodes))]
+    vocabs = draft_vocabs(model, getattr(args, "draft_vocab", None) or [], args.data)
+    modes += [(f"ours chain V'={label}", dict(mode="spec", draft=model.depth, vocab=ids)) for label, ids in vocabs]
+    reference = getattr(args, "reference", True)
+    _REFERENCE.clear()
     sets = {}
     for B in args.batch:
         n = args.prompts or B
@@ -186,18 +277,16 @@ def bench(model, tok, run_dir, args) -> dict:
             for name, kw in modes:
                 if B > 1 and name.startswith("ours plain ") and name != "ours plain":
                     continue
-                call = lambda: decode_groups(generate, model, groups, args.new_tokens, T, kw)  # noqa: E731
-                warm, times, (out, st) = time_calls(call, args.repeats)
-                toks = sum(len(r) for r in out)
-                tps = statistics.median(toks / t for t in times)
+                row, out = ours_row(generate, model, groups, args, name, kw, T, B)
+                row.update(batch=B, prompts=kind, n_prompts=len(all_prompts))
                 if name == "ours plain":
-                    ref, base_tps = out, tps
-                row = dict(method=name, batch=B, prompts=kind, n_prompts=len(all_prompts), temperature=T, tokens_per_s=tps,
-                           warmup_s=warm, compile_s=st.compile_time_s, tau=st.tau, acceptance=st.acceptance_per_position,
-                           chosen_draft=st.chosen_draft, host_syncs=st.host_syncs, times_s=times)
+                    ref, base_tps = out, row["tokens_per_s"]
                 if T == 0 and ref is not None:
                     row["token_match"], row["first_divergence"] = match_rate(out, ref)
                 results.append(row)
+            if reference:
+                row = reference_row(model, groups, args, T, device.startswith("cuda"), ref)
+                results.append(dict(row, batch=B, prompts=kind, n_prompts=len(all_prompts)))
             if hf is not None and B <= args.hf_max_batch:
                 peers = [("transformers generate", {}), ("transformers static cache", dict(cache_implementation="static"))]
                 if B == 1:
@@ -235,7 +324,13 @@ def bench(model, tok, run_dir, args) -> dict:
         eng = engine_for(model, B)  # the default engine (compiled blocks, graphs on CUDA)
         step_costs[B] = [dict(step=key[0], detail=str(key[1]), temperature=key[-1].temperature, live=live, seconds=v)
                          for (key, live), v in eng.runner.costs.items()]
-    return dict(results=results, step_costs_s=step_costs)
+    # bf16 exactness: how a verification pass of each width drifts from one-token steps, on the first
+    # prompt and our own greedy continuation of it (bench/numerics.py).
+    first = next(iter(sets.values()))[0]
+    cont, _ = generate(model, [first], args.new_tokens)
+    widths = sorted({model.depth + 1, args.tree_nodes, 32} if model.depth else {5, 16, 32})
+    deviation = width_deviation(model, (first + cont[0])[: model.config.max_seq_len], widths, start=min(16, len(first)))
+    return dict(results=results, step_costs_s=step_costs, width_deviation=deviation)
 
 
 PEERS = {"transformers generate": "default", "transformers static cache": "static",
@@ -306,14 +401,18 @@ def plot(data: dict, path: Path) -> None:
 
 
 def table(data: dict) -> str:
-    lines = [f"{'method':28s} {'B':>3s} {'set':>4s} {'T':>4s} {'tok/s':>9s} {'vs plain':>8s} {'tau':>5s} {'match':>6s} {'warm-up s':>9s}"]
+    lines = [f"{'method':36s} {'B':>3s} {'set':>4s} {'T':>4s} {'tok/s':>9s} {'vs plain':>8s} {'tau':>5s} {'match':>6s} {'warm-up s':>9s}"]
     for r in data["results"]:
         if "error" in r:
-            lines.append(f"{r['method']:28s} {r['batch']:3d} {r.get('prompts', ''):>4s} {r['temperature']:4g} {'error: ' + r['error'][:60]}")
+            lines.append(f"{r['method']:36s} {r['batch']:3d} {r.get('prompts', ''):>4s} {r['temperature']:4g} {'error: ' + r['error'][:60]}")
             continue
-        lines.append(f"{r['method']:28s} {r['batch']:3d} {r.get('prompts', ''):>4s} {r['temperature']:4g} {r['tokens_per_s']:9.1f} "
+        lines.append(f"{r['method']:36s} {r['batch']:3d} {r.get('prompts', ''):>4s} {r['temperature']:4g} {r['tokens_per_s']:9.1f} "
                      f"{r.get('vs_our_plain', float('nan')):8.2f} {r.get('tau', float('nan')):5.2f} "
                      f"{r.get('token_match', float('nan')):6.3f} {r['warmup_s']:9.1f}")
+    for d in data.get("width_deviation", []):
+        if d["width"] > 1:
+            lines.append(f"pass of {d['width']} tokens vs one-token steps: max |logit diff| {d['max_abs_logit_diff']:.3g}, "
+                         f"argmax changed at {d['argmax_flips']} of {d['positions']} positions")
     for B, rel in data.get("relative_step_costs", {}).items():
         if rel:
             lines.append(f"step cost vs plain (B={B}): " + ", ".join(f"{k} {v:.2f}x" for k, v in sorted(rel.items())))

@@ -42,6 +42,11 @@ def choice(names: tuple[str, ...]):
     return parse
 
 
+def draft_vocab_size(text: str) -> int | str:
+    """``--draft-vocab`` entries: a positive integer or ``full``."""
+    return "full" if text == "full" else ints(1, 1 << 24)(text)
+
+
 def register_decode(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("decode", help="decoding speed and exactness, ours and transformers', side by side",
@@ -77,6 +82,10 @@ def register_decode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--repeats", type=ints(1, 1000), default=3, help="timed repeats of each setting (median reported)")
     p.add_argument("--tree-nodes", type=ints(2, 1024), default=16, help="nodes of the dynamic draft tree")
     p.add_argument("--no-transformers", dest="transformers", action="store_false", help="skip transformers' generate")
+    p.add_argument("--no-reference", dest="reference", action="store_false",
+                   help="skip the reference line (a minimal decoder compiled as one model, 2,048-slot static cache)")
+    p.add_argument("--draft-vocab", type=listed(draft_vocab_size), default=None, metavar="N,...",
+                   help="also the chain drafting over the N most frequent tokens (of --data's training split), e.g. 4096,8192,16384,full")
     p.add_argument("--hf-max-batch", type=ints(0, 4096), default=16, help="largest batch to run transformers' generate at")
     p.add_argument("--device", default="auto", type=device_arg, help="auto (CUDA when available), cpu, cuda or cuda:N")
     p.add_argument("--threads", type=ints(1, 4096), default=None, help="torch CPU threads (default: torch's choice)")

@@ -38,6 +38,7 @@ COMMANDS: dict[str, str] = {
     "convert": "convert a Hugging Face folder, Hub id or GGUF file into a run directory",
     "export": "export a run as a Hugging Face folder (MTP heads kept)",
     "retrofit": "train MTP heads on a frozen pretrained model from backbone features computed once",
+    "draft-vocab": "store a reduced draft vocabulary (the most frequent training tokens) in a heads file",
     "generate": "generate text from a run, a Hugging Face folder or a Hub id, plainly or self-speculatively",
     "chat": "chat with a model in the terminal through its chat template (tau after each answer)",
     "serve": "an OpenAI-compatible server with continuous batching and exact speculative decoding",

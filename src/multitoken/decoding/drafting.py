@@ -8,9 +8,11 @@
   module 1 runs over the newly committed positions with the un-normed main state h^0 and the
   next tokens, module k over h^{k-1} and the previous depth's token; each module has its own
   cache layer.
-- `draft_logits` is the single place draft logits come from (looked up in this module's
-  globals at call time): tests replace it to stub heads that are always right, always wrong,
-  or right every other step.
+- `draft_logits` is the single place draft logits come from: the family's
+  ``HeadFamily.draft_logits`` hook (tests stub a family to make heads that are always right,
+  always wrong, or right every other step), spread back over the full vocabulary when the family
+  drafts over a reduced one V': tokens outside V' get -inf, so they are never drafted greedily
+  and have q = 0 when sampling (verification, over the full vocabulary, stays exact).
 """
 
 from __future__ import annotations
@@ -37,8 +39,15 @@ def decode_pass(model, idx: Tensor, cache, rope_pos: Tensor, slots: Tensor, mask
 
 
 def draft_logits(model, depth: int, h: Tensor, next_pos: Tensor) -> Tensor:
-    """Logits (B, V) with which depth `depth` drafts the token at position next_pos (B,)."""
-    return model.logits(h, depth)
+    """Logits (B, V) with which depth `depth` drafts the token at position next_pos (B,) from
+    its state h (B, C); -inf outside the family's draft vocabulary."""
+    heads = model.mtp
+    lg = heads.draft_logits(model.shared, depth, h, next_pos)  # (B, V') or (B, V)
+    ids = heads.draft_ids
+    if ids is None or lg.shape[-1] == model.config.vocab_size:
+        return lg
+    full = lg.new_full((lg.shape[0], model.config.vocab_size), float("-inf"))
+    return full.index_copy_(1, ids, lg)
 
 
 def propose(logits: Tensor, s: Sampling, lossless: bool, u: Tensor) -> tuple[Tensor, Tensor | None]:

@@ -21,6 +21,7 @@ from multitoken.config import MAX_EOS_IDS
 from multitoken.decoding.inputs import prompt_rows
 from multitoken.errors import UserError
 from multitoken.model.kv_cache import KVCache
+from multitoken.model.layers import fuse_projections
 
 
 def prepare_prompts(prompt_ids, max_seq_len: int, device: torch.device | str = "cpu",
@@ -193,6 +194,9 @@ class DecodeState:
 
     def __init__(self, model, batch_size: int, scratch: int, rand_width: int) -> None:
         cfg = model.config
+        # q/k/v and gate/up as one matmul each (the parameters become views: same names and values).
+        # Done before the engine records where the weights live, so its fingerprint sees the move.
+        fuse_projections(model)
         p = next(model.parameters())
         dev, dtype = p.device, p.dtype
         B, L, k = batch_size, cfg.max_seq_len, max(model.depth, 1)

@@ -16,8 +16,11 @@ Every step feeds the pending token x (emitted, not yet in the cache), plus draft
   module d's candidates conditioned on the top-1 draft of depths < d (the drafter's chain), the
   side branches of a deeper level reusing that distribution as parallel heads do (exact either
   way: verification decides).
+When sampling losslessly a tree keeps its shape, but its candidates of rank r at depth d are the
+r-th draws from q_d without replacement, verified by recursive rejection sampling (verify.py).
 Uniforms: plain uses rand[:, 0]; chain rand[:, :k] (accept tests), rand[:, k] (emitted token),
-rand[:, k+1:2k+1] (next drafts); tree rand[:, :N] (one target draw per node).
+rand[:, k+1:2k+1] (next drafts); tree rand[:, :N] (one target draw per node), or when sampling
+rand[:, :kR] (candidate draws, R ranks), rand[:, kR:2kR] (tests) and rand[:, 2kR] (emitted token).
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ import torch
 from torch import Tensor
 
 from multitoken.decoding.drafting import ModuleDrafter, decode_pass, head_drafts
-from multitoken.decoding.sampling import Sampling, sample
+from multitoken.decoding.sampling import Sampling, probs, sample
 from multitoken.decoding.state import DecodeState
-from multitoken.decoding.trees import StaticTree, ancestors, build_nodes
-from multitoken.decoding.verify import accept_greedy, rows_at, rows_at_many, verify_sampling, verify_tree, verify_typical
+from multitoken.decoding.trees import StaticTree, ancestors, build_nodes, build_sampled_nodes, candidate_ranks, sample_candidates
+from multitoken.decoding.verify import (accept_greedy, rows_at, rows_at_many, verify_sampling, verify_tree, verify_tree_sampling,
+                                        verify_typical)
 
 
 class Strategy:
@@ -173,16 +177,26 @@ class Tree(_Drafting):
         self._ar = torch.arange(N, device=dev)
         self._levels = torch.arange(self.k + 1, device=dev)
         self._anc = None
+        self.R = candidate_ranks(tree)
+        # Lossless sampling: sampled candidates and recursive rejection sampling, when the step's
+        # uniforms hold 2kR + 1 numbers; else the top-R tree with one target draw per node (exact
+        # too, but it accepts only the p-mass of the top candidates).
+        self.sampled = not s.greedy and not typical and state.rand.shape[1] >= 2 * self.k * self.R + 1
         if isinstance(tree, StaticTree):  # a static tree's shape never changes: its ancestors once
             parent = tree.tensors(dev)[0].expand(B, -1)
             self._anc = ancestors(parent, self.k)
 
     def step(self) -> None:
-        st, model, k, N, s = self.state, self.model, self.k, self.q, self.s
+        st, model, k, N, s, R = self.state, self.model, self.k, self.q, self.s, self.R
         cache, B = st.cache, st.batch_size
         base = cache.pos.clone()  # (B,); advancing below changes cache.pos in place
         x = st.x.clone()
-        tokens, parent, depth = build_nodes(self.tree, x, st.lq[:, :k])  # (B, N) each
+        if self.sampled:
+            q = probs(st.lq[:, :k], s)  # (B, k, V)
+            cand, valid = sample_candidates(q, st.rand[:, : k * R].view(B, k, R))
+            tokens, parent, depth, rank = build_sampled_nodes(self.tree, x, st.lq[:, :k], cand)
+        else:
+            tokens, parent, depth = build_nodes(self.tree, x, st.lq[:, :k])  # (B, N) each
         anc = self._anc if self._anc is not None else ancestors(parent, k)  # (B, N, N)
         slots = base[:, None] + self._ar
         mask = cache.prefix_mask(base, N).clone()  # committed prefix
@@ -190,7 +204,11 @@ class Tree(_Drafting):
         main, last, states = decode_pass(model, tokens, cache, (base[:, None] + depth).clamp(max=self.L - 1), slots,
                                          mask, k if self.from_verify else 0)
         logits = model.logits(main)  # (B, N, V)
-        best, n, final = verify_tree(logits, tokens, parent, depth, k, s, self.typical, st.rand[:, :N])
+        if self.sampled:
+            best, n, final = verify_tree_sampling(logits, parent, rank, k, q, cand, valid, s,
+                                                  st.rand[:, k * R : 2 * k * R], st.rand[:, 2 * k * R])
+        else:
+            best, n, final = verify_tree(logits, tokens, parent, depth, k, s, self.typical, st.rand[:, :N])
         on_path = anc.gather(1, best[:, None, None].expand(B, 1, N))[:, 0]  # (B, N)
         path = (on_path[:, None, :] & (depth[:, None, :] == self._levels[None, :, None])).int().argmax(-1)  # (B, k+1)
         emitted = torch.cat([tokens.gather(1, path[:, 1:]), x[:, None]], 1).scatter(1, n[:, None], final[:, None])

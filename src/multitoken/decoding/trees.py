@@ -3,7 +3,11 @@
 A tree has N nodes; node 0 is the root (the pending token), every other node is a candidate
 token at depth d (1..k), drafted by head d. Nodes are stored parents-first, so one pass of
 ``ancestors`` after `depth` hops resolves every path. Children of one node always carry distinct
-tokens (distinct top-k ranks), which is what makes tree sampling exact (decoding.verify.verify_tree).
+tokens (distinct top-k ranks, or distinct draws), which tree sampling relies on (decoding/verify.py).
+
+When sampling losslessly the tree keeps its shape but its candidates are drawn from the draft
+distributions without replacement (`sample_candidates`, `build_sampled_nodes`), and verification
+is recursive rejection sampling over each node's children (`verify.verify_tree_sampling`).
 
 - `StaticTree`: a fixed set of rank paths ``(r_1, ..., r_d)``: node token = rank r_d of head d.
   `build_static` chooses the paths greedily, Medusa style: given measured per-depth top-r
@@ -28,6 +32,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from multitoken.decoding.sampling import draw
 from multitoken.errors import UserError
 
 TREE_FILE = "tree.json"
@@ -102,33 +107,83 @@ def build_nodes(tree: StaticTree | DynamicTree, x: Tensor, lq: Tensor) -> tuple[
     Returns:
         (tokens, parent, depth), each (B, N), parents before children, node 0 the root.
     """
+    return _nodes(tree, x, lq, None)[:3]
+
+
+def candidate_ranks(tree: StaticTree | DynamicTree) -> int:
+    """Candidates per depth a tree draws on (R): its largest rank + 1, or a dynamic tree's width."""
+    return tree.ranks if isinstance(tree, StaticTree) else tree.width
+
+
+def build_sampled_nodes(tree: StaticTree | DynamicTree, x: Tensor, lq: Tensor, cand: Tensor
+                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Nodes for lossless tree sampling: the tree's shape as `build_nodes` makes it from lq (a
+    function of the draft distributions only), but the candidate of rank r at depth d is cand[:, d-1, r],
+    the r-th token drawn from q_d without replacement (`sample_candidates`).
+
+    Returns:
+        (tokens, parent, depth, rank), each (B, N); rank is each node's index into cand.
+    """
+    return _nodes(tree, x, lq, cand)
+
+
+def sample_candidates(q: Tensor, u: Tensor) -> tuple[Tensor, Tensor]:
+    """R tokens per depth drawn from q without replacement, in draw order.
+
+    Args:
+        q: (B, k, V) draft distributions; u: (B, k, R) uniforms.
+    Returns:
+        (cand (B, k, R), valid (B, k, R)): valid is False for a draw made after q's support ran out
+        (such a candidate must never be accepted).
+    """
+    left = q.float().clone()
+    cand, valid = [], []
+    for j in range(u.shape[-1]):
+        valid.append(left.sum(-1) > 0)
+        c = draw(left, u[..., j])  # (B, k); draw normalises, so `left` needs no renormalising
+        left.scatter_(-1, c[..., None], 0.0)
+        cand.append(c)
+    return torch.stack(cand, -1), torch.stack(valid, -1)
+
+
+def _nodes(tree: StaticTree | DynamicTree, x: Tensor, lq: Tensor, cand: Tensor | None
+           ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     B = x.shape[0]
     if isinstance(tree, DynamicTree):
-        return dynamic_nodes(x, lq, tree.nodes, tree.width)
+        return dynamic_nodes(x, lq, tree.nodes, tree.width, cand, ranks=True)
     parent, depth, rank = tree.tensors(x.device)
     R = tree.ranks
-    top = lq.topk(R, dim=-1).indices.flatten(1)  # (B, k*R)
+    top = (lq.topk(R, dim=-1).indices if cand is None else cand[..., :R]).flatten(1)  # (B, k*R)
     tokens = top[:, ((depth - 1).clamp(min=0) * R + rank)]  # (B, N)
     tokens[:, 0] = x
-    return tokens, parent.expand(B, -1), depth.expand(B, -1)
+    return tokens, parent.expand(B, -1), depth.expand(B, -1), rank.expand(B, -1)
 
 
-def dynamic_nodes(x: Tensor, lq: Tensor, nodes: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
-    """EAGLE-2-style tree: beam-expand top-`width` tokens per head, keep the nodes-1 most probable."""
+def dynamic_nodes(x: Tensor, lq: Tensor, nodes: int, width: int, cand: Tensor | None = None, ranks: bool = False):
+    """EAGLE-2-style tree: beam-expand top-`width` tokens per head, keep the nodes-1 most probable.
+
+    With `cand` (B, k, width), the shape is chosen from lq's top-`width` probabilities as always,
+    but the rank-r token of depth d is cand[:, d-1, r] instead of lq's rank-r token (sampled trees).
+    Returns (tokens, parent, depth), each (B, N), and with ranks=True each node's rank too.
+    """
     B, k, V = lq.shape
     W = min(width, V)
     if k * W < nodes - 1:
         raise UserError(f"a dynamic tree of {nodes} nodes needs more candidates than {k} head(s) x {W} tokens: use fewer nodes")
     dev = x.device
     topv, topi = lq.float().log_softmax(-1).topk(W, dim=-1)  # (B, k, W)
+    if cand is not None:
+        topi = cand[..., :W]
     ar = torch.arange(W, device=dev)
     scores, toks, parents = [topv[:, 0]], [topi[:, 0]], [torch.zeros(B, W, dtype=torch.long, device=dev)]
+    rks = [ar.expand(B, W)]
     beam_s, beam_id = topv[:, 0], (1 + ar).expand(B, W)
     for d in range(1, k):
-        cand = (beam_s[:, :, None] + topv[:, d][:, None, :]).flatten(1)  # (B, W*W)
-        s, j = cand.topk(W, dim=-1)
+        cand_s = (beam_s[:, :, None] + topv[:, d][:, None, :]).flatten(1)  # (B, W*W)
+        s, j = cand_s.topk(W, dim=-1)
         parents.append(beam_id.gather(1, j // W))
         toks.append(topi[:, d].gather(1, j % W))
+        rks.append(j % W)
         scores.append(s)
         beam_s, beam_id = s, (1 + d * W + ar).expand(B, W)
     level = torch.arange(k, device=dev).repeat_interleave(W)  # depth-1 of candidate ids 1..kW
@@ -141,7 +196,8 @@ def dynamic_nodes(x: Tensor, lq: Tensor, nodes: int, width: int) -> tuple[Tensor
     zero = torch.zeros(B, 1, dtype=torch.long, device=dev)
     tokens = torch.cat([x[:, None], torch.cat(toks, 1).gather(1, sel)], 1)
     depth = torch.cat([zero, (level + 1).expand(B, -1).gather(1, sel)], 1)
-    return tokens, torch.cat([zero, parent], 1), depth
+    out = (tokens, torch.cat([zero, parent], 1), depth)
+    return out + (torch.cat([zero, torch.cat(rks, 1).gather(1, sel)], 1),) if ranks else out
 
 
 def ancestors(parent: Tensor, depth: int) -> Tensor:

@@ -7,7 +7,11 @@ Rules (docs/decoding.md has the proofs):
   when all pass, draw the bonus from p_{k+1}. p and q go through the same warping;
 - LOSSY typical acceptance (Medusa): accept while p(d_j) > min(eps, delta * exp(-H(p)));
 - trees: one target token per node (argmax, or one draw from p: children of a node carry
-  distinct tokens, so following the draw is exact sampling); walk down from the root.
+  distinct tokens, so following the draw is exact sampling); walk down from the root;
+- sampled trees (lossless sampling): children drawn from q without replacement, verified by
+  recursive rejection sampling (SpecInfer / SpecTr): try them in draw order, accept child c with
+  probability min(1, r(c) / Q(c)), after a rejection r <- normalise(max(0, r - Q)) and Q loses c;
+  when no child passes, draw from r.
 Randomness comes in as uniforms (sampling.draw), so the same code runs eagerly and in a graph.
 """
 
@@ -117,3 +121,61 @@ def verify_tree(logits: Tensor, tokens: Tensor, parent: Tensor, depth: Tensor, k
     best = torch.where(acc, depth, -1).argmax(1)  # (B,)
     n = depth.gather(1, best[:, None])[:, 0]
     return best, n, y.gather(1, best[:, None])[:, 0]
+
+
+def verify_tree_sampling(logits: Tensor, parent: Tensor, rank: Tensor, k: int, q: Tensor, cand: Tensor, valid: Tensor,
+                         s: Sampling, u_accept: Tensor, u_draw: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Lossless tree verification by recursive rejection sampling over each node's children.
+
+    The children of a node at depth d-1 are candidates of depth d: cand[:, d-1, r] is the r-th
+    token drawn from q_d without replacement, so given the draws before it, its law is q_d with
+    those removed (Q_r). From the root, at each depth the current node's children are tried in
+    rank order against the running target r (the node's p at first): accepted with probability
+    min(1, r(c) / Q_r(c)); on rejection r <- normalise(max(0, r - Q_r)). A rank that is not a child
+    of the current node is skipped but still leaves Q (it was drawn). An accepted child becomes
+    the current node (r = its p); when none passes, or at a leaf, the emitted token is a draw
+    from r. docs/decoding.md has the proof that the output has the target law.
+
+    Args:
+        logits: (B, N, V) main logits at every node; parent, rank: (B, N) the nodes (root 0).
+        k: the tree's depth; q: (B, k, V) draft distributions; cand, valid: (B, k, R) the drawn
+            candidates and whether each was drawn from mass that was left (`trees.sample_candidates`).
+        u_accept: (B, k*R) uniforms for the tests; u_draw: (B,) for the emitted token.
+    Returns:
+        (best (B,) the deepest accepted node, n (B,) its depth, final (B,) the token after it).
+    """
+    p = probs(logits, s)  # (B, N, V)
+    B, N, V = p.shape
+    R = cand.shape[-1]
+    dev = p.device
+    # child[b, i * R + r] = the node of rank r under node i, or -1.
+    child = torch.full((B, N * R + 1), -1, dtype=torch.long, device=dev)
+    nodes = torch.arange(N, device=dev).expand(B, N)
+    slot = torch.where(nodes > 0, parent * R + rank, N * R)  # the root writes into a spare slot
+    child.scatter_(1, slot, nodes)
+    cur = torch.zeros(B, dtype=torch.long, device=dev)
+    n = torch.zeros(B, dtype=torch.long, device=dev)
+    r = p[:, 0]  # (B, V) the running target
+    searching = torch.ones(B, dtype=torch.bool, device=dev)
+    for d in range(k):
+        left = q[:, d].float().clone()  # (B, V) q_d minus the draws so far
+        moved = torch.zeros_like(searching)
+        for j in range(R):
+            Q = left / left.sum(-1, keepdim=True).clamp(min=torch.finfo(left.dtype).tiny)
+            c_node = child.gather(1, (cur * R + j)[:, None])[:, 0]  # (B,)
+            tok = cand[:, d, j]
+            try_ = searching & ~moved & (c_node >= 0) & valid[:, d, j]
+            Qc, rc = Q.gather(1, tok[:, None])[:, 0], r.gather(1, tok[:, None])[:, 0]
+            acc = try_ & (u_accept[:, d * R + j] * Qc < rc)
+            rej = try_ & ~acc
+            res = (r - Q).clamp(min=0)
+            total = res.sum(-1, keepdim=True)
+            res = torch.where(total > 0, res / total.clamp(min=torch.finfo(res.dtype).tiny), r)  # r == Q: no rejection had mass
+            node = c_node.clamp(min=0)
+            r = torch.where(rej[:, None], res, torch.where(acc[:, None], rows_at(p, node), r))
+            cur = torch.where(acc, node, cur)
+            n = torch.where(acc, d + 1, n)
+            moved |= acc
+            left.scatter_(1, tok[:, None], 0.0)
+        searching &= moved
+    return cur, n, draw(r, u_draw)

@@ -1,6 +1,10 @@
 """MTP heads alone, to ship beside a pretrained model: one safetensors file of the ``mtp.*``
 weights (bf16) whose metadata holds the heads spec and a fingerprint of the backbone they were
 trained on, so they are only ever attached to that model.
+
+A heads file may also hold a draft vocabulary V' (data/draft_vocab.py), in EAGLE-3's layout:
+``d2t`` (|V'|,) int64 with ``target id = i + d2t[i]`` for draft index i, and ``t2d`` (V,) bool,
+True for the tokens in V'. A file without them drafts over the full vocabulary.
 """
 
 from __future__ import annotations
@@ -23,6 +27,32 @@ from multitoken.model import Transformer
 from multitoken.model.build import build_model, limit_context
 
 HEADS_FORMAT = "multitoken-heads/1"
+DRAFT_VOCAB_KEYS = ("d2t", "t2d")
+
+
+def draft_vocab_tensors(ids: torch.Tensor, vocab_size: int) -> dict[str, torch.Tensor]:
+    """EAGLE-3's ``d2t`` (offsets) and ``t2d`` (mask) for sorted draft ids (V',)."""
+    ids = ids.detach().cpu().long()
+    t2d = torch.zeros(vocab_size, dtype=torch.bool)
+    t2d[ids] = True
+    return {"d2t": ids - torch.arange(ids.numel()), "t2d": t2d}
+
+
+def draft_ids_from(tensors: dict[str, torch.Tensor], vocab_size: int, path: Path) -> torch.Tensor | None:
+    """The draft ids a heads file's ``d2t``/``t2d`` name (None when it has neither); a one-line
+    error when they are damaged or made for another vocabulary."""
+    d2t, t2d = tensors.get("d2t"), tensors.get("t2d")
+    if d2t is None and t2d is None:
+        return None
+    fix = "write it again with `multitoken draft-vocab`"
+    if d2t is None or t2d is None or d2t.dim() != 1 or t2d.dtype != torch.bool or d2t.dtype != torch.int64 or not d2t.numel():
+        raise UserError(f"{path}: damaged draft vocabulary (d2t/t2d): {fix}")
+    ids = d2t + torch.arange(d2t.numel())
+    if t2d.shape != (vocab_size,):
+        raise UserError(f"{path}: its draft vocabulary is for {t2d.numel()} tokens, the model has {vocab_size}: {fix}")
+    if bool((ids[1:] <= ids[:-1]).any()) or int(ids[0]) < 0 or int(ids[-1]) >= vocab_size or not torch.equal(t2d.nonzero()[:, 0], ids):
+        raise UserError(f"{path}: damaged draft vocabulary (d2t and t2d disagree): {fix}")
+    return ids
 
 
 def backbone_fingerprint(model: Transformer) -> str:
@@ -40,6 +70,8 @@ def save_heads(model: Transformer, path: str | Path, info: dict[str, Any] | None
     if model.mtp is None:
         raise UserError("the model has no MTP heads to save")
     state = {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in model.mtp.state_dict().items()}
+    if model.mtp.draft_ids is not None:
+        state |= draft_vocab_tensors(model.mtp.draft_ids, model.config.vocab_size)
     meta = {"format": HEADS_FORMAT, "heads": str(model.config.heads), "medusa_layers": str(model.config.heads.medusa_layers),
             "backbone_sha256": backbone_fingerprint(model), "info": json.dumps(info or {}, sort_keys=True)}
     path = Path(path)
@@ -92,13 +124,17 @@ def attach_heads_to(base: Transformer, heads_file: str | Path, run_dir: str = "t
         raise UserError(f"{heads_file}: damaged metadata (heads {meta.get('heads')!r}, medusa_layers "
                         f"{meta.get('medusa_layers')!r}): write the file again with save_heads") from None
     tensors = read_safetensors(Path(heads_file), "write it again")
+    ids = draft_ids_from(tensors, cfg.vocab_size, Path(heads_file))
+    tensors = {k: v for k, v in tensors.items() if k not in DRAFT_VOCAB_KEYS}
     with torch.device("meta"):
         want = {k: tuple(v.shape) for k, v in Transformer(cfg).mtp.state_dict().items()}
     if {k: tuple(v.shape) for k, v in tensors.items()} != want:
         raise UserError(f"{heads_file}: its tensors are not those of {heads} heads on {run_dir}'s model: write the file again with save_heads")
     device = next(base.parameters()).device
     model = build_model(cfg, {**base.state_dict(), **{"mtp." + k: v for k, v in tensors.items()}}, fresh_heads=False)
-    return model.to(device)
+    model = model.to(device)
+    model.mtp.set_draft_vocab(ids)
+    return model
 
 
 def load_heads_into(model: Transformer, heads_file: str | Path) -> None:
@@ -110,7 +146,7 @@ def load_heads_into(model: Transformer, heads_file: str | Path) -> None:
     if model.mtp is None or meta.get("heads") != str(model.config.heads):
         raise UserError(f"{heads_file} holds {meta.get('heads')} heads, this run trains {model.config.heads}: "
                         "give --heads as the file's, or another heads file")
-    tensors = read_safetensors(Path(heads_file), "write it again")
+    tensors = {k: v for k, v in read_safetensors(Path(heads_file), "write it again").items() if k not in DRAFT_VOCAB_KEYS}
     own = model.mtp.state_dict()
     if {k: tuple(v.shape) for k, v in tensors.items()} != {k: tuple(v.shape) for k, v in own.items()}:
         raise UserError(f"{heads_file}: its tensors do not match {model.config.heads} heads on this model: write it again with save_heads")
@@ -118,3 +154,19 @@ def load_heads_into(model: Transformer, heads_file: str | Path) -> None:
         for k, v in tensors.items():
             own[k].copy_(v.to(own[k].dtype))
 
+
+def write_draft_vocab(heads_file: str | Path, ids: torch.Tensor | None, vocab_size: int, out: str | Path | None = None) -> Path:
+    """Store draft vocabulary `ids` (None: remove it) in a heads file, rewriting it atomically
+    (at `out` when given, else in place); the heads and their metadata are kept as they are."""
+    path = Path(heads_file)
+    meta = heads_info(path)
+    tensors = {k: v for k, v in read_safetensors(path, "write it again").items() if k not in DRAFT_VOCAB_KEYS}
+    if ids is not None:
+        if int(ids.max()) >= vocab_size:
+            raise UserError(f"draft vocabulary names token {int(ids.max())}, the vocabulary has {vocab_size}: use data made with the model's tokenizer")
+        tensors |= draft_vocab_tensors(ids, vocab_size)
+    meta["info"] = json.dumps(meta["info"], sort_keys=True)
+    target = Path(out) if out is not None else path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(target, lambda tmp: save_file(tensors, tmp, metadata=meta))
+    return target

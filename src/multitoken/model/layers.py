@@ -7,6 +7,11 @@ Qwen3's and Gemma-3's ``self_attn.{q,k}_norm``, Gemma's (1 + w) RMSNorm, its GeG
 ``pre_/post_feedforward_layernorm``, and Llama-3.1's RoPE scaling (`rope_tables`).
 Every block also has a cached path (`Block.cached`) that writes its keys and values into its own
 layer of a static `KVCache`.
+
+Decoding fuses projections (`fuse_projections`): q/k/v and gate/up each become one matmul over
+one weight, while the parameters keep their names and shapes as views into it, so checkpoints,
+exports and in-place updates are unchanged. Without gradients a fused module uses the fused
+weight; training uses the parameters one by one.
 """
 
 from __future__ import annotations
@@ -92,7 +97,56 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
-class Attention(nn.Module):
+class Fusable(nn.Module):
+    """A module whose sibling projections `FUSED` can run as one matmul (see the module docstring)."""
+
+    FUSED: tuple[str, ...] = ()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._fused: tuple[Tensor, Tensor | None] | None = None
+
+    def fuse(self) -> None:
+        """Store the projections' weights (and biases) one after another in one tensor each; the
+        parameters become views into them (same objects, names, values)."""
+        lins = [getattr(self, n) for n in self.FUSED]
+        w = torch.cat([lin.weight.detach() for lin in lins])
+        b = torch.cat([lin.bias.detach() for lin in lins]) if lins[0].bias is not None else None
+        row = 0
+        for lin in lins:
+            n = lin.weight.shape[0]
+            lin.weight.data = w[row : row + n]
+            if b is not None:
+                lin.bias.data = b[row : row + n]
+            row += n
+        self._fused = (w, b)
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to(), .half(), to_empty(): the parameters get new tensors, so fuse them again.
+        out = super()._apply(fn, recurse)
+        if self._fused is not None:
+            self.fuse()
+        return out
+
+    def project(self, x: Tensor) -> list[Tensor]:
+        """Each projection of x, through the fused weight when no gradient is needed."""
+        lins = [getattr(self, n) for n in self.FUSED]
+        if self._fused is None or (torch.is_grad_enabled() and lins[0].weight.requires_grad):
+            return [lin(x) for lin in lins]
+        w, b = self._fused
+        return list(F.linear(x, w, b).split([lin.weight.shape[0] for lin in lins], dim=-1))
+
+
+def fuse_projections(model: nn.Module) -> None:
+    """Fuse q/k/v and gate/up of every block in `model` (for decoding; idempotent)."""
+    for m in model.modules():
+        if isinstance(m, Fusable) and m._fused is None:
+            m.fuse()
+
+
+class Attention(Fusable):
+    FUSED = ("q_proj", "k_proj", "v_proj")
+
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -115,9 +169,10 @@ class Attention(nn.Module):
 
     def _qkv(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.project(x)
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, H, T, Dh)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, Dh)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         if self.qk_norm:  # per head, before RoPE (Qwen3, Gemma-3)
             q, k = self.q_norm(q), self.k_norm(k)
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
@@ -148,8 +203,10 @@ class Attention(nn.Module):
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
-class MLP(nn.Module):
+class MLP(Fusable):
     """Gated MLP: SwiGLU, or GeGLU with tanh-approximated GELU (Gemma's gelu_pytorch_tanh)."""
+
+    FUSED = ("gate_proj", "up_proj")
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
@@ -159,8 +216,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        g = self.gate_proj(x)
-        return self.down_proj((F.gelu(g, approximate="tanh") if self.gelu else F.silu(g)) * self.up_proj(x))
+        gate, up = self.project(x)
+        return self.down_proj((F.gelu(gate, approximate="tanh") if self.gelu else F.silu(gate)) * up)
 
 
 class Block(nn.Module):

@@ -6,6 +6,11 @@ off, its training forward, how it drafts when decoding, its KV-cache layers, its
 its FSDP units, its default loss weights (retrofitting stores the state after its `trunk_layers`).
 It receives only the main model's shared modules (`SharedModules`), never the model, so its
 parameters are all its own and FSDP can shard it unit by unit.
+
+Drafting goes through `draft_logits`, over the whole vocabulary or, once `set_draft_vocab` has
+been given a frequency-ranked subset V' (EAGLE-3's and vLLM speculators' ``d2t`` map), over V'
+alone: only |V'| rows of the unembedding are multiplied (FR-Spec). Verification always uses the
+full vocabulary, so the output stays exact (docs/decoding.md).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -70,6 +76,11 @@ class HeadFamily(nn.Module):
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
+        # The draft vocabulary: sorted target ids (V',), or None for the full vocabulary. Not a
+        # weight (absent from state_dict, so checkpoints and exports are unchanged): heads files
+        # store it as d2t/t2d (io/heads_file.py).
+        self.register_buffer("draft_ids", None, persistent=False)
+        self._sliced: dict[int, tuple[tuple, Tensor]] = {}
 
     # ---- configuration ----------------------------------------------------------------------
     @classmethod
@@ -111,6 +122,47 @@ class HeadFamily(nn.Module):
         return module(*args)
 
     # ---- decoding ---------------------------------------------------------------------------
+    def set_draft_vocab(self, ids: Tensor | None) -> None:
+        """Draft over the tokens `ids` only (any order, no repeats), or the full vocabulary (None)."""
+        self._sliced.clear()
+        if ids is None:
+            self.draft_ids = None
+            return
+        ids = torch.as_tensor(ids, dtype=torch.long).flatten().sort().values
+        device = self.draft_ids.device if self.draft_ids is not None else next(self.parameters(), ids).device
+        self.draft_ids = ids.to(device)
+
+    def draft_logits(self, shared: SharedModules, k: int, h: Tensor, pos: Tensor | None = None) -> Tensor:
+        """Logits with which depth k drafts from its state h (B, C): over V' when a draft
+        vocabulary is set, (B, |V'|) in `draft_ids` order, else (B, V).
+
+        Args:
+            pos: (B,) positions of the drafted tokens; the heads ignore them (test stubs that know
+                the right tokens read them).
+        """
+        w = self.unembed_weight(shared, k)
+        return F.linear(h, w if self.draft_ids is None else self._draft_weight(k, w))
+
+    def _draft_weight(self, k: int, w: Tensor) -> Tensor:
+        """The |V'| rows of unembedding w, indexed once and cached until w moves or is written
+        (a new address, device, dtype or version) or the draft vocabulary changes."""
+        ids = self.draft_ids
+        key = (w.data_ptr(), w.device, w.dtype, w._version, ids.data_ptr(), ids._version)
+        hit = self._sliced.get(k)
+        if hit is None or hit[0] != key:
+            hit = self._sliced[k] = (key, w.detach().index_select(0, ids).contiguous())  # (V', C)
+        return hit[1]
+
+    def step(self, shared: SharedModules, k: int, h_prev: Tensor, tokens: Tensor, rope: Rope, cache=None, slots=None,
+             mask=None) -> Tensor:
+        """Families without `drafts_from_verify`: depth k's state h^k (B, q, C) at q positions,
+        from h^{k-1} there and the tokens t_{i+k} (B, q) (decoding/drafting.py's `ModuleDrafter`)."""
+        raise NotImplementedError(f"{type(self).__name__} drafts from the verification pass, not step by step")
+
+    def draft_state(self, k: int, h: Tensor) -> Tensor:
+        """The state depth k's draft logits come from, given `step`'s output h (B, C)."""
+        return h
+
     def decode_states(self, shared: SharedModules, n: int, states: BackboneStates, rope: Rope, cache, slots,
                       mask) -> list[Tensor]:
         """States (B, q, C) of the first n heads in a cached decoding pass: they draft the next step
