@@ -26,6 +26,14 @@ def tiny_model(kind: str = "none", depth: int = 0, seed: int = 0, **overrides) -
     return Transformer(tiny_config(kind, depth, **overrides))
 
 
+def pytest_configure(config):
+    """Before any fixture (module-scoped ones included, which run before function-scoped autouse
+    fixtures): no clock-driven draft length anywhere in the suite."""
+    from multitoken.decoding import runner
+
+    runner.CPU_COSTS = False
+
+
 @pytest.fixture(autouse=True)
 def _fixed_draft_length(monkeypatch):
     """`generate(draft=None)` drafts with every head: on the CPU the length chosen from timed steps

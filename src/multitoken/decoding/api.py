@@ -39,6 +39,8 @@ import torch
 from torch import Tensor
 
 from multitoken.decoding.inputs import check_decode_options
+from multitoken.decoding.draft_policy import Acceptance
+from multitoken.decoding.draft_policy import choose_draft as policy_choose
 from multitoken.decoding.runner import Runner, backend, bucket
 from multitoken.decoding.sampling import RowSampling, Sampling
 from multitoken.decoding.state import DecodeState, eos_ids, eos_row, prepare_prompts
@@ -632,7 +634,8 @@ def best_draft(acceptance: list[float], costs: dict[int, float]) -> int:
 
 def choose_draft(engine: Engine, current, mode: str, s: Sampling, tree, typical: bool, maxpos: int, row_steps: int,
                  accepted: list[int]):
-    """The strategy `best_draft` picks from the acceptance so far and the measured step costs.
+    """The strategy the measured step costs and the acceptance so far pick: for a chain,
+    `draft_policy.choose_draft`; for a tree against plain steps, `best_draft`.
 
     Never goes back from plain steps: drafts made before a plain stretch are stale, and lossless
     sampling needs drafts drawn from the q it holds. A tree competes with plain steps only.
@@ -651,7 +654,13 @@ def choose_draft(engine: Engine, current, mode: str, s: Sampling, tree, typical:
         costs = {j: runner.cost(o, maxpos + o.q + 8 * (j + 1)) for j, o in options.items()}
     if any(c is None for c in costs.values()):
         return current
-    return options[best_draft(acceptance, costs)]
+    if mode == "tree":
+        return options[best_draft(acceptance, costs)]
+    # A chain: the policy of draft_policy.py (per-position conditional acceptance, posterior
+    # means, plain steps only when even an optimistic estimate cannot beat them).
+    acc = Acceptance()
+    acc.add(K, row_steps, list(accepted[:K]))
+    return options[policy_choose(costs, acc, current=K)]
 
 
 
