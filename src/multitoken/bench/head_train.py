@@ -20,12 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import statistics
-import time
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from multitoken.bench.train import time_steps
 from multitoken.config import HeadsConfig, ModelConfig
 from multitoken.model import Transformer
 from multitoken.training.loss import MTPLoss, Targets, linear_cross_entropy
@@ -108,20 +108,7 @@ def measure_head_training(preset: str = "smollm2-135m", heads: str = "sequential
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    t0 = time.perf_counter()
-    for i in range(warmup):
-        step(i)
-    if cuda:
-        torch.cuda.synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    warm = time.perf_counter() - t0
-    times = []
-    for i in range(steps):
-        t = time.perf_counter()
-        step(i)
-        if cuda:
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t)
+    warm, times = time_steps(step, warmup, steps, device)
     step_s = statistics.median(times)
     return dict(preset=preset, heads=heads, batch_size=batch_size, seq_len=seq_len, distill=distill,
                 teacher=teacher if distill else None, ttt=ttt, compile=compile, chunk_rows=chunk_rows,

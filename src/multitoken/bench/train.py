@@ -109,20 +109,7 @@ def measure(preset: str, heads: str, batch_size: int, seq_len: int, vocab: int, 
             opt.zero_grad(set_to_none=True)
 
     with attention_backend(attention):
-        t0 = time.perf_counter()
-        for i in range(warmup):
-            step(i)
-        if cuda:
-            torch.cuda.synchronize(device)
-            torch.cuda.reset_peak_memory_stats(device)
-        warm = time.perf_counter() - t0
-        times = []
-        for i in range(steps):
-            t = time.perf_counter()
-            step(i)
-            if cuda:
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t)
+        warm, times = time_steps(step, warmup, steps, device)
     tps = batch_size * seq_len / statistics.median(times)
     return dict(heads=heads, loss=kernel, recompute=bool(getattr(model.mtp, "recompute", False)),
                 recompute_note=recompute_note, attention=attention,
@@ -175,3 +162,24 @@ def plot(data: dict, path: Path) -> None:
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def time_steps(step, warmup: int, steps: int, device) -> tuple[float, list[float]]:
+    """Run `step(i)` `warmup` times untimed (peak memory reset after them), then `steps` times timed,
+    synchronising the device around each: (warm-up seconds, seconds per timed step)."""
+    cuda = torch.device(device).type == "cuda"
+    t0 = time.perf_counter()
+    for i in range(warmup):
+        step(i)
+    if cuda:
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    warm = time.perf_counter() - t0
+    times = []
+    for i in range(steps):
+        t = time.perf_counter()
+        step(i)
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t)
+    return warm, times
