@@ -119,6 +119,19 @@ class Settings:
     seed: int | None = None
     """Seeds the generator shared by rows without a seed of their own (None: the global RNG)."""
 
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise BadValue("mode", repr(self.mode), f"choose one of {', '.join(MODES)}")
+        check_max_new_tokens(self.max_new_tokens)
+        for name in ("lossy_typical", "stream"):
+            if not isinstance(getattr(self, name), bool):
+                raise BadValue(name, repr(getattr(self, name)), "must be True or False")
+        if self.sync_every is not None and (isinstance(self.sync_every, bool) or not isinstance(self.sync_every, int)
+                                            or not 1 <= self.sync_every <= 1024):
+            raise BadValue("sync_every", repr(self.sync_every), "must be a whole number of steps from 1 to 1024, or None")
+        if not isinstance(self.sampling, Sampling):
+            raise BadValue("sampling", repr(self.sampling), "give a multitoken.decoding.Sampling(temperature, top_k, top_p)")
+
 
 @dataclass
 class Request:
@@ -210,6 +223,8 @@ class Engine:
 
     def __init__(self, model, batch_size: int, scratch: int = DEFAULT_SCRATCH, compile: bool | None = None,
                  graphs: bool | None = None) -> None:
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 1 << 16:
+            raise BadValue("batch_size", repr(batch_size), "must be a whole number of rows from 1 to 65536")
         k = max(model.depth, 1)
         self.model, self.batch_size = model, batch_size
         self.state = DecodeState(model, batch_size, scratch, rand_width=max(2 * k + 1, scratch))
@@ -364,6 +379,9 @@ class Generation:
         if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < V for t in ids):
             raise UserError(f"prompt token ids must be integers from 0 to {V - 1} (this model's vocabulary)")
         n = check_max_new_tokens(self.settings.max_new_tokens if max_new_tokens is None else max_new_tokens)
+        check_decode_options(V, None, seed, None)
+        if sampling is not None and not isinstance(sampling, Sampling):
+            raise BadValue("sampling", repr(sampling), "give a multitoken.decoding.Sampling(temperature, top_k, top_p), or None")
         gen = None
         if seed is not None:
             gen = torch.Generator(device=self.engine.state.device)
