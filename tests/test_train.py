@@ -247,7 +247,9 @@ def test_sigkill_between_any_two_checkpoint_writes_leaves_a_loadable_run(data, t
     assert code == 0
     first2 = min(i for i, c in enumerate(calls, 1) if "step_00000002" in c)
     first3 = min(i for i, c in enumerate(calls, 1) if "step_00000003" in c)
-    moments = range(first2 - 1, first3)  # the whole second save (run weights, checkpoint, pointer, pruning, plots)
+    # The whole second save: its checkpoint files, the pointer, pruning, then the run weights and plots
+    # (the run weights come last since a finished run's weights must never stand without a checkpoint).
+    moments = range(first2, first3)
     assert any("step_00000002" in calls[n - 1] and calls[n - 1].endswith("state.json") for n in moments)
     for n in moments:
         run = tmp_path / f"killed_{n}"

@@ -322,7 +322,7 @@ def bench(model, tok, run_dir, args) -> dict:
                 if (r["batch"], r.get("prompts"), r["temperature"]) == (B, kind, T) and "tokens_per_s" in r and base_tps:
                     r["vs_our_plain"] = r["tokens_per_s"] / base_tps
         eng = engine_for(model, B)  # the default engine (compiled blocks, graphs on CUDA)
-        step_costs[B] = [dict(step=key[0], detail=str(key[1]), temperature=key[-1].temperature, live=live, seconds=v)
+        step_costs[B] = [dict(step=key[0], detail=str(key[1]), temperature=key_temperature(key[-1]), live=live, seconds=v)
                          for (key, live), v in eng.runner.costs.items()]
     # bf16 exactness: how a verification pass of each width drifts from one-token steps, on the first
     # prompt and our own greedy continuation of it (bench/numerics.py).
@@ -355,6 +355,16 @@ def decode_groups(generate, model, groups: list[list[list[int]]], new_tokens: in
         o, st = generate(model, g, new_tokens, temperature=temperature, seed=1, **kw)
         out += o
     return out, st
+
+
+def key_temperature(s) -> float:
+    """The temperature a step's cost was measured at: a strategy's key holds a `Sampling` (one
+    temperature) or a `RowSampling`, which names only greedy or not; its per-row values are the
+    ones the last call set (bench decode runs one temperature at a time)."""
+    t = s.temperature
+    if isinstance(t, (int, float)):
+        return float(t)
+    return 0.0 if s.greedy else float(t.max())
 
 
 def relative_step_costs(step_costs: dict) -> dict:
