@@ -65,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="run name (default from --heads)")
     p.add_argument("--device", default="cuda", help="cuda, or cpu for a smoke run")
     p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--ttt", action="store_true", help="training-time test: depths >= 2 train on their own drafts (EAGLE-3)")
+    p.add_argument("--loss-weights", default=None, help="per-depth weights, e.g. decay:3 (DFlash's exp(-(k-1)/3))")
+    p.add_argument("--eh-pass-through", action="store_true", help="eh_proj starts by passing the hidden state through")
     args = p.parse_args(argv)
     heads = HeadsConfig.parse(args.heads)
     name = args.name or str(heads).replace(":", "-")
@@ -93,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     steps = args.steps or math.ceil(args.tokens / per_step)
     warmup = min(100, steps // 10) if args.warmup is None else args.warmup
     cfg = TrainConfig(heads=str(heads), init=str(base), init_heads=str(args.init_heads or ""), freeze_backbone=True,
-                      distill=True, steps=steps,
+                      distill=True, ttt=args.ttt, loss_weights=args.loss_weights,
+                      eh_pass_through=args.eh_pass_through, steps=steps,
                       batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, min_lr=args.lr / 10,
                       warmup=warmup, weight_decay=0.0, eval_every=max(steps // 4, 1), eval_batches=args.eval_batches,
                       save_every=max(steps // 4, 1), log_every=20, device=args.device, dtype="bf16" if args.device.startswith("cuda") else "fp32", compile=args.compile,
