@@ -167,3 +167,29 @@ def test_threads_calling_generate_on_one_model_take_turns(monkeypatch):
     turn = iter(range(2))
     outs = _race(lambda: generate(model, [prompts[next(turn)]], 16, mode="spec")[0][0])
     assert sorted(outs) == sorted(refs)
+
+
+def test_auto_draft_length_drafts_again_once_no_row_decodes(monkeypatch):
+    """A long-lived generation (a server's) with the draft length left to the loop: costs that make
+    drafting never pay send it to plain steps, which mid-flight is final; once every row has finished,
+    the next request is prefilled with the full draft again (fresh drafts, fresh module caches) instead
+    of decoding plain for the rest of the generation's life. Outputs stay plain greedy's; each row
+    counts its steps with drafts and its drafted tokens as they ran."""
+    model = random_model("sequential", 3, 2)
+    prompts = [[3, 5, 2], [7, 0, 4, 4]]
+    refs = [generate(model, [p], 40)[0][0] for p in prompts]
+    eng = Engine(model, 2)
+    eng.runner.measures_costs = True  # as on CUDA graphs; the costs below replace the measurements
+    monkeypatch.setattr(eng.runner, "cost", lambda strategy, need: 1.0 if strategy.k == 0 else 50.0)
+    gen = eng.start([], Settings(40, mode="spec", stream=True))
+    assert gen.auto
+    rows = []
+    for p in prompts:
+        rid = gen.add(p)
+        while not gen.done:
+            gen.step()
+        rows.append(gen.requests[rid])
+    assert [r.tokens for r in rows] == refs
+    assert gen.chosen == [3, 0, 3, 0], gen.chosen
+    for r in rows:
+        assert 8 <= r.draft_steps < r.row_steps and r.drafted == 3 * r.draft_steps, (r.draft_steps, r.row_steps)

@@ -334,3 +334,35 @@ def test_a_failing_decoding_step_fails_its_requests_and_the_server_goes_on():
     finally:
         type(loop.gen).step = real
         s.close()
+
+
+def test_the_server_chooses_the_draft_length_and_drafts_again_after_plain_steps(monkeypatch):
+    """Without --draft the server lets the generation choose the draft length where step costs are
+    measured (timed CPU steps here, with costs that make drafting never pay): the first request goes
+    plain midway, the next one, arriving when no row decodes, drafts again; the metrics count the
+    steps that had drafts (not every step) and both texts equal plain greedy decoding."""
+    from multitoken.decoding import runner
+
+    monkeypatch.setattr(runner, "CPU_COSTS", True)
+    model, tok = make_model()
+    app = build_app(model, tok, NAME, slots=2, mode="spec")
+    loop = app.state.loop
+    assert loop.gen.auto
+    monkeypatch.setattr(loop.engine.runner, "cost", lambda strategy, need: 1.0 if strategy.k == 0 else 50.0)
+    s = Server(app)
+
+    def drafts(c):
+        line = next(x for x in c.get(s.url + "/metrics").text.splitlines() if x.startswith("multitoken_spec_decode_num_drafts_total"))
+        return float(line.split()[1])
+
+    try:
+        with httpx.Client(timeout=60) as c:
+            seen = [0.0]
+            for prompt in ("def f", "import os"):
+                r = c.post(s.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 60, "temperature": 0}).json()
+                assert r["choices"][0]["text"] == text_of(tok, generate(model, [tok.encode(prompt)], 60, eos_id=tok.eos_id)[0][0])
+                seen.append(drafts(c))
+                assert 8 <= seen[-1] - seen[-2] < r["usage"]["decode_steps"], (seen, r["usage"])
+        assert loop.gen.chosen == [3, 0, 3, 0], loop.gen.chosen
+    finally:
+        s.close()

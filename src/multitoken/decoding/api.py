@@ -157,6 +157,10 @@ class Request:
     """"stop" (EOS), "length" (budget) or "cancelled"."""
     row_steps: int = 0
     step_tokens: int = 0
+    draft_steps: int = 0
+    """This row's steps that verified drafts (row_steps less its plain ones, when the loop chose those)."""
+    drafted: int = 0
+    """Drafted tokens verified for this row (its steps times each one's draft length)."""
     accepted: list[int] = field(default_factory=list)
     """Steps in which draft position j was accepted, j = 1..k."""
 
@@ -495,6 +499,12 @@ class Generation:
         free = [i for i, r in enumerate(self._slots) if r is None]
         new = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
         in_place = not self.active  # nothing decoding: prefill over the whole batch, no copies
+        if in_place and self.auto and (self.mode_now, self.k_now) != (self.settings.mode, self.k):
+            # Every row is prefilled here, so drafts and module caches start fresh: the draft-length
+            # choice starts again from the plan. Without this a plain choice, which is never undone
+            # mid-flight (`choose_draft`), would hold for the rest of a long generation (a server's).
+            self.mode_now, self.k_now = self.settings.mode, self.k
+            self.chosen.append(self.k)
         for r, slot in zip(new, free):
             r.slot, r.joined_at = slot, self.steps
             self._slots[slot] = r
@@ -595,6 +605,9 @@ class Generation:
         finished = []
         for r in rows:
             b = r.slot
+            if self.strategy.k:  # the steps since the last check all ran this strategy
+                r.draft_steps += row_steps[b] - r.row_steps
+                r.drafted += (row_steps[b] - r.row_steps) * self.strategy.k
             r.row_steps, r.step_tokens, r.accepted = row_steps[b], step_tokens[b], acc[b * K: b * K + self.k]
             if read_out:
                 w = hi - lo
