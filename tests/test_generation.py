@@ -95,3 +95,101 @@ def test_engine_misuse_is_a_user_error():
     with pytest.raises(UserError, match="does not fit"):
         g.add([1] * 40)
     assert torch.is_grad_enabled()
+
+
+# ---- threads -------------------------------------------------------------------------------------------
+def _race(fn, n: int = 2) -> list:
+    """Run fn in n threads released together; their results (an exception fails the test)."""
+    import threading
+
+    start, out, errors = threading.Barrier(n), [None] * n, []
+
+    def run(i):
+        start.wait()
+        try:
+            out[i] = fn()
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert not errors, errors
+    return out
+
+
+def test_threads_that_ask_for_engines_at_once_share_one(monkeypatch):
+    """Two threads make the model's engine cache and an engine of one batch size at the same moment
+    (construction slowed so that both are inside it together): one cache and one engine, not one per
+    thread with the loser's dropped (a plain dict check-then-set does that)."""
+    import time
+
+    from multitoken.decoding import api
+
+    model = random_model("medusa", 2, 0)
+    slow_engines, slow_engine = api.Engines.__init__, api.Engine.__init__
+
+    def engines_init(self):
+        time.sleep(0.05)
+        slow_engines(self)
+
+    def engine_init(self, *a, **k):
+        time.sleep(0.05)
+        slow_engine(self, *a, **k)
+
+    monkeypatch.setattr(api.Engines, "__init__", engines_init)
+    monkeypatch.setattr(api.Engine, "__init__", engine_init)
+    caches = _race(lambda: api.engines(model))
+    assert caches[0] is caches[1] is api.engines(model)
+    got = _race(lambda: api.engine_for(model, 3))
+    assert got[0] is got[1] is api.engine_for(model, 3)
+
+
+def test_threads_calling_generate_on_one_model_take_turns(monkeypatch):
+    """Two threads decode with the same batch size (so the same engine) at once, steps interleaved by a
+    sleep: each gets the output it gets alone (without the engine lock one ends the other's generation)."""
+    import time
+
+    from multitoken.decoding import api
+
+    model = random_model("medusa", 2, 1)
+    prompts = [[3, 5, 2], [7, 0]]
+    refs = [generate(model, [p], 16, mode="spec")[0][0] for p in prompts]
+    step = api.Generation.step
+
+    def slow_step(self):
+        time.sleep(0.002)
+        step(self)
+
+    monkeypatch.setattr(api.Generation, "step", slow_step)
+    turn = iter(range(2))
+    outs = _race(lambda: generate(model, [prompts[next(turn)]], 16, mode="spec")[0][0])
+    assert sorted(outs) == sorted(refs)
+
+
+def test_auto_draft_length_drafts_again_once_no_row_decodes(monkeypatch):
+    """A long-lived generation (a server's) with the draft length left to the loop: costs that make
+    drafting never pay send it to plain steps, which mid-flight is final; once every row has finished,
+    the next request is prefilled with the full draft again (fresh drafts, fresh module caches) instead
+    of decoding plain for the rest of the generation's life. Outputs stay plain greedy's; each row
+    counts its steps with drafts and its drafted tokens as they ran."""
+    model = random_model("sequential", 3, 2)
+    prompts = [[3, 5, 2], [7, 0, 4, 4]]
+    refs = [generate(model, [p], 40)[0][0] for p in prompts]
+    eng = Engine(model, 2)
+    eng.runner.measures_costs = True  # as on CUDA graphs; the costs below replace the measurements
+    monkeypatch.setattr(eng.runner, "cost", lambda strategy, need: 1.0 if strategy.k == 0 else 50.0)
+    gen = eng.start([], Settings(40, mode="spec", stream=True))
+    assert gen.auto
+    rows = []
+    for p in prompts:
+        rid = gen.add(p)
+        while not gen.done:
+            gen.step()
+        rows.append(gen.requests[rid])
+    assert [r.tokens for r in rows] == refs
+    assert gen.chosen == [3, 0, 3, 0], gen.chosen
+    for r in rows:
+        assert 8 <= r.draft_steps < r.row_steps and r.drafted == 3 * r.draft_steps, (r.draft_steps, r.row_steps)

@@ -26,6 +26,8 @@ pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 import httpx  # noqa: E402
 import uvicorn  # noqa: E402
+from fastapi import FastAPI, Request  # noqa: E402 (module level: FastAPI resolves the annotations here)
+from fastapi.responses import StreamingResponse  # noqa: E402
 
 from conftest import tiny_model  # noqa: E402
 from multitoken.data.tokenizer import Tokenizer  # noqa: E402
@@ -296,18 +298,95 @@ def test_sigterm_drains_the_requests_in_flight_then_exits(tmp_path):
             proc.wait()
 
 
+def bench_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("serve_bench", Path(__file__).parents[1] / "bench" / "serve_bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_a_bench_level_cut_at_its_time_cap_counts_cut_requests_apart():
+    """serve_bench.level against a stand-in server that streams the benchmark's first prompt fast and
+    the others at 1 s a token: the level returns at its 2 s cap; the one fast request is completed, the
+    two slow ones still running are `cut` (not failures, not counted as started-and-lost in the rate);
+    tokens/s is the completed tokens over the time to the last completion."""
+    bench = bench_module()
+    app = FastAPI()
+
+    @app.post("/v1/completions")
+    async def complete(request: Request):
+        body = await request.json()
+        delay = 0.01 if body["prompt"] == bench.PROMPTS[0] else 1.0
+
+        async def events():
+            for _ in range(body["max_tokens"]):
+                await asyncio.sleep(delay)
+                yield "data: " + json.dumps({"choices": [{"text": "x"}]}) + "\n\n"
+            yield "data: " + json.dumps({"choices": [], "usage": {"completion_tokens": body["max_tokens"]}}) + "\n\n"
+            yield "data: [DONE]\n\n"
+
+        return StreamingResponse(events(), media_type="text/event-stream")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    s = Server(app)
+    try:
+        t0 = time.perf_counter()
+        r = asyncio.run(bench.level(s.url, None, 2, 3, 4, False, 2.0))  # worker 0: prompts 0, 1, 2; worker 1: 3, 4, 5
+        took = time.perf_counter() - t0
+    finally:
+        s.close()
+    assert 2.0 <= took < 4.0, (took, r)
+    assert (r["requests"], r["failures"], r["cut"], r["output_tokens"]) == (1, 0, 2, 4), r
+    assert r["wall_s"] < 1.0 and r["tokens_per_s"] == 4 / r["wall_s"]
+
+
+def test_each_bench_level_uses_the_smallest_server_that_holds_its_streams():
+    """--slots 1,8,64: a level of C streams goes to the server with the fewest slots >= C (a step runs
+    every slot, busy or not), or the largest when none holds C; one per mode; other servers as they are."""
+    from types import SimpleNamespace as S
+
+    bench = bench_module()
+    servers = [S(label=f"multitoken {m}", slots=n) for m in ("spec", "ntp") for n in (64, 1, 8)]
+    servers.append(S(label="transformers serve", slots=None))
+    for streams, want in ((1, 1), (2, 8), (8, 8), (9, 64), (64, 64), (100, 64)):
+        got = bench.for_level(servers, streams)
+        assert [(x.label, x.slots) for x in got] == [("multitoken spec", want), ("multitoken ntp", want),
+                                                     ("transformers serve", None)], streams
+
+
 @pytest.mark.slow
-def test_serve_bench_runs_end_to_end_on_the_cpu(tmp_path):
-    """bench/serve_bench.py --quick: a tiny model, two servers (spec, ntp), zero failed requests."""
+def test_serve_bench_runs_end_to_end_on_the_cpu_and_a_sigterm_leaves_partial_results(tmp_path):
+    """bench/serve_bench.py --quick --transformers: a tiny model, three servers (spec, ntp, transformers
+    serve); SIGTERM once the second level has begun (as a device call's time limit does): the levels
+    measured are in the JSON with zero failed requests, marked incomplete, and the exit status is 3."""
     bench = Path(__file__).parents[1] / "bench" / "serve_bench.py"
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).parents[1] / "src"))
-    r = subprocess.run([sys.executable, str(bench), "--quick", "--out-dir", str(tmp_path)], env=env, timeout=600,
-                       capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, str(bench), "--quick", "--transformers", "--out-dir", str(tmp_path)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "streams=  4" in line:
+                proc.send_signal(signal.SIGTERM)
+                break
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 3, "".join(lines) + out + err[-2000:]
     data = json.loads((tmp_path / "serve_quick.json").read_text())
-    assert {x["server"] for x in data["results"]} == {"multitoken spec", "multitoken ntp"}
+    assert data["complete"] is False and data["stopped"] == "SIGTERM"
+    got = {(x["server"], x["streams"]) for x in data["results"]}
+    assert {("multitoken spec", 1), ("multitoken ntp", 1), ("transformers serve", 1), ("multitoken spec", 4)} <= got
     assert all(x["failures"] == 0 and x["output_tokens"] > 0 for x in data["results"])
-    assert (tmp_path / "serve_quick.png").stat().st_size > 0
+    assert all(v["error"] is None for v in data["servers"].values())
+    assert data["results"][0]["vs_ntp"] > 0 and data["results"][0]["vs_transformers_serve"] > 0
 
 
 def test_a_failing_decoding_step_fails_its_requests_and_the_server_goes_on():
@@ -333,4 +412,36 @@ def test_a_failing_decoding_step_fails_its_requests_and_the_server_goes_on():
         assert "planted failure" in httpx.get(s.url + "/health", timeout=30).json()["last_error"]
     finally:
         type(loop.gen).step = real
+        s.close()
+
+
+def test_the_server_chooses_the_draft_length_and_drafts_again_after_plain_steps(monkeypatch):
+    """Without --draft the server lets the generation choose the draft length where step costs are
+    measured (timed CPU steps here, with costs that make drafting never pay): the first request goes
+    plain midway, the next one, arriving when no row decodes, drafts again; the metrics count the
+    steps that had drafts (not every step) and both texts equal plain greedy decoding."""
+    from multitoken.decoding import runner
+
+    monkeypatch.setattr(runner, "CPU_COSTS", True)
+    model, tok = make_model()
+    app = build_app(model, tok, NAME, slots=2, mode="spec")
+    loop = app.state.loop
+    assert loop.gen.auto
+    monkeypatch.setattr(loop.engine.runner, "cost", lambda strategy, need: 1.0 if strategy.k == 0 else 50.0)
+    s = Server(app)
+
+    def drafts(c):
+        line = next(x for x in c.get(s.url + "/metrics").text.splitlines() if x.startswith("multitoken_spec_decode_num_drafts_total"))
+        return float(line.split()[1])
+
+    try:
+        with httpx.Client(timeout=60) as c:
+            seen = [0.0]
+            for prompt in ("def f", "import os"):
+                r = c.post(s.url + "/v1/completions", json={"prompt": prompt, "max_tokens": 60, "temperature": 0}).json()
+                assert r["choices"][0]["text"] == text_of(tok, generate(model, [tok.encode(prompt)], 60, eos_id=tok.eos_id)[0][0])
+                seen.append(drafts(c))
+                assert 8 <= seen[-1] - seen[-2] < r["usage"]["decode_steps"], (seen, r["usage"])
+        assert loop.gen.chosen == [3, 0, 3, 0], loop.gen.chosen
+    finally:
         s.close()

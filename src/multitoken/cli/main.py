@@ -7,7 +7,8 @@ named setting (`BadValue`) is worded with the setting's option name. A bad optio
 such line too (``error: multitoken train: argument --lr: ...``), not argparse's usage block;
 `main` returns the exit status in every case and never raises SystemExit.
 
-A subcommand that writes an ``--out`` folder sets ``out_kind`` (its `outdir.KINDS` key); `main`
+A subcommand that writes an ``--out`` folder sets ``out_kind`` (its `outdir.KINDS` key, or a function
+of the parsed options that gives one); `main`
 holds that folder's lock while the command runs, so a second process on it is refused in one line.
 ``--help`` is fast: `main` imports only the module of the subcommand it runs (torch included);
 the others are listed from `COMMANDS` alone, so ``multitoken --help`` imports no torch at all.
@@ -172,6 +173,8 @@ def out_lock(args: argparse.Namespace) -> typing.ContextManager[object]:
     """The lock on the command's ``--out`` (none for commands that write no folder, and none on
     the other ranks of a torchrun job, whose rank 0 holds it)."""
     kind = getattr(args, "out_kind", None)
+    if callable(kind):  # a command whose folder kind depends on its options (export --format)
+        kind = kind(args)
     if kind is None or getattr(args, "out", None) is None or int(os.environ.get("RANK", "0") or 0) != 0:
         return contextlib.nullcontext()
     from multitoken.io import outdir

@@ -33,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--slots", type=ints(1, 1024), default=16, help="requests decoded together (rows of the batch)")
     p.add_argument("--mode", choices=["spec", "ntp"], default=None,
                    help="spec: speculative decoding, exact (the default when the model has heads); ntp: plain")
-    p.add_argument("--draft", type=ints(1, MAX_HEAD_DEPTH), default=None, help="drafted tokens per step (default: all heads)")
+    p.add_argument("--draft", type=ints(1, MAX_HEAD_DEPTH), default=None, help="drafted tokens per step, fixed (default: all heads, fewer or none where measured step costs say so; see docs/serving.md)")
     p.add_argument("--sync-every", type=ints(1, 64), default=None, help="steps between reads of the device (default 4 on CUDA, 1 on the CPU)")
     p.add_argument("--model-name", type=text_arg, default=None, help="the model id clients name (default: the run folder's name)")
     p.add_argument("--max-seq-len", type=option(Range(2, 1 << 20, integer=True)), default=None, help="context (sizes the KV cache)")

@@ -30,6 +30,7 @@ far and the measured cost of each step; `GenerationStats.chosen_draft` says what
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -156,6 +157,10 @@ class Request:
     """"stop" (EOS), "length" (budget) or "cancelled"."""
     row_steps: int = 0
     step_tokens: int = 0
+    draft_steps: int = 0
+    """This row's steps that verified drafts (row_steps less its plain ones, when the loop chose those)."""
+    drafted: int = 0
+    """Drafted tokens verified for this row (its steps times each one's draft length)."""
     accepted: list[int] = field(default_factory=list)
     """Steps in which draft position j was accepted, j = 1..k."""
 
@@ -232,6 +237,9 @@ class Engine:
         self.fingerprint = _fingerprint(model)
         self.generation: Generation | None = None
         """The generation that owns the state now (starting another one ends it)."""
+        self.lock = threading.RLock()
+        """Held by `generate` for a whole call: threads that share a model's engines take turns on
+        one engine instead of ending each other's generation."""
         self._strategies: dict = {}
         self._side: dict[int, Engine] = {}  # group size -> an engine that prefills joining rows apart
 
@@ -282,18 +290,24 @@ class Engine:
 
 
 class Engines:
-    """A model's engines by batch size, rebuilt only when one cannot serve a call (`engines(model)`)."""
+    """A model's engines by batch size, rebuilt only when one cannot serve a call (`engines(model)`).
+
+    Thread-safe: a lock covers looking an engine up and making one, so threads that ask for the
+    same batch size at once get the same engine (never two, one of them dropped from the dict).
+    """
 
     def __init__(self) -> None:
         self._by_size: dict[int, Engine] = {}
+        self._lock = threading.Lock()
 
     def get(self, model, batch_size: int, scratch: int = 0, compile: bool | None = None,
             graphs: bool | None = None) -> Engine:
-        e = self._by_size.get(batch_size)
-        if e is None or not e.serves(scratch, compile, graphs):
-            self._by_size.pop(batch_size, None)
-            e = self._by_size[batch_size] = Engine(model, batch_size, max(scratch, DEFAULT_SCRATCH), compile, graphs)
-        return e
+        with self._lock:
+            e = self._by_size.get(batch_size)
+            if e is None or not e.serves(scratch, compile, graphs):
+                self._by_size.pop(batch_size, None)
+                e = self._by_size[batch_size] = Engine(model, batch_size, max(scratch, DEFAULT_SCRATCH), compile, graphs)
+            return e
 
     def __deepcopy__(self, memo) -> "Engines":  # a copied model decodes with engines of its own
         return Engines()
@@ -301,13 +315,22 @@ class Engines:
     def __getstate__(self) -> dict:
         return {"_by_size": {}}
 
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+_ENGINES_LOCK = threading.Lock()
+"""Guards making a model's `Engines` (two threads must not each attach their own)."""
+
 
 def engines(model) -> Engines:
-    """The engines kept on `model` (made on first use; they go when the model goes)."""
+    """The engines kept on `model` (made on first use; they go when the model goes). Thread-safe."""
     e = model.__dict__.get("_decoding_engines")
     if e is None:
-        e = Engines()
-        model.__dict__["_decoding_engines"] = e
+        with _ENGINES_LOCK:
+            e = model.__dict__.get("_decoding_engines")
+            if e is None:
+                e = model.__dict__["_decoding_engines"] = Engines()
     return e
 
 
@@ -476,6 +499,12 @@ class Generation:
         free = [i for i, r in enumerate(self._slots) if r is None]
         new = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
         in_place = not self.active  # nothing decoding: prefill over the whole batch, no copies
+        if in_place and self.auto and (self.mode_now, self.k_now) != (self.settings.mode, self.k):
+            # Every row is prefilled here, so drafts and module caches start fresh: the draft-length
+            # choice starts again from the plan. Without this a plain choice, which is never undone
+            # mid-flight (`choose_draft`), would hold for the rest of a long generation (a server's).
+            self.mode_now, self.k_now = self.settings.mode, self.k
+            self.chosen.append(self.k)
         for r, slot in zip(new, free):
             r.slot, r.joined_at = slot, self.steps
             self._slots[slot] = r
@@ -576,6 +605,9 @@ class Generation:
         finished = []
         for r in rows:
             b = r.slot
+            if self.strategy.k:  # the steps since the last check all ran this strategy
+                r.draft_steps += row_steps[b] - r.row_steps
+                r.drafted += (row_steps[b] - r.row_steps) * self.strategy.k
             r.row_steps, r.step_tokens, r.accepted = row_steps[b], step_tokens[b], acc[b * K: b * K + self.k]
             if read_out:
                 w = hi - lo
@@ -715,7 +747,8 @@ def generate(model, prompt_ids, max_new_tokens: int = 64, mode: str = "ntp", dra
     idx, _ = prepare_prompts(prompt_ids, model.config.max_seq_len, vocab_size=model.config.vocab_size)
     _, q, _ = plan(model, settings)
     engine = engine_for(model, idx.shape[0], q + 1, compile, graphs)
-    return engine.start(prompt_ids, settings).result()
+    with engine.lock:
+        return engine.start(prompt_ids, settings).result()
 
 
 class TextStream:

@@ -49,6 +49,7 @@ KINDS = {
     "convert": "a run written by `multitoken convert`",
     "retrofit": "a run written by `multitoken retrofit`",
     "export": "a folder written by `multitoken export`",
+    "speculators": "a speculators folder of `multitoken export --format speculators`",
     "features": "a backbone feature set of `multitoken retrofit`",
     "ablate": "a study folder of `multitoken ablate`",
     "bench": "a results folder of `multitoken bench`",

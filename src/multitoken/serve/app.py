@@ -45,15 +45,15 @@ class Metrics:
         for j in range(depth):
             self.per_pos.labels(position=str(j))
 
-    def request_done(self, ticket: Ticket, row, k: int, reason: str) -> None:
+    def request_done(self, ticket: Ticket, row, reason: str) -> None:
         """Count a finished request (called on the decoding thread)."""
         self.requests.labels(finish_reason=reason).inc()
         self.prompt_tokens.inc(len(ticket.job.prompt))
         self.generation_tokens.inc(len(row.tokens))
         self.latency.observe(time.perf_counter() - ticket.submitted)
-        if row.accepted:
-            self.drafts.inc(row.row_steps)
-            self.draft_tokens.inc(row.row_steps * k)
+        if row.draft_steps:  # the row's steps with drafts, each with its own draft length
+            self.drafts.inc(row.draft_steps)
+            self.draft_tokens.inc(row.drafted)
             self.accepted.inc(sum(row.accepted))
             for j, a in enumerate(row.accepted):
                 self.per_pos.labels(position=str(j)).inc(a)
@@ -163,7 +163,9 @@ def build_app(model, tokenizer, model_name: str, slots: int = 8, mode: str = "sp
     Args:
         model, tokenizer: what to serve; model_name: the id /v1/models lists and requests name.
         slots: rows decoded together; mode: "spec" (speculative, exact; the default) or "ntp".
-        draft: drafts per step (None: all heads); sync_every, compile, graphs: the engine's.
+        draft: drafts per step, fixed; None: all heads, and where the engine measures step costs
+            (CUDA graphs, timed CPU steps) the generation chooses fewer, 0 included, as `generate` does.
+        sync_every, compile, graphs: the engine's.
     Returns:
         the app; ``app.state.loop`` is its `DecodeLoop`, ``app.state.metrics`` its `Metrics`.
     """

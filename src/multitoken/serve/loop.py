@@ -49,7 +49,8 @@ class DecodeLoop:
     Args:
         model, tokenizer: what to serve.
         slots: rows decoded together (the engine's batch size).
-        mode: "spec" (speculative, exact) or "ntp" (plain); draft: drafts per step (None: all heads).
+        mode: "spec" (speculative, exact) or "ntp" (plain); draft: drafts per step, fixed (None: all
+            heads, shortened where the engine measures step costs: see docs/serving.md).
         metrics: a `serve.app.Metrics` (counters updated as requests finish), or None.
         sync_every: steps between reads of the device (None: the engine's default).
     """
@@ -58,9 +59,8 @@ class DecodeLoop:
                  metrics=None, sync_every: int | None = None, compile: bool | None = None,
                  graphs: bool | None = None) -> None:
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
-        # An explicit draft length: the auto choice never goes back from plain steps, which in a
-        # generation that runs as long as the server would turn speculation off for good.
-        draft = draft or (model.depth if mode == "spec" else None)
+        # draft=None lets the generation choose the draft length (0 included) where the engine
+        # measures step costs; a plain choice is undone whenever no row is decoding (Generation._join).
         self.settings = Settings(max_new_tokens=1 << 20, mode=mode, draft=draft, eos_id=tokenizer.eos_id,
                                  sync_every=sync_every, stream=True)
         self.engine = Engine(model, slots, compile=compile, graphs=graphs)
@@ -165,7 +165,7 @@ class DecodeLoop:
         r = self.gen.requests[t.rid]
         use = usage(t.job, len(r.tokens), r.tau, r.acceptance_per_position, r.row_steps)
         if self.metrics is not None:
-            self.metrics.request_done(t, r, self.gen.k_now, reason)
+            self.metrics.request_done(t, r, reason)
         del self.tickets[t.rid]
         self.gen.forget(t.rid)
         if not t.cancelled:

@@ -211,3 +211,16 @@ class HeadFamily(nn.Module):
         """For a checkpoint tensor that repeats another one (a shared tensor stored per head), the
         name of the tensor it must equal and the fix to name when it differs; None otherwise."""
         return None
+
+    # ---- vLLM's speculators format (io/speculators.py) --------------------------------------
+    @classmethod
+    def speculators_layout(cls, cfg: ModelConfig) -> tuple[str, dict[str, str]] | str:
+        """Where this family's weights go in a speculators checkpoint, if they map there exactly:
+        (speculators model type, {head parameter name without ``mtp.`` -> speculators name}) for the
+        parameters to export; otherwise a one-line reason that names the alternative.
+
+        speculators 0.9.0 defines eagle3, mtp, dflash, dflash2, dspark, peagle and xpress drafters:
+        each reads the next token's embedding beside the verifier's hidden state."""
+        return (f"{cls.kind} heads map onto no speculators model type (each of them reads the next token's "
+                "embedding beside the hidden state): serve them with `multitoken serve`, or export the "
+                "Hugging Face layout with `multitoken export` (no --format)")

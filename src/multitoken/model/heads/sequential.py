@@ -209,6 +209,25 @@ class SequentialMTP(HeadFamily):
         return {f"model.layers.{cfg.n_layers + k}.{n[len(first):]}": t.clone()
                 for k in range(1, cfg.heads.depth) for n, t in state.items() if n.startswith(first)}
 
+    SPECULATORS_NAMES = {"enorm": "token_layernorm", "hnorm": "hidden_layernorm", "eh_proj": "input_proj",
+                         "norm": "final_layernorm"}
+    """Our module's own parts -> speculators' MTP layer (``MTPLayerMixin``); the block's names are shared."""
+
+    @classmethod
+    def speculators_layout(cls, cfg: ModelConfig) -> tuple[str, dict[str, str]]:
+        """speculators' ``mtp`` type holds one such layer (`num_nextn_predict_layers` must be 1),
+        with our input order ``input_proj(cat[token_layernorm(emb), hidden_layernorm(h)])``: module 1
+        maps key for key. What it computes equals our depth 1 only; at later steps speculators
+        feeds the layer its previous output after ``final_layernorm``, ours before its norm, so
+        deeper drafts differ (io/speculators.py exports one draft token per step)."""
+        with torch.device("meta"):
+            names = list(MTPModule(cfg, cfg.n_layers).state_dict())
+        out = {}
+        for n in names:
+            head, _, rest = n.partition(".")
+            out[f"layers.0.{n}"] = f"mtp_layers.0.{cls.SPECULATORS_NAMES.get(head, head)}.{rest}"
+        return "mtp", out
+
     @classmethod
     def shared_copy(cls, hf_name: str, cfg: ModelConfig) -> tuple[str, str] | None:
         """DeepSeek-style checkpoints may repeat the embedding / LM head inside each module, and a
