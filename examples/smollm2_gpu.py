@@ -3,6 +3,10 @@
     python examples/smollm2_gpu.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf --corpus DIR --work WORK \
         --heads sequential:4:shared --tokens 50000000 --max-minutes 8
 
+Fused inputs (EAGLE-3's low/mid/high features, docs/design.md) warm-started from ordinary heads:
+``--heads sequential:4:shared:fused --init-heads smollm2-135m-instruct.sequential-4-shared.safetensors``
+(the file's weights are copied and fc starts as h^0 alone, so step 0 drafts as the file's heads do).
+
 Run the same command again to continue: every stage is skipped when its output is there, and
 training resumes exactly from its last checkpoint (`multitoken train --resume --max-minutes`).
 
@@ -26,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 import time
@@ -53,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="training steps (default: --tokens / tokens per step)")
     p.add_argument("--warmup", type=int, default=None, help="LR warmup steps (default min(100, steps / 10))")
     p.add_argument("--work", required=True, type=Path, help="folder for the converted model, data, runs and heads")
-    p.add_argument("--heads", default="sequential:4:shared", help="heads to train (sequential:N[:shared], medusa:N, ...)")
+    p.add_argument("--heads", default="sequential:4:shared", help="heads to train (sequential:N[:shared][:fused], medusa:N, ...)")
     p.add_argument("--tokens", type=int, default=50_000_000, help="training tokens in all (steps = tokens / tokens per step)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=1024)
@@ -69,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loss-weights", default=None, help="per-depth weights, e.g. decay:3 (DFlash's exp(-(k-1)/3))")
     p.add_argument("--eh-pass-through", action="store_true", help="eh_proj starts by passing the hidden state through")
     args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)  # e.g. how a warm start began
     heads = HeadsConfig.parse(args.heads)
     name = args.name or str(heads).replace(":", "-")
     work = args.work

@@ -11,13 +11,16 @@ from multitoken.model import Transformer
 FAMILIES = ["parallel", "sequential", "medusa"]
 SHARED = "sequential:shared"
 """One sequential module run at every depth (HeadsConfig.shared), as a `kind` for the helpers below."""
+FUSED = "sequential:shared:fused"
+"""A shared module whose depth 1 reads fused low/mid/high backbone states (HeadsConfig.fused)."""
 
 
 def tiny_config(kind: str = "none", depth: int = 0, **overrides) -> ModelConfig:
-    """A ~50k-parameter model: fast enough for exhaustive CPU tests."""
-    family, _, flag = kind.partition(":")
+    """A ~50k-parameter model: fast enough for exhaustive CPU tests. `kind` is a family with its
+    flags, e.g. ``sequential:shared:fused``."""
+    family, *flags = kind.split(":")
     base = dict(vocab_size=61, dim=32, n_layers=3, n_heads=4, n_kv_heads=2, intermediate_size=64,
-                max_seq_len=64, eos_id=1, heads=HeadsConfig(family, depth, shared=flag == "shared"))
+                max_seq_len=64, eos_id=1, heads=HeadsConfig(family, depth, shared="shared" in flags, fused="fused" in flags))
     return ModelConfig(**{**base, **overrides})
 
 

@@ -15,7 +15,7 @@ from multitoken.model import Transformer
 from multitoken.training.loss import MTPLoss
 
 
-@pytest.mark.parametrize("spec", ["none", "parallel:2", "sequential:2", "medusa:2", "sequential:3:shared"])
+@pytest.mark.parametrize("spec", ["none", "parallel:2", "sequential:2", "medusa:2", "sequential:3:shared", "sequential:3:shared:fused"])
 def test_train_flops_equal_torch_flop_counter(spec):
     """One training step's matmul FLOPs as torch counts them (math attention, which the counter sees
     as two batched matmuls over all T x T pairs) equal the formula with causal=False."""
@@ -157,3 +157,19 @@ def test_width_deviation_is_zero_in_float32_on_the_cpu_and_sees_a_planted_drift(
     forward = model.forward
     model.forward = lambda idx, **kw: [h + 0.5 * (idx.shape[1] > 1) for h in forward(idx, **kw)]
     assert width_deviation(model, tokens, [5])[1]["max_abs_logit_diff"] > 0.1
+
+
+def test_transformers_peer_of_fused_heads_is_the_backbone_alone():
+    """The export refuses fused heads (no place for fc): `bench decode --transformers` then compares
+    against transformers running our backbone, with the same logits, and without use_mtp."""
+    pytest.importorskip("transformers")
+    from conftest import FUSED, tiny_model
+
+    from multitoken.bench.decode import hf_peer
+
+    model = tiny_model(FUSED, 2).eval()
+    hf = hf_peer(model, None, "cpu", torch.float32)
+    assert hf is not None and not getattr(hf.config, "num_mtp_layers", None)
+    x = torch.randint(2, 61, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(x).logits, model.logits(model(x, heads=False)[0]), atol=1e-5, rtol=1e-5)

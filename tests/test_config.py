@@ -193,3 +193,51 @@ def test_parser_errors_are_one_line_and_help_still_works(capsys):
     assert err.count("\n") == 1 and err.startswith("error: multitoken generate: ") and "--help" in err
     assert main(["train", "--help"]) == 0
     assert "--lr LR" in capsys.readouterr().out
+
+
+# ---- fused inputs (sequential:N:fused) -----------------------------------------------------------------
+@pytest.mark.parametrize("spec,canonical", [("sequential:4:shared:fused", "sequential:4:shared:fused"),
+                                            ("sequential:4:fused:shared", "sequential:4:shared:fused"),
+                                            ("sequential:2:fused", "sequential:2:fused")])
+def test_fused_heads_spec_parses_and_prints_one_way(spec, canonical):
+    h = HeadsConfig.parse(spec)
+    assert (h.kind, h.depth, h.fused, h.shared) == ("sequential", int(spec.split(":")[1]), True, "shared" in spec)
+    assert str(h) == canonical and HeadsConfig.parse(str(h)) == h
+
+
+@pytest.mark.parametrize("spec", ["sequential:2:fused:fused", "parallel:2:fused", "medusa:3:fused", "sequential:2:fusd",
+                                  "sequential:fused", "sequential:2::fused"])
+def test_bad_fused_specs_are_one_line_errors(spec):
+    with pytest.raises(UserError, match=r"expected parallel:N, sequential:N\[:shared\]\[:fused\]") as e:
+        HeadsConfig.parse(spec)
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("heads,match", [
+    (HeadsConfig("parallel", 2, fused=True), "heads.fused is for sequential modules"),
+    (HeadsConfig("sequential", 2, fused_layers=[1, 4]), "without heads.fused"),
+    (HeadsConfig("sequential", 2, fused=True, fused_layers=[1, 3]), r"up to n_layers=4 \(h\^0\), e.g. \[1, 2, 4\]"),
+    (HeadsConfig("sequential", 2, fused=True, fused_layers=[2, 1, 4]), "increasing block counts"),
+    (HeadsConfig("sequential", 2, fused=True, fused_layers=[2, 2, 4]), "increasing block counts"),
+    (HeadsConfig("sequential", 2, fused=True, fused_layers=[4]), "2 or more"),
+    (HeadsConfig("sequential", 2, fused=True, fused_layers=[0, 5]), "2 or more"),
+    (HeadsConfig("sequential", 2, fused=True, fused_layers="2,4"), "2 or more"),
+])
+def test_bad_fused_configs_are_one_line_errors(heads, match):
+    with pytest.raises(UserError, match=match) as e:
+        ModelConfig(n_layers=4, heads=heads)
+    assert "\n" not in str(e.value)
+
+
+def test_fused_layers_are_resolved_stored_and_read_back_exactly():
+    """The flag picks the default layers when the model config is built (the caller's HeadsConfig is
+    left alone); config.json stores them, and a run without the flag keeps its old keys."""
+    asked = HeadsConfig.parse("sequential:4:shared:fused")
+    cfg = ModelConfig.from_preset("smollm2-135m", heads=asked)
+    assert cfg.heads.fused_layers == [2, 15, 30] and asked.fused_layers == []
+    assert cfg.to_dict()["heads"] == {"kind": "sequential", "depth": 4, "medusa_layers": 1, "shared": True, "fused": True,
+                                      "fused_layers": [2, 15, 30]}
+    assert from_dict(ModelConfig, cfg.to_dict()) == cfg
+    own = ModelConfig(n_layers=4, heads=HeadsConfig("sequential", 2, fused=True, fused_layers=[0, 4]))
+    assert from_dict(ModelConfig, own.to_dict()).heads.fused_layers == [0, 4]
+    assert set(ModelConfig(heads=HeadsConfig("sequential", 2)).to_dict()["heads"]) == {"kind", "depth", "medusa_layers"}

@@ -23,7 +23,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from conftest import FAMILIES, SHARED, tiny_model
+from conftest import FAMILIES, FUSED, SHARED, tiny_model
 from multitoken.decoding.api import generate
 from multitoken.decoding.trees import StaticTree
 
@@ -204,7 +204,7 @@ def greedy_reference(model, prompt: list[int], n: int) -> list[int]:
 PLUMBING_PROMPTS = [[3, 5, 2], [7, 1, 4, 4, 6], [2], [6, 6, 0, 3]]
 
 
-@pytest.mark.parametrize("kind", FAMILIES + [SHARED])
+@pytest.mark.parametrize("kind", FAMILIES + [SHARED, FUSED])
 @pytest.mark.parametrize("mode", ["spec", "tree"])
 def test_greedy_tau_and_acceptance_equal_a_replay_from_full_forward_passes(kind, mode):
     """Exact tau and acceptance per position, with heads whose drafts depend on the hidden state.

@@ -2,8 +2,9 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from conftest import FAMILIES, tiny_model
+from conftest import FAMILIES, FUSED, tiny_model
 from multitoken.errors import UserError
 from multitoken.model.heads.sequential import shift_tokens
 from multitoken.training.loss import MTPLoss
@@ -83,7 +84,7 @@ def _grads(model, kind):
     return {n: (p.grad is not None and p.grad.abs().sum().item() > 0) for n, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("kind", FAMILIES + [FUSED])
 def test_every_parameter_learns(kind):
     model = tiny_model(kind, 2)
     if kind == "medusa":  # zero-initialised residual branches: nudge them so every weight has a gradient path
@@ -94,7 +95,7 @@ def test_every_parameter_learns(kind):
     assert all(got.values()), [n for n, g in got.items() if not g]
 
 
-@pytest.mark.parametrize("kind", FAMILIES)
+@pytest.mark.parametrize("kind", FAMILIES + [FUSED])
 def test_frozen_backbone_gets_no_gradient(kind):
     model = tiny_model(kind, 2)
     model.freeze_backbone()
@@ -125,3 +126,73 @@ def test_init_from_backbone(kind):
         assert torch.equal(model.mtp.layers[1].mlp.up_proj.weight, model.layers[-1].mlp.up_proj.weight)
     if kind == "medusa":
         assert torch.equal(model.mtp.heads[1].lm_head.weight, model.lm_head.weight)
+
+
+# ---- fused inputs (sequential:N:fused, EAGLE-3's fc over a low, a middle and a high state) ----------
+def block_states(model, idx):
+    """The state after every block count 0..L of a full forward, read by hooks on the embedding and
+    the blocks (an outside reference: nothing of the backbone's own bookkeeping)."""
+    seen = {}
+    def first_embedding(m, a, out):  # the heads call the embedding again later, on the tokens ahead
+        if 0 not in seen:
+            seen[0] = out
+
+    hooks = [model.embed_tokens.register_forward_hook(first_embedding)]
+    for i, block in enumerate(model.layers):
+        hooks.append(block.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i + 1, out)))
+    try:
+        out = model(idx)
+    finally:
+        for h in hooks:
+            h.remove()
+    return out, seen
+
+
+@pytest.mark.parametrize("layers", [None, [0, 3, 4], [2, 4]])
+def test_fused_input_is_fc_over_the_block_states_of_one_forward(layers):
+    """Depth 1 reads fc(cat[h_a, h_b, h_c]) over the states after the configured blocks (default 2, L/2,
+    L: here L=4 gives 1, 2, 4), computed by hand from hooked block outputs; hnorm applies to it as to
+    h^0, and depth 2 reads depth 1's state as before."""
+    from multitoken.config import HeadsConfig
+
+    heads = HeadsConfig("sequential", 2, fused=True, fused_layers=layers or [])
+    model = tiny_model("sequential", 2, seed=4, n_layers=4, heads=heads).eval()
+    want_layers = layers or [1, 2, 4]
+    assert model.config.heads.fused_layers == want_layers and model.mtp.fc.weight.shape == (32, 32 * len(want_layers))
+    with torch.no_grad():
+        model.mtp.fc.weight.normal_(0, 0.3)  # every part counts, not only h^0's
+        idx = torch.randint(2, 61, (2, 9))
+        out, seen = block_states(model, idx)
+        fused = F.linear(torch.cat([seen[i] for i in want_layers], -1), model.mtp.fc.weight)  # (B, T, C)
+        rope = model.rope(torch.arange(9))
+        torch.testing.assert_close(model.mtp.hidden_input(model.backbone(idx, rope)), fused, atol=0, rtol=0)
+        h1 = model.mtp.module(1)
+        emb = model.embed_tokens(shift_tokens(idx, 1, model.config.eos_id))
+        x = h1.eh_proj(torch.cat([h1.enorm(emb), h1.hnorm(fused)], -1))
+        h = x + h1.self_attn(h1.input_layernorm(x), *rope)
+        h = h + h1.mlp(h1.post_attention_layernorm(h))
+        torch.testing.assert_close(out[1], h1.norm(h), atol=1e-6, rtol=0)
+        h2 = model.mtp.module(2)
+        depth2 = h2.norm(h2(h, model.embed_tokens(shift_tokens(idx, 2, model.config.eos_id)), rope))
+        torch.testing.assert_close(out[2], depth2, atol=1e-6, rtol=0)
+
+
+def test_fused_heads_start_as_ordinary_ones():
+    """fc starts as [0 | 0 | I] (random init and init from the backbone alike): every depth equals the
+    same heads without the fused input, bit for bit."""
+    fused = tiny_model(FUSED, 3, seed=5).eval()
+    plain = tiny_model("sequential:shared", 3, seed=5).eval()
+    plain.load_state_dict({k: v for k, v in fused.state_dict().items() if k != "mtp.fc.weight"})
+    idx = torch.randint(2, 61, (2, 11))
+    for start in (lambda m: None, lambda m: m.init_heads_from_backbone()):
+        start(fused), start(plain)
+        with torch.no_grad():
+            for a, b in zip(fused(idx), plain(idx)):
+                torch.testing.assert_close(a, b, atol=0, rtol=0)
+
+
+def test_default_fused_layers_are_low_middle_and_h0():
+    from multitoken.config import default_fused_layers
+
+    assert default_fused_layers(30) == [2, 15, 30]  # SmolLM2-135M
+    assert default_fused_layers(4) == [1, 2, 4] and default_fused_layers(3) == [0, 1, 3] and default_fused_layers(1) == [0, 1]

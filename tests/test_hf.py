@@ -243,6 +243,18 @@ def test_export_keeps_bf16_and_convert_refuses_conflicting_heads(tmp_path):
     assert all(t.dtype == torch.bfloat16 for t in load_file(tmp_path / "back" / "model.safetensors").values())
 
 
+def test_fused_heads_are_refused_by_the_hf_export_in_one_line(tmp_path, capsys):
+    """DeepSeek's / transformers' MTP layer reads h^0 alone: fc has no place there, so exporting fused
+    heads is refused before anything is written, naming what to do instead."""
+    native_run(tmp_path, "sequential", "2:shared:fused", True)
+    with pytest.raises(UserError, match="through fc, which DeepSeek's and transformers' MTP layout has no place for.*heads file"):
+        export_hf(tmp_path / "native", tmp_path / "export")
+    assert not (tmp_path / "export").exists()
+    assert cli_main(["export", "--run", str(tmp_path / "native"), "--out", str(tmp_path / "export")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "has no place for" in err and "\n" not in err
+
+
 def test_cli_errors_are_one_line(tmp_path, capsys):
     assert cli_main(["convert", "--hf", str(tmp_path), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err.strip()

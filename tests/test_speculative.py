@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from conftest import FAMILIES, SHARED, tiny_model
+from conftest import FAMILIES, FUSED, SHARED, tiny_model
 from multitoken.decoding import drafting
 from multitoken.decoding.api import best_draft, engine_for
 from multitoken.decoding.api import generate
@@ -38,7 +38,7 @@ def prompts(seed: int, batch: int, vocab: int = 61) -> list[list[int]]:
 
 
 # ---- greedy: identical to plain decoding ---------------------------------------------------------
-@pytest.mark.parametrize("kind", FAMILIES + [SHARED])
+@pytest.mark.parametrize("kind", FAMILIES + [SHARED, FUSED])
 @pytest.mark.parametrize("batch", [1, 3])
 def test_greedy_chain_equals_plain_greedy(kind, batch):
     for seed in range(4):
@@ -65,13 +65,14 @@ def test_greedy_tree_equals_plain_greedy(kind, tree, batch):
         assert 1.0 <= stats.tau <= 4
 
 
+@pytest.mark.parametrize("kind", ["sequential", FUSED])
 @pytest.mark.parametrize("tree", [StaticTree([(0,), (1,), (2,)]), 4, CHAIN_TREE, 9])
-def test_greedy_trees_with_sequential_modules_equal_plain_greedy(tree):
+def test_greedy_trees_with_sequential_modules_equal_plain_greedy(tree, kind):
     """Depth-1 trees (module 1's top candidates) and deeper ones (module d's candidates on the
     drafter's top-1 chain) give plain greedy output; a static chain-shaped tree accepts at least
     what the chain of the same depth accepts when its drafts are right."""
     for seed in range(3):
-        model = spread_model("sequential", 3, seed)
+        model = spread_model(kind, 3, seed)
         p = prompts(seed + 70, 3)
         ref, _ = generate(model, p, 24)
         draft = 1 if tree == 4 else None
@@ -205,7 +206,7 @@ def test_cache_after_rollbacks_equals_a_cache_built_from_scratch(kind, mode):
             torch.testing.assert_close(cache.v[:layers, b, :, :T], fresh.v[:layers, 0, :, :T], atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["sequential", SHARED])
+@pytest.mark.parametrize("kind", ["sequential", SHARED, FUSED])
 @pytest.mark.parametrize("mode,k", [("spec", 3), ("tree", 1), ("tree", 3)])
 def test_sequential_drafts_equal_a_full_forward_over_the_accepted_tokens(kind, mode, k):
     """Module k's draft at each step equals the uncached model's depth-k prediction on the same tokens.

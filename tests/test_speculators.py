@@ -116,6 +116,10 @@ def test_heads_and_backbones_that_do_not_map_are_refused(tmp_path):
         qwen3_run(tmp_path / kind, kind, 2, False)
         with pytest.raises(UserError, match=match):
             export_speculators(tmp_path / kind / "run", tmp_path / kind / "spec", verifier=str(tmp_path / kind / "verifier"))
+    fused = tiny_model("sequential:shared:fused", 2, vocab_size=VOCAB, eos_id=256, qk_norm=True).eval()  # mtp has no fc
+    save_run(tmp_path / "fused", fused, Tokenizer.bytes())
+    with pytest.raises(UserError, match="mtp layer reads the verifier's last hidden state alone.*multitoken serve"):
+        export_speculators(tmp_path / "fused", tmp_path / "out", verifier="owner/name")
     llama = tiny_model("sequential", 1, vocab_size=VOCAB, eos_id=256).eval()  # SmolLM2's family
     save_run(tmp_path / "llama", llama, Tokenizer.bytes())
     with pytest.raises(UserError, match="only from Qwen3-family decoder layers .* this backbone is llama: export the DeepSeek layout"):

@@ -1,9 +1,10 @@
-"""Training-time test: the training forward at depth 2 computes what the drafter computes."""
+"""Training-time test: the training forward at depth 2 computes what the drafter computes (and at
+depth 1, with fused inputs too)."""
 
 import pytest
 import torch
 
-from conftest import tiny_model
+from conftest import FUSED, SHARED, tiny_model
 from multitoken.decoding.drafting import ModuleDrafter, decode_pass
 from multitoken.decoding.sampling import Sampling
 from multitoken.decoding.state import DecodeState
@@ -16,7 +17,7 @@ def drafter_logits(model, prompt: torch.Tensor, k: int) -> tuple[torch.Tensor, t
     st = DecodeState(model, 1, scratch=2 * k + 2, rand_width=2 * k + 1)
     drafter = ModuleDrafter(model, st, k)
     pos = torch.arange(n)[None]
-    main, last, _ = decode_pass(model, prompt, st.cache, pos, pos, st.cache.causal_mask(pos), 0)
+    main, last, _ = decode_pass(model, prompt, st.cache, pos, pos, st.cache.causal_mask(pos), k)  # as a chain's prefill
     lengths = torch.tensor([n])
     st.cache.rewind(lengths)
     x = model.logits(main[:, -1]).argmax(-1)  # the pending token: the model's own next token
@@ -39,11 +40,17 @@ def train_a_little(model, steps: int = 3) -> None:
         opt.zero_grad()
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_ttt_training_forward_at_depth_2_equals_the_drafter(shared):
+@pytest.mark.parametrize("kind", ["sequential", SHARED, FUSED])
+def test_ttt_training_forward_at_depth_2_equals_the_drafter(kind):
+    """The replay: the training forward's depths 1 and 2 at the last committed position equal the
+    drafter's logits there. Fused heads (fc random, so the low and middle states count) catch a
+    drafter that records h^0 instead of depth 1's fused input."""
     torch.manual_seed(0)
-    model = tiny_model("sequential:shared" if shared else "sequential", 2, seed=3, n_layers=2)
+    model = tiny_model(kind, 2, seed=3, n_layers=2)
     model.mtp.ttt = True
+    if model.mtp.fc is not None:
+        with torch.no_grad():
+            model.mtp.fc.weight.normal_(0, 0.3)
     train_a_little(model)
     model.eval()
     prompt = torch.randint(2, 61, (1, 9))

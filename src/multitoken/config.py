@@ -47,30 +47,51 @@ class HeadsConfig:
     shared: bool = False
     """Sequential only: one MTP module serves every depth (EAGLE's single draft layer, run D times),
     instead of DeepSeek-V3's one module per depth. Each depth keeps its own KV-cache layer."""
+    fused: bool = False
+    """Sequential only: depth 1's hidden input is ``fc(cat[h_a, h_b, ...])``, states of a low, a middle
+    and a high layer of the backbone (EAGLE-3's fused features, `fused_layers`), instead of h^0 alone."""
+    fused_layers: list[int] = field(default_factory=list)
+    """With `fused`: the backbone states fused, each named by how many blocks ran before it (0: the
+    embeddings, n_layers: h^0), increasing and ending with n_layers. Empty: `default_fused_layers`,
+    filled in when the model config is built, so a stored config names its layers exactly."""
 
     @classmethod
     def parse(cls, spec: str) -> "HeadsConfig":
-        """Parse the CLI form ``KIND:DEPTH`` (e.g. ``parallel:3``), ``KIND:DEPTH:FLAG`` for a family's
-        flags (``sequential:2:shared``) or ``none``."""
+        """Parse the CLI form ``KIND:DEPTH`` (e.g. ``parallel:3``), ``KIND:DEPTH:FLAG[:FLAG]`` for a
+        family's flags (``sequential:2:shared``, ``sequential:4:shared:fused``) or ``none``."""
         from multitoken.model.heads.registry import family, kinds
 
         kind, _, rest = str(spec).partition(":")
-        n, _, flag = rest.partition(":")
+        n, *flags = rest.split(":")
         if kind == "none" and not rest:
             return cls()
         try:
-            if kind not in kinds() or (flag and flag not in family(kind).flags):
+            if kind not in kinds() or any(f not in family(kind).flags for f in flags) or len(set(flags)) < len(flags):
                 raise ValueError(kind)
             depth = int(HEADS_RANGES["depth"].parse(n))
             if depth < 1:
                 raise ValueError(n)
         except ValueError:
-            forms = [f for k in kinds() for f in (f"{k}:N", *(f"{k}:N:{x}" for x in family(k).flags))]
+            forms = [f"{k}:N" + "".join(f"[:{x}]" for x in family(k).flags) for k in kinds()]
             raise BadValue("heads", repr(spec), f"expected {', '.join(forms)} or none, N from 1 to {MAX_HEAD_DEPTH}") from None
-        return cls(kind=kind, depth=depth, shared=flag == "shared")
+        return cls(kind=kind, depth=depth, shared="shared" in flags, fused="fused" in flags)
 
     def __str__(self) -> str:
-        return "none" if self.kind == "none" else f"{self.kind}:{self.depth}{':shared' if self.shared else ''}"
+        """The CLI form; flags in one order (``sequential:4:shared:fused``). `fused_layers` is not
+        part of it: configs and heads files store the layers beside it."""
+        if self.kind == "none":
+            return "none"
+        flags = "".join(f":{name}" for name, on in (("shared", self.shared), ("fused", self.fused)) if on)
+        return f"{self.kind}:{self.depth}{flags}"
+
+
+def default_fused_layers(n_layers: int) -> list[int]:
+    """The states fused by default for a backbone of `n_layers` blocks: after 2 blocks, after half
+    of them, and h^0 (after all). EAGLE-3 takes layers 2, L/2 and L-3; the high one here is h^0
+    itself, so fused heads contain the ordinary input and start as ordinary heads (``fc`` = [0 | 0 |
+    I]). Small models take what exists (L=3: the embeddings, block 1, h^0). For SmolLM2's 30
+    blocks: 2, 15, 30."""
+    return sorted({min(2, n_layers // 4), n_layers // 2, n_layers})
 
 
 @dataclass
@@ -161,6 +182,8 @@ class ModelConfig:
         if not isinstance(self.heads, HeadsConfig):
             raise UserError(f"heads={self.heads!r}: give a HeadsConfig or a dict with kind and depth")
         check_fields(self.heads, HEADS_RANGES)
+        if self.heads.fused and not self.heads.fused_layers:  # a new object: a caller's HeadsConfig is not changed
+            self.heads = dataclasses.replace(self.heads, fused_layers=default_fused_layers(self.n_layers))
         if isinstance(self.rope_scaling, RopeScaling):
             check_fields(self.rope_scaling, ROPE_RANGES)
         if self.head_dim == 0:
@@ -186,6 +209,13 @@ class ModelConfig:
             (h.medusa_layers >= 1, "heads.medusa_layers must be at least 1"),
             (not h.shared or (h.kind != "none" and "shared" in family(h.kind).flags),
              f"heads.shared is for sequential modules, not {h.kind}: drop it"),
+            (not h.fused or (h.kind != "none" and "fused" in family(h.kind).flags),
+             f"heads.fused is for sequential modules, not {h.kind}: drop it"),
+            (h.fused or not h.fused_layers, f"heads.fused_layers={h.fused_layers!r} without heads.fused: set fused or drop the layers"),
+            (not h.fused or (_int_list(h.fused_layers, 0, self.n_layers + 1) and len(h.fused_layers) >= 2
+                             and h.fused_layers == sorted(h.fused_layers) and h.fused_layers[-1] == self.n_layers),
+             f"heads.fused_layers={h.fused_layers!r}: give 2 or more increasing block counts from 0 (the embeddings) up to "
+             f"n_layers={self.n_layers} (h^0), e.g. {default_fused_layers(self.n_layers)}"),
             (0 <= self.eos_id < self.vocab_size, f"eos_id={self.eos_id} is outside the vocabulary (size {self.vocab_size})"),
             (isinstance(self.rope_scaling, RopeScaling) and self.rope_scaling.kind in ROPE_KINDS,
              f"rope_scaling.kind={getattr(self.rope_scaling, 'kind', self.rope_scaling)!r}: choose one of {', '.join(ROPE_KINDS)}"),
@@ -231,8 +261,10 @@ class ModelConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        if not self.heads.shared:
-            del d["heads"]["shared"]  # config.json keeps its keys for every run that does not share a module
+        for flag, keys in (("shared", ("shared",)), ("fused", ("fused", "fused_layers"))):
+            if not getattr(self.heads, flag):  # config.json keeps its keys for every run without the flag
+                for key in keys:
+                    del d["heads"][key]
         # Fields of newer model families are written only when set, so that a Llama-family run's
         # config.json reads as before (and older releases can still read it).
         for name, default in _FAMILY_DEFAULTS.items():
@@ -451,7 +483,7 @@ class TrainConfig:
     preset: str = "tiny"
     """Model shape from `PRESETS` (ignored with `init` or when resuming: the run's own config wins)."""
     heads: str = "parallel:2"
-    """MTP heads: parallel:N, sequential:N, medusa:N or none."""
+    """MTP heads: parallel:N, sequential:N[:shared][:fused], medusa:N or none."""
     steps: int = 1000
     """Optimizer steps in total (a resumed run continues up to this number)."""
     batch_size: int = 16

@@ -115,7 +115,8 @@ def load_model(args) -> tuple:
 
 
 def hf_peer(model, run_dir: Path | None, device: str, dtype: torch.dtype):
-    """transformers' model with our weights, or None when transformers (or an export) is unavailable."""
+    """transformers' model with our weights, or None when transformers (or an export) is unavailable;
+    heads that the export refuses (fused sequential heads) leave the peer without use_mtp."""
     try:
         from transformers import AutoModelForCausalLM
     except ImportError:
@@ -124,6 +125,13 @@ def hf_peer(model, run_dir: Path | None, device: str, dtype: torch.dtype):
     from multitoken.io.hf import export_hf
 
     tmp = Path(tempfile.mkdtemp(prefix="mt-bench-hf-"))
+    if model.mtp is not None and model.mtp.hf_export_problem(model.config):  # fused heads: the backbone alone
+        from multitoken.config import HeadsConfig
+        from multitoken.model.build import build_model
+
+        model = build_model(model.config.with_heads(HeadsConfig()),
+                            {k: v for k, v in model.state_dict().items() if not k.startswith("mtp.")}, fresh_heads=False)
+        run_dir = None
     if run_dir is None:
         run_dir = tmp / "run"
         save_run(run_dir, model)

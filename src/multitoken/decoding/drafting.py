@@ -5,9 +5,10 @@
   ``drafts_from_verify`` is True (parallel heads, Medusa), their head states in the same pass:
   at the last accepted position those are the next step's drafts, at no extra pass.
 - Sequential (DeepSeek-V3 / EAGLE) modules draft with `ModuleDrafter`: after verification,
-  module 1 runs over the newly committed positions with the un-normed main state h^0 and the
-  next tokens, module k over h^{k-1} and the previous depth's token; each module has its own
-  cache layer.
+  module 1 runs over the newly committed positions with its hidden input (the un-normed main
+  state h^0, or with fused heads fc over a low, a middle and a high state, which `decode_pass`
+  computes in the same pass: `HeadFamily.hidden_input`) and the next tokens, module k over
+  h^{k-1} and the previous depth's token; each module has its own cache layer.
 - `draft_logits` is the single place draft logits come from: the family's
   ``HeadFamily.draft_logits`` hook (tests stub a family to make heads that are always right,
   always wrong, or right every other step), spread back over the full vocabulary when the family
@@ -26,16 +27,21 @@ from multitoken.decoding.verify import rows_at
 
 def decode_pass(model, idx: Tensor, cache, rope_pos: Tensor, slots: Tensor, mask: Tensor, n_heads: int
                 ) -> tuple[Tensor, Tensor, list[Tensor]]:
-    """One cached pass of the main model, and of the first n_heads heads that draft from it.
+    """One cached pass of the main model, for decoding that drafts with n_heads heads (0: plain
+    decoding, the heads are not run).
 
     Returns:
-        (main (B, q, C) normed, last (B, q, C) pre-norm, [head states (B, q, C)] * n_heads).
+        (main (B, q, C) normed, hidden (B, q, C), [head states (B, q, C)] * n_heads for families that
+        draft from this pass, else []). hidden is what `ModuleDrafter.record` stores: depth 1's
+        hidden input (`HeadFamily.hidden_input`: h^0, or the fused states) when n_heads > 0, else
+        h^0 (pre-norm).
     """
     rope = model.rope(rope_pos)
     heads = model.mtp if (model.mtp is not None and n_heads) else None
     s = model.backbone(idx, rope, cache, slots, mask, heads=heads is not None)  # (B, q, C) each
-    drafts = [] if heads is None else heads.decode_states(model.shared, n_heads, s, rope, cache, slots, mask)
-    return s.main, s.last, drafts
+    if heads is None:
+        return s.main, s.last, []
+    return s.main, heads.hidden_input(s), heads.decode_states(model.shared, n_heads, s, rope, cache, slots, mask)
 
 
 def draft_logits(model, depth: int, h: Tensor, next_pos: Tensor) -> Tensor:
@@ -78,17 +84,19 @@ class ModuleDrafter:
     positions ending at C-1; at C-1 module k reads draft k-1 and writes draft k. Entries a module
     wrote from drafted tokens lie inside the next step's window, so they are always rewritten from
     accepted tokens; the window's start never passes a position that is still provisional.
-    The buffers (h^0 and tokens per position) live in the `DecodeState`.
+    The buffers (depth 1's hidden input, h^0 or the fused states, and the token per position)
+    live in the `DecodeState`.
     """
 
     def __init__(self, model, state, k: int) -> None:
         self.model, self.state, self.k, self.W = model, state, k, 2 * k
         self._w = torch.arange(self.W, device=state.device)
 
-    def record(self, pos: Tensor, last: Tensor, next_tokens: Tensor) -> None:
-        """Store h^0 (B, q, C) at positions pos (B, q) and the token after each (B, q)."""
+    def record(self, pos: Tensor, hidden: Tensor, next_tokens: Tensor) -> None:
+        """Store depth 1's hidden input (B, q, C) (`decode_pass`'s second output) at positions
+        pos (B, q) and the token after each (B, q)."""
         st = self.state
-        st.hbuf.scatter_(1, pos[..., None].expand(-1, -1, last.shape[-1]), last.to(st.hbuf.dtype))
+        st.hbuf.scatter_(1, pos[..., None].expand(-1, -1, hidden.shape[-1]), hidden.to(st.hbuf.dtype))
         st.seq.scatter_(1, pos + 1, next_tokens)
 
     def draft(self, C: Tensor, s: Sampling, lossless: bool, u: Tensor, win: Tensor | None = None,

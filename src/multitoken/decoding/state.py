@@ -218,7 +218,7 @@ class DecodeState:
         self.temperature = torch.zeros(B, device=dev)
         self.top_k = torch.zeros(B, dtype=torch.long, device=dev)
         self.top_p = torch.ones(B, device=dev)
-        self.hbuf: Tensor | None = None  # sequential drafter: h^0 per position (B, S, C)
+        self.hbuf: Tensor | None = None  # sequential drafter: depth 1's hidden input (h^0 or fused) per position (B, S, C)
         self.seq: Tensor | None = None  # sequential drafter: token per position (B, S + k + 1)
         if model.mtp is not None and not model.mtp.drafts_from_verify:
             S = L + scratch

@@ -114,7 +114,7 @@ class _Drafting(Strategy):
 
     def prefill(self, idx: Tensor, lengths: Tensor) -> None:
         st, k = self.state, self.k
-        logits, last, states = self._prompt_pass(idx, lengths, k if self.from_verify else 0)
+        logits, last, states = self._prompt_pass(idx, lengths, k)
         self._emit_first(logits)
         u = st.rand[:, k + 1 : 2 * k + 1] if st.rand.shape[1] >= 2 * k + 1 else st.rand[:, :k]
         if self.from_verify:
@@ -142,7 +142,7 @@ class Chain(_Drafting):
         drafts = fed[:, 1:]
         pos = st.cache.pos[:, None] + self._ar  # (B, q)
         main, last, states = decode_pass(model, fed, st.cache, pos.clamp(max=self.L - 1), pos,
-                                         st.cache.causal_mask(pos), k if self.from_verify else 0)
+                                         st.cache.causal_mask(pos), k)
         logits = model.logits(main)  # (B, q, V)
         if self.typical:
             n, final = verify_typical(logits, drafts, s, st.rand[:, k])
@@ -202,7 +202,7 @@ class Tree(_Drafting):
         mask = cache.prefix_mask(base, N).clone()  # committed prefix
         mask.scatter_(2, slots[:, None, :].expand(B, N, N), anc)  # plus ancestors, self included
         main, last, states = decode_pass(model, tokens, cache, (base[:, None] + depth).clamp(max=self.L - 1), slots,
-                                         mask, k if self.from_verify else 0)
+                                         mask, k)
         logits = model.logits(main)  # (B, N, V)
         if self.sampled:
             best, n, final = verify_tree_sampling(logits, parent, rank, k, q, cand, valid, s,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ from multitoken.io.checkpoint import load_run, read_safetensors
 from multitoken.io.outdir import atomic_write
 from multitoken.model import Transformer
 from multitoken.model.build import build_model, limit_context
+
+log = logging.getLogger(__name__)
 
 HEADS_FORMAT = "multitoken-heads/1"
 DRAFT_VOCAB_KEYS = ("d2t", "t2d")
@@ -72,8 +75,11 @@ def save_heads(model: Transformer, path: str | Path, info: dict[str, Any] | None
     state = {k: v.detach().to(torch.bfloat16).contiguous().cpu() for k, v in model.mtp.state_dict().items()}
     if model.mtp.draft_ids is not None:
         state |= draft_vocab_tensors(model.mtp.draft_ids, model.config.vocab_size)
-    meta = {"format": HEADS_FORMAT, "heads": str(model.config.heads), "medusa_layers": str(model.config.heads.medusa_layers),
+    h = model.config.heads
+    meta = {"format": HEADS_FORMAT, "heads": str(h), "medusa_layers": str(h.medusa_layers),
             "backbone_sha256": backbone_fingerprint(model), "info": json.dumps(info or {}, sort_keys=True)}
+    if h.fused:  # the spec names the flag; the layers fused are stored beside it, so loading is exact
+        meta["fused_layers"] = ",".join(map(str, h.fused_layers))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(state, tmp, metadata=meta))
@@ -99,6 +105,13 @@ def heads_info(path: str | Path) -> dict[str, Any]:
     return {**meta, "info": info}
 
 
+def heads_of(meta: dict[str, Any]) -> HeadsConfig:
+    """The heads a heads file's metadata names (ValueError or UserError when it is damaged)."""
+    layers = meta.get("fused_layers")
+    return dataclasses.replace(HeadsConfig.parse(meta.get("heads", "")), medusa_layers=int(meta.get("medusa_layers", "1")),
+                               fused_layers=[int(i) for i in layers.split(",")] if layers else [])
+
+
 def attach_heads(run_dir: str | Path, heads_file: str | Path, max_seq_len: int | None = None) -> tuple[Transformer, Any]:
     """The plain pretrained model of `run_dir` with the heads of `heads_file` on it, and its tokenizer.
 
@@ -118,11 +131,12 @@ def attach_heads_to(base: Transformer, heads_file: str | Path, run_dir: str = "t
     if meta.get("backbone_sha256") != backbone_fingerprint(base):
         raise UserError(f"{heads_file} was trained on another model than {run_dir}: attach it to the model it was trained on")
     try:
-        heads = dataclasses.replace(HeadsConfig.parse(meta.get("heads", "")), medusa_layers=int(meta.get("medusa_layers", "1")))
+        heads = heads_of(meta)
         cfg = base.config.with_heads(heads)
     except (UserError, ValueError):
         raise UserError(f"{heads_file}: damaged metadata (heads {meta.get('heads')!r}, medusa_layers "
-                        f"{meta.get('medusa_layers')!r}): write the file again with save_heads") from None
+                        f"{meta.get('medusa_layers')!r}, fused_layers {meta.get('fused_layers')!r}): "
+                        "write the file again with save_heads") from None
     tensors = read_safetensors(Path(heads_file), "write it again")
     ids = draft_ids_from(tensors, cfg.vocab_size, Path(heads_file))
     tensors = {k: v for k, v in tensors.items() if k not in DRAFT_VOCAB_KEYS}
@@ -137,22 +151,41 @@ def attach_heads_to(base: Transformer, heads_file: str | Path, run_dir: str = "t
     return model
 
 
-def load_heads_into(model: Transformer, heads_file: str | Path) -> None:
+def load_heads_into(model: Transformer, heads_file: str | Path) -> str | None:
     """Copy the heads of `heads_file` into `model`'s heads (a warm start): the file must hold the
-    same heads spec and have been trained on this backbone; one-line errors otherwise."""
+    same heads, or heads the model's family can start from (`HeadFamily.warm_start_from`: ordinary
+    sequential heads for fused ones), and have been trained on this backbone; one-line errors otherwise.
+
+    Returns:
+        None, or one line saying what was started anew (for the log).
+    """
     meta = heads_info(heads_file)
     if meta.get("backbone_sha256") != backbone_fingerprint(model):
         raise UserError(f"{heads_file} was trained on another backbone than this run's --init: give heads trained on it")
-    if model.mtp is None or meta.get("heads") != str(model.config.heads):
-        raise UserError(f"{heads_file} holds {meta.get('heads')} heads, this run trains {model.config.heads}: "
-                        "give --heads as the file's, or another heads file")
+    try:
+        theirs = heads_of(meta)
+    except (UserError, ValueError):
+        raise UserError(f"{heads_file}: damaged metadata (heads {meta.get('heads')!r}): write the file again with save_heads") from None
+    mismatch = UserError(f"{heads_file} holds {meta.get('heads')} heads, this run trains {model.config.heads}: "
+                         "give --heads as the file's, or another heads file")
+    if model.mtp is None:
+        raise mismatch
+    lacking, note = set(), None
+    if theirs != model.config.heads:
+        plan = model.mtp.warm_start_from(theirs)
+        if plan is None:
+            raise mismatch
+        lacking, note = plan
     tensors = {k: v for k, v in read_safetensors(Path(heads_file), "write it again").items() if k not in DRAFT_VOCAB_KEYS}
     own = model.mtp.state_dict()
-    if {k: tuple(v.shape) for k, v in tensors.items()} != {k: tuple(v.shape) for k, v in own.items()}:
-        raise UserError(f"{heads_file}: its tensors do not match {model.config.heads} heads on this model: write it again with save_heads")
+    if {k: tuple(v.shape) for k, v in tensors.items()} != {k: tuple(v.shape) for k, v in own.items() if k not in lacking}:
+        raise UserError(f"{heads_file}: its tensors do not match {theirs} heads on this model: write it again with save_heads")
     with torch.no_grad():
         for k, v in tensors.items():
             own[k].copy_(v.to(own[k].dtype))
+    if note:
+        log.info("--init-heads %s: %s", heads_file, note)
+    return note
 
 
 def write_draft_vocab(heads_file: str | Path, ids: torch.Tensor | None, vocab_size: int, out: str | Path | None = None) -> Path:

@@ -51,7 +51,7 @@ from safetensors.torch import save_file
 from multitoken.config import HeadsConfig, ModelConfig, RopeScaling
 from multitoken.errors import BadValue, UserError
 from multitoken.io import outdir
-from multitoken.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_run, read_json, save_run
+from multitoken.io.checkpoint import CONFIG_FILE, WEIGHTS_FILE, load_config, load_run, read_json, save_run
 from multitoken.io.outdir import atomic_write, write_json
 from multitoken.model import Transformer
 from multitoken.model.build import build_model, limit_context  # noqa: F401 (moved to model/; re-exported)
@@ -594,6 +594,10 @@ def export_hf(run_dir: str | Path, out: str | Path, model_type: str | None = Non
     if out.resolve() == run_dir.resolve():
         raise UserError("--out must differ from --run: export writes Hugging Face files next to nothing of the run")
     outdir.check(out, "export")
+    cfg = load_config(run_dir) if (run_dir / CONFIG_FILE).is_file() else None  # (load_run words a missing one)
+    problem = family(cfg.heads.kind).hf_export_problem(cfg) if cfg is not None and cfg.heads.kind != "none" else None
+    if problem:  # before the weights are read or anything is written
+        raise UserError(problem)
     model, tok = load_run(run_dir, with_tokenizer=(run_dir / "tokenizer.json").is_file())
     with safe_open(str(run_dir / WEIGHTS_FILE), framework="pt") as sf:
         dtype = sf.get_slice(next(iter(sf.keys()))).get_dtype()

@@ -24,6 +24,9 @@ sequential, other backbones  refused: speculators builds MTP layers only from Qw
                              Gemma-3 have none there.
 parallel, medusa             refused: every speculators type (eagle3, mtp, dflash, dflash2, dspark,
                              peagle, xpress) reads the next token's embedding beside the hidden state.
+sequential with ``:fused``   refused: ``mtp`` reads the verifier's last hidden state alone (no ``fc``),
+                             and ``eagle3``, which fuses three verifier layers through ``fc``, runs
+                             another layer than our module (next row).
 any, as ``eagle3``           not exported: EAGLE-3's first layer feeds cat[embedding, hidden] (2d wide)
                              to q/k/v with the hidden state as the residual, and its input mixes three
                              verifier layers through ``fc``; our module projects 2d -> d first and runs

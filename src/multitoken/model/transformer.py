@@ -156,15 +156,23 @@ class Transformer(nn.Module):
         return tuple(getattr(self, name)[input_pos][:, None] for name in self._rope_names())
 
     def run_layers(self, x: Tensor, start: int, end: int, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
-                   slots: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-        """Apply backbone blocks start..end-1 to hidden states x (B, T, C)."""
-        for block in self.layers[start:end]:
-            x = block(x, rope, cache, slots, mask)
+                   slots: Tensor | None = None, mask: Tensor | None = None, taps: tuple[int, ...] = (),
+                   kept: dict[int, Tensor] | None = None) -> Tensor:
+        """Apply backbone blocks start..end-1 to hidden states x (B, T, C); the state after i blocks,
+        for each i of `taps` in start..end-1, is stored in `kept[i]` on the way."""
+        for i in range(start, end):
+            if i in taps:
+                kept[i] = x
+            x = self.layers[i](x, rope, cache, slots, mask)
         return x
 
     def trunk_layers(self, heads: bool = True) -> int:
         """Blocks that run before the heads branch off (all of them without heads)."""
         return self.mtp.trunk_layers(self.config) if heads and self.mtp is not None else self.config.n_layers
+
+    def tapped_layers(self, heads: bool = True) -> tuple[int, ...]:
+        """The backbone states the heads read besides the trunk and h^0 (`HeadFamily.tapped_layers`)."""
+        return self.mtp.tapped_layers(self.config) if heads and self.mtp is not None else ()
 
     def backbone(self, idx: Tensor, rope: tuple[Tensor, Tensor], cache: KVCache | None = None, slots: Tensor | None = None,
                  mask: Tensor | None = None, heads: bool = True) -> BackboneStates:
@@ -173,15 +181,25 @@ class Transformer(nn.Module):
         The one place the backbone is wired: `forward`, the decoding pass and retrofitting's
         features all come from here, so they run the same blocks in the same order.
         """
-        cut = self.trunk_layers(heads)
-        trunk = self.run_layers(self.embed_tokens(idx), 0, cut, rope, cache, slots, mask)  # (B, T, C)
-        return self.states_from(idx, trunk, cut, rope, cache, slots, mask)
+        cut, taps = self.trunk_layers(heads), self.tapped_layers(heads)
+        kept: dict[int, Tensor] = {}
+        trunk = self.run_layers(self.embed_tokens(idx), 0, cut, rope, cache, slots, mask, taps, kept)  # (B, T, C)
+        return self.states_from(idx, trunk, cut, rope, cache, slots, mask, taps, kept)
 
     def states_from(self, idx: Tensor, trunk: Tensor, cut: int, rope: tuple[Tensor, Tensor], cache: KVCache | None = None,
-                    slots: Tensor | None = None, mask: Tensor | None = None) -> BackboneStates:
-        """`backbone`'s states from the state after the first `cut` blocks (retrofitting stores that one)."""
-        last = self.run_layers(trunk, cut, self.config.n_layers, rope, cache, slots, mask)
-        return BackboneStates(idx=idx, trunk=trunk, last=last, main=self.norm(last))
+                    slots: Tensor | None = None, mask: Tensor | None = None, taps: tuple[int, ...] = (),
+                    kept: dict[int, Tensor] | None = None) -> BackboneStates:
+        """`backbone`'s states from the state after the first `cut` blocks (retrofitting stores that one).
+
+        Args:
+            taps: the states to keep (`tapped_layers`), those after `cut` blocks or more found here.
+            kept: the ones before the cut, found on the way to it.
+        """
+        kept = {} if kept is None else kept
+        last = self.run_layers(trunk, cut, self.config.n_layers, rope, cache, slots, mask, taps, kept)
+        if self.config.n_layers in taps:
+            kept[self.config.n_layers] = last
+        return BackboneStates(idx=idx, trunk=trunk, last=last, main=self.norm(last), taps=kept)
 
     def unembed_weight(self, depth: int = 0) -> Tensor:
         """(V, C) matrix turning depth `depth`'s hidden state into logits."""

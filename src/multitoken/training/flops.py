@@ -24,8 +24,9 @@ def train_flops(model, seq_len: int, causal: bool = True) -> dict[str, float]:
         if name.startswith("mtp."):
             head_params += p.numel()
     head_blocks = sum(1 for m in heads.modules() if hasattr(m, "self_attn")) if heads is not None else 0
-    if cfg.heads.shared:  # one module's weights, run at every depth
-        matrix_params, head_params, head_blocks = matrix_params + (D - 1) * head_params, D * head_params, D * head_blocks
+    if cfg.heads.shared:  # one module's weights, run at every depth; what lies outside it (a fused input's fc) runs once
+        module = sum(p.numel() for unit in heads.fsdp_units() for p in unit.parameters() if p.dim() == 2)
+        matrix_params, head_params, head_blocks = matrix_params + (D - 1) * module, head_params + (D - 1) * module, D * head_blocks
     blocks = cfg.n_layers + head_blocks
     attn = (3 if causal else 6) * 2 * d * seq_len  # per block and token, forward + backward
     model_flops = 6 * (matrix_params + (1 + D) * V * d) + attn * blocks

@@ -17,7 +17,9 @@ io/smollm2.py.)
    embeddings of later tokens (cheap, recomputed), so the stored un-normed last hidden state
    serves them too; parallel heads branch off the trunk (the first L-1 blocks), so for them the
    trunk output is stored instead. Which state: the one after the heads' `Transformer.trunk_layers()`
-   blocks (the "cut", recorded in the feature set's metadata).
+   blocks (the "cut", recorded in the feature set's metadata). Heads that also read earlier states
+   (fused sequential heads, `Transformer.tapped_layers`) are refused in one line (`check_features_serve`):
+   train them with ``multitoken train --freeze-backbone`` instead.
 """
 
 from __future__ import annotations
@@ -33,12 +35,13 @@ import torch
 from safetensors.torch import save_file
 from torch import Tensor
 
-from multitoken.config import HeadsConfig
+from multitoken.config import HeadsConfig, ModelConfig
 from multitoken.errors import UserError
 from multitoken.io import outdir
-from multitoken.io.checkpoint import load_run, read_json, read_safetensors, save_run
+from multitoken.io.checkpoint import load_config, load_run, read_json, read_safetensors, save_run
 from multitoken.io.outdir import atomic_write, write_json
 from multitoken.model import Transformer
+from multitoken.model.heads import family
 from multitoken.training.evaluate import check_same_tokenizer
 from multitoken.training.trainer import lr_schedule, optimizer_update
 
@@ -188,6 +191,20 @@ class FeatureSet:
                 yield self.tokens[idx], self.features[idx].float()
 
 
+def check_features_serve(cfg: ModelConfig) -> None:
+    """Refuse, in one line, heads that read backbone states before the cut: stored features hold only
+    the state after `trunk_layers` blocks (the blocks after it are rerun from there)."""
+    if cfg.heads.kind == "none":
+        return
+    fam = family(cfg.heads.kind)
+    cut = fam.trunk_layers(cfg)
+    early = [i for i in fam.tapped_layers(cfg) if i < cut]
+    if early:
+        raise UserError(f"{cfg.heads} heads read the backbone's states after blocks {', '.join(map(str, early))}, and retrofit "
+                        f"features hold only the state after block {cut}: train them with `multitoken train --init RUN "
+                        f"--heads {cfg.heads} --freeze-backbone --distill` (or examples/smollm2_gpu.py)")
+
+
 def hiddens_from_features(model: Transformer, window: Tensor, feats: Tensor, cut: int) -> list[Tensor]:
     """``model(window[:, :-1])``'s ``[main, d1..dD]`` computed from stored backbone states.
 
@@ -234,6 +251,7 @@ def fit_heads(model: Transformer, features: FeatureSet, steps: int, batch_size: 
     """
     from multitoken.training.loss import MTPLoss
 
+    check_features_serve(model.config)
     if features.cut != model.trunk_layers():
         raise UserError(f"the feature set holds states after {features.cut} blocks, the heads ({model.config.heads}) "
                         f"branch off after {model.trunk_layers()}: make features for these heads (another --features folder)")
@@ -328,6 +346,7 @@ def retrofit(init: str | Path, data_dir: str | Path, heads: HeadsConfig, out: st
     check_same_tokenizer(init, data_dir, f"prepare the data with the --init model's tokenizer "
                          f"(--tokenizer {Path(init) / 'tokenizer.json'})")
     torch.manual_seed(seed)
+    check_features_serve(load_config(init).with_heads(heads))  # before the model is read
     model, tok = add_heads(init, heads, max_seq_len)  # and a missing or damaged --init
     outdir.claim(out, "retrofit")
     t0 = time.perf_counter()

@@ -16,7 +16,7 @@ full vocabulary, so the output stays exact (docs/decoding.md).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -54,6 +54,9 @@ class BackboneStates:
     """After every block, before the final norm (h^0 of the sequential modules)."""
     main: Tensor
     """``norm(last)``: the main head's state."""
+    taps: dict[int, Tensor] = field(default_factory=dict)
+    """The states after the blocks the heads read (`HeadFamily.tapped_layers`), by how many blocks
+    ran before them (0: the embeddings; n_layers: `last`), kept while the blocks run: no second pass."""
 
 
 class HeadFamily(nn.Module):
@@ -92,6 +95,11 @@ class HeadFamily(nn.Module):
     def trunk_layers(cls, cfg: ModelConfig) -> int:
         """How many backbone blocks run before the heads branch off."""
         return cfg.n_layers
+
+    @classmethod
+    def tapped_layers(cls, cfg: ModelConfig) -> tuple[int, ...]:
+        """Backbone states the heads read besides the trunk and h^0, by blocks run (`BackboneStates.taps`)."""
+        return ()
 
     @classmethod
     def cache_layers(cls, cfg: ModelConfig) -> int:
@@ -159,6 +167,12 @@ class HeadFamily(nn.Module):
         from h^{k-1} there and the tokens t_{i+k} (B, q) (decoding/drafting.py's `ModuleDrafter`)."""
         raise NotImplementedError(f"{type(self).__name__} drafts from the verification pass, not step by step")
 
+    def hidden_input(self, states: BackboneStates) -> Tensor:
+        """Families without `drafts_from_verify`: the hidden input (B, T, C) of depth 1 at every
+        position, which `ModuleDrafter` records per position while decoding: h^0 (`states.last`)
+        unless the family makes its own."""
+        return states.last
+
     def draft_state(self, k: int, h: Tensor) -> Tensor:
         """The state depth k's draft logits come from, given `step`'s output h (B, C)."""
         return h
@@ -175,6 +189,12 @@ class HeadFamily(nn.Module):
 
     def init_from_backbone(self, shared: SharedModules, last_block: nn.Module) -> None:
         """Start the heads from a pretrained backbone (its last block and shared modules)."""
+
+    def warm_start_from(self, heads: HeadsConfig) -> tuple[set[str], str] | None:
+        """Take the weights of heads saved as `heads`, another spec of this family (a heads file for
+        `train --init-heads`): if they lack some of these heads' parameters and match all others,
+        start the lacking ones (now) and return (their names, one line for the log); else None."""
+        return None
 
     def pass_hidden_through(self) -> None:
         """Start the heads' input projections so that they pass the hidden state on unchanged
@@ -195,6 +215,12 @@ class HeadFamily(nn.Module):
     def hf_config(cls, cfg: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
         """Keys this family adds to an exported config.json (`hf` is the rest of it)."""
         return {}
+
+    @classmethod
+    def hf_export_problem(cls, cfg: ModelConfig) -> str | None:
+        """Why these heads have no place in the Hugging Face / DeepSeek layout (one line naming the
+        alternative), or None when they export."""
+        return None
 
     @classmethod
     def heads_from_hf(cls, hf: dict[str, Any]) -> HeadsConfig | None:

@@ -7,6 +7,14 @@ is ``shared_head.norm``), exported as ``model.layers.{L + k}.*``. When decoding,
 one after another over committed tokens (`step`, driven by decoding/drafting.py), each with its
 own KV-cache layer.
 
+Fused input (``sequential:N:fused``, EAGLE-3's fused features): depth 1's hidden input is
+``fc(cat[h_a, h_b, h_c])`` (3d -> d, no bias, EAGLE-3's name) over the backbone states after the
+blocks named by ``HeadsConfig.fused_layers`` (by default 2, L/2 and L: a low, a middle and the top
+state h^0), in place of h^0; hnorm then applies as before, and deeper depths read the previous
+depth's state as before. ``fc`` starts as [0 | 0 | I], so fused heads begin as ordinary ones (and
+take an ordinary heads file as a warm start); while decoding, the drafter records fc's output per
+position where it recorded h^0 (`hidden_input`).
+
 Training-time test (``ttt``, EAGLE-3; docs/training.md says where plain training and drafting
 differ): at depth k >= 2 the module is trained on what it reads when drafting at the last
 committed position: its token input is depth k-1's own argmax draft, its hidden input depth
@@ -18,6 +26,7 @@ position i attends to the teacher-forced keys at j < i and to its own key at i.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from typing import Any
@@ -104,24 +113,38 @@ class MTPModule(Block):
 
 class SequentialMTP(HeadFamily):
     kind = "sequential"
-    flags = ("shared",)  # sequential:N:shared, see HeadsConfig.shared
+    flags = ("shared", "fused")  # sequential:N[:shared][:fused], see HeadsConfig.shared and .fused
     drafts_from_verify = False  # decoding drafts with `step`, module by module (decoding/drafting.py)
     supports_ttt = True
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__(cfg)
         self.eos_id = cfg.eos_id
+        self.heads_config = cfg.heads
         self.depth, self.first_cache_layer = cfg.heads.depth, cfg.n_layers
         # Shared (EAGLE-style): one module run at every depth; its layer index is depth 1's.
         self.layers = nn.ModuleList(MTPModule(cfg, cfg.n_layers + k) for k in range(1 if cfg.heads.shared else self.depth))
+        # Fused input (EAGLE-3's fc): depth 1 reads fc(cat[states after fused_layers blocks]) instead of h^0.
+        self.fused_layers = tuple(cfg.heads.fused_layers) if cfg.heads.fused else ()
+        self.fc = nn.Linear(len(self.fused_layers) * cfg.dim, cfg.dim, bias=False) if self.fused_layers else None
 
     def module(self, k: int) -> MTPModule:
         """The module that computes depth k (1-based)."""
         return self.layers[min(k, len(self.layers)) - 1]
 
     @classmethod
+    def tapped_layers(cls, cfg: ModelConfig) -> tuple[int, ...]:
+        return tuple(cfg.heads.fused_layers) if cfg.heads.fused else ()
+
+    @classmethod
     def cache_layers(cls, cfg: ModelConfig) -> int:
         return cfg.heads.depth
+
+    def hidden_input(self, states: BackboneStates) -> Tensor:
+        """Depth 1's hidden input (B, T, C): h^0, or with fused heads fc over the tapped states."""
+        if self.fc is None:
+            return states.last
+        return self.fc(torch.cat([states.taps[i] for i in self.fused_layers], dim=-1))  # (B, T, n*C) -> (B, T, C)
 
     @classmethod
     def default_loss_weights(cls, depth: int) -> list[float] | None:
@@ -131,7 +154,8 @@ class SequentialMTP(HeadFamily):
                 mask=None) -> list[Tensor]:
         if cache is not None:
             return []  # decoding feeds drafted tokens to `step` instead
-        out, h, hd = [], states.last, states.last  # hd: the draft stream (training-time test)
+        h = hd = self.hidden_input(states)  # hd: the draft stream (training-time test)
+        out = []
         for k in range(1, self.depth + 1):
             module = self.module(k)
             emb = shared.embed_tokens(shift_tokens(states.idx, k, self.eos_id))
@@ -158,12 +182,36 @@ class SequentialMTP(HeadFamily):
         """Module k's final norm over its state h^k: the state its draft logits come from."""
         return self.module(k).norm(h)
 
+    def reset_parameters(self, shared: SharedModules) -> None:
+        self.pass_fused_through()
+
+    @torch.no_grad()
+    def pass_fused_through(self) -> None:
+        """fc = [0 | ... | 0 | I]: the fused input starts as h^0 (the last of `fused_layers`), so the
+        heads compute what ordinary ones compute; the zero parts learn (their gradient, g x h_a, is not zero)."""
+        if self.fc is not None:
+            d = self.fc.weight.shape[0]
+            self.fc.weight.zero_()
+            self.fc.weight[:, -d:].copy_(torch.eye(d))
+
     @torch.no_grad()
     def init_from_backbone(self, shared: SharedModules, last_block: nn.Module) -> None:
-        """Copy the last block into each module's block and the final norm into its own norm."""
+        """Copy the last block into each module's block and the final norm into its own norm; a
+        fused input starts as h^0."""
         for module in self.layers:
             module.load_state_dict(last_block.state_dict(), strict=False)
             module.norm.load_state_dict(shared.norm.state_dict())
+        self.pass_fused_through()
+
+    def warm_start_from(self, heads: HeadsConfig) -> tuple[set[str], str] | None:
+        """Fused heads take the weights of the same heads without the fused input; fc starts as h^0."""
+        mine = self.heads_config
+        if not mine.fused or heads != dataclasses.replace(mine, fused=False, fused_layers=[]):
+            return None
+        self.pass_fused_through()
+        return {"fc.weight"}, (f"{heads} weights copied into {mine} heads; fc (states after blocks "
+                               f"{', '.join(map(str, self.fused_layers))}) starts as h^0 alone: zero on the others, "
+                               f"the identity on block {self.fused_layers[-1]}'s")
 
     @torch.no_grad()
     def pass_hidden_through(self) -> None:
@@ -196,6 +244,14 @@ class SequentialMTP(HeadFamily):
         return out
 
     @classmethod
+    def hf_export_problem(cls, cfg: ModelConfig) -> str | None:
+        if cfg.heads.fused:
+            return (f"{cfg.heads} heads read fused backbone states through fc, which DeepSeek's and transformers' MTP "
+                    "layout has no place for (its layer reads h^0 alone): ship them as a heads file (save_heads) or "
+                    "a run directory and decode with multitoken (generate, serve), or train heads without :fused to export")
+        return None
+
+    @classmethod
     def heads_from_hf(cls, hf: dict[str, Any]) -> HeadsConfig | None:
         n = int(hf.get("num_nextn_predict_layers") or hf.get("num_mtp_layers") or 0)
         return HeadsConfig(kind=cls.kind, depth=n) if n else None
@@ -214,12 +270,18 @@ class SequentialMTP(HeadFamily):
     """Our module's own parts -> speculators' MTP layer (``MTPLayerMixin``); the block's names are shared."""
 
     @classmethod
-    def speculators_layout(cls, cfg: ModelConfig) -> tuple[str, dict[str, str]]:
+    def speculators_layout(cls, cfg: ModelConfig) -> tuple[str, dict[str, str]] | str:
         """speculators' ``mtp`` type holds one such layer (`num_nextn_predict_layers` must be 1),
         with our input order ``input_proj(cat[token_layernorm(emb), hidden_layernorm(h)])``: module 1
         maps key for key. What it computes equals our depth 1 only; at later steps speculators
         feeds the layer its previous output after ``final_layernorm``, ours before its norm, so
-        deeper drafts differ (io/speculators.py exports one draft token per step)."""
+        deeper drafts differ (io/speculators.py exports one draft token per step). Fused heads are
+        refused: ``mtp`` reads the verifier's last state alone, and ``eagle3``, which has an ``fc``,
+        runs another layer than ours (io/speculators.py)."""
+        if cfg.heads.fused:
+            return (f"{cfg.heads} heads map onto no speculators model type: its mtp layer reads the verifier's last "
+                    "hidden state alone, and eagle3 (which fuses layers through fc) runs another layer than our module: "
+                    "serve them with `multitoken serve`, or export heads trained without :fused")
         with torch.device("meta"):
             names = list(MTPModule(cfg, cfg.n_layers).state_dict())
         out = {}
