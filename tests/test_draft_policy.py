@@ -1,7 +1,12 @@
-"""The draft-length policy against synthetic step costs and acceptance: a simulated decoding run
-(chains whose position j is accepted with probability alpha_j once j-1 was) chooses its length at
-every check as the loop would; it must never fall below plain decoding and must stay within 5%
-of the best fixed length, which is computed here by brute force over every fixed length."""
+"""The draft-length policy against synthetic step costs and acceptance.
+
+A simulated set of prompts (chains whose position j is accepted with probability alpha_j once j-1
+was) is decoded as `api.Generation` decodes with draft=None: each prompt starts from the length
+the engine's policy last chose (the first from the full draft), the policy sees every check of 8
+steps and chooses after it, plain steps run until a probe is due, and every lengthening pays a
+catch-up of one plain step (`ModuleDrafter.catch_up`: a generous bound). It must never fall much
+below plain decoding and must stay within 5% of the best fixed length, computed here by brute
+force over every fixed length on the same random draws."""
 
 from __future__ import annotations
 
@@ -9,58 +14,133 @@ import random
 
 import pytest
 
-from multitoken.decoding.draft_policy import Acceptance, choose_draft, conditional_rates, expected_tokens
+from multitoken.decoding.draft_policy import (Acceptance, DraftPolicy, choose_draft, conditional_rates,
+                                               expected_tokens)
 
 
-def simulate(alpha: list[float], costs: dict[int, float], policy, tokens: int = 512, rows: int = 1, check: int = 8,
-             seed: int = 0) -> float:
-    """Tokens per second of one run: `policy(acc, current)` picks k at each check (every `check` steps)."""
+def run_set(alpha, costs: dict[int, float], fixed: int | None = None, prompts: int = 8, tokens: int = 256,
+            rows: int = 1, check: int = 8, seed: int = 0, switch_cost: float = 1.0, policy: DraftPolicy | None = None
+            ) -> float:
+    """Tokens per unit of time over a set of prompts; alpha is a list, or alpha(prompt) -> list."""
     rng = random.Random(seed)
-    acc, k, made, time = Acceptance(), None, 0, 0.0
-    while made < tokens * rows:
-        k = policy(acc, k)
-        acc_pos = [0] * k
-        for _ in range(check):
-            for _ in range(rows):
-                n = 0
-                while n < k and rng.random() < alpha[n]:
-                    n += 1
-                for j in range(n):
-                    acc_pos[j] += 1
-                made += n + 1
-            time += costs[k]
-        if k:
-            acc.add(k, check * rows, acc_pos)
-    return made / time
+    K = len(costs) - 1
+    pol = None if fixed is not None else (policy or DraftPolicy(K))
+    made_all, time = 0, 0.0
+    for p in range(prompts):
+        a = alpha(p) if callable(alpha) else alpha
+        k = fixed if pol is None else (K if pol.current is None else pol.current)
+        made = 0
+        while made < tokens * rows:
+            n_steps = check
+            if k == 0 and pol is not None and pol.steps_to_probe() is not None:
+                n_steps = max(1, pol.steps_to_probe())
+            hist = [[0] * (K + 1) for _ in range(K + 1)]
+            for _ in range(n_steps):
+                for _ in range(rows):
+                    n = 0
+                    while n < k and rng.random() < a[n]:
+                        n += 1
+                    hist[k][n] += 1
+                    made += n + 1
+                time += costs[k]
+                if made >= tokens * rows:
+                    break
+            if pol is None:
+                continue
+            pol.observe(hist, n_steps)
+            if made >= tokens * rows:
+                break
+            new = pol.choose(costs, k)
+            time += switch_cost * costs[0] if new > k else 0.0
+            k = new
+        made_all += made
+    return made_all / time
 
 
-def fixed(k):
-    return lambda acc, current: k
+H100 = {0: 1.0, 1: 1.19, 2: 1.32, 3: 1.44, 4: 1.58}
+"""Step costs measured on one H100 (bf16, SmolLM2-135M, sequential:4:shared, graph replays)."""
+H100_CODE = [0.57, 0.38 / 0.57, 0.27 / 0.38, 0.20 / 0.27]
+"""The same run's acceptance per position with a fixed chain of 4 ([0.57, 0.38, 0.27, 0.20]), as
+conditional rates."""
+USELESS = [0.0] * 4
 
-
-CASES = {  # name: (conditional acceptance per position, cost per step of k drafts)
+CASES = {  # name: (conditional acceptance per position, or one per prompt; cost per step of k drafts)
     "good drafts, cheap": ([0.9, 0.85, 0.8, 0.75], {k: 1 + 0.1 * k for k in range(5)}),
-    "useless drafts": ([0.0, 0.0, 0.0, 0.0], {k: 1 + 0.1 * k for k in range(5)}),
+    "useless drafts": (USELESS, {k: 1 + 0.1 * k for k in range(5)}),
     "first draft only": ([0.8, 0.15, 0.05, 0.0], {k: 1 + 0.12 * k for k in range(5)}),
     "temperature 1, dear drafts": ([0.45, 0.4, 0.35, 0.3], {0: 1.0, 1: 1.3, 2: 1.55, 3: 1.8, 4: 2.05}),
     "barely worth it": ([0.2, 0.1, 0.1, 0.1], {k: 1 + 0.15 * k for k in range(5)}),
     "H200 chain of 4 (issue 23)": ([0.8, 0.7, 0.6, 0.55], {0: 1.0, 1: 1.37, 2: 1.45, 3: 1.55, 4: 1.64}),
     "batch 16, dear verification": ([0.7, 0.6, 0.5, 0.4], {0: 1.0, 1: 1.6, 2: 2.1, 3: 2.6, 4: 3.1}),
+    "H100, code (measured)": (H100_CODE, H100),
+    "H100 costs, chat-like moderate": ([0.3, 0.4, 0.4, 0.4], H100),
+    "H100 costs, weak": ([0.22, 0.3, 0.3, 0.3], H100),
+    "H100 costs, useless": (USELESS, H100),
+    "H100 costs, useless prompts then code": (lambda p: USELESS if p < 4 else H100_CODE, H100),
+    "H100 costs, code then useless prompts": (lambda p: H100_CODE if p < 4 else USELESS, H100),
 }
 
 
 @pytest.mark.parametrize("name", CASES)
 @pytest.mark.parametrize("rows", [1, 16])
 def test_the_policy_never_loses_to_plain_and_is_within_5_percent_of_the_best_fixed_length(name, rows):
+    """Measured with this loop: worst 0.985x plain (drafts never right: the first prompt's check at
+    the full length, then probes), within 2% of the best fixed length in every case."""
     alpha, costs = CASES[name]
-    policy = lambda acc, current: choose_draft(costs, acc, current)  # noqa: E731
     for seed in range(3):
-        ours = simulate(alpha, costs, policy, rows=rows, seed=seed)
-        by_k = {k: simulate(alpha, costs, fixed(k), rows=rows, seed=seed) for k in costs}
-        best = max(by_k.values())
-        # Exploration: at most ~9 one-draft steps of 1.1-1.3x a plain step, in 512 tokens per row.
-        assert ours >= by_k[0] * 0.99, (name, seed, ours, by_k)
-        assert ours >= 0.95 * best, (name, seed, ours, by_k)
+        ours = run_set(alpha, costs, rows=rows, seed=seed)
+        by_k = {k: run_set(alpha, costs, fixed=k, rows=rows, seed=seed) for k in costs}
+        assert ours >= by_k[0] * 0.98, (name, seed, ours, by_k)
+        assert ours >= 0.95 * max(by_k.values()), (name, seed, ours, by_k)
+
+
+def test_plain_steps_are_not_for_good():
+    """Drafts useless for the first four prompts, then as good as the H100's on code: the policy
+    must find them again (probes out of plain steps). With plain steps final (the policy before
+    probes; planted as resumable=False) the set runs at plain speed."""
+    alpha, costs = CASES["H100 costs, useless prompts then code"]
+    for seed in range(3):
+        ours = run_set(alpha, costs, seed=seed)
+        final = run_set(alpha, costs, seed=seed, policy=DraftPolicy(4, resumable=False))
+        plain = run_set(alpha, costs, fixed=0, seed=seed)
+        best_second_half = run_set(H100_CODE, costs, fixed=3, prompts=4, seed=seed)
+        assert final < plain * 1.01 and ours > plain * 1.15, (ours, final, plain)
+        assert ours > 0.5 * (plain + best_second_half) * 0.93, (ours, plain, best_second_half)
+
+
+def test_probes_back_off_and_cost_a_bounded_share():
+    """Drafts never right: probes come after 128, 256, 512, ... plain steps (each one that ends in
+    plain doubles the wait), so 4096 plain steps hold at most 5 of them."""
+    costs, policy = H100, DraftPolicy(4)
+    k, steps, probes_at = 4, 0, []
+    empty = [[0] * 5 for _ in range(5)]
+    while steps < 4096:
+        n = 8 if k else max(1, policy.steps_to_probe())
+        hist = [row[:] for row in empty]
+        hist[k][0] = n  # every draft rejected
+        steps += n
+        policy.observe(hist, n)
+        new = policy.choose(costs, k)
+        if new and not k and steps <= 4096:
+            probes_at.append(steps)
+        k = new
+    gaps = [b - a for a, b in zip(probes_at, probes_at[1:])]
+    assert 1 <= len(probes_at) <= 5 and all(g2 >= 2 * g1 - 16 for g1, g2 in zip(gaps, gaps[1:])), probes_at
+    assert policy.probes >= len(probes_at)
+
+
+def test_acceptance_from_a_histogram_counts_each_position_over_the_steps_that_drafted_it():
+    """hist[k][n]: 10 steps of 3 drafts (n = 0,1,2,3 in 1,2,3,4 of them) and 20 steps of 1 draft
+    (12 accepted): position 2 was tried in the 3-draft steps that accepted position 1 (9), never
+    in the 1-draft ones (the mixed totals counted those too: 7 of 21 instead of 7 of 9)."""
+    hist = [[0, 0, 0, 0], [8, 12, 0, 0], [0, 0, 0, 0], [1, 2, 3, 4]]
+    acc = Acceptance()
+    acc.add_histogram(hist)
+    assert acc.tried == [30, 9, 7] and acc.accepted == [21, 7, 4]
+    one = Acceptance()
+    one.add(3, 10, [9, 7, 4])  # the same 3-draft steps as a chain's tally
+    one.add(1, 20, [12])
+    assert one.tried == acc.tried and one.accepted == acc.accepted
 
 
 def test_expected_tokens_and_rates_by_hand():

@@ -171,7 +171,8 @@ def test_threads_calling_generate_on_one_model_take_turns(monkeypatch):
 
 def test_auto_draft_length_drafts_again_once_no_row_decodes(monkeypatch):
     """A long-lived generation (a server's) with the draft length left to the loop: costs that make
-    drafting never pay send it to plain steps, which mid-flight is final; once every row has finished,
+    drafting never pay send it to plain steps, where it stays mid-flight until a probe is due (64 plain
+    steps, more than these rows run); once every row has finished,
     the next request is prefilled with the full draft again (fresh drafts, fresh module caches) instead
     of decoding plain for the rest of the generation's life. Outputs stay plain greedy's; each row
     counts its steps with drafts and its drafted tokens as they ran."""

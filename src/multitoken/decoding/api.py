@@ -22,10 +22,11 @@ every step on the CPU, where a check costs nothing). A check is one read of the 
 flags, counts, statistics and, when streaming, the new tokens).
 
 Draft length: with `draft=None` on a runner that measures step costs (CUDA graphs, or timed
-steps on the CPU), the loop
-picks, at each check, the number of drafts k' (0 = plain decoding) that maximises expected
-tokens per second, (1 + sum_{j<=k'} acceptance_j) / cost(k'), from the acceptance measured so
-far and the measured cost of each step; `GenerationStats.chosen_draft` says what it chose.
+steps on the CPU), the loop asks the engine's `draft_policy.DraftPolicy` about every 8 steps for
+the number of drafts k' (0 = plain decoding) with the most expected tokens per second, from the
+acceptance measured per position and the measured cost of each step, and probes out of plain
+steps now and then; before a longer draft runs, the drafters catch up on what the shorter steps
+did not keep (`_Drafting.resume`). `GenerationStats.chosen_draft` says what it chose.
 """
 
 from __future__ import annotations
@@ -40,11 +41,10 @@ import torch
 from torch import Tensor
 
 from multitoken.decoding.inputs import check_decode_options
-from multitoken.decoding.draft_policy import Acceptance
-from multitoken.decoding.draft_policy import choose_draft as policy_choose
+from multitoken.decoding.draft_policy import DraftPolicy
 from multitoken.decoding.runner import Runner, backend, bucket
 from multitoken.decoding.sampling import RowSampling, Sampling
-from multitoken.decoding.state import DecodeState, eos_ids, eos_row, prepare_prompts
+from multitoken.decoding.state import DecodeState, eos_ids, eos_row, hist_counts, prepare_prompts
 from multitoken.decoding.strategies import Chain, Plain, Tree
 from multitoken.decoding.text import StopText
 from multitoken.errors import BadValue, UserError
@@ -59,8 +59,9 @@ class GenerationStats:
     """What one generation did.
 
     tau is tokens emitted per verification step, bonus token included (1.0 for plain decoding);
-    acceptance_per_position[j-1] is the fraction of (row, step) pairs in which draft position j
-    was accepted. Both count the steps after prefill; new_tokens includes the prefill's token.
+    acceptance_per_position[j-1] is the fraction of the (row, step) pairs that drafted position j
+    in which it was accepted (with draft=None, steps of a shorter draft and plain steps do not
+    count for it). Both count the steps after prefill; new_tokens includes the prefill's token.
     """
 
     mode: str
@@ -104,7 +105,7 @@ class Settings:
     mode: str = "ntp"
     """"ntp" (plain), "spec" (chain self-speculative) or "tree" (tree self-speculative)."""
     draft: int | None = None
-    """Drafted tokens per step (None: all heads, and on CUDA graphs the loop may choose fewer)."""
+    """Drafted tokens per step (None: all heads, and where step costs are measured the loop may choose fewer)."""
     tree: object = None
     """For mode "tree": a StaticTree, a DynamicTree, a node count, or None (16 nodes)."""
     eos_id: int | Sequence[int] | None = None
@@ -157,12 +158,10 @@ class Request:
     """"stop" (EOS), "length" (budget) or "cancelled"."""
     row_steps: int = 0
     step_tokens: int = 0
-    draft_steps: int = 0
-    """This row's steps that verified drafts (row_steps less its plain ones, when the loop chose those)."""
-    drafted: int = 0
-    """Drafted tokens verified for this row (its steps times each one's draft length)."""
-    accepted: list[int] = field(default_factory=list)
-    """Steps in which draft position j was accepted, j = 1..k."""
+    k: int = 0
+    """The generation's longest draft (positions reported)."""
+    hist: list[list[int]] = field(default_factory=list)
+    """hist[k'][n]: this row's steps that drafted k' tokens (0 = plain) and accepted n (`state.Tally`)."""
 
     @property
     def tau(self) -> float:
@@ -170,8 +169,26 @@ class Request:
         return self.step_tokens / self.row_steps if self.row_steps else 0.0
 
     @property
+    def draft_steps(self) -> int:
+        """This row's steps that verified drafts (row_steps less its plain ones, when the loop chose those)."""
+        return sum(sum(row) for row in self.hist[1:])
+
+    @property
+    def drafted(self) -> int:
+        """Drafted tokens verified for this row (its steps times each one's draft length)."""
+        return sum(k * sum(row) for k, row in enumerate(self.hist))
+
+    @property
+    def accepted(self) -> list[int]:
+        """Steps in which draft position j was accepted, j = 1..k."""
+        return hist_counts(self.hist, self.k)[2]
+
+    @property
     def acceptance_per_position(self) -> list[float]:
-        return [a / self.row_steps if self.row_steps else 0.0 for a in self.accepted]
+        """Position j's acceptance over the steps that drafted it (steps of a shorter draft, or
+        plain ones, chosen by the loop, do not count)."""
+        drafted, _, accepted = hist_counts(self.hist, self.k)
+        return [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
 
 
 def check_draft(model, draft: int | None) -> int:
@@ -242,15 +259,21 @@ class Engine:
         one engine instead of ending each other's generation."""
         self._strategies: dict = {}
         self._side: dict[int, Engine] = {}  # group size -> an engine that prefills joining rows apart
+        self.policies: dict = {}
+        """(sampling, typical) -> the `DraftPolicy` of chains with draft=None: what one generation
+        measured, the next starts from (the exploration is paid once per engine and settings)."""
 
-    def strategy(self, mode: str, k: int, s: Sampling | RowSampling, tree=None, typical: bool = False):
-        key = (mode, k, s, repr(tree), typical)
+    def strategy(self, mode: str, k: int, s: Sampling | RowSampling, tree=None, typical: bool = False,
+                 switching: bool = False):
+        """The strategy for a step kind (made once). `switching`: the loop may change the draft
+        length, so plain and chain steps keep every draft state valid (`Plain`, `Chain`)."""
+        key = ("ntp", 0, s, switching) if mode == "ntp" or k == 0 else (mode, k, s, repr(tree), typical, switching)
         st = self._strategies.get(key)
         if st is None:
             if mode == "ntp" or k == 0:
-                st = Plain(self.model, self.state, s)
+                st = Plain(self.model, self.state, s, record=switching)
             elif mode == "spec":
-                st = Chain(self.model, self.state, s, k, typical)
+                st = Chain(self.model, self.state, s, k, typical, switching)
             else:
                 st = Tree(self.model, self.state, s, tree, typical)
             self._strategies[key] = st
@@ -359,6 +382,24 @@ class Generation:
         self.mode_now, self.k_now = settings.mode, self.k  # what the loop runs now (auto may shorten it)
         self.chosen = [self.k]
         self.auto = settings.draft is None and self.k > 0 and engine.runner.measures_costs
+        self.policy: DraftPolicy | None = None  # the engine's for these settings, or made with the first strategy
+        if self.auto and settings.mode == "spec":
+            self.policy = engine.policies.get((settings.sampling, self.typical))
+            if self.policy is not None and self.policy.current is not None and (self.policy.current or self.policy.resumable):
+                self.k_now = self.policy.current  # where the last generation left it (plain included: probes follow)
+                self.mode_now = settings.mode if self.k_now else "ntp"
+                self.chosen = [self.k_now]
+        self._stale: dict[int, int] = {}
+        """slot -> the first position from which the row's deeper drafting state (modules past the
+        running length, or all of them after plain steps) was not kept: what a longer draft
+        rewrites first (`_Drafting.resume`)."""
+        self.choose_every = 8
+        """Steps between draft-length choices (with `draft=None` where step costs are measured)."""
+        self._chosen_at = 0  # the loop step at which the draft length was last chosen (or reset)
+        self._probe_at: int | None = None  # while plain: the step at which a probe is due
+        self._observed = 0  # the loop step up to which the policy has seen the statistics
+        if self.k_now == 0 and self.policy is not None:
+            self._probe_at = self.policy.steps_to_probe()
         self.sync_every = settings.sync_every or (8 if dev.type == "cuda" else 1)
         self.shared_gen: torch.Generator | None = None
         if settings.seed is not None:
@@ -454,6 +495,7 @@ class Generation:
     def _free(self, rows: list[Request]) -> None:
         for r in rows:
             self._slots[r.slot] = None
+            self._stale.pop(r.slot, None)
 
     # ---- steps ------------------------------------------------------------------------------
     def step(self) -> None:
@@ -484,8 +526,14 @@ class Generation:
         if not s.greedy and self.mode_now == "spec" and self.k_now > 0 and not self.typical:
             st.ensure_sampling_buffers(self.model.depth)
         tree = self.tree if self.mode_now == "tree" else None
-        self.strategy = self.engine.strategy(self.mode_now, self.k_now, s, tree, self.typical)
+        self.strategy = self.engine.strategy(self.mode_now, self.k_now, s, tree, self.typical, switching=self.auto)
         self.periodic = (self.strategy.k > 0 or self.settings.eos_id is not None or self.settings.stream)
+        if self.auto and self.policy is None:
+            # Trees compete with plain steps only, and for good; a chain may probe out of plain steps
+            # where drafting resumes as good as it was (`_Drafting.resumable`).
+            self.policy = DraftPolicy(self.k, resumable=self.settings.mode == "spec" and self.strategy.resumable)
+            if self.settings.mode == "spec":
+                self.engine.policies[(self.settings.sampling, self.typical)] = self.policy
 
     def _fill_rand(self, st: DecodeState, rows: list[tuple[int, Request]]) -> None:
         """This step's uniforms: the shared generator for all rows, then each own generator its row."""
@@ -499,15 +547,22 @@ class Generation:
         free = [i for i, r in enumerate(self._slots) if r is None]
         new = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
         in_place = not self.active  # nothing decoding: prefill over the whole batch, no copies
-        if in_place and self.auto and (self.mode_now, self.k_now) != (self.settings.mode, self.k):
+        if in_place and self.auto and self.steps and (self.mode_now, self.k_now) != (self.settings.mode, self.k):
             # Every row is prefilled here, so drafts and module caches start fresh: the draft-length
             # choice starts again from the plan. Without this a plain choice, which is never undone
             # mid-flight (`choose_draft`), would hold for the rest of a long generation (a server's).
             self.mode_now, self.k_now = self.settings.mode, self.k
             self.chosen.append(self.k)
+            self._probe_at, self._chosen_at = None, self.steps
+        if in_place:
+            self._stale.clear()
         for r, slot in zip(new, free):
-            r.slot, r.joined_at = slot, self.steps
+            r.slot, r.joined_at, r.k = slot, self.steps, self.k
             self._slots[slot] = r
+            if self.auto and self.k_now < self.k:
+                # A short prefill runs every module over the prompt (`_Drafting.prefill`); a plain
+                # one only records what they read.
+                self._stale[slot] = 0 if self.k_now == 0 else max(0, len(r.prompt) - self.k)
         self._use_strategy(self._sampling_for(self.active))
         if in_place:
             self._prefill(self.engine, [(r.slot, r) for r in new], st.batch_size)
@@ -556,7 +611,7 @@ class Generation:
         s = self.strategy.s
         tree = self.tree if self.mode_now == "tree" else None
         strategy = engine.strategy(self.mode_now, self.k_now, RowSampling(s.greedy, s.filtered, st.temperature, st.top_k,
-                                                                          st.top_p), tree, self.typical)
+                                                                          st.top_p), tree, self.typical, switching=self.auto)
         if not s.greedy:
             self._fill_rand(st, rows)
         st.cache.live = bucket(T + 1, st.cache.max_seq_len)
@@ -579,12 +634,14 @@ class Generation:
             self.steps += 1
             if (self.periodic or self._queue) and self.since >= self.sync_every:
                 break
+            if self._probe_at is not None and self.steps >= self._probe_at:
+                break  # plain steps: a check for the draft-length probe
         self._check(all_done=self.steps >= sure)
 
     def _check(self, all_done: bool) -> None:
         """One read of the device: done flags, counts, statistics, and the new tokens when streaming."""
         st, rows = self.engine.state, self.active
-        B, K = st.batch_size, st.tally.accepted.shape[1]
+        B, K1 = st.batch_size, st.tally.hist.shape[1]
         width = st.emitter.out.shape[1]
         read_out = self.settings.stream or all_done
         lo = min(len(r.tokens) for r in rows)
@@ -592,7 +649,7 @@ class Generation:
         hi = min(width, max(min(r.budget, len(r.tokens) + 1 + self.since * (self.strategy.k + 1)) if stream else r.budget
                             for r in rows))
         parts = [st.emitter.done.long(), st.emitter.count, st.cache.pos, st.tally.steps[None],
-                 st.tally.row_steps, st.tally.step_tokens, st.tally.accepted.flatten()]
+                 st.tally.row_steps, st.tally.step_tokens, st.tally.hist.flatten()]
         if read_out:
             parts.append(st.emitter.out[:, lo:hi].flatten())
         vals = torch.cat(parts).tolist()
@@ -600,15 +657,18 @@ class Generation:
         done, count, pos = vals[:B], vals[B: 2 * B], vals[2 * B: 3 * B]
         self.device_steps, self.since = vals[3 * B], 0
         o = 3 * B + 1
-        row_steps, step_tokens, acc = vals[o: o + B], vals[o + B: o + 2 * B], vals[o + 2 * B: o + 2 * B + B * K]
-        out = vals[o + 2 * B + B * K:]
+        H = K1 * K1
+        row_steps, step_tokens, hist = vals[o: o + B], vals[o + B: o + 2 * B], vals[o + 2 * B: o + 2 * B + B * H]
+        out = vals[o + 2 * B + B * H:]
         finished = []
+        new_hist = [[0] * K1 for _ in range(K1)]  # the rows' steps since the last check, for the policy
         for r in rows:
             b = r.slot
-            if self.strategy.k:  # the steps since the last check all ran this strategy
-                r.draft_steps += row_steps[b] - r.row_steps
-                r.drafted += (row_steps[b] - r.row_steps) * self.strategy.k
-            r.row_steps, r.step_tokens, r.accepted = row_steps[b], step_tokens[b], acc[b * K: b * K + self.k]
+            h = [hist[b * H + i * K1: b * H + (i + 1) * K1] for i in range(K1)]
+            for i in range(K1):
+                for n in range(K1):
+                    new_hist[i][n] += h[i][n] - (r.hist[i][n] if r.hist else 0)
+            r.row_steps, r.step_tokens, r.hist = row_steps[b], step_tokens[b], h
             if read_out:
                 w = hi - lo
                 r.tokens += out[b * w + len(r.tokens) - lo: b * w + count[b] - lo]
@@ -628,15 +688,61 @@ class Generation:
                 self._use_strategy(self._sampling_for(self.active))
         # The live bucket follows the rows still decoding: a free row's stale position must not widen it.
         self.maxpos = max((pos[r.slot] for r in self.active), default=0)
-        # The choice runs about every 8 steps (each check on the CPU, where checks are every step).
-        if self.auto and self.active and self.strategy.k and self.syncs % max(1, 8 // self.sync_every) == 0:
-            totals = [sum(row_steps)] + [sum(acc[b * K + j] for b in range(B)) for j in range(K)]
-            new = choose_draft(self.engine, self.strategy, self.settings.mode, self.strategy.s, self.tree, self.typical,
-                               self.maxpos, totals[0], totals[1:])
-            if new is not self.strategy:
-                self.mode_now, self.k_now = ("ntp", 0) if new.k == 0 else (self.mode_now, new.k)
-                self.chosen.append(new.k)
-                self._use_strategy(self.strategy.s)
+        if self.policy is not None:
+            self.policy.observe(new_hist, self.steps - self._observed)
+            self._observed = self.steps
+        # The choice runs about every 8 steps (each check on the CPU, where checks are every step),
+        # and while plain at the check a probe is due at.
+        if self.auto and self.active and (self.steps - self._chosen_at >= self.choose_every
+                                           or self._probe_at is not None and self.steps >= self._probe_at):
+            self._chosen_at = self.steps
+            self._choose_draft(pos)
+
+    def _choose_draft(self, pos: list[int]) -> None:
+        """Switch to the strategy the measured step costs and the acceptance so far pick (see
+        `draft_policy`); a tree competes with plain steps only, and for good (`best_draft`)."""
+        engine, runner, cur, K, s = self.engine, self.engine.runner, self.strategy, self.k, self.strategy.s
+        sw = dict(switching=True)
+        if self.settings.mode == "tree":
+            if cur.k == 0:
+                return
+            hist = [sum(r.hist[K][n] for r in self.active if r.hist) for n in range(K + 1)]
+            if sum(hist) < 8:
+                return
+            options = {K: cur, 0: engine.strategy("ntp", 0, s, **sw)}
+            costs = {0: runner.cost(options[0], self.maxpos + 9), K: runner.cost(cur, self.maxpos + cur.q + 8 * (K + 1))}
+            if any(c is None for c in costs.values()):
+                return
+            new = options[best_draft([sum(n * c for n, c in enumerate(hist)) / sum(hist)] + [0.0] * (K - 1), costs)]
+        else:
+            options = {j: engine.strategy("spec", j, s, None, self.typical, **sw) for j in range(K + 1)}
+            costs = {j: runner.cost(o, self.maxpos + o.q + 8 * (j + 1)) for j, o in options.items()}
+            if any(c is None for c in costs.values()):
+                return
+            new = options[self.policy.choose(costs, cur.k)]
+        steps = self.policy.steps_to_probe() if new.k == 0 else None
+        self._probe_at = None if steps is None else self.steps + max(steps, 1)
+        if new is cur:
+            return
+        rows = self.active
+        if new.k < cur.k:  # the state of modules (or heads) past new.k is no longer kept from here
+            for r in rows:
+                self._stale[r.slot] = min(self._stale.get(r.slot, pos[r.slot]), max(0, pos[r.slot] - K))
+        longer = new.k > cur.k
+        self.mode_now, self.k_now = ("ntp", 0) if new.k == 0 else (self.settings.mode, new.k)
+        self.chosen.append(new.k)
+        self._use_strategy(s)
+        if longer:
+            st = self.engine.state
+            # Rewrite every module's entries since the oldest position a row did not keep, then
+            # draft afresh (fresh uniforms: a draft must not share them with an emitted token).
+            need = max(pos[r.slot] - self._stale.get(r.slot, pos[r.slot] - 2 * K) for r in rows)
+            width = 1 << (max(need, 2 * K) - 1).bit_length()  # a power of two: few shapes to compile
+            if not s.greedy:
+                self._fill_rand(st, [(r.slot, r) for r in rows])
+            st.cache.live = bucket(self.maxpos + 1, st.cache.max_seq_len)
+            self.strategy.resume(width, cur.k)
+            self._stale = {} if new.k >= K else {r.slot: max(0, pos[r.slot] - K) for r in rows}
 
     # ---- results ----------------------------------------------------------------------------
     def new_tokens(self) -> dict[int, list[int]]:
@@ -654,15 +760,16 @@ class Generation:
             self.step()
         reqs = list(self.requests.values())
         wall = time.perf_counter() - self.t0
-        K = max(self.chosen)
+        K = self.k
         row_steps = sum(r.row_steps for r in reqs)
         stats = GenerationStats(mode=self.settings.mode, draft=self.k, batch_size=len(reqs),
                                 lossless=not (self.typical and not all(r.sampling.greedy for r in reqs)))
         stats.new_tokens = sum(len(r.tokens) for r in reqs)
         stats.steps, stats.row_steps = self.device_steps, row_steps
         stats.tau = sum(r.step_tokens for r in reqs) / row_steps if row_steps else 0.0
-        stats.acceptance_per_position = ([sum(r.accepted[j] for r in reqs) / row_steps if row_steps else 0.0
-                                          for j in range(K)] if self.k else [])
+        hist = [[sum(r.hist[i][n] for r in reqs if r.hist) for n in range(K + 1)] for i in range(K + 1)]
+        drafted, _, accepted = hist_counts(hist, K)
+        stats.acceptance_per_position = [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
         stats.chosen_draft, stats.host_syncs = self.chosen, self.syncs
         stats.compile_time_s = self.engine.runner.compile_time_s - self.compile_before
         stats.wall_time_s = wall
@@ -680,37 +787,6 @@ def best_draft(acceptance: list[float], costs: dict[int, float]) -> int:
     """
     rate = {k: (1 + sum(acceptance[:k])) / c for k, c in sorted(costs.items()) if c and c > 0}
     return max(rate, key=lambda k: (rate[k], -k))
-
-
-def choose_draft(engine: Engine, current, mode: str, s: Sampling, tree, typical: bool, maxpos: int, row_steps: int,
-                 accepted: list[int]):
-    """The strategy the measured step costs and the acceptance so far pick: for a chain,
-    `draft_policy.choose_draft`; for a tree against plain steps, `best_draft`.
-
-    Never goes back from plain steps: drafts made before a plain stretch are stale, and lossless
-    sampling needs drafts drawn from the q it holds. A tree competes with plain steps only.
-    """
-    runner, K = engine.runner, current.k
-    if K == 0 or row_steps < 8:
-        return current
-    acceptance = [x / row_steps for x in accepted[:K]]
-    if mode == "tree":
-        options = {K: current, 0: engine.strategy("ntp", 0, s)}
-        acceptance = [sum(acceptance)] + [0.0] * (K - 1)  # the tree's tokens per step, as one "position"
-        costs = {0: runner.cost(options[0], maxpos + 9), K: runner.cost(current, maxpos + current.q + 8 * (K + 1))}
-    else:
-        options = {j: (engine.strategy("spec", j, s, None, typical) if j else engine.strategy("ntp", 0, s))
-                   for j in range(K + 1)}
-        costs = {j: runner.cost(o, maxpos + o.q + 8 * (j + 1)) for j, o in options.items()}
-    if any(c is None for c in costs.values()):
-        return current
-    if mode == "tree":
-        return options[best_draft(acceptance, costs)]
-    # A chain: the policy of draft_policy.py (per-position conditional acceptance, posterior
-    # means, plain steps only when even an optimistic estimate cannot beat them).
-    acc = Acceptance()
-    acc.add(K, row_steps, list(accepted[:K]))
-    return options[policy_choose(costs, acc, current=K)]
 
 
 

@@ -76,43 +76,69 @@ def head_drafts(model, states: list[Tensor], at: Tensor, next_pos: Tensor, s: Sa
     return torch.stack([o[0] for o in out], 1), torch.stack([o[1] for o in out], 1), logits
 
 
+CATCH_UP_CHUNK = 64
+"""Positions per pass when `ModuleDrafter.catch_up` rewrites a long stretch (its attention scores
+grow as chunk x live slots)."""
+
+
+def record(state, pos: Tensor, last: Tensor, next_tokens: Tensor) -> None:
+    """Store h^0 (B, q, C) at positions pos (B, q) and the token after each (B, q): what sequential
+    modules draft from. Plain steps store it too, so that drafting can resume after them."""
+    state.hbuf.scatter_(1, pos[..., None].expand(-1, -1, last.shape[-1]), last.to(state.hbuf.dtype))
+    state.seq.scatter_(1, pos + 1, next_tokens)
+
+
 class ModuleDrafter:
     """Drafting with sequential MTP modules over a sliding window of committed positions.
 
-    Module k at position i needs h^{k-1}_i and the token t_{i+k}. After a step has committed C
-    tokens (the pending one sits at position C), every module runs over the window of W = 2k
-    positions ending at C-1; at C-1 module k reads draft k-1 and writes draft k. Entries a module
+    Module j at position i needs h^{j-1}_i and the token t_{i+j}. After a step has committed C
+    tokens (the pending one sits at position C), modules 1..k run over the window of W = 2k
+    positions ending at C-1; at C-1 module j reads draft j-1 and writes draft j. Entries a module
     wrote from drafted tokens lie inside the next step's window, so they are always rewritten from
     accepted tokens; the window's start never passes a position that is still provisional.
     The buffers (depth 1's hidden input, h^0 or the fused states, and the token per position)
     live in the `DecodeState`.
+
+    Modules deeper than k do not run in a step of k drafts, so their cache entries fall behind.
+    Before a longer draft runs, `catch_up` rewrites every module's entries over the positions
+    since then (the loop knows how far back, `api.Generation`), so a short stretch never leaves
+    a deeper module attending to entries it did not write from the accepted tokens.
     """
 
     def __init__(self, model, state, k: int) -> None:
         self.model, self.state, self.k, self.W = model, state, k, 2 * k
-        self._w = torch.arange(self.W, device=state.device)
+        self.depths = model.depth
+        """Modules a prefill or a catch-up runs (every one, whatever k drafts)."""
+        self._w = torch.arange(max(self.W, CATCH_UP_CHUNK), device=state.device)
 
     def record(self, pos: Tensor, hidden: Tensor, next_tokens: Tensor) -> None:
         """Store depth 1's hidden input (B, q, C) (`decode_pass`'s second output) at positions
         pos (B, q) and the token after each (B, q)."""
-        st = self.state
-        st.hbuf.scatter_(1, pos[..., None].expand(-1, -1, hidden.shape[-1]), hidden.to(st.hbuf.dtype))
-        st.seq.scatter_(1, pos + 1, next_tokens)
+        record(self.state, pos, hidden, next_tokens)
 
     def draft(self, C: Tensor, s: Sampling, lossless: bool, u: Tensor, win: Tensor | None = None,
-              at: Tensor | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
+              at: Tensor | None = None, depths: int | None = None) -> tuple[Tensor, Tensor | None, Tensor]:
         """Drafts (B, k) (their distributions (B, k, V) when lossless) and draft logits (B, k, V) for
-        positions C+1..C+k; u (B, k) uniforms."""
+        positions C+1..C+k; u (B, k) uniforms.
+
+        Args:
+            win, at: the positions (B, W) the modules run over and the index (B,) of C-1 in them
+                (default: the step's window of 2k positions ending at C-1).
+            depths: modules to run (default k; more only write their cache entries: their
+                entries at positions i > C-j read tokens that are not drafts, and are provisional).
+        """
         model, st, cache = self.model, self.state, self.state.cache
         if win is None:
-            win = (C[:, None] - self.W + self._w).clamp(min=0)  # (B, W); clamped duplicates recompute slot 0 alike
+            win = (C[:, None] - self.W + self._w[: self.W]).clamp(min=0)  # (B, W); clamped duplicates recompute slot 0 alike
             at = torch.full_like(C, self.W - 1)
         rope = model.rope(win.clamp(max=model.config.max_seq_len - 1))
         mask = cache.causal_mask(win)
         h = st.hbuf.gather(1, win[..., None].expand(-1, -1, st.hbuf.shape[-1]))  # (B, W, C)
         drafts, qs, logits = [], [], []
-        for kk in range(1, self.k + 1):
+        for kk in range(1, max(self.k, depths or 0) + 1):
             h = model.mtp.step(model.shared, kk, h, st.seq.gather(1, win + kk), rope, cache, win, mask)  # (B, W, C)
+            if kk > self.k:
+                continue
             hk = model.mtp.draft_state(kk, rows_at(h, at))
             logits.append(draft_logits(model, kk, hk, C + kk))
             d, q = propose(logits[-1], s, lossless, u[:, kk - 1])
@@ -120,3 +146,26 @@ class ModuleDrafter:
             drafts.append(d)
             qs.append(q)
         return torch.stack(drafts, 1), (torch.stack(qs, 1) if qs[0] is not None else None), torch.stack(logits, 1)
+
+    def catch_up(self, C: Tensor, width: int, s: Sampling, lossless: bool, u: Tensor
+                 ) -> tuple[Tensor, Tensor | None, Tensor]:
+        """Rewrite every module's cache entries over the `width` positions before C (B,), then draft
+        k tokens afresh (as `draft`). Runs at a host check, outside any captured step: chunks of
+        `CATCH_UP_CHUNK` positions, left to right, each module's entries written before a later
+        chunk attends to them."""
+        ch = min(width, CATCH_UP_CHUNK)
+        width = -(-width // ch) * ch
+        start = C[:, None] - width
+        for off in range(0, width - ch, ch):
+            self._run((start + off + self._w[:ch]).clamp(min=0))
+        win = (C[:, None] - ch + self._w[:ch]).clamp(min=0)
+        return self.draft(C, s, lossless, u, win=win, at=torch.full_like(C, ch - 1), depths=self.depths)
+
+    def _run(self, win: Tensor) -> None:
+        """Every module over positions win (B, W): cache entries only, no drafts."""
+        model, st, cache = self.model, self.state, self.state.cache
+        rope = model.rope(win.clamp(max=model.config.max_seq_len - 1))
+        mask = cache.causal_mask(win)
+        h = st.hbuf.gather(1, win[..., None].expand(-1, -1, st.hbuf.shape[-1]))
+        for kk in range(1, self.depths + 1):
+            h = model.mtp.step(model.shared, kk, h, st.seq.gather(1, win + kk), rope, cache, win, mask)

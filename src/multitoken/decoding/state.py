@@ -136,10 +136,15 @@ class Emitter:
 
 
 class Tally:
-    """Device-side counters per row (no host sync per step): steps, emitted tokens, accepted drafts.
+    """Device-side counters per row (no host sync per step): steps, emitted tokens, and a histogram
+    of accepted drafts per draft length.
 
-    Per row, so that a server can report each request's acceptance; the sums over rows are the
-    batch's statistics. A row's counters restart when it joins (`reset(rows)`).
+    ``hist[b, k, n]`` counts row b's steps that drafted k tokens (0 = a plain step) and accepted n
+    of them. When the loop changes the draft length, statistics per position stay honest from
+    it: position j was drafted in the steps with k >= j, tried (reached) in those with k >= j and
+    n >= j-1, and accepted in those with k >= j and n >= j (`hist_counts`). Per row, so that a
+    server can report each request's acceptance; the sums over rows are the batch's. A row's
+    counters restart when it joins (`reset(rows)`).
     """
 
     def __init__(self, batch_size: int, k_max: int, device: torch.device | str) -> None:
@@ -147,38 +152,41 @@ class Tally:
         self.steps = torch.zeros((), dtype=torch.long, device=device)  # steps in which some row was active
         self.row_steps = torch.zeros(B, dtype=torch.long, device=device)
         self.step_tokens = torch.zeros(B, dtype=torch.long, device=device)
-        self.accepted = torch.zeros(B, K, dtype=torch.long, device=device)  # per draft position
-        self._j = torch.arange(1, K + 1, device=device)
+        self.hist = torch.zeros(B, K + 1, K + 1, dtype=torch.long, device=device)  # (B, draft length, accepted)
+        self._n = torch.arange(K + 1, device=device)
 
     def reset(self, rows: Tensor | None = None) -> None:
         """Zero every counter (rows=None) or the counters of rows (n,)."""
         if rows is None:
-            for t in (self.steps, self.row_steps, self.step_tokens, self.accepted):
+            for t in (self.steps, self.row_steps, self.step_tokens, self.hist):
                 t.zero_()
         else:
-            for t in (self.row_steps, self.step_tokens, self.accepted):
+            for t in (self.row_steps, self.step_tokens, self.hist):
                 t[rows] = 0
 
-    def step(self, active: Tensor, emitted: Tensor, n_accepted: Tensor | None = None) -> None:
-        """Record one step: active (B,) rows, emitted (B,) tokens each, n_accepted (B,) drafts each."""
+    def step(self, active: Tensor, emitted: Tensor, n_accepted: Tensor | None = None, k: int = 0) -> None:
+        """Record one step of k drafts (a Python int: static): active (B,) rows, emitted (B,) tokens
+        each, n_accepted (B,) drafts each (None: a plain step)."""
         self.steps.add_(active.any().long())
         self.row_steps.add_(active.long())
         self.step_tokens.add_(torch.where(active, emitted, 0))
-        if n_accepted is not None:
-            self.accepted.add_(((n_accepted[:, None] >= self._j) & active[:, None]).long())
+        n = torch.zeros_like(emitted) if n_accepted is None else n_accepted
+        self.hist[:, k].add_(((n[:, None] == self._n) & active[:, None]).long())
 
-    def totals(self) -> Tensor:
-        """(3 + K,): steps, row steps, step tokens and accepted per position, summed over rows (no sync)."""
-        return torch.cat([self.steps[None], self.row_steps.sum()[None], self.step_tokens.sum()[None], self.accepted.sum(0)])
 
-    def rows(self, rows: Tensor) -> Tensor:
-        """(n, 2 + K): row steps, step tokens and accepted per position of rows (n,) (no sync)."""
-        return torch.cat([self.row_steps[rows, None], self.step_tokens[rows, None], self.accepted[rows]], 1)
-
-    def read(self, k: int) -> tuple[int, int, int, list[int]]:
-        """(steps, row_steps, step_tokens, accepted per position for the first k positions): one sync."""
-        vals = self.totals().tolist()
-        return vals[0], vals[1], vals[2], vals[3 : 3 + k]
+def hist_counts(hist: Sequence[Sequence[int]], K: int) -> tuple[list[int], list[int], list[int]]:
+    """(drafted, tried, accepted) per draft position j = 1..K from a histogram hist[k][n] (`Tally`):
+    steps that drafted position j, that reached it (position j-1 accepted), and that accepted it."""
+    drafted, tried, accepted = [0] * K, [0] * K, [0] * K
+    for k, row in enumerate(hist):
+        for n, c in enumerate(row):
+            if not c:
+                continue
+            for j in range(1, min(k, K) + 1):
+                drafted[j - 1] += c
+                tried[j - 1] += c if n >= j - 1 else 0
+                accepted[j - 1] += c if n >= j else 0
+    return drafted, tried, accepted
 
 
 class DecodeState:
@@ -245,7 +253,7 @@ class DecodeState:
         """Every buffer with one entry per row along dim 0, by name (the KV cache's are per layer first)."""
         ts = dict(pos=self.cache.pos, out=self.emitter.out, budget=self.emitter.budget, count=self.emitter.count,
                   done=self.emitter.done, eos=self.emitter.eos, row_steps=self.tally.row_steps,
-                  step_tokens=self.tally.step_tokens, accepted=self.tally.accepted, x=self.x, drafts=self.drafts,
+                  step_tokens=self.tally.step_tokens, hist=self.tally.hist, x=self.x, drafts=self.drafts,
                   temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
         return ts | {n: t for n, t in (("qd", self.qd), ("lq", self.lq), ("hbuf", self.hbuf), ("seq", self.seq))
                      if t is not None}
@@ -267,5 +275,5 @@ class DecodeState:
     def small_tensors(self) -> list[Tensor]:
         """The loop state a warm-up or capture run may change and must give back (not the big buffers)."""
         ts = [self.cache.pos, self.emitter.budget, self.emitter.count, self.emitter.done, self.tally.steps,
-              self.tally.row_steps, self.tally.step_tokens, self.tally.accepted, self.fed, self.rand]
+              self.tally.row_steps, self.tally.step_tokens, self.tally.hist, self.fed, self.rand]
         return ts + [t for t in (self.qd, self.lq) if t is not None]

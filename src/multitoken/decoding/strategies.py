@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from multitoken.decoding.drafting import ModuleDrafter, decode_pass, head_drafts
+from multitoken.decoding.drafting import ModuleDrafter, decode_pass, head_drafts, record
 from multitoken.decoding.sampling import Sampling, probs, sample
 from multitoken.decoding.state import DecodeState
 from multitoken.decoding.trees import StaticTree, ancestors, build_nodes, build_sampled_nodes, candidate_ranks, sample_candidates
@@ -66,27 +66,42 @@ class Strategy:
         st = self.state
         active = ~st.emitter.done
         taken = st.emitter.push(emitted, n + 1)
-        st.tally.step(active, taken, n if self.k else None)
+        st.tally.step(active, taken, n if self.k else None, self.k)
         st.cache.pos.add_(torch.where(st.emitter.done, 0, n + 1))
 
 
 class Plain(Strategy):
-    """Plain next-token decoding: the main model only."""
+    """Plain next-token decoding: the main model only.
 
-    def __init__(self, model, state: DecodeState, s: Sampling) -> None:
+    With `record` (plain steps between drafting ones, for sequential modules) it also stores each
+    position's depth-1 hidden input (h^0, or the fused states) and token, as a chain step does, so that drafting can resume after it
+    (`_Drafting.resume`): two small scatters per step.
+    """
+
+    def __init__(self, model, state: DecodeState, s: Sampling, record: bool = False) -> None:
         super().__init__(model, state, s)
-        self.key = ("plain", s)
+        self.record = record and state.hbuf is not None
+        self.key = ("plain", self.record, s)  # the sampling last, as every kind (bench decode reads it)
 
     def prefill(self, idx: Tensor, lengths: Tensor) -> None:
-        logits, _, _ = self._prompt_pass(idx, lengths, 0)
+        # Recording runs the heads' part of the pass too (n_heads 1): what is recorded is depth 1's
+        # hidden input, h^0 or fused states (`HeadFamily.hidden_input`), as a drafting step records it.
+        logits, last, _ = self._prompt_pass(idx, lengths, int(self.record))
         self._emit_first(logits)
+        if self.record:
+            B, T = idx.shape
+            record(self.state, torch.arange(T, device=idx.device).expand(B, T), last,
+                   torch.cat([idx[:, 1:], idx[:, :1]], 1))
+            self.state.seq.scatter_(1, lengths[:, None], self.state.x[:, None])
 
     def step(self) -> None:
         st, model = self.state, self.model
         pos = st.cache.pos[:, None]  # (B, 1)
-        main, _, _ = decode_pass(model, st.x[:, None], st.cache, pos.clamp(max=self.L - 1), pos,
-                                 st.cache.causal_mask(pos), 0)
+        main, last, _ = decode_pass(model, st.x[:, None], st.cache, pos.clamp(max=self.L - 1), pos,
+                                    st.cache.causal_mask(pos), int(self.record))
         y = sample(model.logits(main[:, 0]), self.s, st.rand[:, 0])  # (B,)
+        if self.record:
+            record(st, pos, last, y[:, None])
         active = ~st.emitter.done
         taken = st.emitter.push(y[:, None], torch.ones_like(y))
         st.tally.step(active, taken)
@@ -95,7 +110,8 @@ class Plain(Strategy):
 
 
 class _Drafting(Strategy):
-    """Shared by chain and tree: the family's drafter and the first drafts after the prompt."""
+    """Shared by chain and tree: the family's drafter, the first drafts after the prompt, and
+    fresh drafts when the loop lengthens the draft or resumes drafting after plain steps."""
 
     def __init__(self, model, state: DecodeState, s: Sampling, k: int, lossless: bool) -> None:
         super().__init__(model, state, s)
@@ -103,6 +119,8 @@ class _Drafting(Strategy):
         self.lossless = lossless
         self.from_verify = model.mtp.drafts_from_verify
         self.drafter = None if self.from_verify else ModuleDrafter(model, state, k)
+        self.head_caches = self.from_verify and model.mtp.cache_layers(model.config) > 0
+        self.n_states = k  # heads run in the verification pass (a chain runs every head with a cache)
 
     def _set_drafts(self, d: Tensor, qd: Tensor | None, lq: Tensor) -> None:
         st = self.state
@@ -112,28 +130,67 @@ class _Drafting(Strategy):
         if st.lq is not None:
             st.lq[:, : self.k].copy_(lq)
 
+    def _draft_uniforms(self) -> Tensor:
+        st, k = self.state, self.k
+        return st.rand[:, k + 1 : 2 * k + 1] if st.rand.shape[1] >= 2 * k + 1 else st.rand[:, :k]
+
+    @property
+    def resumable(self) -> bool:
+        """Whether `resume` gives drafts as good as those of a run that never stopped: sequential
+        modules (they catch up) and heads without cache layers (Medusa: they read the main state);
+        parallel heads' blocks would have missed the positions of plain steps."""
+        return not self.head_caches
+
+    def resume(self, width: int, since: int) -> None:
+        """Fresh drafts before this strategy's first step after one of `since` < k drafts (0: plain).
+
+        Sequential modules rewrite every module's cache entries over the last `width` positions
+        of each row (where some were not kept, `ModuleDrafter.catch_up`) and draft afresh; st.rand
+        must hold uniforms no emitted token used (the loop fills them). Families that draft from
+        the verification pass keep no state that needs it: their drafts at positions past `since`
+        were kept from an earlier step, and get a point-mass distribution (q = 1 at the draft),
+        under which lossless verification is exact for any draft drawn independently of the
+        step's uniforms, as every kept draft was (a kept q might not be the law its draft came
+        from: a row that joined in a short stretch never drew them).
+        """
+        st = self.state
+        if not self.from_verify:
+            self._set_drafts(*self.drafter.catch_up(st.cache.pos, width, self.s, self.lossless, self._draft_uniforms()))
+        elif st.qd is not None:
+            kept = st.drafts[:, since : self.k]
+            st.qd[:, since : self.k].copy_(torch.nn.functional.one_hot(kept, st.V).to(st.qd.dtype))
+
     def prefill(self, idx: Tensor, lengths: Tensor) -> None:
         st, k = self.state, self.k
-        logits, last, states = self._prompt_pass(idx, lengths, k)
+        logits, last, states = self._prompt_pass(idx, lengths, self.n_states if self.from_verify else k)
         self._emit_first(logits)
-        u = st.rand[:, k + 1 : 2 * k + 1] if st.rand.shape[1] >= 2 * k + 1 else st.rand[:, :k]
+        u = self._draft_uniforms()
         if self.from_verify:
-            self._set_drafts(*head_drafts(self.model, states, lengths - 1, lengths + 1, self.s, self.lossless, u))
+            self._set_drafts(*head_drafts(self.model, states[:k], lengths - 1, lengths + 1, self.s, self.lossless, u))
         else:
             B, T = idx.shape
             pos = torch.arange(T, device=idx.device).expand(B, T)
             self.drafter.record(pos, last, torch.cat([idx[:, 1:], idx[:, :1]], 1))
             st.seq.scatter_(1, lengths[:, None], st.x[:, None])
-            self._set_drafts(*self.drafter.draft(lengths, self.s, self.lossless, u, win=pos, at=lengths - 1))
+            self._set_drafts(*self.drafter.draft(lengths, self.s, self.lossless, u, win=pos, at=lengths - 1,
+                                                 depths=self.drafter.depths))
 
 
 class Chain(_Drafting):
-    """Chain self-speculative decoding with k drafts (lossless, or Medusa's LOSSY typical acceptance)."""
+    """Chain self-speculative decoding with k drafts (lossless, or Medusa's LOSSY typical acceptance).
 
-    def __init__(self, model, state: DecodeState, s: Sampling, k: int, typical: bool = False) -> None:
+    `switching`: the loop may change the draft length (`generate(draft=None)`). Heads with cache
+    layers of their own (parallel heads' blocks) then all run in every verification pass,
+    whatever k drafts, so that a stretch of shorter drafts leaves none of their entries behind.
+    """
+
+    def __init__(self, model, state: DecodeState, s: Sampling, k: int, typical: bool = False,
+                 switching: bool = False) -> None:
         super().__init__(model, state, s, k, lossless=not typical)
         self.q, self.typical = k + 1, typical
-        self.key = ("chain", k, typical, s)
+        self.key = ("chain", k, typical, switching, s)
+        if self.head_caches and switching:
+            self.n_states = model.depth
         self._ar = torch.arange(self.q, device=state.device)
 
     def step(self) -> None:
@@ -142,7 +199,7 @@ class Chain(_Drafting):
         drafts = fed[:, 1:]
         pos = st.cache.pos[:, None] + self._ar  # (B, q)
         main, last, states = decode_pass(model, fed, st.cache, pos.clamp(max=self.L - 1), pos,
-                                         st.cache.causal_mask(pos), k)
+                                         st.cache.causal_mask(pos), self.n_states if self.from_verify else k)
         logits = model.logits(main)  # (B, q, V)
         if self.typical:
             n, final = verify_typical(logits, drafts, s, st.rand[:, k])
@@ -159,7 +216,7 @@ class Chain(_Drafting):
         st.x.copy_(final)
         u = st.rand[:, k + 1 : 2 * k + 1]
         if self.from_verify:
-            self._set_drafts(*head_drafts(model, states, n, st.cache.pos + 1, s, self.lossless, u))
+            self._set_drafts(*head_drafts(model, states[:k], n, st.cache.pos + 1, s, self.lossless, u))
         else:
             self.drafter.record(pos, last, y)
             self._set_drafts(*self.drafter.draft(st.cache.pos, s, self.lossless, u))
@@ -202,7 +259,7 @@ class Tree(_Drafting):
         mask = cache.prefix_mask(base, N).clone()  # committed prefix
         mask.scatter_(2, slots[:, None, :].expand(B, N, N), anc)  # plus ancestors, self included
         main, last, states = decode_pass(model, tokens, cache, (base[:, None] + depth).clamp(max=self.L - 1), slots,
-                                         mask, k)
+                                         mask, self.n_states if self.from_verify else k)
         logits = model.logits(main)  # (B, N, V)
         if self.sampled:
             best, n, final = verify_tree_sampling(logits, parent, rank, k, q, cand, valid, s,
@@ -217,7 +274,7 @@ class Tree(_Drafting):
         st.x.copy_(final)
         zero_u = st.rand[:, :k]  # drafts are top-k candidates: no draws
         if self.from_verify:
-            self._set_drafts(*head_drafts(model, states, best, cache.pos + 1, s, False, zero_u))
+            self._set_drafts(*head_drafts(model, states[:k], best, cache.pos + 1, s, False, zero_u))
         else:
             self.drafter.record(base[:, None] + self._levels, rows_at_many(last, path), emitted)
             self._set_drafts(*self.drafter.draft(cache.pos, s, False, zero_u))

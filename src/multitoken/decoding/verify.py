@@ -148,6 +148,7 @@ def verify_tree_sampling(logits: Tensor, parent: Tensor, rank: Tensor, k: int, q
     B, N, V = p.shape
     R = cand.shape[-1]
     dev = p.device
+    tiny = torch.finfo(torch.float32).tiny
     # child[b, i * R + r] = the node of rank r under node i, or -1.
     child = torch.full((B, N * R + 1), -1, dtype=torch.long, device=dev)
     nodes = torch.arange(N, device=dev).expand(B, N)
@@ -157,25 +158,35 @@ def verify_tree_sampling(logits: Tensor, parent: Tensor, rank: Tensor, k: int, q
     n = torch.zeros(B, dtype=torch.long, device=dev)
     r = p[:, 0]  # (B, V) the running target
     searching = torch.ones(B, dtype=torch.bool, device=dev)
+    moved = torch.zeros_like(searching)
+    # Per candidate only Q's normaliser and the running residual are V wide (a sum; a fused
+    # multiply-add, a clamp, a sum and a select), and the few (B,) ops are kept few: they are
+    # most of a step's kernel launches on a GPU. The candidates' nodes under the current one are
+    # looked up once per depth; the target becomes the accepted child's p, and n its depth, once
+    # per depth instead of at every candidate (docs/decoding.md, "what a sampled tree step costs").
     for d in range(k):
+        if d:
+            r = torch.where(moved[:, None], rows_at(p, cur), r)  # accepted at depth d: the child's p
+        tok = cand[:, d]  # (B, R) drawn in this order, without replacement
+        c_nodes = child[:, :N * R].view(B, N, R).gather(1, cur[:, None, None].expand(B, 1, R))[:, 0]  # (B, R)
+        tries = (c_nodes >= 0) & valid[:, d] & searching[:, None]  # (B, R) children of the current node
+        u = u_accept[:, d * R : (d + 1) * R]
         left = q[:, d].float().clone()  # (B, V) q_d minus the draws so far
-        moved = torch.zeros_like(searching)
+        open_ = searching.clone()  # rows still looking for a child at this depth
         for j in range(R):
-            Q = left / left.sum(-1, keepdim=True).clamp(min=torch.finfo(left.dtype).tiny)
-            c_node = child.gather(1, (cur * R + j)[:, None])[:, 0]  # (B,)
-            tok = cand[:, d, j]
-            try_ = searching & ~moved & (c_node >= 0) & valid[:, d, j]
-            Qc, rc = Q.gather(1, tok[:, None])[:, 0], r.gather(1, tok[:, None])[:, 0]
-            acc = try_ & (u_accept[:, d * R + j] * Qc < rc)
-            rej = try_ & ~acc
-            res = (r - Q).clamp(min=0)
+            t = tok[:, j : j + 1]
+            inv = left.sum(-1, keepdim=True).clamp_(min=tiny).reciprocal_()  # (B, 1): Q_j = left * inv
+            try_ = open_ & tries[:, j]
+            acc = try_ & (u[:, j] * (left.gather(1, t) * inv)[:, 0] < r.gather(1, t)[:, 0])
+            res = torch.addcmul(r, left, inv, value=-1.0).clamp_(min=0)  # max(0, r - Q_j)
             total = res.sum(-1, keepdim=True)
-            res = torch.where(total > 0, res / total.clamp(min=torch.finfo(res.dtype).tiny), r)  # r == Q: no rejection had mass
-            node = c_node.clamp(min=0)
-            r = torch.where(rej[:, None], res, torch.where(acc[:, None], rows_at(p, node), r))
-            cur = torch.where(acc, node, cur)
-            n = torch.where(acc, d + 1, n)
-            moved |= acc
-            left.scatter_(1, tok[:, None], 0.0)
-        searching &= moved
+            # On a rejection r <- normalise(max(0, r - Q)); when r == Q no rejection had mass: r stays.
+            r = torch.where((try_ ^ acc)[:, None] & (total > 0), res.div_(total.clamp_(min=tiny)), r)
+            cur = torch.where(acc, c_nodes[:, j], cur)
+            open_ ^= acc
+            left.scatter_(1, t, 0.0)
+        moved = searching ^ open_  # rows that accepted a child at this depth
+        n += moved
+        searching = moved
+    r = torch.where(moved[:, None], rows_at(p, cur), r)  # accepted at the last depth: a leaf's p
     return cur, n, draw(r, u_draw)
