@@ -71,17 +71,25 @@ def main(argv: list[str] | None = None) -> int:
                          "teacher_forced_per_depth": tf, "decode_draft1_acceptance": s1.acceptance_per_position,
                          f"decode_draft{k}_acceptance": sk.acceptance_per_position, f"decode_draft{k}_tau": sk.tau})
             print(json.dumps(rows[-1]), flush=True)
+            write(args, rows, complete=False)  # a run cut short keeps what it measured
+    write(args, rows, complete=True)
+    return 0
+
+
+def write(args, rows: list[dict], complete: bool) -> None:
     summary = {}
     for name in args.sets.split(","):
         rs = [r for r in rows if r["set"] == name]
-        summary[name] = {"teacher_forced_depth1": sum(r["teacher_forced_per_depth"][0] for r in rs) / len(rs),
-                         "decode_draft1_acceptance": sum(r["decode_draft1_acceptance"][0] for r in rs) / len(rs)}
+        if rs:
+            summary[name] = {"prompts": len(rs),
+                             "teacher_forced_depth1": sum(r["teacher_forced_per_depth"][0] for r in rs) / len(rs),
+                             "decode_draft1_acceptance": sum(r["decode_draft1_acceptance"][0] for r in rs) / len(rs)}
     result = {**provenance(sys.argv), "run": args.run, "heads_file": args.heads_file, "dtype": "float32",
-              "summary": summary, "rows": rows}
+              "complete": complete, "summary": summary, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")
-    print(json.dumps(summary))
-    return 0
+    if complete:
+        print(json.dumps(summary))
 
 
 if __name__ == "__main__":
