@@ -7,14 +7,16 @@ is ``shared_head.norm``), exported as ``model.layers.{L + k}.*``. When decoding,
 one after another over committed tokens (`step`, driven by decoding/drafting.py), each with its
 own KV-cache layer.
 
-Training-time test (``ttt``, EAGLE-3; docs/training.md has the table of what each depth reads):
-at depth k >= 2 the module is trained on exactly what `ModuleDrafter` computes at the last
-committed position with greedy drafts. Drafting from anchor a (the last committed position),
-depth k at the window positions a-m, m = 0..k-2, reads a drafted token (draft k-1-m of anchor a)
-and depth k-1's output at a-m, while positions a-m with m >= k-1 read only committed tokens. So
-each such depth runs its block over k streams at once (`stream_block`): the teacher-forced one,
-and draft streams m = 0..k-2, stream m at position p standing for anchor p+m; stream 0 is what
-the loss and evaluation see.
+Training-time test (``ttt``; docs/training.md has the table of what each depth reads): at depth
+k >= 2 the module is trained on exactly what `ModuleDrafter` computes at the last committed
+position with greedy drafts, drafted tokens included. Drafting from anchor a, depth k at the
+window positions a-m, m = 0..k-2, reads a drafted token (draft k-1-m of anchor a) and depth k-1's
+output at a-m; positions a-m with m >= k-1 read committed tokens only. So each such depth runs its
+block over k streams at once (`stream_block`): the teacher-forced one, and draft streams
+m = 0..k-2, stream m at position p standing for anchor p+m; stream 0 is what the loss and
+evaluation see. (EAGLE-3's training-time test feeds the draft its own features with the true
+tokens, which plain teacher forcing of these modules already does; measured at CPU scale, the
+drafted tokens of ``ttt`` cost acceptance.)
 """
 
 from __future__ import annotations
