@@ -131,7 +131,7 @@ def run_one(slug: str, args) -> dict:
     spec, st = generate(model, prompts, args.new_tokens, mode="spec", draft=DEPTH)
     gen_s = time.perf_counter() - t1
     own = own_text_walk(model, prompts, plain)
-    row = dict(slug=slug, recipe=name, options=opts, train_seconds=round(train_s, 1), tokens_per_s=res["tokens_per_s"],
+    row = dict(slug=slug, recipe=name, options=opts, commit=commit(), command=" ".join(sys.argv), train_seconds=round(train_s, 1), tokens_per_s=res["tokens_per_s"],
                loadavg_start=load0, loadavg_end=os.getloadavg(), train_loss_per_depth=res.get("train_loss_per_depth"),
                teacher_forced=dict(acceptance=tf["acceptance_per_position"], tau=tf["expected_tau"],
                                    accuracy_vs_data=tf["accuracy_per_depth"][1:], loss_vs_data=tf["loss_per_depth"][1:],
@@ -222,18 +222,20 @@ def plot(rows: list[dict], path: Path, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2), sharey=True)
-    width = 0.8 / len(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.6), sharey=True)
+    width = 0.84 / len(rows)
+    colors = plt.get_cmap("tab10").colors
     for ax, key, label in ((axes[0], "teacher_forced", "teacher-forced, held-out corpus windows"),
-                           (axes[1], "generation", "greedy speculative decoding, held-out prompts")):
+                           (axes[1], "generation", "greedy speculative decoding (chain of 3), held-out prompts")):
         for j, r in enumerate(rows):
             acc = r[key]["acceptance"]
-            ax.bar([k + (j - (len(rows) - 1) / 2) * width for k in range(1, len(acc) + 1)], acc, width,
-                   label=f"{r['recipe']} (tau {r[key]['tau']:.2f})")
+            xs = [k + (j - (len(rows) - 1) / 2) * width for k in range(1, len(acc) + 1)]
+            ax.bar(xs, acc, width, color=colors[j % len(colors)], label=f"{r['recipe']} (tau {r[key]['tau']:.2f})")
         ax.set_xticks(range(1, DEPTH + 1), [f"draft {k}" for k in range(1, DEPTH + 1)])
         ax.set_title(label, fontsize=10)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.set_ylim(0, 1.12)  # the legend above the bars
+        ax.legend(fontsize=7, loc="upper right", ncol=2)
     axes[0].set_ylabel("acceptance (drafts 1..k all accepted)")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
