@@ -305,7 +305,10 @@ def main(argv: list[str] | None = None) -> int:
                        "torch": torch.__version__, "python": platform.python_version(),
                        "note": "a 2-core machine shared with other engineers' jobs: the seconds are not comparable"},
            "command": " ".join(["python", "bench/recipe_cpu.py", *(argv if argv is not None else sys.argv[1:])]),
-           "settings": settings(args), "target": quality, "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
+           "settings": settings(args), "target": quality,
+           "rows_note": "each row records the commit and command that trained and measured it, its load average "
+                        "and seconds; this call reused the rows it found in WORK/rows and measured what they lacked",
+           "rows": rows, "seconds": round(time.perf_counter() - t0, 1)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "recipe_cpu.json").write_text(json.dumps(out, indent=2) + "\n")
     md = table(rows)
