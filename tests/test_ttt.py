@@ -1,30 +1,59 @@
-"""Training-time test: the training forward at depth 2 computes what the drafter computes (and at
-depth 1, with fused inputs too)."""
+"""Training vs drafting: the training forward replays what `ModuleDrafter` computes, depth by depth.
+
+The reference is the decoding path itself: a chain decode (KV caches, the drafter's sliding
+window, steps that accept 0 to k drafts) records the draft logits of every step, and the training
+forward over the same committed text must give them at the anchor (the last committed position):
+with the training-time test on the committed text alone, and with teacher forcing once the
+drafter's own drafts are appended (docs/training.md, "Training vs drafting").
+"""
+
+import itertools
 
 import pytest
 import torch
 
 from conftest import FUSED, SHARED, tiny_model
-from multitoken.decoding.drafting import ModuleDrafter, decode_pass
+from multitoken.decoding import strategies
 from multitoken.decoding.sampling import Sampling
 from multitoken.decoding.state import DecodeState
 from multitoken.training.loss import MTPLoss
 
+GEMMA_LIKE = dict(sandwich_norms=True, attn_scale=0.3, qk_norm=True, norm_plus_one=True, hidden_act="gelu_tanh",
+                  local_layers=[0], sliding_window=64, final_logit_softcap=30.0)
+"""Block features the training streams must take from the block (a scale, sandwich norms, local RoPE)."""
 
-def drafter_logits(model, prompt: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The prefill of a greedy chain decode, step by step: (pending token (1,), draft logits (1, k, V))."""
+
+def decode_and_record(model, prompt: torch.Tensor, k: int, accepts: list[int], monkeypatch) -> list[dict]:
+    """A greedy chain decode whose step i accepts accepts[i] drafts (the main head is made to agree:
+    the accepted drafts are what it emits), so the drafter's window moves by 1 to k+1 positions.
+
+    Returns, after the prefill and after each step: the committed text plus the pending token
+    (1, C+1), C, the drafts (1, k) and the draft logits (1, k, V) for positions C+1..C+k.
+    """
+    script = iter(accepts)
+
+    def scripted(y, drafts):
+        n = torch.full((y.shape[0],), next(script), dtype=torch.long)
+        y[:, : n[0]] = drafts[:, : n[0]]  # the emitted row, in place: the cache holds the drafts' keys there
+        return n, y.gather(1, n[:, None]).squeeze(1)
+
+    monkeypatch.setattr(strategies, "accept_greedy", scripted)
     n = prompt.shape[1]
-    st = DecodeState(model, 1, scratch=2 * k + 2, rand_width=2 * k + 1)
-    drafter = ModuleDrafter(model, st, k)
-    pos = torch.arange(n)[None]
-    main, last, _ = decode_pass(model, prompt, st.cache, pos, pos, st.cache.causal_mask(pos), k)  # as a chain's prefill
+    st = DecodeState(model, 1, scratch=k + 2, rand_width=2 * k + 1)
+    st.ensure_tree_buffers(k)  # the chain then keeps its draft logits in st.lq
     lengths = torch.tensor([n])
-    st.cache.rewind(lengths)
-    x = model.logits(main[:, -1]).argmax(-1)  # the pending token: the model's own next token
-    drafter.record(pos, last, torch.cat([prompt[:, 1:], prompt[:, :1]], 1))
-    st.seq.scatter_(1, lengths[:, None], x[:, None])
-    _, _, logits = drafter.draft(lengths, Sampling(), True, torch.zeros(1, k), win=pos, at=lengths - 1)
-    return x, logits
+    st.emitter.reset(lengths, 1000, model.config.max_seq_len, None)
+    chain = strategies.Chain(model, st, Sampling(), k)
+    chain.prefill(prompt, lengths)
+    out = []
+    for i in range(len(accepts) + 1):
+        C = int(st.cache.pos[0])
+        seq = torch.cat([prompt, st.emitter.out[:, : int(st.emitter.count[0])]], 1)
+        assert seq.shape[1] == C + 1  # committed tokens, then the pending one
+        out.append(dict(seq=seq, C=C, drafts=st.drafts.clone(), logits=st.lq[:, :k].clone()))
+        if i < len(accepts):
+            chain.step()
+    return out
 
 
 def train_a_little(model, steps: int = 3) -> None:
@@ -40,31 +69,37 @@ def train_a_little(model, steps: int = 3) -> None:
         opt.zero_grad()
 
 
-@pytest.mark.parametrize("kind", ["sequential", SHARED, FUSED])
-def test_ttt_training_forward_at_depth_2_equals_the_drafter(kind):
-    """The replay: the training forward's depths 1 and 2 at the last committed position equal the
-    drafter's logits there. Fused heads (fc random, so the low and middle states count) catch a
-    drafter that records h^0 instead of depth 1's fused input."""
+@pytest.mark.parametrize("kind,vocab,block", [("sequential", False, "llama"), (SHARED, False, "llama"),
+                                              ("sequential", True, "llama"), ("sequential", False, "gemma"),
+                                              (FUSED, False, "llama")])
+def test_training_forward_replays_the_drafter_at_every_depth(kind, vocab, block, monkeypatch):
+    k = 4
     torch.manual_seed(0)
-    model = tiny_model(kind, 2, seed=3, n_layers=2)
+    model = tiny_model(kind, k, seed=3, n_layers=2, **(GEMMA_LIKE if block == "gemma" else {}))
     model.mtp.ttt = True
-    if model.mtp.fc is not None:
-        with torch.no_grad():
-            model.mtp.fc.weight.normal_(0, 0.3)
     train_a_little(model)
     model.eval()
+    ids = torch.arange(2, 61, 2) if vocab else None  # a draft vocabulary: drafts and their argmax stay inside it
+    model.mtp.set_draft_vocab(ids)
+    cols = ids if vocab else torch.arange(61)
     prompt = torch.randint(2, 61, (1, 9))
+    steps = decode_and_record(model, prompt, k, [0, 4, 1, 3, 2, 4, 0], monkeypatch)
+    wrong = 0
     with torch.no_grad():
-        x, ref = drafter_logits(model, prompt, 2)
-        seq = torch.cat([prompt, x[:, None]], 1)  # what is committed plus the pending token
-        n = prompt.shape[1]
-        hiddens = model(seq)
-        got = [model.logits(hiddens[k][:, n - 1], k) for k in (1, 2)]
-        torch.testing.assert_close(got[0], ref[:, 0], atol=1e-5, rtol=1e-5)  # depth 1 reads the pending token
-        torch.testing.assert_close(got[1], ref[:, 1], atol=1e-5, rtol=1e-5)  # depth 2 its own draft
-        model.mtp.ttt = False  # teacher forcing feeds depth 2 a token the drafter never sees there
-        plain = model.logits(model(seq)[2][:, n - 1], 2)
-    assert (plain - ref[:, 1]).abs().max() > 1e-3
+        for s in steps:
+            C, ref = s["C"], s["logits"][0][:, cols]  # (k, V')
+            h = model(s["seq"])  # training-time test: the committed text alone
+            got = torch.stack([model.logits(h[d][0, C - 1], d) for d in range(1, k + 1)])[:, cols]
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+            model.mtp.ttt = False  # teacher forcing: exact once the drafts themselves are the data
+            h = model(torch.cat([s["seq"], s["drafts"][:, : k - 1]], 1))
+            got = torch.stack([model.logits(h[d][0, C - 1], d) for d in range(1, k + 1)])[:, cols]
+            torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+            h = model(s["seq"])  # ... and not on the committed text, where it reads the data past C
+            got = torch.stack([model.logits(h[d][0, C - 1], d) for d in range(2, k + 1)])[:, cols]
+            wrong += int((got - ref[1:]).abs().amax() > 1e-3)
+            model.mtp.ttt = True
+    assert wrong == len(steps)  # the replay tells training modes apart
 
 
 def test_ttt_changes_only_depths_two_and_up_and_trains():

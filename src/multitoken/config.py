@@ -516,8 +516,10 @@ class TrainConfig:
     freeze_backbone: bool = False
     """Train the MTP heads only (Medusa-1 style); the backbone's weights stay bit-identical."""
     ttt: bool = False
-    """Training-time test (EAGLE-3), sequential heads only: depths >= 2 are trained on their own
-    earlier argmax drafts, as drafting feeds them (docs/training.md), also in evaluation."""
+    """Sequential heads only: depths >= 2 are trained on their own earlier argmax drafts (tokens),
+    exactly as drafting feeds them (docs/training.md), also in evaluation. Plain teacher forcing
+    already feeds each module its own previous depth's features (EAGLE-3's training-time test);
+    measured at CPU scale, this option lowers acceptance at depths >= 2."""
     eh_pass_through: bool = False
     """Heads started from a backbone (`init`): each sequential module's eh_proj starts as the
     identity on the hidden-state half and zero on the embedding half, so it first passes hnorm(h) on."""

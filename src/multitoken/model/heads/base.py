@@ -74,8 +74,8 @@ class HeadFamily(nn.Module):
     supports_ttt: ClassVar[bool] = False
     """Whether the family can train with the training-time test (`ttt`)."""
     ttt: bool = False
-    """Training-time test (EAGLE-3): the training forward feeds depths >= 2 their own earlier
-    drafts, as drafting does (families with `supports_ttt`); set by the trainer, not stored."""
+    """The training forward feeds depths >= 2 their own earlier drafts (tokens), exactly as drafting
+    does (families with `supports_ttt`; docs/training.md); set by the trainer, not stored."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()

@@ -15,13 +15,16 @@ depth's state as before. ``fc`` starts as [0 | 0 | I], so fused heads begin as o
 take an ordinary heads file as a warm start); while decoding, the drafter records fc's output per
 position where it recorded h^0 (`hidden_input`).
 
-Training-time test (``ttt``, EAGLE-3; docs/training.md says where plain training and drafting
-differ): at depth k >= 2 the module is trained on what it reads when drafting at the last
-committed position: its token input is depth k-1's own argmax draft, its hidden input depth
-k-1's output on that draft, while the keys and values of earlier positions come from the
-teacher-forced pass (drafting rewrites them from accepted tokens). Each such depth runs its block
-over two streams (`two_stream_block`): the teacher-forced one, and the draft one whose query at
-position i attends to the teacher-forced keys at j < i and to its own key at i.
+Training-time test (``ttt``; docs/training.md has the table of what each depth reads): at depth
+k >= 2 the module is trained on exactly what `ModuleDrafter` computes at the last committed
+position with greedy drafts, drafted tokens included. Drafting from anchor a, depth k at the
+window positions a-m, m = 0..k-2, reads a drafted token (draft k-1-m of anchor a) and depth k-1's
+output at a-m; positions a-m with m >= k-1 read committed tokens only. So each such depth runs its
+block over k streams at once (`stream_block`): the teacher-forced one, and draft streams
+m = 0..k-2, stream m at position p standing for anchor p+m; stream 0 is what the loss and
+evaluation see. (EAGLE-3's training-time test feeds the draft its own features with the true
+tokens, which plain teacher forcing of these modules already does; measured at CPU scale, the
+drafted tokens of ``ttt`` cost acceptance.)
 """
 
 from __future__ import annotations
@@ -51,29 +54,47 @@ def shift_tokens(idx: Tensor, k: int, pad: int) -> Tensor:
     return torch.cat([idx[:, k:], idx.new_full((idx.shape[0], min(k, idx.shape[1])), pad)], dim=1)[:, : idx.shape[1]]
 
 
-def two_stream_block(block: Block, x: Tensor, xd: Tensor, rope: Rope) -> tuple[Tensor, Tensor]:
-    """`block` over the teacher-forced stream x and the draft stream xd, both (B, T, C).
+def stream_mask(streams: int, T: int, device: torch.device | str | None = None) -> Tensor:
+    """(S*T, (S+1)*T) bool: which keys the draft streams' queries see (`stream_block`).
 
-    x is causal over itself (the ordinary block). The draft stream's position i attends to x's
-    keys and values at j < i and to its own at i: what a drafter computes at its last position
-    when the earlier positions hold accepted tokens.
+    Rows are draft stream m's position p (m-major); columns the teacher-forced keys, then each
+    draft stream's. Query (m, p) stands for anchor a = p+m at window position p; drafting from a,
+    the module at p' <= p read committed inputs only where a - p' >= S (`p' <= p - (S - m)`, the
+    teacher-forced key), and drafted ones at p' = a - s for s = m..S-1 (draft stream s's key).
+    """
+    p = torch.arange(T, device=device)
+    m = torch.arange(streams, device=device)
+    tf = p[None, None, :] <= p[None, :, None] - (streams - m)[:, None, None]  # (S, T, T)
+    ds = m[None, :] - m[:, None]  # (S_query, S_key): s - m
+    own = (ds[:, None, :, None] == (p[:, None] - p[None, :])[None, :, None, :]) & (ds >= 0)[:, None, :, None]  # (S, T, S, T)
+    return torch.cat([tf, own.reshape(streams, T, streams * T)], -1).reshape(streams * T, (streams + 1) * T)
+
+
+def stream_block(block: Block, x: Tensor, xds: list[Tensor], rope: Rope) -> tuple[Tensor, list[Tensor]]:
+    """`block` over the teacher-forced stream x and S draft streams xds, each (B, T, C).
+
+    x is causal over itself (the ordinary block). Draft stream m's position p attends as the
+    drafter's module does at window position p when drafting from anchor p+m (`stream_mask`):
+    the teacher-forced keys at p' <= p-(S-m), draft stream s's key at p-(s-m) for s = m..S-1
+    (its own at p included). Norms, RoPE, attention scale and sandwich norms are the block's own.
 
     Returns:
-        (block(x), the draft stream's output), each (B, T, C).
+        (block(x), [draft stream m's output] for m = 0..S-1), each (B, T, C).
     """
     attn = block.self_attn
     B, T, _ = x.shape
+    S = len(xds)
     gqa = attn.n_kv_heads != attn.n_heads
-    q, k, v = attn._qkv(block.input_layernorm(x), *rope)
-    qd, kd, vd = attn._qkv(block.input_layernorm(xd), *rope)
-    y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    i = torch.arange(T, device=x.device)
-    mask = torch.cat([i[None, :] < i[:, None], i[None, :] == i[:, None]], dim=1)  # (T, 2T): earlier x, own xd
-    yd = F.scaled_dot_product_attention(qd, torch.cat([k, kd], 2), torch.cat([v, vd], 2), attn_mask=mask,
-                                        enable_gqa=gqa)
-    x = x + attn.o_proj(y.transpose(1, 2).reshape(B, T, -1))
-    xd = xd + attn.o_proj(yd.transpose(1, 2).reshape(B, T, -1))
-    return x + block.mlp(block.post_attention_layernorm(x)), xd + block.mlp(block.post_attention_layernorm(xd))
+    xs = torch.cat([x, *xds], 1)  # (B, (S+1)T, C): every stream through one matmul per projection
+    cos, sin = (r.repeat(1, 1, S + 1, 1) for r in block._rope(rope))  # each stream at positions 0..T-1
+    q, k, v = attn._qkv(block.input_layernorm(xs), cos, sin)  # (B, H|Hkv, (S+1)T, Dh)
+    y = F.scaled_dot_product_attention(q[:, :, :T], k[:, :, :T], v[:, :, :T], is_causal=True, enable_gqa=gqa,
+                                       scale=attn.scale)
+    yd = F.scaled_dot_product_attention(q[:, :, T:], k, v, attn_mask=stream_mask(S, T, x.device), enable_gqa=gqa,
+                                        scale=attn.scale)
+    a = attn.o_proj(torch.cat([y, yd], 2).transpose(1, 2).reshape(B, (S + 1) * T, -1))
+    out = block._mlp(block._residual_attn(xs, a))
+    return out[:, :T], list(out[:, T:].split(T, 1))
 
 
 @torch.no_grad()
@@ -98,17 +119,17 @@ class MTPModule(Block):
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # released name: shared_head.norm
 
     def forward(self, h_prev: Tensor, emb: Tensor, rope, cache=None, slots=None, mask=None, layer=None,
-                draft: tuple[Tensor, Tensor] | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                streams: list[tuple[Tensor, Tensor]] | None = None) -> Tensor | tuple[Tensor, list[Tensor]]:
         """h^k (B, T, C), before the final norm, from h^{k-1} and the embeddings of t_{i+k}.
 
-        With `draft` = (h^{k-1} of the draft stream, embeddings of the drafted tokens), training
-        only: (h^k, the draft stream's h^k), see `two_stream_block`.
+        With `streams` = [(h^{k-1}, token embeddings) of draft stream m], training only: (h^k,
+        [draft stream m's h^k]), see `stream_block`.
         """
         x = self.eh_proj(torch.cat([self.enorm(emb), self.hnorm(h_prev)], dim=-1))
-        if draft is None:
+        if streams is None:
             return super().forward(x, rope, cache, slots, mask, layer)
-        xd = self.eh_proj(torch.cat([self.enorm(draft[1]), self.hnorm(draft[0])], dim=-1))
-        return two_stream_block(self, x, xd, rope)
+        xds = [self.eh_proj(torch.cat([self.enorm(e), self.hnorm(h)], dim=-1)) for h, e in streams]
+        return stream_block(self, x, xds, rope)
 
 
 class SequentialMTP(HeadFamily):
@@ -154,21 +175,32 @@ class SequentialMTP(HeadFamily):
                 mask=None) -> list[Tensor]:
         if cache is not None:
             return []  # decoding feeds drafted tokens to `step` instead
-        h = hd = self.hidden_input(states)  # hd: the draft stream (training-time test)
-        out = []
+        out, h = [], self.hidden_input(states)
+        drafts: list[Tensor] = []  # drafts[d-1]: depth d's greedy draft at each anchor position (B, T)
+        streams: list[Tensor] = []  # depth k-1's draft streams (training-time test; `stream_block`)
         for k in range(1, self.depth + 1):
             module = self.module(k)
             emb = shared.embed_tokens(shift_tokens(states.idx, k, self.eos_id))
             if self.ttt and k >= 2:
-                # Depth k-1's own greedy draft of t_{i+k}, as the drafter feeds it (no gradient through argmax).
-                drafted = shared.embed_tokens(argmax_tokens(out[-1], self.unembed_weight(shared, k - 1)))
-                h, hd = self.run(module, h, emb, rope, None, None, None, None, (hd, drafted))
-                out.append(module.norm(hd))
+                drafts.append(self.greedy_drafts(shared, k - 1, out[-1]))  # no gradient through argmax
+                # Stream m (anchor p+m) reads depth k-1's stream m (its teacher-forced state for the
+                # last one) and draft k-1-m of its anchor.
+                ins = [(streams[m] if m < k - 2 else h, shared.embed_tokens(shift_tokens(drafts[k - 2 - m], m, self.eos_id)))
+                       for m in range(k - 1)]
+                h, streams = self.run(module, h, emb, rope, None, None, None, None, ins)
+                out.append(module.norm(streams[0]))
             else:
-                h = self.run(module, h, emb, rope)
-                hd = h  # depth 1 reads the pending token, which is the model's own: both streams agree
+                h = self.run(module, h, emb, rope)  # depth 1 reads the pending token, the model's own
                 out.append(module.norm(h))
         return out
+
+    def greedy_drafts(self, shared: SharedModules, k: int, h: Tensor) -> Tensor:
+        """Depth k's greedy drafts (B, T) from its normed states h (B, T, C), over the draft
+        vocabulary when one is set (as `draft_logits`)."""
+        w, ids = self.unembed_weight(shared, k), self.draft_ids
+        if ids is None:
+            return argmax_tokens(h, w)
+        return ids[argmax_tokens(h, self._draft_weight(k, w))]
 
     def step(self, shared: SharedModules, k: int, h_prev: Tensor, tokens: Tensor, rope: Rope, cache=None, slots=None,
              mask=None) -> Tensor:
