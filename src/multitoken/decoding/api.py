@@ -150,6 +150,8 @@ class Request:
     tokens: list[int] = field(default_factory=list)
     """Generated so far (as last read from the device)."""
     unread: int = 0
+    count: int = 0
+    """Tokens emitted as of the last check (the prefill's one from the start)."""
     """Tokens already returned by `Generation.new_tokens`."""
     done: bool = False
     finish_reason: str | None = None
@@ -337,6 +339,11 @@ class Generation:
         self.chosen = [self.k]
         self.auto = settings.draft is None and self.k > 0 and engine.runner.measures_costs
         self.sync_every = settings.sync_every or (8 if dev.type == "cuda" else 1)
+        # On the CPU a check is cheap but not free (a small tiny-model step costs a few of them):
+        # rows that stop only at their budget are checked when one of them may have spent it, and
+        # at least every 8 steps (the draft-length choice), never later than a check every step would.
+        self.paced = (settings.sync_every is None and dev.type != "cuda" and settings.eos_id is None
+                      and not settings.stream)
         self.shared_gen: torch.Generator | None = None
         if settings.seed is not None:
             self.shared_gen = torch.Generator(device=dev)
@@ -477,7 +484,7 @@ class Generation:
         new = [self._queue.popleft() for _ in range(min(len(free), len(self._queue)))]
         in_place = not self.active  # nothing decoding: prefill over the whole batch, no copies
         for r, slot in zip(new, free):
-            r.slot, r.joined_at = slot, self.steps
+            r.slot, r.joined_at, r.count = slot, self.steps, 1
             self._slots[slot] = r
         self._use_strategy(self._sampling_for(self.active))
         if in_place:
@@ -542,13 +549,17 @@ class Generation:
         st, runner = self.engine.state, self.engine.runner
         rows = [(r.slot, r) for r in self.active]
         sure = self._sure_done_at()
+        every = self.sync_every
+        if self.paced and not self._queue:
+            # A step emits at most k+1 tokens per row: this many steps cannot finish any row.
+            every = max(every, min(8, min(r.budget - r.count for r in self.active) // (self.strategy.k + 1)))
         while self.steps < sure:
             if not self.strategy.s.greedy:
                 self._fill_rand(st, rows)
             runner.step(self.strategy, self.maxpos + (self.since + 1) * (self.strategy.k + 1) + self.strategy.q)
             self.since += 1
             self.steps += 1
-            if (self.periodic or self._queue) and self.since >= self.sync_every:
+            if (self.periodic or self._queue) and self.since >= every:
                 break
         self._check(all_done=self.steps >= sure)
 
@@ -577,6 +588,7 @@ class Generation:
         for r in rows:
             b = r.slot
             r.row_steps, r.step_tokens, r.accepted = row_steps[b], step_tokens[b], acc[b * K: b * K + self.k]
+            r.count = count[b]
             if read_out:
                 w = hi - lo
                 r.tokens += out[b * w + len(r.tokens) - lo: b * w + count[b] - lo]

@@ -41,13 +41,22 @@ def decode_pass(model, idx: Tensor, cache, rope_pos: Tensor, slots: Tensor, mask
 def draft_logits(model, depth: int, h: Tensor, next_pos: Tensor) -> Tensor:
     """Logits (B, V) with which depth `depth` drafts the token at position next_pos (B,) from
     its state h (B, C); -inf outside the family's draft vocabulary."""
-    heads = model.mtp
-    lg = heads.draft_logits(model.shared, depth, h, next_pos)  # (B, V') or (B, V)
-    ids = heads.draft_ids
+    return _full_vocab(model, model.mtp.draft_logits(model.shared, depth, h, next_pos))  # from (B, V') or (B, V)
+
+
+def draft_logits_all(model, h: Tensor, next_pos: Tensor) -> Tensor:
+    """`draft_logits` of depths 1..n at once from their states h (B, n, C), depth 1 drafting the
+    token at next_pos (B,): (B, n, V) (the family's one-matmul `draft_logits_all`)."""
+    return _full_vocab(model, model.mtp.draft_logits_all(model.shared, h, next_pos))
+
+
+def _full_vocab(model, lg: Tensor) -> Tensor:
+    """Draft logits (..., V') spread over the full vocabulary (..., V), -inf outside V'."""
+    ids = model.mtp.draft_ids
     if ids is None or lg.shape[-1] == model.config.vocab_size:
         return lg
-    full = lg.new_full((lg.shape[0], model.config.vocab_size), float("-inf"))
-    return full.index_copy_(1, ids, lg)
+    full = lg.new_full((*lg.shape[:-1], model.config.vocab_size), float("-inf"))
+    return full.index_copy_(-1, ids, lg)
 
 
 def propose(logits: Tensor, s: Sampling, lossless: bool, u: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -58,15 +67,15 @@ def propose(logits: Tensor, s: Sampling, lossless: bool, u: Tensor) -> tuple[Ten
     return draw(q, u), q
 
 
-def head_drafts(model, states: list[Tensor], at: Tensor, next_pos: Tensor, s: Sampling, lossless: bool, u: Tensor
-                ) -> tuple[Tensor, Tensor | None, Tensor]:
+def head_drafts(model, states: list[Tensor] | Tensor, at: Tensor, next_pos: Tensor, s: Sampling, lossless: bool,
+                u: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
     """Drafts (B, k), their distributions (B, k, V) or None, and draft logits (B, k, V), from head
-    states [(B, q, C)] * k at fed index `at` (B,) per row; u (B, k) uniforms."""
-    hs = rows_at(torch.stack(states, 2), at)  # (B, k, C): one gather for every head
-    logits = torch.stack([draft_logits(model, j, hs[:, j - 1], next_pos + j - 1) for j in range(1, len(states) + 1)], 1)
+    states [(B, q, C)] * k (or stacked, (B, q, k, C)) at fed index `at` (B,) per row; u (B, k) uniforms."""
+    hs = rows_at(states if isinstance(states, Tensor) else torch.stack(states, 2), at)  # (B, k, C): one gather
+    logits = draft_logits_all(model, hs, next_pos)  # (B, k, V): one matmul for every head
     if s.greedy or not lossless:  # argmax drafts: one op for every depth
         return logits.argmax(-1), None, logits
-    out = [propose(logits[:, j], s, lossless, u[:, j]) for j in range(len(states))]
+    out = [propose(logits[:, j], s, lossless, u[:, j]) for j in range(hs.shape[1])]
     return torch.stack([o[0] for o in out], 1), torch.stack([o[1] for o in out], 1), logits
 
 
