@@ -83,15 +83,18 @@ class ModuleDrafter:
     """Drafting with sequential MTP modules over a sliding window of committed positions.
 
     Module k at position i needs h^{k-1}_i and the token t_{i+k}. After a step has committed C
-    tokens (the pending one sits at position C), every module runs over the window of W = 2k
-    positions ending at C-1; at C-1 module k reads draft k-1 and writes draft k. Entries a module
-    wrote from drafted tokens lie inside the next step's window, so they are always rewritten from
-    accepted tokens; the window's start never passes a position that is still provisional.
-    The buffers (h^0 and tokens per position) live in the `DecodeState`.
+    tokens (the pending one sits at position C), every module runs over the window of W = K+1
+    positions ending at C-1 (K drafts); at C-1 module k reads draft k-1 and writes draft k.
+    Why K+1 is enough: after a step that accepted n of the drafts drafted at C', module j's entries
+    that may be wrong are those whose tokens t_{i+1..i+j} reach past the accepted ones, positions
+    i >= C' + n + 1 - j, and the n+1 positions C'..C-1 are new: max(n+1, j) <= K+1 positions
+    ending at C-1. Entries made from drafts that were accepted equal those made from the tokens
+    themselves, so they stay. One window for every depth keeps each depth's window inside the one
+    below it, whose states it reads. The buffers (h^0 and tokens per position) live in the `DecodeState`.
     """
 
     def __init__(self, model, state, k: int) -> None:
-        self.model, self.state, self.k, self.W = model, state, k, 2 * k
+        self.model, self.state, self.k, self.W = model, state, k, k + 1
         self._w = torch.arange(self.W, device=state.device)
 
     def record(self, pos: Tensor, last: Tensor, next_tokens: Tensor) -> None:
