@@ -28,12 +28,10 @@ from multitoken.decoding.trees import as_tree
 
 def load(args):
     if args.smollm2:
-        from multitoken.demo import SMOLLM2_HEADS
-        from multitoken.io.heads_file import attach_heads
-        from multitoken.io.smollm2 import smollm2_run_dir
+        from multitoken.demo import SMOLLM2_HEADS, load_smollm2
 
-        model, tok = attach_heads(smollm2_run_dir(), SMOLLM2_HEADS, max_seq_len=1024)
-        return model.eval(), tok, f"SmolLM2-135M-Instruct + {SMOLLM2_HEADS.name}"
+        model, tok, vocab = load_smollm2(draft_vocab=not args.full_vocab)
+        return model, tok, f"SmolLM2-135M-Instruct + {SMOLLM2_HEADS.name}, drafting over {vocab}"
     from multitoken.io.checkpoint import load_run
 
     model, tok = load_run(args.run)
@@ -54,6 +52,7 @@ def main() -> None:
                     help="the decoding thread's CPU time, as the runner times steps (default); wall time; or the "
                     "whole process's CPU time")
     ap.add_argument("--profile", action="store_true", help="also print a torch.profiler table per kind")
+    ap.add_argument("--full-vocab", action="store_true", help="--smollm2: draft over the full vocabulary (default: the draft vocabulary)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     clock = {"thread": time.thread_time, "wall": time.perf_counter, "cpu": time.process_time}[args.clock]

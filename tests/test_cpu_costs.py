@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
-from multitoken.decoding import drafting, runner
+from multitoken.decoding import runner
 from multitoken.decoding.api import engine_for, generate
 from multitoken.decoding.sampling import Sampling
-from test_speculative import oracle, spread_model
+from test_speculative import oracle, spread_model, stub_heads
 
 
 @pytest.fixture
@@ -55,7 +56,7 @@ def test_wrong_drafts_make_the_cpu_loop_draft_less(cpu_costs, monkeypatch):
     prompt = [[7, 8, 9, 10]]
     full, _ = generate(model, prompt, 60)
     ref = torch.tensor([prompt[0] + full[0]])
-    monkeypatch.setattr(drafting, "draft_logits", oracle(ref, 61, lambda c, d: False))
+    stub_heads(model, oracle(ref, 61, lambda c, d: False))
     out, stats = generate(model, prompt, 60, mode="spec")
     assert out == full
     assert stats.chosen_draft[0] == 3 and stats.chosen_draft[-1] < 3, stats.chosen_draft
@@ -74,9 +75,52 @@ def test_medusa_heads_draft_in_one_matmul_as_they_train():
     h = torch.randn(2, 5, model.config.dim)
     states = BackboneStates(idx=None, trunk=h, last=h, main=h)
     for _ in range(2):
-        fused = model.mtp.decode_states(model.shared, 3, states, None, None, None, None)
-        for got, head in zip(fused, model.mtp.heads):
-            torch.testing.assert_close(got, head.blocks(h), rtol=1e-5, atol=1e-6)
+        fused = model.mtp.decode_states(model.shared, 3, states, None, None, None, None)  # (B, q, n, C)
+        assert fused.shape == (2, 5, 3, model.config.dim)
+        for j, head in enumerate(model.mtp.heads):
+            torch.testing.assert_close(fused[:, :, j], head.blocks(h), rtol=1e-5, atol=1e-6)
         with torch.no_grad():
             model.mtp.heads[1].blocks[0].linear.weight.add_(0.5)
-    assert len(model.mtp.decode_states(model.shared, 2, states, None, None, None, None)) == 2
+    assert model.mtp.decode_states(model.shared, 2, states, None, None, None, None).shape[2] == 2
+
+
+@pytest.mark.parametrize("kind", ["medusa", "parallel", "sequential"])
+def test_all_draft_logits_in_one_matmul_equal_each_heads_own(kind):
+    """`draft_logits_all` (one matmul: a batched one over Medusa's own LM heads, one over the
+    shared head otherwise) gives what each depth's `draft_logits` gives, over the full vocabulary
+    and over a draft vocabulary, and follows LM-head weights written in place."""
+    model = spread_model(kind, 3, 0)
+    heads, shared = model.mtp, model.shared
+    h = torch.randn(2, 3, model.config.dim)
+    for ids in (None, torch.tensor([0, 5, 9, 17, 40, 60])):
+        heads.set_draft_vocab(ids)
+        for _ in range(2):
+            got = heads.draft_logits_all(shared, h)
+            want = torch.stack([F.linear(h[:, j - 1], model.unembed_weight(j) if ids is None else model.unembed_weight(j)[ids])
+                                for j in range(1, 4)], 1)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+            with torch.no_grad():
+                model.unembed_weight(3).mul_(1.5)
+
+
+@pytest.mark.parametrize("right", [True, False])
+def test_cpu_checks_follow_the_budget_and_waste_no_step(monkeypatch, right):
+    """Rows that stop at their budget are checked only when one may have spent it (the CPU's
+    default): the output is plain greedy's, the loop runs exactly the steps a check after every
+    step runs (none after the budget is spent) and reads the device far less often."""
+    model = spread_model("medusa", 3, 1)
+    prompt = [[7, 8, 9, 10]]
+    full, _ = generate(model, prompt, 60)
+    stub_heads(model, oracle(torch.tensor([prompt[0] + full[0]]), 61, lambda c, d: right))
+    eng = engine_for(model, 1)
+    calls = []
+    step = type(eng.runner).step
+    monkeypatch.setattr(type(eng.runner), "step", lambda self, s, need: (calls.append(1), step(self, s, need)))
+    runs = {}
+    for every in (1, None):
+        calls.clear()
+        out, stats = generate(model, prompt, 60, mode="spec", draft=3, sync_every=every)
+        assert out == full
+        runs[every] = (len(calls), stats.host_syncs)
+    assert runs[None][0] == runs[1][0] == (15 if right else 59)
+    assert runs[None][1] < runs[1][1] / 3, runs

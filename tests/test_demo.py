@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from multitoken.cli import main
+from multitoken.data.shards import read_shard
 from multitoken.io.checkpoint import load_run
 from test_exactness import replay
 
@@ -13,15 +14,34 @@ from test_exactness import replay
 @pytest.mark.slow
 def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
     """The demo's completions and tau, checked against decoding done here: plain greedy by full
-    forward passes (no cache, no heads) and tau replayed from the drafts its heads make on them."""
-    args = ["demo", "--workdir", str(tmp_path), "--steps", "3", "--max-new-tokens", "8", "--threads", "1"]
+    forward passes (no cache, no heads) and tau replayed from the drafts its heads make on them;
+    the heads' own training left the model it drafts for bit-identical."""
+    args = ["demo", "--workdir", str(tmp_path), "--steps", "3", "--head-steps", "2", "--continuations", "32",
+            "--max-new-tokens", "8", "--threads", "1"]
     assert main(args) == 0
     summary = json.loads((tmp_path / "demo.json").read_text())
-    assert summary["steps"] == 3 and len(summary["prompts"]) == 3
+    assert summary["steps"] == 3 and summary["head_steps"] == 2 and len(summary["prompts"]) == 3
     # What the README's figures rely on: where the numbers came from, and the timed step costs.
     assert summary["commit"] and summary["load_before"] and summary["machine"]["cores"]
     assert summary["mean_step_cost"] > 0 and all(p["step_cost"] > 0 for p in summary["prompts"])
-    model, tok = load_run(tmp_path / "run")
+    # The text the heads trained on is the model's own greedy continuation of each prefix.
+    base, tok = load_run(tmp_path / "run")
+    assert summary["own_text"]["continuations"] == 32 and 0 < summary["own_text"]["written"] <= 32 * 128
+    ids = read_shard(tmp_path / "own-text" / "train.bin").astype(int).tolist()
+    mask = read_shard(tmp_path / "own-text" / "train.mask.bin").astype(int).tolist()
+    end = ids.index(tok.eos_id) + 1
+    doc, written = ids[:end], [t for t, k in zip(ids[:end], mask[:end]) if k]
+    prefix = doc[: mask.index(1)]
+    assert doc[: len(prefix) + len(written)] == prefix + written
+    with torch.no_grad():
+        seq = list(prefix)
+        for _ in range(min(4, len(written))):
+            seq.append(int(base.logits(base(torch.tensor([seq]), heads=False)[0][0, -1]).argmax()))
+    assert written[:4] == seq[len(prefix):]
+    model, tok = load_run(tmp_path / summary["decode_run"])
+    assert summary["decode_run"] == "heads-run" and model.config.heads.depth == 4
+    assert all(torch.equal(p, model.state_dict()[k]) for k, p in base.state_dict().items() if not k.startswith("mtp."))
+    assert not all(torch.equal(p, model.state_dict()[k]) for k, p in base.state_dict().items() if k.startswith("mtp."))
     for p in summary["prompts"]:
         prompt = tok.encode(p["prompt"])
         seq = list(prompt)
@@ -33,11 +53,11 @@ def test_demo_runs_end_to_end_and_reuses_its_work(tmp_path, capsys):
                                         lambda j, d, logits: d == int(logits.argmax()))
         assert p["tau"] == pytest.approx(taken / steps, rel=1e-12)
         assert p["acceptance_per_position"] == pytest.approx([a / steps for a in accepted], rel=1e-12)
-    assert (tmp_path / "run" / "loss.png").is_file()
+    assert (tmp_path / "run" / "loss.png").is_file() and (tmp_path / "heads-run" / "loss.png").is_file()
     capsys.readouterr()
-    assert main(args) == 0  # a second run reuses the data and the finished run
+    assert main(args) == 0  # a second run reuses the data, the text and the finished runs
     out = capsys.readouterr().out
-    assert "reused" in out and "continuing the run found there" in out
+    assert "reused the text" in out and out.count("continuing the run found there") == 2
 
 
 @pytest.mark.slow

@@ -38,6 +38,11 @@ class FakeModel:
         max_seq_len = 4096
 
 
+class ShortModel:
+    class config:
+        max_seq_len = 64
+
+
 class Script:
     """A `generate` that writes known text: user messages from `users` in turn (after a user-turn
     prefix), "Answer to <message>" after an assistant prompt, and "pass" after a code prefix."""
@@ -134,7 +139,11 @@ def test_code_continuations_are_cut_from_the_corpus_and_mask_the_prefix(tmp_path
     script = Script(tok, [])
     cfg = SelfGenConfig(chat=0, code=8, batch_size=4, code_prefix=(20, 40), code_tokens=5, corpus_tokens=200,
                         val_every=5, temperatures=(0.0, 1.0))
-    meta = distill_data(FakeModel(), tok, tmp_path / "d", cfg, corpus=corpus, progress=False, generate=script)
+    # A model of 64 positions: room for the code asked (40 + 5), not for chat's default answers (384):
+    # a code-only job runs, a chat job is refused in one line.
+    meta = distill_data(ShortModel(), tok, tmp_path / "d", cfg, corpus=corpus, progress=False, generate=script)
+    with pytest.raises(UserError, match="too short"):
+        distill_data(ShortModel(), tok, tmp_path / "c", SelfGenConfig(chat=1, code=0), progress=False, generate=script)
     assert [t for _, _, t in script.calls] == [0.0, 1.0]
     ids = read_shard(tmp_path / "d" / "train.bin").astype(int).tolist()
     mask = read_shard(tmp_path / "d" / "train.mask.bin").astype(int).tolist()

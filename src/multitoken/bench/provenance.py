@@ -39,7 +39,8 @@ def git_commit(path: str | Path | None = None) -> str | None:
 
 
 def cpu_info() -> dict:
-    """The CPU's model name and the flags that decide its kernels (bf16 and AVX-512 support)."""
+    """The CPU's model name, the flags that decide its kernels (AVX2, AVX-512, bf16) and the
+    instruction set torch's own CPU kernels were picked for."""
     name, flags = platform.processor(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -49,7 +50,9 @@ def cpu_info() -> dict:
                 flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return {"cpu": name, "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags}
+    capability = getattr(torch.backends.cpu, "get_cpu_capability", lambda: None)()
+    return {"cpu": name, "avx2": "avx2" in flags, "avx512f": "avx512f" in flags, "avx512_bf16": "avx512_bf16" in flags,
+            "torch_cpu_capability": capability}
 
 
 def load_average() -> list[float] | None:

@@ -153,6 +153,8 @@ class Request:
     """Generated so far (as last read from the device)."""
     unread: int = 0
     """Tokens already returned by `Generation.new_tokens`."""
+    count: int = 0
+    """Tokens emitted as of the last check (the prefill's one from the start)."""
     done: bool = False
     finish_reason: str | None = None
     """"stop" (EOS), "length" (budget) or "cancelled"."""
@@ -401,6 +403,11 @@ class Generation:
         if self.k_now == 0 and self.policy is not None:
             self._probe_at = self.policy.steps_to_probe()
         self.sync_every = settings.sync_every or (8 if dev.type == "cuda" else 1)
+        # On the CPU a check is cheap but not free (a small tiny-model step costs a few of them):
+        # rows that stop only at their budget are checked when one of them may have spent it, and
+        # at least every 8 steps (the draft-length choice), never later than a check every step would.
+        self.paced = (settings.sync_every is None and dev.type != "cuda" and settings.eos_id is None
+                      and not settings.stream)
         self.shared_gen: torch.Generator | None = None
         if settings.seed is not None:
             self.shared_gen = torch.Generator(device=dev)
@@ -557,7 +564,7 @@ class Generation:
         if in_place:
             self._stale.clear()
         for r, slot in zip(new, free):
-            r.slot, r.joined_at, r.k = slot, self.steps, self.k
+            r.slot, r.joined_at, r.k, r.count = slot, self.steps, self.k, 1
             self._slots[slot] = r
             if self.auto and self.k_now < self.k:
                 # A short prefill runs every module over the prompt (`_Drafting.prefill`); a plain
@@ -626,13 +633,17 @@ class Generation:
         st, runner = self.engine.state, self.engine.runner
         rows = [(r.slot, r) for r in self.active]
         sure = self._sure_done_at()
+        every = self.sync_every
+        if self.paced and not self._queue:
+            # A step emits at most k+1 tokens per row: this many steps cannot finish any row.
+            every = max(every, min(8, min(r.budget - r.count for r in self.active) // (self.strategy.k + 1)))
         while self.steps < sure:
             if not self.strategy.s.greedy:
                 self._fill_rand(st, rows)
             runner.step(self.strategy, self.maxpos + (self.since + 1) * (self.strategy.k + 1) + self.strategy.q)
             self.since += 1
             self.steps += 1
-            if (self.periodic or self._queue) and self.since >= self.sync_every:
+            if (self.periodic or self._queue) and self.since >= every:
                 break
             if self._probe_at is not None and self.steps >= self._probe_at:
                 break  # plain steps: a check for the draft-length probe
@@ -668,7 +679,7 @@ class Generation:
             for i in range(K1):
                 for n in range(K1):
                     new_hist[i][n] += h[i][n] - (r.hist[i][n] if r.hist else 0)
-            r.row_steps, r.step_tokens, r.hist = row_steps[b], step_tokens[b], h
+            r.row_steps, r.step_tokens, r.hist, r.count = row_steps[b], step_tokens[b], h, count[b]
             if read_out:
                 w = hi - lo
                 r.tokens += out[b * w + len(r.tokens) - lo: b * w + count[b] - lo]

@@ -47,13 +47,22 @@ def decode_pass(model, idx: Tensor, cache, rope_pos: Tensor, slots: Tensor, mask
 def draft_logits(model, depth: int, h: Tensor, next_pos: Tensor) -> Tensor:
     """Logits (B, V) with which depth `depth` drafts the token at position next_pos (B,) from
     its state h (B, C); -inf outside the family's draft vocabulary."""
-    heads = model.mtp
-    lg = heads.draft_logits(model.shared, depth, h, next_pos)  # (B, V') or (B, V)
-    ids = heads.draft_ids
+    return _full_vocab(model, model.mtp.draft_logits(model.shared, depth, h, next_pos))  # from (B, V') or (B, V)
+
+
+def draft_logits_all(model, h: Tensor, next_pos: Tensor) -> Tensor:
+    """`draft_logits` of depths 1..n at once from their states h (B, n, C), depth 1 drafting the
+    token at next_pos (B,): (B, n, V) (the family's one-matmul `draft_logits_all`)."""
+    return _full_vocab(model, model.mtp.draft_logits_all(model.shared, h, next_pos))
+
+
+def _full_vocab(model, lg: Tensor) -> Tensor:
+    """Draft logits (..., V') spread over the full vocabulary (..., V), -inf outside V'."""
+    ids = model.mtp.draft_ids
     if ids is None or lg.shape[-1] == model.config.vocab_size:
         return lg
-    full = lg.new_full((lg.shape[0], model.config.vocab_size), float("-inf"))
-    return full.index_copy_(1, ids, lg)
+    full = lg.new_full((*lg.shape[:-1], model.config.vocab_size), float("-inf"))
+    return full.index_copy_(-1, ids, lg)
 
 
 def propose(logits: Tensor, s: Sampling, lossless: bool, u: Tensor) -> tuple[Tensor, Tensor | None]:
@@ -64,15 +73,20 @@ def propose(logits: Tensor, s: Sampling, lossless: bool, u: Tensor) -> tuple[Ten
     return draw(q, u), q
 
 
-def head_drafts(model, states: list[Tensor], at: Tensor, next_pos: Tensor, s: Sampling, lossless: bool, u: Tensor
-                ) -> tuple[Tensor, Tensor | None, Tensor]:
+def first_heads(states: list[Tensor] | Tensor, k: int) -> list[Tensor] | Tensor:
+    """The first k heads' states of a verification pass: [(B, q, C)] * n, or stacked (B, q, n, C)."""
+    return states[:, :, :k] if isinstance(states, Tensor) else states[:k]
+
+
+def head_drafts(model, states: list[Tensor] | Tensor, at: Tensor, next_pos: Tensor, s: Sampling, lossless: bool,
+                u: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
     """Drafts (B, k), their distributions (B, k, V) or None, and draft logits (B, k, V), from head
-    states [(B, q, C)] * k at fed index `at` (B,) per row; u (B, k) uniforms."""
-    hs = rows_at(torch.stack(states, 2), at)  # (B, k, C): one gather for every head
-    logits = torch.stack([draft_logits(model, j, hs[:, j - 1], next_pos + j - 1) for j in range(1, len(states) + 1)], 1)
+    states [(B, q, C)] * k (or stacked, (B, q, k, C)) at fed index `at` (B,) per row; u (B, k) uniforms."""
+    hs = rows_at(states if isinstance(states, Tensor) else torch.stack(states, 2), at)  # (B, k, C): one gather
+    logits = draft_logits_all(model, hs, next_pos)  # (B, k, V): one matmul for every head
     if s.greedy or not lossless:  # argmax drafts: one op for every depth
         return logits.argmax(-1), None, logits
-    out = [propose(logits[:, j], s, lossless, u[:, j]) for j in range(len(states))]
+    out = [propose(logits[:, j], s, lossless, u[:, j]) for j in range(hs.shape[1])]
     return torch.stack([o[0] for o in out], 1), torch.stack([o[1] for o in out], 1), logits
 
 
@@ -92,12 +106,15 @@ class ModuleDrafter:
     """Drafting with sequential MTP modules over a sliding window of committed positions.
 
     Module j at position i needs h^{j-1}_i and the token t_{i+j}. After a step has committed C
-    tokens (the pending one sits at position C), modules 1..k run over the window of W = 2k
-    positions ending at C-1; at C-1 module j reads draft j-1 and writes draft j. Entries a module
-    wrote from drafted tokens lie inside the next step's window, so they are always rewritten from
-    accepted tokens; the window's start never passes a position that is still provisional.
-    The buffers (depth 1's hidden input, h^0 or the fused states, and the token per position)
-    live in the `DecodeState`.
+    tokens (the pending one sits at position C), modules 1..k run over the window of W = k+1
+    positions ending at C-1; at C-1 module j reads draft j-1 and writes draft j.
+    Why k+1 is enough: after a step that accepted n of the drafts drafted at C', module j's entries
+    that may be wrong are those whose tokens t_{i+1..i+j} reach past the accepted ones, positions
+    i >= C' + n + 1 - j, and the n+1 positions C'..C-1 are new: max(n+1, j) <= k+1 positions
+    ending at C-1. Entries made from drafts that were accepted equal those made from the tokens
+    themselves, so they stay. One window for every depth keeps each depth's window inside the one
+    below it, whose states it reads. The buffers (depth 1's hidden input, h^0 or the fused states,
+    and the token per position) live in the `DecodeState`.
 
     Modules deeper than k do not run in a step of k drafts, so their cache entries fall behind.
     Before a longer draft runs, `catch_up` rewrites every module's entries over the positions
@@ -106,7 +123,7 @@ class ModuleDrafter:
     """
 
     def __init__(self, model, state, k: int) -> None:
-        self.model, self.state, self.k, self.W = model, state, k, 2 * k
+        self.model, self.state, self.k, self.W = model, state, k, k + 1
         self.depths = model.depth
         """Modules a prefill or a catch-up runs (every one, whatever k drafts)."""
         self._w = torch.arange(max(self.W, CATCH_UP_CHUNK), device=state.device)
@@ -123,7 +140,7 @@ class ModuleDrafter:
 
         Args:
             win, at: the positions (B, W) the modules run over and the index (B,) of C-1 in them
-                (default: the step's window of 2k positions ending at C-1).
+                (default: the step's window of k+1 positions ending at C-1).
             depths: modules to run (default k; more only write their cache entries: their
                 entries at positions i > C-j read tokens that are not drafts, and are provisional).
         """

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from multitoken.decoding.drafting import ModuleDrafter, decode_pass, head_drafts, record
+from multitoken.decoding.drafting import ModuleDrafter, decode_pass, first_heads, head_drafts, record
 from multitoken.decoding.sampling import Sampling, probs, sample
 from multitoken.decoding.state import DecodeState
 from multitoken.decoding.trees import StaticTree, ancestors, build_nodes, build_sampled_nodes, candidate_ranks, sample_candidates
@@ -166,7 +166,7 @@ class _Drafting(Strategy):
         self._emit_first(logits)
         u = self._draft_uniforms()
         if self.from_verify:
-            self._set_drafts(*head_drafts(self.model, states[:k], lengths - 1, lengths + 1, self.s, self.lossless, u))
+            self._set_drafts(*head_drafts(self.model, first_heads(states, k), lengths - 1, lengths + 1, self.s, self.lossless, u))
         else:
             B, T = idx.shape
             pos = torch.arange(T, device=idx.device).expand(B, T)
@@ -216,7 +216,7 @@ class Chain(_Drafting):
         st.x.copy_(final)
         u = st.rand[:, k + 1 : 2 * k + 1]
         if self.from_verify:
-            self._set_drafts(*head_drafts(model, states[:k], n, st.cache.pos + 1, s, self.lossless, u))
+            self._set_drafts(*head_drafts(model, first_heads(states, k), n, st.cache.pos + 1, s, self.lossless, u))
         else:
             self.drafter.record(pos, last, y)
             self._set_drafts(*self.drafter.draft(st.cache.pos, s, self.lossless, u))
@@ -274,7 +274,7 @@ class Tree(_Drafting):
         st.x.copy_(final)
         zero_u = st.rand[:, :k]  # drafts are top-k candidates: no draws
         if self.from_verify:
-            self._set_drafts(*head_drafts(model, states[:k], best, cache.pos + 1, s, False, zero_u))
+            self._set_drafts(*head_drafts(model, first_heads(states, k), best, cache.pos + 1, s, False, zero_u))
         else:
             self.drafter.record(base[:, None] + self._levels, rows_at_many(last, path), emitted)
             self._set_drafts(*self.drafter.draft(cache.pos, s, False, zero_u))

@@ -30,6 +30,7 @@ from multitoken.model.build import build_model, limit_context
 log = logging.getLogger(__name__)
 
 HEADS_FORMAT = "multitoken-heads/1"
+DRAFT_VOCAB_FORMAT = "multitoken-draft-vocab/1"
 DRAFT_VOCAB_KEYS = ("d2t", "t2d")
 
 
@@ -186,6 +187,28 @@ def load_heads_into(model: Transformer, heads_file: str | Path) -> str | None:
     if note:
         log.info("--init-heads %s: %s", heads_file, note)
     return note
+
+
+def save_draft_vocab(path: str | Path, ids: torch.Tensor, vocab_size: int, info: dict[str, Any] | None = None) -> Path:
+    """Write a draft vocabulary alone (``d2t``/``t2d``, as in a heads file, with `info` as metadata):
+    for heads files that come without one (`read_draft_vocab`). Atomic."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"format": DRAFT_VOCAB_FORMAT, "vocab_size": str(vocab_size), "info": json.dumps(info or {}, sort_keys=True)}
+    atomic_write(path, lambda tmp: save_file(draft_vocab_tensors(ids.sort().values, vocab_size), tmp, metadata=meta))
+    return path
+
+
+def read_draft_vocab(path: str | Path, vocab_size: int) -> torch.Tensor:
+    """The draft ids (V',) of a file of `save_draft_vocab` or a heads file that holds them; one-line
+    errors when it holds none, is damaged or was made for another vocabulary."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"draft vocabulary {path} does not exist: make it with `multitoken draft-vocab` or bench/smollm2_draft_vocab.py")
+    ids = draft_ids_from(read_safetensors(path, "write it again"), vocab_size, path)
+    if ids is None:
+        raise UserError(f"{path} holds no draft vocabulary (d2t/t2d): write one with `multitoken draft-vocab`")
+    return ids
 
 
 def write_draft_vocab(heads_file: str | Path, ids: torch.Tensor | None, vocab_size: int, out: str | Path | None = None) -> Path:

@@ -97,6 +97,61 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+DENSE_MIN = 1 << 18
+"""Weights of at least this many elements (1 MB in float32) take `dense`'s oneDNN path on the CPU;
+below it a oneDNN call's fixed cost (~50 us here) is more than the whole MKL matmul."""
+_ONEDNN: list[bool] = []  # [available], decided at the first call
+
+
+def dense(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
+    """``F.linear(x, w, b)``; on the CPU, without gradients, for a large float32 weight and more
+    than one row, oneDNN's matmul over a copy of w packed once (kept on w, packed again when w is
+    written or moved).
+
+    Why: MKL's float32 matmul of a few rows costs up to ~4x its one-row matmul on the AMD CPU this
+    project measures on (it is compute, not the weight's memory traffic, that grows), so verifying
+    k+1 tokens cost several plain steps; oneDNN over the packed weight costs little more for 5
+    rows than for 1 (bench/results/cpu_steps_smollm2.json). One row keeps MKL's matrix-vector
+    product: as fast or faster there, and plain decoding stays what it was. Rounding: a row's
+    result differs from MKL's one-row result by float32 rounding (as MKL's own results for 1, 2-3
+    and 4+ rows already differ from each other); the rows of one oneDNN call are bit-identical
+    to each other's whatever their number (packed for 8 rows; checked from 2 to 300 rows, 1 and 2
+    threads). Training keeps F.linear (this packed path has no backward).
+    """
+    if (x.device.type != "cpu" or w.dtype != torch.float32 or x.dtype != torch.float32 or w.numel() < DENSE_MIN
+            or x.numel() == x.shape[-1] or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            or not _onednn()):
+        return F.linear(x, w, b)
+    y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), _packed(w), b, "none", [], "")
+    return y.view(*x.shape[:-1], w.shape[0])
+
+
+def _onednn() -> bool:
+    if not _ONEDNN:
+        ops = torch.ops.mkldnn
+        _ONEDNN.append(bool(torch.backends.mkldnn.is_available() and hasattr(ops, "_linear_pointwise")
+                            and hasattr(ops, "_reorder_linear_weight")))
+    return _ONEDNN[0]
+
+
+def _packed(w: Tensor) -> Tensor:
+    """w in oneDNN's blocked layout for up to 8 rows, made once and kept on w (an attribute), made
+    again when w moves or is written in place (its address or version changes)."""
+    key = (w.data_ptr(), w._version, tuple(w.shape))
+    hit = getattr(w, "_onednn_packed", None)
+    if hit is None or hit[0] != key:
+        hit = (key, torch.ops.mkldnn._reorder_linear_weight(w.detach(), 8))
+        w._onednn_packed = hit
+    return hit[1]
+
+
+class Linear(nn.Linear):
+    """nn.Linear (same parameters, names and init) whose forward is `dense`."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return dense(x, self.weight, self.bias)
+
+
 class Fusable(nn.Module):
     """A module whose sibling projections `FUSED` can run as one matmul (see the module docstring)."""
 
@@ -134,7 +189,7 @@ class Fusable(nn.Module):
         if self._fused is None or (torch.is_grad_enabled() and lins[0].weight.requires_grad):
             return [lin(x) for lin in lins]
         w, b = self._fused
-        return list(F.linear(x, w, b).split([lin.weight.shape[0] for lin in lins], dim=-1))
+        return list(dense(x, w, b).split([lin.weight.shape[0] for lin in lins], dim=-1))
 
 
 def fuse_projections(model: nn.Module) -> None:
@@ -150,10 +205,10 @@ class Attention(Fusable):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.k_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
-        self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_proj = Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.k_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.v_proj = Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=cfg.attention_bias)
+        self.o_proj = Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.scale = cfg.attn_scale or None  # None: SDPA's own 1/sqrt(head_dim)
         if cfg.qk_norm:
             self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.norm_plus_one)
@@ -211,9 +266,9 @@ class MLP(Fusable):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.gelu = cfg.hidden_act == "gelu_tanh"
-        self.gate_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.dim, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.dim, bias=False)
+        self.gate_proj = Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.up_proj = Linear(cfg.dim, cfg.intermediate_size, bias=False)
+        self.down_proj = Linear(cfg.intermediate_size, cfg.dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         gate, up = self.project(x)

@@ -17,14 +17,13 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from multitoken.config import ModelConfig
 from multitoken.errors import UserError
 from multitoken.model.heads import BackboneStates, HeadFamily, SharedModules, build_heads, default_loss_weights
 from multitoken.model.kv_cache import KVCache
-from multitoken.model.layers import Block, RMSNorm, ScaledEmbedding, rope_tables
+from multitoken.model.layers import Block, Linear, RMSNorm, ScaledEmbedding, dense, rope_tables
 
 
 class Transformer(nn.Module):
@@ -42,7 +41,7 @@ class Transformer(nn.Module):
         self.embed_tokens = ScaledEmbedding(config.vocab_size, config.dim, config.dim ** 0.5 if config.scale_embeddings else 1.0)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.dim, config.norm_eps, config.norm_plus_one)
-        self.lm_head = nn.Linear(config.dim, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.dim, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.mtp: HeadFamily | None = build_heads(config)
@@ -209,7 +208,7 @@ class Transformer(nn.Module):
 
     def logits(self, h: Tensor, depth: int = 0) -> Tensor:
         """Logits (..., V) for hidden states of depth `depth` as `forward` returns them."""
-        logits = F.linear(h, self.unembed_weight(depth))
+        logits = dense(h, self.unembed_weight(depth))
         cap = self.config.final_logit_softcap
         return logits if not cap else torch.tanh(logits / cap) * cap
 

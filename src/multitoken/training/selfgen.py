@@ -330,7 +330,8 @@ def distill_data(model, tok, out: str | Path, cfg: SelfGenConfig, corpus: str | 
             raise UserError(f"--corpus {corpus} was prepared with another tokenizer than the model's: prepare it with --tokenizer RUN_DIR")
         corpus_tokens = read_shard(shard_path(corpus, "train"), tok.vocab_size)
     context = model.config.max_seq_len
-    if cfg.answer_tokens + 64 > context or cfg.code_prefix[1] + cfg.code_tokens > context:
+    # Only what is written is checked: a code-only job on a short-context model is not held to chat's lengths.
+    if (cfg.chat and cfg.answer_tokens + 64 > context) or (cfg.code and cfg.code_prefix[1] + cfg.code_tokens > context):
         raise UserError(f"the model's context ({context}) is too short for --answer-tokens/--code-tokens: ask for fewer")
 
     outdir.claim(out, "prepare")

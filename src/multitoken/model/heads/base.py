@@ -20,11 +20,11 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from multitoken.config import HeadsConfig, ModelConfig
+from multitoken.model.layers import dense
 
 Rope = tuple[Tensor, ...]
 """(cos, sin), or (cos, sin, local_cos, local_sin) for a model with local layers (`Transformer.rope`)."""
@@ -83,7 +83,7 @@ class HeadFamily(nn.Module):
         # weight (absent from state_dict, so checkpoints and exports are unchanged): heads files
         # store it as d2t/t2d (io/heads_file.py).
         self.register_buffer("draft_ids", None, persistent=False)
-        self._sliced: dict[int, tuple[tuple, Tensor]] = {}
+        self._sliced: dict[int | str, tuple[tuple, Tensor]] = {}
 
     # ---- configuration ----------------------------------------------------------------------
     @classmethod
@@ -149,7 +149,39 @@ class HeadFamily(nn.Module):
                 the right tokens read them).
         """
         w = self.unembed_weight(shared, k)
-        return F.linear(h, w if self.draft_ids is None else self._draft_weight(k, w))
+        return dense(h, w if self.draft_ids is None else self._draft_weight(k, w))
+
+    def draft_logits_all(self, shared: SharedModules, h: Tensor, pos: Tensor | None = None) -> Tensor:
+        """Logits of depths 1..n at once from their states h (B, n, C): (B, n, |V'|) or (B, n, V).
+
+        One matmul for every depth: over the one unembedding they share, or a batched one over
+        their own (Medusa's), stacked once. A family (or a test stub) that defines its own
+        `draft_logits` has it called depth by depth instead.
+
+        Args:
+            pos: (B,) positions of depth 1's drafted tokens (depth j's are pos + j - 1).
+        """
+        n = h.shape[1]
+        if type(self).draft_logits is not HeadFamily.draft_logits:
+            return torch.stack([self.draft_logits(shared, j, h[:, j - 1], None if pos is None else pos + j - 1)
+                                for j in range(1, n + 1)], 1)
+        ws = [self.unembed_weight(shared, j) for j in range(1, n + 1)]
+        if all(w is ws[0] for w in ws):  # one shared unembedding
+            return dense(h, ws[0] if self.draft_ids is None else self._draft_weight(1, ws[0]))
+        w = self._stacked_draft_weight(ws)  # (n, V', C)
+        return torch.bmm(h.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)  # (B, n, V')
+
+    def _stacked_draft_weight(self, ws: list[Tensor]) -> Tensor:
+        """The depths' own unembeddings (their |V'| rows) stacked (n, V', C), built once and rebuilt
+        when one of them moves or is written, or the draft vocabulary changes."""
+        ids = self.draft_ids
+        key = tuple((w.data_ptr(), w.device, w.dtype, w._version) for w in ws) + (
+            None if ids is None else (ids.data_ptr(), ids._version),)
+        hit = self._sliced.get("stack")
+        if hit is None or hit[0] != key:
+            rows = [w.detach() if ids is None else w.detach().index_select(0, ids) for w in ws]
+            hit = self._sliced["stack"] = (key, torch.stack(rows))
+        return hit[1]
 
     def _draft_weight(self, k: int, w: Tensor) -> Tensor:
         """The |V'| rows of unembedding w, indexed once and cached until w moves or is written
@@ -178,9 +210,9 @@ class HeadFamily(nn.Module):
         return h
 
     def decode_states(self, shared: SharedModules, n: int, states: BackboneStates, rope: Rope, cache, slots,
-                      mask) -> list[Tensor]:
-        """States (B, q, C) of the first n heads in a cached decoding pass: they draft the next step
-        (only for families with `drafts_from_verify`)."""
+                      mask) -> list[Tensor] | Tensor:
+        """States (B, q, C) of the first n heads in a cached decoding pass, or one (B, q, n, C)
+        tensor of them: they draft the next step (only for families with `drafts_from_verify`)."""
         return []
 
     # ---- initialisation ---------------------------------------------------------------------

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from multitoken.config import HeadsConfig, ModelConfig
 from multitoken.model.heads.base import BackboneStates, HeadFamily, Rope, SharedModules
+from multitoken.model.layers import Linear, dense
 
 EXPORT_PREFIX = "medusa_head."
 
@@ -25,7 +26,7 @@ EXPORT_PREFIX = "medusa_head."
 class ResBlock(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
-        self.linear = nn.Linear(dim, dim)
+        self.linear = Linear(dim, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         return x + nn.functional.silu(self.linear(x))
@@ -35,7 +36,7 @@ class MedusaHead(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.blocks = nn.Sequential(*(ResBlock(cfg.dim) for _ in range(cfg.heads.medusa_layers)))
-        self.lm_head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.dim, cfg.vocab_size, bias=False)
 
 
 class MedusaHeads(HeadFamily):
@@ -55,17 +56,17 @@ class MedusaHeads(HeadFamily):
         return [self.run(head.blocks, states.main) for head in self.heads]
 
     def decode_states(self, shared: SharedModules, n: int, states: BackboneStates, rope: Rope, cache, slots,
-                      mask) -> list[Tensor]:
+                      mask) -> list[Tensor] | Tensor:
         if n == 0:
             return []
         if len(self.heads[0].blocks) != 1:
             return [head.blocks(states.main) for head in self.heads[:n]]
-        # The n one-block heads read the same state: one matmul for all of them instead of n.
+        # The n one-block heads read the same state: one matmul for all of them instead of n, and
+        # their states stay stacked (B, q, n, C) for the drafts' one gather and one batched LM head.
         # A small model's decoding step on a CPU costs its count of small ops, not its arithmetic.
         h = states.main  # (B, q, C)
         w, b = self._stacked(n)  # (n*C, C), (n*C,)
-        y = h[..., None, :] + F.silu(F.linear(h, w, b).unflatten(-1, (n, h.shape[-1])))  # (B, q, n, C)
-        return list(y.unbind(-2))
+        return h[..., None, :] + F.silu(dense(h, w, b).unflatten(-1, (n, h.shape[-1])))  # (B, q, n, C)
 
     def _stacked(self, n: int) -> tuple[Tensor, Tensor]:
         """The first n heads' residual-block weights stacked (n*C, C) and biases (n*C,), built once

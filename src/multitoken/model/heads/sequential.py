@@ -40,7 +40,7 @@ from torch import Tensor, nn
 
 from multitoken.config import HeadsConfig, ModelConfig
 from multitoken.model.heads.base import BackboneStates, HeadFamily, Rope, SharedModules
-from multitoken.model.layers import Block, RMSNorm
+from multitoken.model.layers import Block, Linear, RMSNorm
 
 
 def shift_tokens(idx: Tensor, k: int, pad: int) -> Tensor:
@@ -115,7 +115,7 @@ class MTPModule(Block):
         super().__init__(cfg, layer)
         self.enorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.hnorm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.eh_proj = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
+        self.eh_proj = Linear(2 * cfg.dim, cfg.dim, bias=False)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)  # released name: shared_head.norm
 
     def forward(self, h_prev: Tensor, emb: Tensor, rope, cache=None, slots=None, mask=None, layer=None,
