@@ -43,7 +43,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 FAST = ["-x", "-q", "-m", "not slow", "-p", "no:cacheprovider"]
 SLOW = ["-x", "-q", "-m", "slow", "-p", "no:cacheprovider"]
-_FAILED = re.compile(r"^(FAILED|ERROR) (\S+)", re.M)
+_FAILED = re.compile(r"^(FAILED|ERROR) (.+?)(?: - .*)?$", re.M)  # node ids may hold spaces: "test[step -3]"
 
 
 def run_pytest(args: list[str], timeout: float) -> dict:
@@ -56,8 +56,10 @@ def run_pytest(args: list[str], timeout: float) -> dict:
     except subprocess.TimeoutExpired:
         return {"rc": None, "timeout": True, "seconds": round(time.perf_counter() - t0, 1), "failed": [], "tail": ""}
     out = p.stdout + p.stderr
+    first_error = next((line[2:].strip() for line in out.splitlines() if line.startswith("E ")), "")
     return {"rc": p.returncode, "timeout": False, "seconds": round(time.perf_counter() - t0, 1),
-            "failed": [m[2] for m in _FAILED.finditer(out)], "tail": "\n".join(out.strip().splitlines()[-3:])}
+            "failed": [m[2] for m in _FAILED.finditer(out)], "error": first_error[:200],
+            "tail": "\n".join(out.strip().splitlines()[-3:])}
 
 
 def ordered_tests(first: list[str]) -> list[str]:
@@ -111,6 +113,11 @@ def one(m: dict, slow: bool, timeout: float) -> dict:
         fast = run_pytest([*FAST, *ordered_tests(m.get("area_tests", []))], timeout)
         rec["fast"] = verdict(fast)
         rec["fast_caught_by"] = fast["failed"][:1]
+        if rec["fast"] == "caught" and fast["failed"]:
+            rec["fast_error"] = fast["error"]
+            # A catch must not depend on the tests before it: the catching test alone fails too.
+            alone = run_pytest(["-q", "-p", "no:cacheprovider", fast["failed"][0]], timeout)
+            rec["confirmed_alone"] = verdict(alone) == "caught"
         rec["fast_seconds"] = fast["seconds"]
         if fast["timeout"]:
             rec["fast_timeout"] = True
@@ -137,13 +144,25 @@ def after(m: dict, timeout: float) -> dict:
             "caught_after": verdict(planted) == "caught" and verdict(clean) == "survived"}
 
 
+def confirm(m: dict, rec: dict, timeout: float) -> dict:
+    """Run the test that caught the mutant alone against it: a catch that needs the tests before it
+    (state one test leaves for the next) is not one."""
+    with Planted(m):
+        node = rec["fast_caught_by"][0]
+        if "[" in node and not node.endswith("]"):  # cut at a space by an older runner: run every parameter
+            node = node.split("[")[0]
+        alone = run_pytest(["-q", "-p", "no:cacheprovider", node], timeout)
+    return {"confirmed_alone": verdict(alone) == "caught", "fast_error": rec.get("fast_error") or alone["error"]}
+
+
 def summary(records: list[dict]) -> dict:
     n = len(records)
     fast = sum(r["fast"] == "caught" for r in records)
     both = sum(r["caught_fast_or_slow"] for r in records)
     s = {"mutants": n, "caught_fast": fast, "caught_fast_or_slow": both,
          "rate_fast": round(fast / n, 3) if n else None, "rate_fast_or_slow": round(both / n, 3) if n else None,
-         "survivors": [r["id"] for r in records if not r["caught_fast_or_slow"]]}
+         "survivors": [r["id"] for r in records if not r["caught_fast_or_slow"]],
+         "caught_only_after_other_tests": [r["id"] for r in records if r.get("confirmed_alone") is False]}
     with_after = [r for r in records if "caught_after" in r]
     if with_after:
         s["caught_after_new_tests"] = sum(r["caught_after"] for r in with_after)
@@ -159,6 +178,8 @@ def main() -> None:
     ap.add_argument("--slow", action="store_true", help="run the slow tests of a fast-suite survivor's area")
     ap.add_argument("--after", action="store_true", help="only run each mutant's new_tests, on it and on the clean tree "
                     "(caught_after), updating the records of an earlier run")
+    ap.add_argument("--confirm", action="store_true", help="only re-run each caught mutant's catching test alone "
+                    "(records of an earlier run that lack confirmed_alone)")
     ap.add_argument("--resume", action="store_true", help="skip mutants that already have a record in --out")
     ap.add_argument("--timeout", type=float, default=3600, help="seconds per pytest run (default 3600)")
     args = ap.parse_args()
@@ -178,7 +199,14 @@ def main() -> None:
     done = {r["id"]: r for r in old.get("mutants", [])}  # kept: --only and --after update records in place
     order = [m["id"] for m in json.loads(Path(args.round).read_text())]
     for i, m in enumerate(mutants, 1):
-        if args.after:
+        if args.confirm:
+            rec = done.get(m["id"])
+            if rec is None or rec["fast"] != "caught" or not rec["fast_caught_by"] or "confirmed_alone" in rec:
+                continue
+            print(f"[{i}/{len(mutants)}] {m['id']} (alone: {rec['fast_caught_by'][0]}) ...", end=" ", flush=True)
+            done[m["id"]] = {**rec, **confirm(m, rec, args.timeout)}
+            print("confirmed" if done[m["id"]]["confirmed_alone"] else "NOT caught alone", flush=True)
+        elif args.after:
             if m["id"] not in done:
                 raise SystemExit(f"{m['id']}: no record in {out} yet; run the round before --after")
             if not m.get("new_tests"):
