@@ -275,6 +275,17 @@ def test_frozen_backbone_builds_no_graph(kind):
     assert all(h.requires_grad for h in hiddens[1:])
 
 
+def test_first_nonfinite_keeps_the_first_bad_step():
+    """Gradient norms 1, inf, 2, nan, 3 at steps 1..5: the run diverged at step 2, not 4."""
+    from multitoken.training.trainer import StepStats, first_nonfinite
+
+    first = torch.tensor(-1)
+    for step, gn in enumerate([1.0, float("inf"), 2.0, float("nan"), 3.0], 1):
+        z = torch.zeros(3)
+        first = first_nonfinite(first, StepStats(z, z, z, torch.tensor(gn)), step)
+    assert int(first) == 2
+
+
 def _with_masks(monkeypatch, make_mask):
     """Make TokenLoader yield (tokens, mask) pairs, as it does for data with a loss-mask shard."""
     from multitoken.data.loader import TokenLoader
