@@ -166,7 +166,9 @@ def summary(records: list[dict]) -> dict:
     with_after = [r for r in records if "caught_after" in r]
     if with_after:
         s["caught_after_new_tests"] = sum(r["caught_after"] for r in with_after)
-        s["rate_after"] = round(sum(r["caught_fast_or_slow"] or r.get("caught_after", False) for r in records) / n, 3)
+        # A catch that needs earlier tests' state counts only once a new test catches it alone.
+        s["rate_after"] = round(sum((r["caught_fast_or_slow"] and r.get("confirmed_alone") is not False)
+                                    or r.get("caught_after", False) for r in records) / n, 3)
     return s
 
 

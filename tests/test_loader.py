@@ -93,6 +93,27 @@ def test_eval_batches(shard: Path) -> None:
     assert all(torch.equal(torch.cat([ranks[0][k], ranks[1][k]]), batches[k]) for k in range(5))
 
 
+def test_eval_batches_cover_every_window_when_the_batch_does_not_divide_them(shard: Path) -> None:
+    """124 windows in batches of 5: the 25th batch holds the last 4 windows (and wraps one); none is left out."""
+    w = (N_TOKENS - 1) // T
+    assert w % 5
+    starts = torch.cat(list(TokenLoader(shard, batch_size=5, seq_len=T).eval_batches()))[:, 0]
+    assert len(starts) == 5 * -(-w // 5)
+    assert set(starts.tolist()) == set(range(0, w * T, T))
+
+
+def test_resume_exactly_at_the_end_of_an_epoch(shard: Path) -> None:
+    """A loader saved after the last window of an epoch (pos == windows) resumes into the next epoch."""
+    whole = TokenLoader(shard, batch_size=1, seq_len=T, seed=4)
+    per_epoch = len(whole._epoch_starts)
+    take(whole, per_epoch)
+    state = whole.state_dict()
+    assert state["epoch"] == 0 and state["pos"] == per_epoch  # the epoch is done, the next one not yet begun
+    resumed = TokenLoader(shard, batch_size=1, seq_len=T, seed=4)
+    resumed.load_state_dict(state)
+    assert torch.equal(next(resumed), next(whole)) and resumed.epoch == 1
+
+
 def small_data_dir(tmp_path: Path) -> Path:
     """A bytes DATA_DIR of four short documents."""
     corpus = tmp_path / "c"

@@ -172,6 +172,18 @@ def test_linear_cross_entropy_matches_autograd_in_float64_and_never_builds_full_
     assert (ce[t == X] == 0).all()
 
 
+def test_chunked_accuracy_counts_only_valid_rows_even_where_token_0_wins():
+    """Every row's argmax is token 0, which is also where an ignored row's target is clamped: the
+    correct rows are exactly the valid ones whose target is 0 (2 of 6), never an ignored one."""
+    h = torch.ones(6, 4)
+    w = torch.zeros(5, 4)
+    w[0] = 1.0  # logits: 4 for token 0, 0 for the rest
+    t = torch.tensor([0, X, 3, 0, X, X])
+    _, ce, ok = linear_cross_entropy(h, w, t, torch.ones(6), chunk_rows=4)
+    assert ok.tolist() == [True, False, False, True, False, False] and int(ok.sum()) == 2
+    assert (ce[t == X] == 0).all()
+
+
 def test_distillation_targets_are_the_main_heads_later_distribution():
     """Depth k at position i learns softmax(main logits at i+k): perfect heads give zero KL.
 

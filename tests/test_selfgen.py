@@ -108,6 +108,24 @@ def test_distill_data_writes_conversations_with_a_mask_on_what_the_model_did_not
         assert row.tolist() == [bool(x) for x in mask["train"][s: s + 17]]
 
 
+def test_a_cut_answer_ends_in_an_eos_the_model_is_not_trained_to_write() -> None:
+    """An answer that ran out of tokens gets an EOS so the document ends, but the model did not write
+    it: mask 0 there (training on it would teach stopping mid-sentence); a finished answer's EOS is its own (1)."""
+    from collections import Counter
+
+    from multitoken.training.selfgen import answer
+
+    tok = chat_tokenizer()
+    cut, done = tok.encode("It is because"), tok.encode("Yes.") + [tok.eos_id]
+    convs = [[{"role": "user", "content": "Why?"}], [{"role": "user", "content": "Ok?"}]]
+    docs = answer(tok, lambda prompts, n, t: [cut, done], SelfGenConfig(answer_tokens=len(cut)), convs, 0.0,
+                  Counter(), 4096)
+    for d, m, ids, last in zip(docs, convs, (cut, done), (0, 1)):
+        p = tok.chat(m)
+        assert d.ids == p + ids[: len(ids) - last] + [tok.eos_id]
+        assert d.mask == [0] * len(p) + [1] * (len(ids) - last) + [last]
+
+
 def test_a_masked_target_is_ignored_at_every_depth() -> None:
     """Hand-written: tokens 1..7, EOS = 0 at index 4, mask False on indices 1, 2 and 5."""
     window = torch.tensor([[1, 2, 3, 4, 0, 5, 6, 7]])

@@ -143,6 +143,18 @@ def test_stop_text_over_multi_token_steps_and_split_utf8():
     assert t.push([0xC3]) == "" and t.push([0xA9, 0x41]) == "\u00e9A"
 
 
+def test_stop_text_holds_back_the_start_of_the_longest_stop_string():
+    """Streamed byte by byte with stop strings of different lengths, the text sent never runs past
+    the cut: the naive answer is the whole text cut before its first stop string."""
+    tok = Tokenizer.bytes()
+    for text in ("ab ENDING z", "xy! more", "no stop here"):
+        stops = ["!", "ENDING"]
+        cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
+        t = StopText(tok, stops, None)
+        sent = "".join(t.push([c]) for c in text.encode())
+        assert text[:cut].startswith(sent) and sent + t.finish() == text[:cut]
+
+
 # ---- load ----------------------------------------------------------------------------------------------
 def test_32_concurrent_streams_with_mixed_settings(served):
     """32 streams at once on 8 rows (requests queue, rows are reused): zero failures; every greedy stream and

@@ -275,6 +275,36 @@ def test_frozen_backbone_builds_no_graph(kind):
     assert all(h.requires_grad for h in hiddens[1:])
 
 
+def test_param_groups_decay_matrices_but_not_the_tied_embedding_norms_or_biases():
+    """AdamW groups named by hand: the token embedding (tied to the LM head; decay would shrink the rows
+    of rare tokens, which few gradients restore) stays undecayed like norms and biases; every other matrix decays."""
+    from conftest import tiny_model
+
+    from multitoken.training.trainer import param_groups
+
+    model = tiny_model("medusa", 2)
+    assert model.lm_head.weight is model.embed_tokens.weight
+    decay, no_decay = param_groups(model, 0.1)
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+    name = {id(p): n for n, p in model.named_parameters()}
+    want_plain = {"embed_tokens.weight", "norm.weight", *(f"layers.{i}.{k}_layernorm.weight" for i in range(3)
+                                                          for k in ("input", "post_attention")),
+                  *(f"mtp.heads.{h}.blocks.0.linear.bias" for h in range(2))}
+    assert {name[id(p)] for p in no_decay["params"]} == want_plain
+    assert {name[id(p)] for p in decay["params"]} == set(name.values()) - want_plain
+
+
+def test_first_nonfinite_keeps_the_first_bad_step():
+    """Gradient norms 1, inf, 2, nan, 3 at steps 1..5: the run diverged at step 2, not 4."""
+    from multitoken.training.trainer import StepStats, first_nonfinite
+
+    first = torch.tensor(-1)
+    for step, gn in enumerate([1.0, float("inf"), 2.0, float("nan"), 3.0], 1):
+        z = torch.zeros(3)
+        first = first_nonfinite(first, StepStats(z, z, z, torch.tensor(gn)), step)
+    assert int(first) == 2
+
+
 def _with_masks(monkeypatch, make_mask):
     """Make TokenLoader yield (tokens, mask) pairs, as it does for data with a loss-mask shard."""
     from multitoken.data.loader import TokenLoader
