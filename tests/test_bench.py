@@ -126,6 +126,10 @@ def test_the_reference_decoder_decodes_greedily_like_full_forward_passes():
 
 def test_bench_decode_runs_the_reference_and_each_draft_vocabulary_on_the_cpu(tmp_path):
     import json
+    import subprocess
+    from pathlib import Path
+
+    import multitoken
 
     from multitoken.cli import main
 
@@ -133,7 +137,11 @@ def test_bench_decode_runs_the_reference_and_each_draft_vocabulary_on_the_cpu(tm
     assert main(["bench", "decode", "--preset", "tiny", "--heads", "parallel:2", "--batch", "1", "--temperature", "0",
                  "--draft-vocab", "64,full", "--new-tokens", "6", "--prompt-tokens", "8", "--repeats", "1",
                  "--no-transformers", "--no-eager", "--device", "cpu", "--out", str(out)]) == 0
-    rows = {r["method"]: r for r in json.loads((out / "decode.json").read_text())["results"]}
+    data = json.loads((out / "decode.json").read_text())
+    here = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(multitoken.__file__).parent, capture_output=True, text=True)
+    if here.returncode == 0:  # a checkout: the JSON names its commit
+        assert data["commit"].split("+")[0] == here.stdout.strip()
+    rows = {r["method"]: r for r in data["results"]}
     assert rows["reference: minimal decoder (eager)"]["token_match"] == 1.0
     for v in ("64", "full"):
         r = rows[f"ours chain V'={v}"]

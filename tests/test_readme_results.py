@@ -183,3 +183,22 @@ def test_results_record_their_commit_and_only_code_makes_it_dirty(tmp_path):
     (tmp_path / "src/a.py").write_text("2\n")
     assert git_commit(tmp_path) == head + "+dirty"
     assert git_commit(tmp_path.parent) is None or not git_commit(tmp_path.parent).startswith(head)
+
+
+def test_a_copy_without_git_records_the_commit_it_is_given(tmp_path, monkeypatch):
+    """The GPU machine gets the tree without .git: its results name the commit from $MULTITOKEN_COMMIT,
+    and a checkout's own commit wins over the variable."""
+    import subprocess
+
+    from multitoken.bench.provenance import git_commit
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above the copy either
+    monkeypatch.delenv("MULTITOKEN_COMMIT", raising=False)
+    assert git_commit(tmp_path) is None
+    monkeypatch.setenv("MULTITOKEN_COMMIT", "d9f0786")
+    assert git_commit(tmp_path) == "d9f0786"
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-q", "--allow-empty", "-m", "x"],
+                   cwd=tmp_path, check=True)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert git_commit(tmp_path) == head

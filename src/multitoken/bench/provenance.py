@@ -21,19 +21,20 @@ import torch
 
 def git_commit(path: str | Path | None = None) -> str | None:
     """The checked-out commit of the repository holding `path` (default: this package), with
-    ``+dirty`` when tracked code (src/, bench/ scripts, pyproject.toml) differs from it; None
-    outside a git checkout."""
+    ``+dirty`` when tracked code (src/, bench/ scripts, pyproject.toml) differs from it; outside a
+    git checkout (a copy of the tree, as the GPU machine gets) $MULTITOKEN_COMMIT, else None."""
     where = Path(path) if path is not None else Path(__file__).parent
+    copied = os.environ.get("MULTITOKEN_COMMIT") or None
     try:
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True, timeout=10)
         if head.returncode != 0:
-            return None
+            return copied
         # Only the code counts: results being written (bench/results/) do not make a run dirty.
         status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)src", ":(top)bench",
                                  ":(top)pyproject.toml", ":(top,exclude)bench/results"], cwd=where,
                                 capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
-        return None
+        return copied
     dirty = status.returncode != 0 or bool(status.stdout.strip())  # unknown counts as dirty
     return head.stdout.strip() + ("+dirty" if dirty else "")
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from multitoken.bench import decode, train
+from multitoken.bench.provenance import git_commit
 from multitoken.data.evalsets import SETS
 from multitoken.checks import MAX_NEW_TOKENS, SAMPLING_RANGES
 from multitoken.cli.options import device_arg, dtype_arg, floats, ints, listed, option, path_arg
@@ -107,7 +108,7 @@ def run_decode(args: argparse.Namespace) -> int:
     outdir.check(out, "bench")  # before the slow part
     model, tok, run_dir, desc = decode.load_model(args)
     t0 = time.perf_counter()
-    data = dict(command="multitoken " + " ".join(getattr(args, "argv", sys.argv[1:])), model=desc, dtype=args.dtype,
+    data = dict(command="multitoken " + " ".join(getattr(args, "argv", sys.argv[1:])), commit=git_commit(), model=desc, dtype=args.dtype,
                 machine=dict(device=torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
                              torch=torch.__version__, python=platform.python_version(), threads=torch.get_num_threads(),
                              cpus=os.cpu_count()),
@@ -167,7 +168,7 @@ def run_train(args: argparse.Namespace) -> int:
             results.append(r)
     base = next(r for r in results if r["heads"] == "none" and r["loss"] != "naive")
     train.add_ratios(results, base, args.peak_tflops, device.type == "cuda")
-    data = dict(command="multitoken " + " ".join(getattr(args, "argv", sys.argv[1:])), preset=args.preset,
+    data = dict(command="multitoken " + " ".join(getattr(args, "argv", sys.argv[1:])), commit=git_commit(), preset=args.preset,
                 batch_size=args.batch_size, seq_len=args.seq_len, vocab=args.vocab, compile=args.compile,
                 dtype="bf16 autocast" if device.type == "cuda" else "float32", peak_tflops=args.peak_tflops,
                 machine=dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",

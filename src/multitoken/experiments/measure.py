@@ -84,7 +84,7 @@ def measure_run(study, spec, run_dir: Path) -> dict[str, Any]:
     from multitoken.data.shards import read_shard
     from multitoken.experiments.quality import (held_out_documents, next_line_cases, next_line_exact_match,
                                                 score_bits_per_byte, val_windows)
-    from multitoken.experiments.results import source_commit
+    from multitoken.bench.provenance import git_commit
     from multitoken.io.checkpoint import load_run
     from multitoken.training.evaluate import eval_stats, summarize
     from multitoken.training.parallel import resolve_device
@@ -128,7 +128,7 @@ def measure_run(study, spec, run_dir: Path) -> dict[str, Any]:
         "identity": study.identity(spec),
         "data": {"key": v.data, "sha256": study.fingerprints[v.data], "dir": str(data),
                  "train_tokens": study.meta[v.data]["splits"]["train"]["tokens"]},
-        "commit": source_commit(),
+        "commit": git_commit(),
         "tokens": spec.steps * batch_size * seq_len,
         "flops_per_token": study.flops(v), "flops": study.flops(v) * spec.steps * batch_size * seq_len,
         "val_loss": ev["loss_per_depth"][0], "loss_per_depth": ev["loss_per_depth"],

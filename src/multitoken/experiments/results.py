@@ -14,8 +14,6 @@ different data. A stored file is never overwritten by a run of another identity.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +33,6 @@ def identity(content: dict[str, Any], seed: int, steps: int, settings: dict[str,
 
 def _key(ident: dict[str, Any]) -> str:
     return json.dumps(ident, sort_keys=True)
-
-
-def source_commit() -> str | None:
-    """The git commit of the code that runs (``git rev-parse HEAD`` beside the package, with
-    ``+dirty`` for uncommitted changes), else $MULTITOKEN_COMMIT (a copy without .git), else None."""
-    here = Path(__file__).parent
-    try:
-        head = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-        if head.returncode == 0:
-            dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=10).stdout.strip()
-            return head.stdout.strip() + ("+dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return os.environ.get("MULTITOKEN_COMMIT") or None
 
 
 class ResultStore:
