@@ -181,3 +181,25 @@ def test_transformers_peer_of_fused_heads_is_the_backbone_alone():
     x = torch.randint(2, 61, (1, 7))
     with torch.no_grad():
         torch.testing.assert_close(hf(x).logits, model.logits(model(x, heads=False)[0]), atol=1e-5, rtol=1e-5)
+
+
+def test_a_prompt_set_reports_tau_and_acceptance_over_every_group_not_the_last():
+    """bench decode decodes a set group by group; its tau and acceptance come from the summed counts
+    (hand-computed here), never from the last group alone nor from an average of the ratios."""
+    from multitoken.bench.decode import decode_groups
+    from multitoken.decoding.api import GenerationStats
+
+    parts = {  # per group: tokens emitted by steps, row steps, drafted and accepted per position
+        1: GenerationStats(mode="spec", draft=2, batch_size=1, new_tokens=21, steps=10, row_steps=10, step_tokens=20,
+                           drafted=[10, 10], accepted=[8, 2], chosen_draft=[2], wall_time_s=1.0),
+        2: GenerationStats(mode="spec", draft=2, batch_size=1, new_tokens=11, steps=10, row_steps=10, step_tokens=10,
+                           drafted=[10, 10], accepted=[0, 0], chosen_draft=[2, 0], wall_time_s=3.0),
+    }
+
+    def fake_generate(model, g, new_tokens, **kw):
+        return [[0] * parts[g[0][0]].new_tokens], parts[g[0][0]]
+
+    out, st = decode_groups(fake_generate, None, [[[1]], [[2]]], 8, 0.0, {})
+    assert [len(o) for o in out] == [21, 11]
+    assert st.tau == 30 / 20 and st.acceptance_per_position == [8 / 20, 2 / 20]
+    assert (st.new_tokens, st.row_steps, st.tokens_per_second, st.chosen_draft) == (32, 20, 32 / 4.0, [2, 0])

@@ -255,7 +255,7 @@ def bench(model, tok, run_dir, args) -> dict:
     if model.depth:
         modes += [("ours chain", dict(mode="spec", draft=model.depth)),
                   ("ours chain auto", dict(mode="spec")),
-                  ("ours tree", dict(mode="tree", tree=args.tree_nodes))]
+                  ("ours tree", dict(mode="tree", tree=args.tree_nodes, draft=model.depth))]  # fixed, as the chain: auto is its own row
     vocabs = draft_vocabs(model, getattr(args, "draft_vocab", None) or [], args.data)
     modes += [(f"ours chain V'={label}", dict(mode="spec", draft=model.depth, vocab=ids)) for label, ids in vocabs]
     reference = getattr(args, "reference", True)
@@ -357,12 +357,16 @@ CHAT_PROMPTS = [
 
 
 def decode_groups(generate, model, groups: list[list[list[int]]], new_tokens: int, temperature: float, kw: dict):
-    """Our decoding of each group of prompts in turn (one batch each): (outputs of all, last stats)."""
-    out, st = [], None
+    """Our decoding of each group of prompts in turn (one batch each): (outputs of all, their
+    statistics combined: tau and acceptance over every group, not the last group's)."""
+    from multitoken.decoding.api import GenerationStats
+
+    out, parts = [], []
     for g in groups:
         o, st = generate(model, g, new_tokens, temperature=temperature, seed=1, **kw)
         out += o
-    return out, st
+        parts.append(st)
+    return out, GenerationStats.combine(parts)
 
 
 def key_temperature(s) -> float:

@@ -75,6 +75,12 @@ class GenerationStats:
     """Steps summed over rows while each row was still generating."""
     tau: float = 1.0
     acceptance_per_position: list[float] = field(default_factory=list)
+    step_tokens: int = 0
+    """Tokens the steps after prefill emitted, all rows together (tau's numerator; row_steps its denominator)."""
+    drafted: list[int] = field(default_factory=list)
+    """Per position, the (row, step) pairs that drafted it (acceptance_per_position's denominators)."""
+    accepted: list[int] = field(default_factory=list)
+    """Per position, those in which it was accepted (the numerators)."""
     lossless: bool = True
     """False only with lossy typical acceptance at temperature > 0."""
     wall_time_s: float = 0.0
@@ -88,6 +94,26 @@ class GenerationStats:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def combine(cls, parts: Sequence["GenerationStats"]) -> "GenerationStats":
+        """The statistics of several generations as one (a prompt set decoded group by group): tau and
+        acceptance from the summed counts, not an average of ratios, and never the last part's alone."""
+        first = parts[0]
+        K = max(len(p.drafted) for p in parts)
+        drafted = [sum(p.drafted[j] for p in parts if j < len(p.drafted)) for j in range(K)]
+        accepted = [sum(p.accepted[j] for p in parts if j < len(p.accepted)) for j in range(K)]
+        row_steps, step_tokens = sum(p.row_steps for p in parts), sum(p.step_tokens for p in parts)
+        new_tokens, wall = sum(p.new_tokens for p in parts), sum(p.wall_time_s for p in parts)
+        chosen = [k for p in parts for k in p.chosen_draft]
+        return cls(mode=first.mode, draft=first.draft, batch_size=sum(p.batch_size for p in parts), new_tokens=new_tokens,
+                   steps=sum(p.steps for p in parts), row_steps=row_steps,
+                   tau=step_tokens / row_steps if row_steps else 0.0,
+                   acceptance_per_position=[a / d if d else 0.0 for a, d in zip(accepted, drafted)],
+                   step_tokens=step_tokens, drafted=drafted, accepted=accepted, lossless=all(p.lossless for p in parts),
+                   wall_time_s=wall, tokens_per_second=new_tokens / wall if wall > 0 else 0.0,
+                   chosen_draft=[k for i, k in enumerate(chosen) if i == 0 or k != chosen[i - 1]],
+                   compile_time_s=sum(p.compile_time_s for p in parts), host_syncs=sum(p.host_syncs for p in parts))
 
     def summary(self) -> str:
         acc = " ".join(f"{a:.2f}" for a in self.acceptance_per_position)
@@ -777,9 +803,11 @@ class Generation:
                                 lossless=not (self.typical and not all(r.sampling.greedy for r in reqs)))
         stats.new_tokens = sum(len(r.tokens) for r in reqs)
         stats.steps, stats.row_steps = self.device_steps, row_steps
-        stats.tau = sum(r.step_tokens for r in reqs) / row_steps if row_steps else 0.0
+        stats.step_tokens = sum(r.step_tokens for r in reqs)
+        stats.tau = stats.step_tokens / row_steps if row_steps else 0.0
         hist = [[sum(r.hist[i][n] for r in reqs if r.hist) for n in range(K + 1)] for i in range(K + 1)]
         drafted, _, accepted = hist_counts(hist, K)
+        stats.drafted, stats.accepted = [int(d) for d in drafted], [int(a) for a in accepted]
         stats.acceptance_per_position = [a / d if d else 0.0 for a, d in zip(accepted, drafted)]
         stats.chosen_draft, stats.host_syncs = self.chosen, self.syncs
         stats.compile_time_s = self.engine.runner.compile_time_s - self.compile_before
