@@ -269,8 +269,9 @@ def means(rows: list[dict], suffix: str = "") -> dict:
 
 SMOLLM2_HEADS = Path(__file__).parent / "assets" / "smollm2-135m-instruct.sequential-4-shared.safetensors"
 """The heads that ship with the package: one DeepSeek-style MTP module run at 4 depths (EAGLE-style),
-trained on one H200 by examples/smollm2_gpu.py (its command and data are in the file's metadata and in
-bench/results/smollm2_gpu/)."""
+trained on one GPU by examples/smollm2_gpu.py in three stages: corpus code, then twice on text the
+model wrote itself (docs/interop.md; each stage's command and data recipe are in the file's
+metadata; curves and benchmarks in bench/results/smollm2_gpu/, drafts_gpu/ and drafts_gpu2/)."""
 SMOLLM2_DRAFT_VOCAB = Path(__file__).parent / "assets" / "smollm2-135m-instruct.draft-vocab-8192.safetensors"
 """The draft vocabulary for heads files that carry none: the 8,192 most frequent tokens of the Python
 standard library under SmolLM2's tokenizer (bench/smollm2_draft_vocab.py; 98.8% of those tokens)."""
@@ -303,7 +304,8 @@ def run_smollm2_demo(workdir: str | Path = "runs/demo-smollm2", max_new_tokens: 
     model, tok, vocab = load_smollm2()
     hf = smollm2_transformers(work) if peer else None
     say(f"   heads {model.config.heads}: {(model.num_parameters() - model.num_parameters(heads=False)) / 1e6:.1f}M "
-        f"parameters, trained on {info.get('tokens', 0) / 1e6:.0f}M tokens of Python files (a site-packages; never these prompts); "
+        f"parameters, trained on {info.get('tokens_total', info.get('tokens', 0)) / 1e6:.0f}M tokens of Python files and of text "
+        f"the model wrote itself (never these prompts); "
         f"they draft over {vocab}, verification over all {model.config.vocab_size:,} tokens")
     how = f"a chain of {draft} drafts" if draft else "drafts per step chosen from the measured step costs"
     say(f"2/2 plain greedy decoding vs self-speculative decoding ({how})"
