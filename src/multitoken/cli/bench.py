@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from multitoken.bench import decode, train
-from multitoken.bench.provenance import git_commit
+from multitoken.provenance import git_commit
 from multitoken.data.evalsets import SETS
 from multitoken.checks import MAX_NEW_TOKENS, SAMPLING_RANGES
 from multitoken.cli.options import device_arg, dtype_arg, floats, ints, listed, option, path_arg
