@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from multitoken.bench.provenance import load_average, provenance
+from multitoken.provenance import load_average, provenance
 from multitoken.decoding.api import engine_for, generate
 from multitoken.decoding.sampling import Sampling
 from multitoken.decoding.trees import as_tree

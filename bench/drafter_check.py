@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from multitoken.bench.provenance import provenance
+from multitoken.provenance import provenance
 from multitoken.data.evalsets import prompt_ids
 from multitoken.decoding import generate
 from multitoken.io.heads_file import attach_heads

@@ -68,7 +68,8 @@ train)
     ln -sfn "$WORK/heads/$name.safetensors" "$WORK/heads/latest.safetensors"
     ;;
 bench)
-    # One call of under 10 minutes, the most important part first, each with its own time limit (on
+    # One call of under 10 minutes, the most important part first, each with its own time limit (a part
+    # cut by its limit keeps the rows it finished in decode.json, "complete": false; on
     # 2026-12-07 8 prompts a set at T 0,1 took 159 s on an H100; 24 did not fit in 330 s).
     common=(--run "$WORK/base" --sets humaneval,chat --max-seq-len 1024 --batch 1 --new-tokens 256 --no-eager --repeats 1)
     heads() { case "$1" in shipped) echo "$SHIPPED";; *) echo "$WORK/heads/$1.safetensors";; esac; }

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from multitoken.bench.provenance import load_average, provenance
+from multitoken.provenance import load_average, provenance
 from multitoken.data.evalsets import prompt_ids
 from multitoken.decoding import generate
 from multitoken.decoding.api import GenerationStats

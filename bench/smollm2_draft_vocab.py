@@ -18,7 +18,7 @@ import json
 import tempfile
 from pathlib import Path
 
-from multitoken.bench.provenance import load_average, provenance
+from multitoken.provenance import load_average, provenance
 
 
 def main() -> None:

@@ -203,3 +203,31 @@ def test_a_prompt_set_reports_tau_and_acceptance_over_every_group_not_the_last()
     assert [len(o) for o in out] == [21, 11]
     assert st.tau == 30 / 20 and st.acceptance_per_position == [8 / 20, 2 / 20]
     assert (st.new_tokens, st.row_steps, st.tokens_per_second, st.chosen_draft) == (32, 20, 32 / 4.0, [2, 0])
+
+
+def test_bench_decode_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch):
+    """A bench run killed at a time limit (the GPU scripts' `timeout`) must leave the rows it had
+    measured in decode.json, marked incomplete, instead of nothing."""
+    import json
+
+    import pytest
+
+    from multitoken.bench import decode
+    from multitoken.cli import main
+
+    real, calls = decode.ours_row, []
+
+    def dies_on_the_third(*a, **kw):
+        calls.append(a[4])
+        if len(calls) == 3:
+            raise SystemExit(137)  # what a kill looks like from inside: nothing after this line runs
+        return real(*a, **kw)
+
+    monkeypatch.setattr(decode, "ours_row", dies_on_the_third)
+    out = tmp_path / "bench"
+    with pytest.raises(SystemExit):  # like a kill, nothing after the raise runs (main lets SystemExit through)
+        main(["bench", "decode", "--preset", "tiny", "--heads", "parallel:2", "--batch", "1", "--temperature", "0",
+              "--new-tokens", "4", "--prompt-tokens", "8", "--repeats", "1", "--no-transformers", "--no-eager",
+              "--no-reference", "--device", "cpu", "--out", str(out)])
+    data = json.loads((out / "decode.json").read_text())
+    assert data["complete"] is False and [r["method"] for r in data["results"]] == calls[:2]

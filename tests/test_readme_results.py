@@ -163,7 +163,7 @@ def test_results_record_their_commit_and_only_code_makes_it_dirty(tmp_path):
     """`provenance.git_commit`: the commit, ``+dirty`` for changed code, not for results being written."""
     import subprocess
 
-    from multitoken.bench.provenance import git_commit
+    from multitoken.provenance import git_commit
 
     def git(*args):
         subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *args], cwd=tmp_path, check=True,
@@ -190,7 +190,7 @@ def test_a_copy_without_git_records_the_commit_it_is_given(tmp_path, monkeypatch
     and a checkout's own commit wins over the variable."""
     import subprocess
 
-    from multitoken.bench.provenance import git_commit
+    from multitoken.provenance import git_commit
 
     monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path))  # no repository above the copy either
     monkeypatch.delenv("MULTITOKEN_COMMIT", raising=False)

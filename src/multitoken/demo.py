@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from multitoken.bench.provenance import load_average, provenance
+from multitoken.provenance import load_average, provenance
 
 from multitoken.config import HeadsConfig
 from multitoken.io.checkpoint import latest_checkpoint, load_run

@@ -46,6 +46,11 @@ class Pipeline:
     """
 
     def __init__(self, model: Any, tokenizer: Any) -> None:
+        from multitoken.model import Transformer
+
+        if not isinstance(model, Transformer):
+            raise UserError(f"Pipeline needs a multitoken Transformer, not {_kind(model)}: multitoken.load(...) "
+                            "or from_transformers(...) make one with its tokenizer")
         if not hasattr(tokenizer, "encode") or not hasattr(tokenizer, "decode"):
             raise UserError(f"tokenizer {type(tokenizer).__name__} has no encode/decode: give a multitoken or Hugging Face tokenizer")
         self.model, self.tokenizer = model, tokenizer
@@ -210,6 +215,8 @@ def hf_generate(model: Any, input_ids: Any = None, heads: str | Path | None = No
     """
     import torch
 
+    if not isinstance(model, torch.nn.Module) or not hasattr(model, "config"):
+        raise UserError(f"hf_generate needs a transformers model (a *ForCausalLM), not {_kind(model)}")
     per_model = _ADAPTED.setdefault(model, {})
     pipe = per_model.get(str(heads))
     if pipe is None:

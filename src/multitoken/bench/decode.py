@@ -239,14 +239,29 @@ def reference_row(model, groups, args, T: float, compiled: bool, ref) -> dict:
     return row
 
 
-def bench(model, tok, run_dir, args) -> dict:
+class _Rows(list):
+    """The result rows, handed to `on_row` after each one is added (a run cut short keeps them)."""
+
+    def __init__(self, on_row=None) -> None:
+        super().__init__()
+        self.on_row = on_row
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        if self.on_row is not None:
+            self.on_row(list(self))
+
+
+def bench(model, tok, run_dir, args, on_row=None) -> dict:
+    """Every method over every prompt set and temperature. `on_row(rows so far)` runs after each
+    result row (`bench decode` writes a partial decode.json with it)."""
     from multitoken.bench.numerics import width_deviation
     from multitoken.decoding.api import engine_for, generate
 
     device = args.device
     dtype = getattr(torch, args.dtype)
     hf = hf_peer(model, run_dir, device, dtype) if args.transformers else None
-    results = []
+    results = _Rows(on_row)
     step_costs = {}
     modes: list[tuple[str, dict]] = [("ours plain eager", dict(mode="ntp", graphs=False, compile=False))] if args.eager else []
     if device.startswith("cuda") and args.eager:

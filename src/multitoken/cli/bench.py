@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from multitoken.bench import decode, train
-from multitoken.bench.provenance import git_commit
+from multitoken.provenance import git_commit
 from multitoken.data.evalsets import SETS
 from multitoken.checks import MAX_NEW_TOKENS, SAMPLING_RANGES
 from multitoken.cli.options import device_arg, dtype_arg, floats, ints, listed, option, path_arg
@@ -114,10 +114,15 @@ def run_decode(args: argparse.Namespace) -> int:
                              cpus=os.cpu_count()),
                 date=time.strftime("%Y-%m-%d"), new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
                 repeats=args.repeats)
-    data.update(decode.bench(model, tok, run_dir, args))
+    outdir.claim(out, "bench")  # never a user's decode.json, nor a training run's folder
+
+    def partial(rows: list[dict]) -> None:  # a run killed at a time limit keeps the rows it finished
+        outdir.write_text(out / "decode.json", json.dumps(dict(data, results=rows, complete=False), indent=1, default=str) + "\n")
+
+    data.update(decode.bench(model, tok, run_dir, args, on_row=partial))
     data["relative_step_costs"] = decode.relative_step_costs(data["step_costs_s"])
     data["seconds"] = time.perf_counter() - t0
-    outdir.claim(out, "bench")  # never a user's decode.json, nor a training run's folder
+    data["complete"] = True
     outdir.write_text(out / "decode.json", json.dumps(data, indent=1, default=str) + "\n")
     decode.plot(data, out / "decode.png")
     print(decode.table(data))

@@ -84,7 +84,7 @@ def measure_run(study, spec, run_dir: Path) -> dict[str, Any]:
     from multitoken.data.shards import read_shard
     from multitoken.experiments.quality import (held_out_documents, next_line_cases, next_line_exact_match,
                                                 score_bits_per_byte, val_windows)
-    from multitoken.bench.provenance import git_commit
+    from multitoken.provenance import git_commit
     from multitoken.io.checkpoint import load_run
     from multitoken.training.evaluate import eval_stats, summarize
     from multitoken.training.parallel import resolve_device
