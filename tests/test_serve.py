@@ -131,6 +131,17 @@ def test_stop_strings_cut_the_text(served):
     assert r["choices"][0]["text"] == want and r["choices"][0]["finish_reason"] == "stop"
 
 
+def test_top_k_minus_one_means_no_top_k(served):
+    """vLLM's clients send top_k=-1 for "off": the same text as top_k 0 (seeded sampling, decoded alone)."""
+    s, model, tok, _ = served
+    ids = tok.encode("def f")
+    ref = alone(model, tok, ids, 12, temperature=0.9, top_k=0, seed=5)
+    r = httpx.post(s.url + "/v1/completions", json={"prompt": "def f", "max_tokens": 12, "temperature": 0.9, "top_k": -1,
+                                                     "seed": 5}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == text_of(tok, ref)
+
+
 def test_stop_text_over_multi_token_steps_and_split_utf8():
     """Steps that bring several tokens at once; a stop string across two steps; a 2-byte character split."""
     tok = Tokenizer.bytes()
