@@ -114,17 +114,17 @@ def run_decode(args: argparse.Namespace) -> int:
                              cpus=os.cpu_count()),
                 date=time.strftime("%Y-%m-%d"), new_tokens=args.new_tokens, prompt_tokens=args.prompt_tokens,
                 repeats=args.repeats)
-    outdir.check(out, "bench")  # never a user's decode.json, nor a training run's folder
 
     def partial(rows: list[dict]) -> None:  # a run killed at a time limit keeps the rows it finished
-        outdir.claim(out, "bench")  # at the first row: a run refused before any (no chat template) writes nothing
+        if len(rows) == 1:  # claimed at the first row: a run refused before any (no chat template) writes nothing
+            outdir.claim(out, "bench")  # never a user's decode.json, nor a training run's folder
         outdir.write_text(out / "decode.json", json.dumps(dict(data, results=rows, complete=False), indent=1, default=str) + "\n")
 
     data.update(decode.bench(model, tok, run_dir, args, on_row=partial))
     data["relative_step_costs"] = decode.relative_step_costs(data["step_costs_s"])
     data["seconds"] = time.perf_counter() - t0
     data["complete"] = True
-    outdir.claim(out, "bench")
+    outdir.claim(out, "bench")  # also when no row was written (no method ran)
     outdir.write_text(out / "decode.json", json.dumps(data, indent=1, default=str) + "\n")
     decode.plot(data, out / "decode.png")
     print(decode.table(data))
