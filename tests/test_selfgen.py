@@ -185,6 +185,54 @@ def test_code_continuations_are_cut_from_the_corpus_and_mask_the_prefix(tmp_path
         distill_data(FakeModel(), Tokenizer.bytes(), tmp_path / "e", cfg, corpus=corpus, progress=False, generate=script)
 
 
+def test_kept_folders_follow_the_new_documents_split_by_split(tmp_path: Path) -> None:
+    """`keep`: earlier runs' tokens and masks come after the new documents, train to train and val to val,
+    and their counts add up; a folder of another tokenizer, one without masks, or --out itself is refused."""
+    from multitoken.data.prepare import prepare
+
+    tok = chat_tokenizer()
+    cfg = SelfGenConfig(chat=4, code=0, batch_size=2, multi_turn=0.0, val_every=2, temperatures=(0.0,))
+    a = distill_data(FakeModel(), tok, tmp_path / "a", cfg, progress=False,
+                     generate=Script(tok, [f"First run question {i}?" for i in range(9)]))
+    b = distill_data(FakeModel(), tok, tmp_path / "b", cfg, progress=False,
+                     generate=Script(tok, [f"Second run question {i}?" for i in range(9)]))
+    c = distill_data(FakeModel(), tok, tmp_path / "c", cfg, progress=False, keep=[tmp_path / "a", tmp_path / "b"],
+                     generate=Script(tok, [f"Third run question {i}?" for i in range(9)]))
+    shard = lambda d, f: read_shard(tmp_path / d / f).astype(int).tolist()  # noqa: E731
+    for split in ("train", "val"):
+        for f in (f"{split}.bin", f"{split}.mask.bin"):
+            own = shard("c", f)[: len(shard("a", f))]  # the new run's documents come first, as long as a's
+            assert shard("c", f) == own + shard("a", f) + shard("b", f)
+        assert tok.decode(shard("c", f"{split}.bin")).count("Third run") == tok.decode(shard("a", f"{split}.bin")).count("First run")
+        for key in ("docs", "tokens", "written"):  # "Third" is as long as "First": the new documents count as a's
+            assert c["splits"][split][key] == 2 * a["splits"][split][key] + b["splits"][split][key]
+        assert c["splits"][split]["written"] == sum(shard("c", f"{split}.mask.bin"))
+        assert c["splits"][split]["tokens"] == len(shard("c", f"{split}.bin"))
+    assert [k["splits"]["train"]["tokens"] for k in c["self_generated"]["kept"]] == [a["splits"]["train"]["tokens"],
+                                                                                     b["splits"]["train"]["tokens"]]
+    # Merging alone (nothing new asked) writes exactly the kept folders, in order.
+    merged = distill_data(FakeModel(), tok, tmp_path / "m", SelfGenConfig(chat=0, code=0), progress=False,
+                          keep=[tmp_path / "b", tmp_path / "a"], generate=Script(tok, []))
+    assert shard("m", "train.bin") == shard("b", "train.bin") + shard("a", "train.bin")
+    assert merged["splits"]["val"]["written"] == a["splits"]["val"]["written"] + b["splits"]["val"]["written"]
+    with pytest.raises(UserError, match="nothing to write"):
+        distill_data(FakeModel(), tok, tmp_path / "n", SelfGenConfig(chat=0, code=0), progress=False, generate=Script(tok, []))
+    with pytest.raises(UserError, match="--out folder itself"):
+        distill_data(FakeModel(), tok, tmp_path / "a", cfg, progress=False, keep=[tmp_path / "a"], generate=Script(tok, []))
+    with pytest.raises(UserError, match="another tokenizer"):
+        distill_data(FakeModel(), Tokenizer.bytes(), tmp_path / "x", SelfGenConfig(chat=0, code=0), progress=False,
+                     keep=[tmp_path / "a"], generate=Script(tok, []))
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"m{i}.py").write_text(f"x = {i}\n" * 20)
+    tok.save(tmp_path / "tokdir")
+    prepare(str(src), str(tmp_path / "tokdir"), tmp_path / "corpus", glob="*.py", val_fraction=0.34, progress=False)
+    with pytest.raises(UserError, match="no loss masks"):
+        distill_data(FakeModel(), tok, tmp_path / "y", SelfGenConfig(chat=0, code=0), progress=False,
+                     keep=[tmp_path / "corpus"], generate=Script(tok, []))
+
+
 def test_distinct_n_by_hand() -> None:
     assert distinct_n([[1, 2, 1, 2]], 2) == 2 / 3  # (1,2) (2,1) (1,2)
     assert distinct_n([[1, 2], [1, 2]], 1) == 2 / 4

@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--code", type=ints(0, 1 << 24), default=2048, help="code continuations to write (default 2048)")
     p.add_argument("--corpus-tokens", type=ints(0, 1 << 40), default=0,
                    help="tokens of whole --corpus documents copied beside (default 0)")
+    p.add_argument("--keep", type=path_arg, action="append", default=[], metavar="DATA_DIR",
+                   help="an earlier distill-data folder of this model to carry over (repeatable): data written on "
+                        "several machines adds up; keep folders written without --corpus-tokens, so no corpus text comes twice")
     p.add_argument("--batch-size", type=ints(1, 4096), default=64, help="rows per generation batch (default 64)")
     p.add_argument("--user-tokens", type=ints(1, 1 << 16), default=128, help="most tokens of a user message (default 128)")
     p.add_argument("--answer-tokens", type=ints(1, 1 << 16), default=384, help="most tokens of an answer (default 384)")
@@ -78,7 +81,8 @@ def run(args: argparse.Namespace) -> int:
     if dtype is None:
         dtype = torch.bfloat16 if model.embed_tokens.weight.device.type == "cuda" else torch.float32
     model = model.to(dtype).eval()
-    meta = distill_data(model, tok, args.out, cfg, corpus=args.corpus, exclude=user_texts(), progress=not args.quiet)
+    meta = distill_data(model, tok, args.out, cfg, corpus=args.corpus, exclude=user_texts(), progress=not args.quiet,
+                        keep=args.keep)
     g = meta["self_generated"]
     print(json.dumps({"out": str(args.out), "splits": {k: {x: v[x] for x in ("docs", "tokens", "written")} for k, v in meta["splits"].items()},
                       "tokens_per_s": g["tokens_per_s"], "filters": g["filters"],

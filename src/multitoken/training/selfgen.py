@@ -99,8 +99,6 @@ class SelfGenConfig:
             raise BadValue("top_p", self.top_p, "must be in (0, 1]")
         if not 0 <= self.multi_turn <= 1:
             raise BadValue("multi_turn", self.multi_turn, "must be between 0 and 1")
-        if self.chat + self.code + self.corpus_tokens == 0:
-            raise BadValue("chat", 0, "ask for some conversations, code continuations or corpus tokens")
 
 
 # ---- what the model writes --------------------------------------------------------------------
@@ -302,7 +300,8 @@ def copy_corpus(corpus: np.ndarray, eos_id: int, tokens: int, rng: random.Random
 
 
 def distill_data(model, tok, out: str | Path, cfg: SelfGenConfig, corpus: str | Path | None = None,
-                 exclude: Sequence[str] = (), progress: bool = True, generate: Callable | None = None) -> dict[str, Any]:
+                 exclude: Sequence[str] = (), progress: bool = True, generate: Callable | None = None,
+                 keep: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Write a DATA_DIR of text the model wrote itself (see the module docstring).
 
     Args:
@@ -314,11 +313,17 @@ def distill_data(model, tok, out: str | Path, cfg: SelfGenConfig, corpus: str | 
         exclude: evaluation prompts (user message texts) never to keep as training conversations.
         progress: print a line per round on stderr.
         generate: the generation function (default `multitoken.decoding.generate`).
+        keep: DATA_DIRs that earlier runs of this job wrote with the same tokenizer: each split's tokens
+            and masks are carried over after the new documents (train to train, val to val), so data
+            written on several machines or leases adds up; their counts are recorded in ``meta.json``.
     Returns:
         The contents of ``meta.json``.
     """
     out = Path(out)
     outdir.check(out, "prepare")
+    if not (cfg.chat or cfg.code or cfg.corpus_tokens or keep):
+        raise UserError("nothing to write: ask for --chat, --code or --corpus-tokens, or --keep earlier DATA_DIRs")
+    kept = [kept_data(k, tok, out) for k in keep]  # refused before anything is generated
     if cfg.chat and not tok.chat_template:
         raise UserError("--chat needs a model whose tokenizer has a chat template (convert it from a GGUF or a folder that has one)")
     corpus_tokens = None
@@ -364,18 +369,32 @@ def distill_data(model, tok, out: str | Path, cfg: SelfGenConfig, corpus: str | 
         rate = run.new_tokens / run.seconds if run.seconds else 0.0
         say(f"distill-data: round {rounds}, T={T:g}: {n_chat}/{cfg.chat} conversations, {n_code}/{cfg.code} code, "
             f"{run.new_tokens:,} tokens written at {rate:,.0f} tok/s, {time.perf_counter() - t0:.0f} s")
-    if not docs and not cfg.corpus_tokens:
+    if not docs and not cfg.corpus_tokens and not kept:
         raise UserError("the model wrote nothing usable (every user message was dropped): check the chat template")
     gen_seconds = time.perf_counter() - t0
     copied = copy_corpus(corpus_tokens, tok.eos_id, cfg.corpus_tokens, rng) if cfg.corpus_tokens else []
-    meta = _write(out, tok, cfg, docs, copied, stats, run, gen_seconds, corpus)
+    meta = _write(out, tok, cfg, docs, copied, stats, run, gen_seconds, corpus, kept)
     say(f"distill-data: wrote {out}: {meta['splits']['train']['tokens']:,} train tokens "
         f"({meta['splits']['train']['written']:,} written by the model), {meta['splits']['val']['tokens']:,} val")
     return meta
 
 
+def kept_data(path: str | Path, tok, out: Path) -> dict[str, Any]:
+    """An earlier DATA_DIR of this job to carry into `out`: its meta.json, checked (same tokenizer, masks)."""
+    path = Path(path)
+    if path.resolve() == out.resolve():
+        raise UserError(f"--keep {path} is the --out folder itself: write the merged data to a new folder")
+    meta = load_meta(path)
+    if meta.get("corpus_kind") != "self-generated" or any("mask" not in meta["splits"].get(s, {}) for s in ("train", "val")):
+        raise UserError(f"--keep {path} was not written by `multitoken distill-data` (it has no loss masks): "
+                        "keep only distill-data folders, or mix corpus text in with --corpus-tokens")
+    if meta.get("tokenizer_sha256") != tok.fingerprint():
+        raise UserError(f"--keep {path} was written with another tokenizer than the model's: keep data of this model only")
+    return {"path": path, "meta": meta}
+
+
 def _write(out: Path, tok, cfg: SelfGenConfig, docs: list[Document], copied: list[Document], stats: Counter,
-           run: BatchedWriter, gen_seconds: float, corpus) -> dict[str, Any]:
+           run: BatchedWriter, gen_seconds: float, corpus, kept: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     splits: dict[str, list[Document]] = {"train": [], "val": []}
     for i, d in enumerate(docs):
         splits["val" if i % cfg.val_every == cfg.val_every - 1 else "train"].append(d)
@@ -383,17 +402,29 @@ def _write(out: Path, tok, cfg: SelfGenConfig, docs: list[Document], copied: lis
         splits["val" if i % cfg.val_every == cfg.val_every - 1 else "train"].append(d)
     if not splits["val"] and len(splits["train"]) >= 2:  # few documents: the last one still validates
         splits["val"].append(splits["train"].pop())
-    if not splits["val"] or not splits["train"]:
-        raise UserError(f"only {len(docs) + len(copied)} document(s): too few for a train and a validation split; ask for more")
+    for name in splits:
+        if not splits[name] and not any(k["meta"]["splits"][name]["tokens"] for k in kept):
+            raise UserError(f"only {len(docs) + len(copied)} document(s): too few for a train and a validation split; ask for more")
     counts = {}
     for name, items in splits.items():
+        written = int(sum(sum(d.mask) for d in items if d.kind != "corpus"))
+        kinds = Counter(d.kind for d in items)
         with ShardWriter(out / f"{name}.bin", tok.vocab_size) as w, ShardWriter(out / f"{name}.mask.bin", MASK_VOCAB) as m:
             for d in items:
                 w.write(np.asarray(d.ids, dtype=np.int64))
                 m.write(np.asarray(d.mask, dtype=np.int64))
-        counts[name] = {"docs": len(items), "tokens": w.count, "file": f"{name}.bin", "mask": f"{name}.mask.bin",
-                        "written": int(sum(sum(d.mask) for d in items if d.kind != "corpus")),
-                        "kinds": dict(Counter(d.kind for d in items))}
+            for k in kept:  # an earlier run's split, after the new documents: its documents end with EOS already
+                split = k["meta"]["splits"][name]
+                ids = read_shard(k["path"] / split["file"], tok.vocab_size)
+                mask = read_shard(k["path"] / split["mask"], MASK_VOCAB)
+                if len(ids) != len(mask):
+                    raise UserError(f"--keep {k['path']}: its {name} tokens and mask differ in length; write that folder again")
+                w.write(ids)
+                m.write(mask)
+                written += int(split["written"])
+                kinds.update(split.get("kinds", {}))
+        counts[name] = {"docs": len(items) + sum(k["meta"]["splits"][name]["docs"] for k in kept), "tokens": w.count,
+                        "file": f"{name}.bin", "mask": f"{name}.mask.bin", "written": written, "kinds": dict(kinds)}
     tok.save(out)
     chat = [d for d in docs if d.kind == "chat"]
     answers = [[t for t, k in zip(d.ids, d.mask) if k] for d in chat]
@@ -417,7 +448,10 @@ def _write(out: Path, tok, cfg: SelfGenConfig, docs: list[Document], copied: lis
                            "generation_calls": run.calls, "batch_size": cfg.batch_size,
                            "tokens_written": run.new_tokens,
                            "tokens_per_s": round(run.new_tokens / run.seconds, 1) if run.seconds else None,
-                           "config": asdict(cfg), "corpus": str(corpus) if corpus else None},
+                           "config": asdict(cfg), "corpus": str(corpus) if corpus else None,
+                           "kept": [{"path": str(k["path"]), "commit": k["meta"].get("commit"),
+                                     "splits": {n: {x: v[x] for x in ("docs", "tokens", "written")} for n, v in k["meta"]["splits"].items()},
+                                     "tokens_written": k["meta"].get("self_generated", {}).get("tokens_written")} for k in kept]},
         "seconds": {"generate": round(gen_seconds, 1)},
         "args": {"format": FORMAT, "kind": "self-generated", "config": asdict(cfg), "corpus": str(corpus) if corpus else None},
     }
