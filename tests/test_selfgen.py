@@ -233,6 +233,106 @@ def test_kept_folders_follow_the_new_documents_split_by_split(tmp_path: Path) ->
                      keep=[tmp_path / "corpus"], generate=Script(tok, []))
 
 
+def test_continuous_writer_gives_each_request_what_decoding_it_alone_gives() -> None:
+    """Jobs of two requests each (the second prompt built from the first answer) on 3 slots: every
+    request joins as another leaves, and each gets the tokens plain greedy decoding of it alone gives."""
+    from conftest import tiny_model
+
+    from multitoken.decoding import generate
+    from multitoken.training.selfgen import ContinuousWriter, Document
+
+    model = tiny_model(vocab_size=48, eos_id=5).eval()
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(6, 48, (int(n),), generator=g).tolist() for n in torch.randint(3, 12, (7,), generator=g)]
+    budgets = [4, 9, 2, 12, 6, 1, 8]
+
+    def job(prompt, n):
+        first = yield prompt, n, 0.0
+        second = yield prompt + first + [7], n + 2, 0.0
+        return [Document(first + second, [1] * (len(first) + len(second)), "code")]
+
+    writer = ContinuousWriter(model, 3, eos_id=5, top_p=1.0, seed=0, max_new=16)
+    docs = writer.run(job(p, n) for p, n in zip(prompts, budgets))
+    expected = []
+    for p, n in zip(prompts, budgets):
+        first = generate(model, [p], n, eos_id=5)[0][0]
+        second = generate(model, [p + first + [7]], n + 2, eos_id=5)[0][0]
+        expected.append(first + second)
+    assert sorted(d.ids for d in docs) == sorted(expected)
+    assert writer.requests == 14 and writer.new_tokens == sum(map(len, expected))
+
+
+def test_a_chat_job_asks_for_what_the_batched_writer_asks_for(tmp_path: Path) -> None:
+    """A conversation job driven by hand: the user-turn prefix, then the chat prompt of the kept
+    message, then (multi_turn 1) a second user turn after the answer and its answer; the documents
+    and masks are the hand-rendered ones, and a dropped message ends the job with none."""
+    import random
+    from collections import Counter
+
+    from multitoken.training.selfgen import chat_job, normalise, user_turn_prefix
+
+    tok = chat_tokenizer()
+    cfg = SelfGenConfig(chat=1, code=0, multi_turn=1.0)
+    stats: Counter = Counter()
+    job = chat_job(tok, cfg, 0.7, set(), set(), stats, 4096, random.Random(0))
+    enc = lambda text: tok.encode(text) + [tok.eos_id]  # noqa: E731
+    assert next(job) == (user_turn_prefix(tok), cfg.user_tokens, cfg.user_temperature)
+    first = [{"role": "user", "content": "Why is the sky blue?"}]
+    assert job.send(enc("Why is the sky blue?")) == (tok.chat(first), cfg.answer_tokens, 0.7)
+    history = [*first, {"role": "assistant", "content": "Light scatters."}]
+    assert job.send(enc("Light scatters.")) == (user_turn_prefix(tok, history), cfg.user_tokens, cfg.user_temperature)
+    second = [*history, {"role": "user", "content": "And at sunset?"}]
+    assert job.send(enc("And at sunset?")) == (tok.chat(second), cfg.answer_tokens, 0.7)
+    with pytest.raises(StopIteration) as stop:
+        job.send(tok.encode("Red, because"))  # cut: no EOS
+    one, two = stop.value.value
+    assert one.ids == tok.chat(first) + enc("Light scatters.") and one.mask == [0] * len(tok.chat(first)) + [1] * len(enc("Light scatters."))
+    assert two.ids == tok.chat(second) + tok.encode("Red, because") + [tok.eos_id]
+    assert two.mask == [0] * len(tok.chat(second)) + [1] * len(tok.encode("Red, because")) + [0]
+    assert stats["second_turns"] == 1 and stats["answers_finished"] == 1 and stats["answers_cut"] == 1
+    dropped = chat_job(tok, cfg, 0.0, {normalise("Why is the sky blue?")}, set(), stats, 4096, random.Random(0))
+    next(dropped)
+    with pytest.raises(StopIteration) as stop:
+        dropped.send(enc("Why is the sky blue?"))  # an evaluation prompt
+    assert stop.value.value == [] and stats["user_eval_prompt"] == 1
+
+
+def test_continuous_code_documents_are_the_prefix_then_what_plain_decoding_writes(tmp_path: Path) -> None:
+    """distill-data with continuous batching, code only, on a real (tiny) model: each document is its
+    corpus prefix (mask 0) then what greedy decoding of that prefix alone writes (mask 1), ending in EOS."""
+    from conftest import tiny_model
+
+    from multitoken.data.prepare import prepare
+    from multitoken.decoding import generate
+
+    tok = chat_tokenizer()
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6):
+        (src / f"m{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x + {j}\n" for j in range(30)))
+    tok.save(tmp_path / "tokdir")
+    prepare(str(src), str(tmp_path / "tokdir"), tmp_path / "corpus", glob="*.py", val_fraction=0.3, progress=False)
+    model = tiny_model(vocab_size=tok.vocab_size, eos_id=tok.eos_id).eval()
+    cfg = SelfGenConfig(chat=0, code=7, batch_size=3, code_prefix=(10, 30), code_tokens=6, val_every=4,
+                        temperatures=(0.0,), continuous=True)
+    meta = distill_data(model, tok, tmp_path / "d", cfg, corpus=tmp_path / "corpus", progress=False)
+    assert meta["splits"]["train"]["docs"] + meta["splits"]["val"]["docs"] == 7
+    corpus_text = tok.decode(read_shard(tmp_path / "corpus" / "train.bin").astype(int).tolist())
+    for split in ("train", "val"):
+        ids = read_shard(tmp_path / "d" / f"{split}.bin").astype(int).tolist()
+        mask = read_shard(tmp_path / "d" / f"{split}.mask.bin").astype(int).tolist()
+        while ids:
+            n_prefix = mask.index(1) if 1 in mask else len(mask)
+            prefix = ids[:n_prefix]
+            assert tok.decode(prefix) in corpus_text and 10 <= len(prefix) <= 30
+            written = generate(model, [prefix], 6, eos_id=tok.eos_id)[0][0]
+            tail = [] if written and written[-1] == tok.eos_id else [tok.eos_id]
+            n = len(prefix) + len(written) + len(tail)
+            assert ids[:n] == prefix + written + tail and mask[:n] == [0] * len(prefix) + [1] * len(written) + [0] * len(tail)
+            ids, mask = ids[n:], mask[n:]
+    assert meta["self_generated"]["tokens_written"] == meta["splits"]["train"]["written"] + meta["splits"]["val"]["written"]
+
+
 def test_distinct_n_by_hand() -> None:
     assert distinct_n([[1, 2, 1, 2]], 2) == 2 / 3  # (1,2) (2,1) (1,2)
     assert distinct_n([[1, 2], [1, 2]], 1) == 2 / 4

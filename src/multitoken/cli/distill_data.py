@@ -38,6 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--keep", type=path_arg, action="append", default=[], metavar="DATA_DIR",
                    help="an earlier distill-data folder of this model to carry over (repeatable): data written on "
                         "several machines adds up; keep folders written without --corpus-tokens, so no corpus text comes twice")
+    p.add_argument("--continuous", action="store_true",
+                   help="continuous batching: a request joins as soon as another leaves (each conversation or code piece "
+                        "at its own temperature; --chat/--code count the ones started)")
     p.add_argument("--batch-size", type=ints(1, 4096), default=64, help="rows per generation batch (default 64)")
     p.add_argument("--user-tokens", type=ints(1, 1 << 16), default=128, help="most tokens of a user message (default 128)")
     p.add_argument("--answer-tokens", type=ints(1, 1 << 16), default=384, help="most tokens of an answer (default 384)")
@@ -66,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     cfg = SelfGenConfig(chat=args.chat, code=args.code, batch_size=args.batch_size, user_tokens=args.user_tokens,
                         answer_tokens=args.answer_tokens, code_prefix=tuple(args.code_prefix), code_tokens=args.code_tokens,
                         temperatures=tuple(args.temperatures), top_p=args.top_p, multi_turn=args.multi_turn,
-                        corpus_tokens=args.corpus_tokens, max_minutes=args.max_minutes, seed=args.seed)
+                        corpus_tokens=args.corpus_tokens, max_minutes=args.max_minutes, seed=args.seed,
+                        continuous=args.continuous)
     if args.code and not args.corpus:
         raise UserError("--code needs --corpus DATA_DIR to cut code prefixes from (or pass --code 0)")
     from multitoken.io import outdir

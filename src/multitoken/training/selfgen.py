@@ -28,7 +28,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -82,6 +82,10 @@ class SelfGenConfig:
     """Stop generating after this long (the counts above are then upper bounds)."""
     seed: int = 0
     """Seeds the prefixes, the documents copied and every sampled batch."""
+    continuous: bool = False
+    """Continuous batching (`ContinuousWriter`): a request joins the batch as soon as another
+    leaves, instead of every batch running until its longest row ends. Conversations and code
+    pieces are then each written at their own temperature, and `chat`/`code` count jobs started."""
 
     def __post_init__(self) -> None:
         for name in ("chat", "code", "corpus_tokens"):
@@ -193,20 +197,8 @@ def write_chat(tok, run: BatchedWriter, cfg: SelfGenConfig, n: int, temperature:
         users = run([prefix] * cfg.batch_size, cfg.user_tokens, cfg.user_temperature)
         convs = []
         for ids in users:
-            stats["user_written"] += 1
-            if not ids or ids[-1] != tok.eos_id:
-                stats["user_unfinished"] += 1
-                continue
-            text = tok.decode(ids[:-1], skip_special_tokens=True).strip()
-            key = normalise(text)
-            if not good_user_message(text):
-                stats["user_rejected"] += 1
-            elif key in exclude:
-                stats["user_eval_prompt"] += 1
-            elif key in seen:
-                stats["user_duplicate"] += 1
-            else:
-                seen.add(key)
+            text = user_message(tok, ids, exclude, seen, stats)
+            if text is not None:
                 convs.append([{"role": "user", "content": text}])
         convs = convs[: n - len(docs)]
         if not convs:
@@ -236,16 +228,40 @@ def answer(tok, run: BatchedWriter, cfg: SelfGenConfig, convs: list[list[dict[st
     prompts = [tok.chat(m) for m in convs]
     keep = [(m, p) for m, p in zip(convs, prompts) if len(p) + cfg.answer_tokens < context]
     outs = run([p for _, p in keep], cfg.answer_tokens, temperature)
-    docs = []
-    for (m, p), ids in zip(keep, outs):
-        finished = bool(ids) and ids[-1] == tok.eos_id
-        stats["answers_finished" if finished else "answers_cut"] += 1
-        tail = [] if finished else [tok.eos_id]  # a document always ends in EOS; the model did not write this one
-        messages = [*m, {"role": "assistant", "content": tok.decode([i for i in ids if i != tok.eos_id], skip_special_tokens=True)}]
-        docs.append(Document(p + ids + tail, [0] * len(p) + [1] * len(ids) + [0] * len(tail), "chat",
-                             {"messages": messages, "temperature": temperature, "finished": finished,
-                              "answer_tokens": len(ids), "user_tokens": len(tok.encode(m[-1]["content"]))}))
-    return docs
+    return [chat_document(tok, m, p, ids, temperature, stats) for (m, p), ids in zip(keep, outs)]
+
+
+def user_message(tok, ids: list[int], exclude: set[str], seen: set[str], stats: Counter) -> str | None:
+    """The text of a generated user message, or None (counted in `stats`) when it is dropped:
+    unfinished, rambling, an evaluation prompt, or a repeat of one already kept (then added to `seen`)."""
+    stats["user_written"] += 1
+    if not ids or ids[-1] != tok.eos_id:
+        stats["user_unfinished"] += 1
+        return None
+    text = tok.decode(ids[:-1], skip_special_tokens=True).strip()
+    key = normalise(text)
+    if not good_user_message(text):
+        stats["user_rejected"] += 1
+    elif key in exclude:
+        stats["user_eval_prompt"] += 1
+    elif key in seen:
+        stats["user_duplicate"] += 1
+    else:
+        seen.add(key)
+        return text
+    return None
+
+
+def chat_document(tok, messages: list[dict[str, str]], prompt: list[int], ids: list[int], temperature: float,
+                  stats: Counter) -> Document:
+    """One conversation: the rendered prompt (mask 0), then the answer the model wrote (mask 1)."""
+    finished = bool(ids) and ids[-1] == tok.eos_id
+    stats["answers_finished" if finished else "answers_cut"] += 1
+    tail = [] if finished else [tok.eos_id]  # a document always ends in EOS; the model did not write this one
+    said = [*messages, {"role": "assistant", "content": tok.decode([i for i in ids if i != tok.eos_id], skip_special_tokens=True)}]
+    return Document(prompt + ids + tail, [0] * len(prompt) + [1] * len(ids) + [0] * len(tail), "chat",
+                    {"messages": said, "temperature": temperature, "finished": finished,
+                     "answer_tokens": len(ids), "user_tokens": len(tok.encode(messages[-1]["content"]))})
 
 
 def code_windows(corpus: np.ndarray, eos_id: int, n: int, lo: int, hi: int, rng: random.Random) -> list[list[int]]:
@@ -270,14 +286,159 @@ def write_code(run: BatchedWriter, cfg: SelfGenConfig, corpus: np.ndarray, eos_i
                rng: random.Random, stats: Counter) -> list[Document]:
     prefixes = code_windows(corpus, eos_id, n, *cfg.code_prefix, rng)
     outs = run(prefixes, cfg.code_tokens, temperature)
-    docs = []
-    for p, ids in zip(prefixes, outs):
-        finished = bool(ids) and ids[-1] == eos_id
-        tail = [] if finished else [eos_id]
-        stats["code_written"] += 1
-        docs.append(Document(p + ids + tail, [0] * len(p) + [1] * len(ids) + [0] * len(tail), "code",
-                             {"prefix_tokens": len(p), "tokens": len(ids), "temperature": temperature}))
+    return [code_document(p, ids, eos_id, temperature, stats) for p, ids in zip(prefixes, outs)]
+
+
+def code_document(prefix: list[int], ids: list[int], eos_id: int, temperature: float, stats: Counter) -> Document:
+    """One code piece: the corpus prefix (mask 0), then the model's continuation (mask 1), ending in EOS."""
+    tail = [] if ids and ids[-1] == eos_id else [eos_id]
+    stats["code_written"] += 1
+    return Document(prefix + ids + tail, [0] * len(prefix) + [1] * len(ids) + [0] * len(tail), "code",
+                    {"prefix_tokens": len(prefix), "tokens": len(ids), "temperature": temperature})
+
+
+# ---- continuous batching: each conversation or code piece is a job of one or more requests ----
+
+Ask = tuple[list[int], int, float]
+"""A request a job makes: (prompt ids, most new tokens, temperature); the writer sends back what was written."""
+Job = Generator[Ask, list[int], list[Document]]
+
+
+def chat_job(tok, cfg: SelfGenConfig, temperature: float, exclude: set[str], seen: set[str], stats: Counter,
+             context: int, rng: random.Random) -> Job:
+    """One Magpie conversation as a job: a user message, its answer, and for a share `multi_turn` of
+    the answers that ended, a second user message and its answer (the same filters as `write_chat`)."""
+    text = user_message(tok, (yield user_turn_prefix(tok), cfg.user_tokens, cfg.user_temperature), exclude, seen, stats)
+    if text is None:
+        return []
+    messages = [{"role": "user", "content": text}]
+    prompt = tok.chat(messages)
+    if len(prompt) + cfg.answer_tokens >= context:
+        return []
+    docs = [chat_document(tok, messages, prompt, (yield prompt, cfg.answer_tokens, temperature), temperature, stats)]
+    history = docs[0].text["messages"]
+    if not docs[0].text["finished"] or rng.random() >= cfg.multi_turn:
+        return docs
+    prefix = user_turn_prefix(tok, history)
+    if len(prefix) + cfg.user_tokens + cfg.answer_tokens >= context:
+        return docs
+    ids = yield prefix, cfg.user_tokens, cfg.user_temperature
+    if not ids or ids[-1] != tok.eos_id:
+        return docs
+    text = tok.decode(ids[:-1], skip_special_tokens=True).strip()
+    if not good_user_message(text) or normalise(text) in exclude:
+        return docs
+    messages = [*history, {"role": "user", "content": text}]
+    prompt = tok.chat(messages)
+    if len(prompt) + cfg.answer_tokens >= context:
+        return docs
+    stats["second_turns"] += 1
+    docs.append(chat_document(tok, messages, prompt, (yield prompt, cfg.answer_tokens, temperature), temperature, stats))
     return docs
+
+
+def code_job(prefix: list[int], cfg: SelfGenConfig, temperature: float, eos_id: int, stats: Counter) -> Job:
+    """One code continuation as a job."""
+    return [code_document(prefix, (yield prefix, cfg.code_tokens, temperature), eos_id, temperature, stats)]
+
+
+class ContinuousWriter:
+    """Keeps every slot of one engine busy: requests join as others leave (continuous batching,
+    `decoding.Generation`), each with its own temperature, seed and token budget.
+
+    Args:
+        model: the target model; batch_size: slots (rows decoding at once).
+        eos_id: ends a request; top_p: nucleus of sampled requests; seed: request i is seeded seed + i.
+        max_new: the most tokens any request asks for.
+    """
+
+    def __init__(self, model, batch_size: int, eos_id: int, top_p: float, seed: int, max_new: int) -> None:
+        from multitoken.decoding.api import Settings, engine_for
+
+        self.engine = engine_for(model, batch_size, 2)  # plain steps feed one token: scratch q + 1 = 2
+        self.settings = Settings(max_new_tokens=max_new, mode="ntp", eos_id=eos_id)
+        self.B, self.top_p, self.seed = batch_size, top_p, seed
+        self.calls = 0  # host checks (each some decoding steps) and prefills
+        self.requests = 0
+        self.new_tokens = 0
+        self.seconds = 0.0
+
+    def run(self, jobs: Iterator[Job], deadline: float | None = None,
+            progress: Callable[[int, float], None] | None = None) -> list[Document]:
+        """Run `jobs` (started in order while fewer than 5/4 of the slots' requests wait or decode,
+        and none after `deadline`, a `time.perf_counter()` value; jobs in flight then finish).
+        Returns the documents of every job, in the order the jobs ended."""
+        from multitoken.decoding.sampling import Sampling
+
+        docs: list[Document] = []
+        waiting: dict[int, Job] = {}
+        t0 = time.perf_counter()
+        last = t0
+        with self.engine.lock:
+            gen = self.engine.start([], self.settings)
+
+            def ask(job: Job, written: list[int] | None) -> None:
+                try:
+                    prompt, n, T = job.send(written)  # type: ignore[arg-type]
+                except StopIteration as stop:
+                    docs.extend(stop.value)
+                    return
+                sampling = Sampling(T, 0, self.top_p if T > 0 else 1.0)
+                rid = gen.add(prompt, sampling, seed=self.seed + self.requests, max_new_tokens=n)
+                self.requests += 1
+                waiting[rid] = job
+
+            more = True
+            while True:
+                while more and len(waiting) < self.B + self.B // 4 and (deadline is None or time.perf_counter() < deadline):
+                    job = next(jobs, None)
+                    if job is None:
+                        more = False
+                    else:
+                        ask(job, None)
+                if not waiting:
+                    break
+                gen.step()
+                self.calls += 1
+                for rid in [rid for rid in waiting if gen.requests[rid].done]:
+                    tokens = gen.requests[rid].tokens
+                    gen.forget(rid)
+                    self.new_tokens += len(tokens)
+                    ask(waiting.pop(rid), tokens)
+                if progress is not None and time.perf_counter() - last > 30:
+                    last = time.perf_counter()
+                    progress(len(docs), last - t0)
+        self.seconds += time.perf_counter() - t0
+        return docs
+
+
+def write_continuous(tok, cfg: SelfGenConfig, model, corpus: np.ndarray | None, exclude: set[str], seen: set[str],
+                     stats: Counter, context: int, rng: random.Random, deadline: float | None,
+                     say: Callable[[str], None]) -> tuple[list[Document], ContinuousWriter]:
+    """`cfg.chat` conversation jobs and `cfg.code` code jobs, interleaved, on one `ContinuousWriter`;
+    temperatures cycle job by job."""
+    writer = ContinuousWriter(model, cfg.batch_size, tok.eos_id, cfg.top_p, cfg.seed,
+                              max(cfg.user_tokens, cfg.answer_tokens, cfg.code_tokens))
+    code_rng = random.Random(rng.random())
+
+    def jobs() -> Iterator[Job]:
+        chat = code = i = 0
+        while chat < cfg.chat or (code < cfg.code and corpus is not None):
+            T = cfg.temperatures[i % len(cfg.temperatures)]
+            if chat < cfg.chat and (corpus is None or code >= cfg.code or i % 2 == 0):
+                chat += 1
+                yield chat_job(tok, cfg, T, exclude, seen, stats, context, rng)
+            else:
+                code += 1
+                prefix = code_windows(corpus, tok.eos_id, 1, *cfg.code_prefix, code_rng)[0]
+                yield code_job(prefix, cfg, T, tok.eos_id, stats)
+            i += 1
+
+    def progress(n: int, seconds: float) -> None:
+        say(f"distill-data: {n} documents, {writer.new_tokens:,} tokens written at "
+            f"{writer.new_tokens / max(writer.seconds + seconds, 1e-9):,.0f} tok/s, {seconds:.0f} s")
+
+    return writer.run(jobs(), deadline, progress), writer
 
 
 def copy_corpus(corpus: np.ndarray, eos_id: int, tokens: int, rng: random.Random) -> list[Document]:
@@ -352,7 +513,9 @@ def distill_data(model, tok, out: str | Path, cfg: SelfGenConfig, corpus: str | 
     docs: list[Document] = []
     n_chat = n_code = rounds = 0
     deadline = None if cfg.max_minutes is None else t0 + 60 * cfg.max_minutes
-    while n_chat < cfg.chat or n_code < cfg.code:
+    if cfg.continuous and (cfg.chat or cfg.code):
+        docs, run = write_continuous(tok, cfg, model, corpus_tokens, excluded, seen, stats, context, rng, deadline, say)
+    while not cfg.continuous and (n_chat < cfg.chat or n_code < cfg.code):
         if deadline is not None and time.perf_counter() > deadline:
             say("distill-data: time is up")
             break
@@ -394,7 +557,7 @@ def kept_data(path: str | Path, tok, out: Path) -> dict[str, Any]:
 
 
 def _write(out: Path, tok, cfg: SelfGenConfig, docs: list[Document], copied: list[Document], stats: Counter,
-           run: BatchedWriter, gen_seconds: float, corpus, kept: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+           run: BatchedWriter | ContinuousWriter, gen_seconds: float, corpus, kept: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
     splits: dict[str, list[Document]] = {"train": [], "val": []}
     for i, d in enumerate(docs):
         splits["val" if i % cfg.val_every == cfg.val_every - 1 else "train"].append(d)
