@@ -47,7 +47,10 @@ gen)
     t0=$SECONDS
     gen() { python3 -m multitoken distill-data --run "$WORK/base" --out "$WORK/selfnew" --corpus "$WORK/data" --chat 1000000 \
                 --code 1000000 --max-minutes "$minutes" --dtype bfloat16 --corpus-tokens 0 "$@" 2>&1 | quiet; }
-    gen "$@" || { [ $((SECONDS - t0)) -lt 120 ] && gen "$@" --batch-size 256; }
+    # Continuous batching (rows join as others leave; 1.35x the batched writer's tokens/s on 2 CPU cores,
+    # bench/results/selfgen_continuous_cpu.json; batched on an H100 at batch 512: 14.0k tok/s, drafts_gpu2/distill_meta.json).
+    # If it fails early, the batched writer at 256 takes the rest of the time.
+    gen --continuous "$@" || { [ $((SECONDS - t0)) -lt 120 ] && gen "$@" --batch-size 256; }
     keep=(--keep "$WORK/selfnew")
     for f in .selfdata/*.tgz.part_aa; do  # carried from earlier leases (none: the glob stays as written)
         [ -f "$f" ] || continue
