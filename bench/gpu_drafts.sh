@@ -94,7 +94,7 @@ bench)
     f=$(heads "$1")
     # bf16, prompts spread over each set, greedy and temperature 1: plain, chain, auto length, tree and the reference decoder.
     timeout "${T_BF16:-360}" python3 -m multitoken bench decode "${common[@]}" --heads-file "$f" --prompts "${PROMPTS:-16}" --temperature 0,1 \
-        --no-transformers --out "$OUT/bench-$1" 2>&1 | quiet || true
+        --chain-drafts 2,3 --no-transformers --out "$OUT/bench-$1" 2>&1 | quiet || true
     # float32 greedy: output identical to plain decoding (exactness), 6 prompts a set.
     timeout 100 python3 -m multitoken bench decode "${common[@]}" --heads-file "$f" --prompts 6 --temperature 0 --dtype float32 \
         --no-transformers --no-reference --out "$OUT/bench-$1-fp32" 2>&1 | quiet || true

@@ -231,3 +231,25 @@ def test_bench_decode_cut_short_keeps_the_rows_it_finished(tmp_path, monkeypatch
               "--no-reference", "--device", "cpu", "--out", str(out)])
     data = json.loads((out / "decode.json").read_text())
     assert data["complete"] is False and [r["method"] for r in data["results"]] == calls[:2]
+
+
+def test_the_automatic_length_is_compared_with_the_best_fixed_chain(tmp_path):
+    """--chain-drafts 1,2 adds fixed chains of 1 and 2 drafts beside the full one (3); the auto row's
+    vs_best_fixed is its speed over the fastest of the three, recomputed here from the rows."""
+    import json
+
+    from multitoken.cli import main
+
+    out = tmp_path / "bench"
+    assert main(["bench", "decode", "--preset", "tiny", "--heads", "parallel:3", "--batch", "1", "--temperature", "0",
+                 "--chain-drafts", "1,2,3,9", "--new-tokens", "6", "--prompt-tokens", "8", "--repeats", "1",
+                 "--no-transformers", "--no-eager", "--no-reference", "--device", "cpu", "--out", str(out)]) == 0
+    rows = {r["method"]: r for r in json.loads((out / "decode.json").read_text())["results"]}
+    fixed = {m: rows[m] for m in ("ours chain:1", "ours chain:2", "ours chain")}
+    assert "ours chain:3" not in rows and "ours chain:9" not in rows  # the full depth runs once, deeper ones not at all
+    assert all(r["token_match"] == 1.0 for r in fixed.values())
+    assert rows["ours chain:1"]["chosen_draft"] == [1] and rows["ours chain:2"]["chosen_draft"] == [2]
+    best = max(fixed, key=lambda m: fixed[m]["tokens_per_s"])
+    auto = rows["ours chain auto"]
+    assert auto["best_fixed"] == best
+    assert auto["vs_best_fixed"] == pytest.approx(auto["tokens_per_s"] / fixed[best]["tokens_per_s"])

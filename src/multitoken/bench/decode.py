@@ -268,6 +268,8 @@ def bench(model, tok, run_dir, args, on_row=None) -> dict:
         modes.append(("ours plain graphs, eager blocks", dict(mode="ntp", compile=False)))
     modes.append(("ours plain", dict(mode="ntp")))
     if model.depth:
+        shorter = sorted({k for k in getattr(args, "chain_drafts", None) or [] if k < model.depth})
+        modes += [(f"ours chain:{k}", dict(mode="spec", draft=k)) for k in shorter]
         modes += [("ours chain", dict(mode="spec", draft=model.depth)),
                   ("ours chain auto", dict(mode="spec")),
                   ("ours tree", dict(mode="tree", tree=args.tree_nodes, draft=model.depth))]  # fixed, as the chain: auto is its own row
@@ -341,9 +343,15 @@ def bench(model, tok, run_dir, args, on_row=None) -> dict:
                     if T == 0 and ref is not None:
                         row["token_match"], row["first_divergence"] = match_rate(out, ref)
                     results.append(row)
-            for r in results:
-                if (r["batch"], r.get("prompts"), r["temperature"]) == (B, kind, T) and "tokens_per_s" in r and base_tps:
+            here = [r for r in results if (r["batch"], r.get("prompts"), r["temperature"]) == (B, kind, T) and "tokens_per_s" in r]
+            for r in here:
+                if base_tps:
                     r["vs_our_plain"] = r["tokens_per_s"] / base_tps
+            fixed = [r for r in here if r["method"] == "ours chain" or r["method"].startswith("ours chain:")]
+            for r in here:
+                if r["method"] == "ours chain auto" and fixed:  # the automatic length against the best fixed one it could pick
+                    best = max(fixed, key=lambda f: f["tokens_per_s"])
+                    r["vs_best_fixed"], r["best_fixed"] = r["tokens_per_s"] / best["tokens_per_s"], best["method"]
         eng = engine_for(model, B)  # the default engine (compiled blocks, graphs on CUDA)
         step_costs[B] = [dict(step=key[0], detail=str(key[1]), temperature=key_temperature(key[-1]), live=live, seconds=v)
                          for (key, live), v in eng.runner.costs.items()]

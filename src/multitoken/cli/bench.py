@@ -81,6 +81,9 @@ def register_decode(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--new-tokens", type=ints(1, MAX_NEW_TOKENS), default=256, help="tokens generated per prompt")
     p.add_argument("--prompt-tokens", type=ints(1, MAX_SEQ_LEN), default=64, help="tokens per prompt")
     p.add_argument("--repeats", type=ints(1, 1000), default=3, help="timed repeats of each setting (median reported)")
+    p.add_argument("--chain-drafts", type=listed(ints(1, 64)), default=None, metavar="K,...",
+                   help="also run a fixed chain of each of these draft lengths (below the heads' depth, which always runs); "
+                        "the automatic length's row then says how it compares with the best of them (vs_best_fixed)")
     p.add_argument("--tree-nodes", type=ints(2, 1024), default=16, help="nodes of the dynamic draft tree")
     p.add_argument("--no-transformers", dest="transformers", action="store_false", help="skip transformers' generate")
     p.add_argument("--no-reference", dest="reference", action="store_false",
