@@ -3,6 +3,7 @@
 # prompts nobody here wrote (HumanEval's, our chat set). Device calls of under 10 minutes each, made
 # back to back within the machine's 30 s of warmth (/tmp survives between them, the repo does not).
 #
+#   bash bench/gpu_drafts.sh selfdata               # carry .selfdata alone: earlier leases' text to /tmp (optional)
 #   bash bench/gpu_drafts.sh part1                  # carry .gguf/part_aa .whl .carry: wheels, corpus prepared
 #   bash bench/gpu_drafts.sh gen MINUTES [ARGS...]  # carry .gguf/part_ab (and .selfdata): convert, `multitoken distill-data`
 #   bash bench/gpu_drafts.sh train HEADS MINUTES STEPS [ARGS...]  # warm-started head training on that data
@@ -26,6 +27,11 @@ quiet() { grep --line-buffered -v "de-quantizing\|Loading weights\|UNEXPECTED\|^
 step=$1; shift
 mkdir -p "$WORK" /tmp/gguf
 case "$step" in
+selfdata)
+    # Earlier leases' text when it does not fit beside a GGUF half (64 MiB a call): carry .selfdata
+    # alone in a call of its own, before gen; gen keeps what lies in /tmp/selfdata.
+    mkdir -p /tmp/selfdata && cp .selfdata/*.tgz.part_* /tmp/selfdata/ && ls -la /tmp/selfdata
+    ;;
 part1)
     cp .gguf/part_aa /tmp/gguf/
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
@@ -52,10 +58,11 @@ gen)
     # If it fails early, the batched writer at 256 takes the rest of the time.
     gen --continuous "$@" || { [ $((SECONDS - t0)) -lt 120 ] && gen "$@" --batch-size 256; }
     keep=(--keep "$WORK/selfnew")
-    for f in .selfdata/*.tgz.part_aa; do  # carried from earlier leases (none: the glob stays as written)
+    for f in .selfdata/*.tgz.part_aa /tmp/selfdata/*.tgz.part_aa; do  # carried from earlier leases (none: the glob stays)
         [ -f "$f" ] || continue
         n=$(basename "$f" .tgz.part_aa); mkdir -p "$WORK/kept"
-        cat ".selfdata/$n.tgz.part_"* | tar -xzf - -C "$WORK/kept"; keep+=(--keep "$WORK/kept/$n")
+        [ -d "$WORK/kept/$n" ] && continue  # the same folder carried both ways
+        cat "$(dirname "$f")/$n.tgz.part_"* | tar -xzf - -C "$WORK/kept"; keep+=(--keep "$WORK/kept/$n")
     done
     python3 -m multitoken distill-data --run "$WORK/base" --out "$WORK/self" --corpus "$WORK/data" --chat 0 --code 0 \
         --corpus-tokens "${CORPUS_TOKENS:-12000000}" "${keep[@]}" --dtype bfloat16 --quiet
