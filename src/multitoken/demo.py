@@ -43,7 +43,7 @@ def say(msg: str) -> None:
     print(f"[demo] {msg}", flush=True)
 
 
-def run_demo(workdir: str | Path = "runs/demo", preset: str = "tiny", heads: str = "medusa:4", steps: int = 900,
+def run_demo(workdir: str | Path = "runs/demo", preset: str = "tiny", heads: str = "medusa:4", steps: int = 700,
              tokenizer: str = "bytes", max_new_tokens: int = 96, threads: int | None = None, repeats: int = 5,
              head_steps: int = 150, continuations: int = 1024) -> dict:
     """Prepare, train, let the model write its heads' text, train the heads on it, evaluate and

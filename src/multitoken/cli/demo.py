@@ -28,7 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # draft, more than its acceptance buys back; Medusa's residual heads are nearly free (their
     # four LM heads run as one batched matmul), so a fourth head costs little more than a third.
     p.add_argument("--heads", default="medusa:4", type=text_arg, help="MTP heads (default: medusa:4, trained jointly with the model)")
-    p.add_argument("--steps", type=ints(1), default=900, help="joint training steps of 16 x 256 tokens (default: 900)")
+    p.add_argument("--steps", type=ints(1), default=700, help="joint training steps of 16 x 256 tokens (default: 700)")
     p.add_argument("--head-steps", type=ints(0), default=150,
                    help="steps of 16 x 256 tokens training the heads alone on text the model wrote itself (default: 150; 0 skips it)")
     p.add_argument("--continuations", type=ints(1, 1 << 20), default=1024,
