@@ -101,6 +101,24 @@ def test_drafts_after_a_shorter_stretch_are_those_of_a_drafter_that_never_stoppe
     assert stats.acceptance_per_position == [1.0] * K
 
 
+def test_drafts_after_a_long_plain_stretch_are_those_of_a_drafter_that_never_stopped(cpu_costs):
+    """About 200 plain steps, then 3 drafts: the catch-up rewrites 256 positions in four chunks of
+    64, the oldest of which holds the first positions the plain steps did not keep; heads right
+    whenever their state is right must be right at every draft after it."""
+    K = 3
+    model = spread_model("sequential", K, 6, max_seq_len=300)
+    prompt = [4, 5, 6, 7, 8]
+    full, _ = generate(model, [prompt], 270)
+    ref = torch.tensor([prompt + full[0]])
+    log = []
+    stub_heads(model, cache_oracle(model, ref, log))
+    out, stats = scripted_generation(model, [prompt], 250, [0] * 200 + [K])
+    assert out[0] == full[0][:250]
+    assert stats.chosen_draft == [K, 0, K], stats.chosen_draft
+    after = [(d, P, good) for d, P, good in log if P > 230 and P < ref.shape[1] - 1]
+    assert after and all(good for _, _, good in after), [x for x in after if not x[2]][:10]
+
+
 @pytest.mark.parametrize("kind", ["sequential", "parallel", "medusa"])
 def test_acceptance_per_position_counts_only_the_steps_that_drafted_it(kind, cpu_costs):
     """Heads right at depth 1 only, lengths switched between 3, 1 and plain: position 1 is

@@ -32,3 +32,13 @@ def test_prompt_ids_spread_over_the_set_and_user_texts_cover_both_sets():
     assert some == [all_ids[0], all_ids[41], all_ids[82], all_ids[123]]  # i * 164 / 4
     texts = evalsets.user_texts()
     assert evalsets.humaneval()[5]["prompt"] in texts and evalsets.chat()[3]["messages"][-1]["content"] in texts
+
+
+def test_prompt_ids_spread_when_the_count_does_not_divide_the_set():
+    """100 of HumanEval's 164: prompt i is number floor(i * 1.64) (by hand: 0, 1, 3, ..., 82, ..., 162),
+    not the first 100."""
+    tok = Tokenizer.bytes()
+    all_ids = evalsets.prompt_ids("humaneval", tok)
+    some = evalsets.prompt_ids("humaneval", tok, 100)
+    assert len(some) == 100
+    assert [some[i] for i in (0, 1, 2, 50, 99)] == [all_ids[i] for i in (0, 1, 3, 82, 162)]

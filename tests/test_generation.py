@@ -194,3 +194,50 @@ def test_auto_draft_length_drafts_again_once_no_row_decodes(monkeypatch):
     assert gen.chosen == [3, 0, 3, 0], gen.chosen
     for r in rows:
         assert 8 <= r.draft_steps < r.row_steps and r.drafted == 3 * r.draft_steps, (r.draft_steps, r.row_steps)
+
+
+def test_cancelling_a_finished_request_leaves_the_row_in_its_old_slot_alone():
+    """One slot: A finishes, B takes the slot; cancelling A then (a client that leaves late) changes
+    nothing: A stays "length", B decodes on to the same tokens as alone."""
+    model = random_model("parallel", 2, 4)
+    gen = Engine(model, 1).start([], Settings(10, mode="spec", stream=True))
+    a = gen.add([3, 5, 2], max_new_tokens=2)
+    while not gen.done:
+        gen.step()
+    b = gen.add([1, 1], max_new_tokens=9)
+    gen.step()  # B is prefilled into A's old slot
+    assert gen.requests[b].slot == gen.requests[a].slot == 0 and not gen.requests[b].done
+    gen.cancel(a)
+    assert gen.requests[a].finish_reason == "length" and gen.requests[a].tokens == generate(model, [[3, 5, 2]], 2)[0][0]
+    while not gen.done:
+        gen.step()
+    assert gen.requests[b].finish_reason == "length"
+    assert gen.requests[b].tokens == generate(model, [[1, 1]], 9)[0][0]
+
+
+def test_a_plain_choice_of_heads_that_cannot_resume_does_not_carry_over_to_the_next_generation(monkeypatch):
+    """Parallel heads keep caches that plain steps do not fill, so their plain choice is final for a
+    generation; the next generation on the engine (fresh prefill, fresh caches) starts from the full
+    draft again, not plain for good."""
+    model = random_model("parallel", 2, 2)
+    eng = Engine(model, 1)
+    eng.runner.measures_costs = True
+    monkeypatch.setattr(eng.runner, "cost", lambda strategy, need: 1.0 if strategy.k == 0 else 50.0)
+    first = eng.start([[3, 5, 2]], Settings(20, mode="spec"))
+    out, _ = first.result()
+    assert first.policy is not None and not first.policy.resumable and first.chosen == [2, 0], first.chosen
+    second = eng.start([[7, 0, 4]], Settings(20, mode="spec"))
+    assert (second.mode_now, second.k_now, second.chosen) == ("spec", 2, [2])
+    assert second.result()[0] == [generate(model, [[7, 0, 4]], 20)[0][0]]
+
+
+@pytest.mark.parametrize("mode", ["ntp", "spec"])
+def test_a_row_fills_the_context_exactly(mode):
+    """Context 32: a prompt of 29 tokens gets 3 new tokens, one of 31 gets 1 (max_new_tokens 10)."""
+    model = random_model("parallel", 2, 1)
+    assert model.config.max_seq_len == 32
+    out, _ = generate(model, [[1] * 29, [2] * 31], 10, mode=mode)
+    assert [len(o) for o in out] == [3, 1]
+    gen = Engine(model, 1).start([], Settings(10, mode=mode))
+    rid = gen.add([3] * 30)
+    assert gen.requests[rid].budget == 2 and [len(o) for o in gen.result()[0]] == [2]

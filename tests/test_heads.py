@@ -196,3 +196,22 @@ def test_default_fused_layers_are_low_middle_and_h0():
 
     assert default_fused_layers(30) == [2, 15, 30]  # SmolLM2-135M
     assert default_fused_layers(4) == [1, 2, 4] and default_fused_layers(3) == [0, 1, 3] and default_fused_layers(1) == [0, 1]
+
+
+def test_medusa_decoding_states_follow_weights_written_in_place():
+    """Decoding stacks the one-block heads' weights once; an in-place write (an optimizer step,
+    load_state_dict) must show in the next decoding pass: h + SiLU(W h + b) by hand, per head."""
+    from types import SimpleNamespace
+
+    model = tiny_model("medusa", 2, seed=0).eval()
+    h = torch.randn(1, 3, model.config.dim)
+    states = SimpleNamespace(main=h)
+    with torch.no_grad():
+        model.mtp.decode_states(model.shared, 2, states, None, None, None, None)  # stacked now
+        for head in model.mtp.heads:
+            head.blocks[0].linear.weight.add_(torch.randn_like(head.blocks[0].linear.weight))
+            head.blocks[0].linear.bias.add_(0.5)
+        got = model.mtp.decode_states(model.shared, 2, states, None, None, None, None)
+    for k, head in enumerate(model.mtp.heads):
+        lin = head.blocks[0].linear
+        torch.testing.assert_close(got[:, :, k], h + F.silu(h @ lin.weight.T + lin.bias))

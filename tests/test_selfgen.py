@@ -369,3 +369,34 @@ def test_heads_train_on_masked_data_and_warm_start_from_a_heads_file(tmp_path: P
     assert out["step"] == 3
     with pytest.raises(UserError, match="holds sequential:2 heads"):
         train(TrainConfig(steps=1, **{**common, "heads": "sequential:3"}), tmp_path / "d", tmp_path / "r2", progress=False)
+
+
+def test_a_second_turn_equal_to_an_evaluation_prompt_is_dropped_too(tmp_path: Path) -> None:
+    """Follow-up questions pass the same filter as first turns: "What is 2 + 2?" (an evaluation
+    prompt) asked as a second turn is not kept; "Tell me more please." is."""
+    tok = chat_tokenizer()
+    users = ["How do tides work?", "Why is ice slippery?", "What is 2 + 2?", "Tell me more please."]
+    cfg = SelfGenConfig(chat=2, code=0, batch_size=2, multi_turn=1.0, val_every=3, temperatures=(0.0,))
+    meta = distill_data(FakeModel(), tok, tmp_path / "d", cfg, exclude=["what is 2+2?"], progress=False,
+                        generate=Script(tok, users))
+    assert meta["self_generated"]["filters"]["second_turns"] == 1
+    text = "".join(tok.decode(read_shard(tmp_path / "d" / f"{s}.bin").astype(int).tolist()) for s in ("train", "val"))
+    assert "Tell me more please." in text and "2 + 2" not in text
+
+
+def test_every_generation_call_gets_its_own_seed() -> None:
+    """Seeds seed, seed+1, ... call by call (identical Magpie prompts must not sample the same
+    messages every round)."""
+    from multitoken.training.selfgen import BatchedWriter
+
+    seeds = []
+
+    def fake(model, prompts, max_new, **kw):
+        seeds.append(kw["seed"])
+        return [[1]] * len(prompts), None
+
+    w = BatchedWriter(None, 2, eos_id=0, top_p=0.9, seed=7, generate=fake)
+    w([[1], [2], [3]], 4, 1.0)
+    w([[1]], 4, 1.0)
+    assert seeds == [7, 8, 9]
+

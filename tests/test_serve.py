@@ -131,6 +131,22 @@ def test_stop_strings_cut_the_text(served):
     assert r["choices"][0]["text"] == want and r["choices"][0]["finish_reason"] == "stop"
 
 
+def test_a_stop_string_ends_decoding_of_its_row(served):
+    """The row stops decoding once its stop string shows: usage counts the tokens up to the step that
+    showed it (at most depth more than the n tokens after which the stream shows it), not max_tokens."""
+    s, model, tok, _ = served
+    ref = alone(model, tok, tok.encode("ab"), 60)
+    assert tok.eos_id not in ref
+    stop = text_of(tok, ref)[7:10]
+    shown = StopText(tok, [stop], tok.eos_id)
+    n = next(i for i, t in enumerate(ref, 1) if shown.push([t]) is not None and shown.stopped)
+    assert n + model.depth < 60
+    r = httpx.post(s.url + "/v1/completions", json={"prompt": "ab", "max_tokens": 60, "temperature": 0, "stop": [stop]},
+                   timeout=60).json()
+    assert r["choices"][0]["finish_reason"] == "stop"
+    assert n <= r["usage"]["completion_tokens"] <= n + model.depth, (n, r["usage"])
+
+
 def test_top_k_minus_one_means_no_top_k(served):
     """vLLM's clients send top_k=-1 for "off": the same text as top_k 0 (seeded sampling, decoded alone)."""
     s, model, tok, _ = served
@@ -140,6 +156,24 @@ def test_top_k_minus_one_means_no_top_k(served):
                                                      "seed": 5}, timeout=60)
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == text_of(tok, ref)
+
+
+def test_metrics_count_accepted_drafts_under_their_0_based_position():
+    """A finished row's accepted drafts per position (by hand: 5, 3, 1) land on labels 0, 1, 2 as vLLM's
+    do, and no other label appears."""
+    from types import SimpleNamespace
+
+    from multitoken.serve.app import Metrics
+
+    m = Metrics(3)
+    ticket = SimpleNamespace(job=SimpleNamespace(prompt=[1, 2, 3]), submitted=time.perf_counter())
+    row = SimpleNamespace(tokens=[4] * 12, draft_steps=6, drafted=18, accepted=[5, 3, 1])
+    m.request_done(ticket, row, "length")
+    name = "multitoken_spec_decode_num_accepted_tokens_per_pos_total"
+    got = {s.labels["position"]: s.value for fam in m.registry.collect() for s in fam.samples if s.name == name}
+    assert got == {"0": 5.0, "1": 3.0, "2": 1.0}
+    assert m.registry.get_sample_value("multitoken_spec_decode_num_accepted_tokens_total") == 9.0
+    assert m.registry.get_sample_value("multitoken_spec_decode_num_drafts_total") == 6.0
 
 
 def test_stop_text_over_multi_token_steps_and_split_utf8():
@@ -236,6 +270,7 @@ BAD = [
     ("top-p-zero", "/v1/completions", {"prompt": "a", "top_p": 0}, 400, None),
     ("stop-five", "/v1/completions", {"prompt": "a", "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("token-out-of-vocab", "/v1/completions", {"prompt": [1, 99999]}, 400, "prompt"),
+    ("token-equal-to-vocab", "/v1/completions", {"prompt": [1, Tokenizer.bytes().vocab_size]}, 400, "prompt"),
     ("empty-prompt", "/v1/completions", {"prompt": ""}, 400, "prompt"),
     ("no-messages", "/v1/chat/completions", {"messages": []}, 400, "messages"),
     ("message-not-text", "/v1/chat/completions", {"messages": [{"role": "user", "content": 5}]}, 400, "messages"),

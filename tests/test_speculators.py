@@ -139,6 +139,17 @@ def test_heads_and_backbones_that_do_not_map_are_refused(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_verifier_with_another_vocabulary_is_refused(tmp_path):
+    """Same hidden size (32), vocabulary 308 instead of 300: not the backbone the heads were trained on."""
+    qwen3_run(tmp_path / "q", "sequential", 1, False)
+    other = tiny_model("sequential", 1, vocab_size=VOCAB + 8, eos_id=256, qk_norm=True).eval()
+    save_run(tmp_path / "other", other, Tokenizer.bytes())
+    export_hf(tmp_path / "other", tmp_path / "other_hf")
+    with pytest.raises(UserError, match="vocabulary 308, the heads 32 and 300"):
+        export_speculators(tmp_path / "q" / "run", tmp_path / "out", verifier=str(tmp_path / "other_hf"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_cli_export_format_speculators(tmp_path, capsys):
     qwen3_run(tmp_path, "sequential", 1, False)
     assert cli_main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "spec"), "--format",
