@@ -51,8 +51,11 @@ gen)
     # A batch size the engine has not run at before may fail: if it fails within 2 minutes, fall back to 256 (run on an H100)
     # (the folder is ours, so it is rewritten).
     t0=$SECONDS
+    # Each lease's text must differ from the text it is kept beside: the seed comes from SELFDATA_NAME
+    # (a --seed in ARGS still wins; the 2026-12-07 lease wrote with seed 0).
+    seed=$(printf %s "${SELFDATA_NAME:-selfdata}" | cksum | cut -d' ' -f1)
     gen() { python3 -m multitoken distill-data --run "$WORK/base" --out "$WORK/selfnew" --corpus "$WORK/data" --chat 1000000 \
-                --code 1000000 --max-minutes "$minutes" --dtype bfloat16 --corpus-tokens 0 "$@" 2>&1 | quiet; }
+                --code 1000000 --max-minutes "$minutes" --dtype bfloat16 --corpus-tokens 0 --seed "$seed" "$@" 2>&1 | quiet; }
     # Continuous batching (rows join as others leave; 1.35x the batched writer's tokens/s on 2 CPU cores,
     # bench/results/selfgen_continuous_cpu.json; batched on an H100 at batch 512: 14.0k tok/s, drafts_gpu2/distill_meta.json).
     # If it fails early, the batched writer at 256 takes the rest of the time.
