@@ -253,3 +253,21 @@ def test_the_automatic_length_is_compared_with_the_best_fixed_chain(tmp_path):
     auto = rows["ours chain auto"]
     assert auto["best_fixed"] == best
     assert auto["vs_best_fixed"] == pytest.approx(auto["tokens_per_s"] / fixed[best]["tokens_per_s"])
+
+
+def test_the_automatic_length_is_never_its_own_best_fixed_chain():
+    """Rows by hand where the automatic length and a reduced-vocabulary chain are faster than every
+    fixed chain: vs_best_fixed is over the fastest fixed chain (chain:2 here), above 1, and rows of
+    other methods get nothing."""
+    from multitoken.bench.decode import compare_auto_with_fixed
+
+    rows = [dict(method="ours plain", tokens_per_s=100.0), dict(method="ours chain:1", tokens_per_s=150.0),
+            dict(method="ours chain:2", tokens_per_s=180.0), dict(method="ours chain", tokens_per_s=170.0),
+            dict(method="ours chain auto", tokens_per_s=198.0), dict(method="ours chain V'=4096", tokens_per_s=240.0)]
+    compare_auto_with_fixed(rows)
+    auto = rows[4]
+    assert auto["best_fixed"] == "ours chain:2" and auto["vs_best_fixed"] == pytest.approx(1.1)
+    assert all("vs_best_fixed" not in r for r in rows if r is not auto)
+    alone = [dict(method="ours chain auto", tokens_per_s=198.0)]
+    compare_auto_with_fixed(alone)  # no fixed chain run: nothing to compare with
+    assert "vs_best_fixed" not in alone[0]

@@ -241,3 +241,27 @@ def test_a_row_fills_the_context_exactly(mode):
     gen = Engine(model, 1).start([], Settings(10, mode=mode))
     rid = gen.add([3] * 30)
     assert gen.requests[rid].budget == 2 and [len(o) for o in gen.result()[0]] == [2]
+
+
+def test_cancelling_the_row_in_slot_zero_stops_it_and_frees_the_slot():
+    """Two slots: the row in slot 0 is cancelled after its first tokens; it keeps what it had, is
+    "cancelled" for good, and a queued request takes slot 0 and decodes as alone; the row in slot 1
+    is untouched."""
+    model = random_model("parallel", 2, 4)
+    gen = Engine(model, 2).start([], Settings(10, mode="spec", stream=True))
+    a = gen.add([3, 5, 2], max_new_tokens=10)
+    b = gen.add([1, 1], max_new_tokens=9)
+    gen.step()
+    assert gen.requests[a].slot == 0 and gen.requests[b].slot == 1
+    c = gen.add([6, 3], max_new_tokens=7)  # queued: both slots are taken
+    while not gen.requests[a].tokens:
+        gen.step()
+    kept = list(gen.requests[a].tokens)
+    gen.cancel(a)
+    assert gen.requests[a].done and gen.requests[a].finish_reason == "cancelled"
+    while not gen.done:
+        gen.step()
+    assert gen.requests[a].tokens == kept and gen.requests[a].finish_reason == "cancelled"
+    assert gen.requests[c].slot == 0
+    assert gen.requests[c].tokens == generate(model, [[6, 3]], 7)[0][0]
+    assert gen.requests[b].tokens == generate(model, [[1, 1]], 9)[0][0]

@@ -400,3 +400,41 @@ def test_every_generation_call_gets_its_own_seed() -> None:
     w([[1]], 4, 1.0)
     assert seeds == [7, 8, 9]
 
+
+
+def test_continuous_jobs_are_exactly_the_asked_counts(tmp_path: Path) -> None:
+    """--continuous with 4 conversations and 2 code pieces asked (jobs alternate while both remain):
+    exactly 2 code documents are written and 4 user messages asked for, however the tiny model's
+    conversations fare in the filters."""
+    from conftest import tiny_model
+
+    from multitoken.data.prepare import prepare
+
+    tok = chat_tokenizer()
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(4):
+        (src / f"m{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x + {j}\n" for j in range(30)))
+    tok.save(tmp_path / "tokdir")
+    prepare(str(src), str(tmp_path / "tokdir"), tmp_path / "corpus", glob="*.py", val_fraction=0.3, progress=False)
+    model = tiny_model(vocab_size=tok.vocab_size, eos_id=tok.eos_id, max_seq_len=256).eval()
+    cfg = SelfGenConfig(chat=4, code=2, batch_size=2, code_prefix=(10, 30), code_tokens=6, user_tokens=8, answer_tokens=8,
+                        multi_turn=0.0, val_every=2, temperatures=(0.0, 1.0), continuous=True)
+    meta = distill_data(model, tok, tmp_path / "d", cfg, corpus=tmp_path / "corpus", progress=False)
+    kinds = {k: sum(meta["splits"][s]["kinds"].get(k, 0) for s in ("train", "val")) for k in ("code", "chat")}
+    assert kinds["code"] == 2 and kinds["chat"] <= 4
+    assert meta["self_generated"]["filters"]["user_written"] == 4 and meta["self_generated"]["filters"]["code_written"] == 2
+
+
+def test_one_document_is_refused_unless_a_kept_folder_gives_the_missing_split(tmp_path: Path) -> None:
+    """One conversation alone cannot make a train and a validation split: refused in one line; with
+    --keep of a folder that has both splits, the same run is accepted."""
+    tok = chat_tokenizer()
+    one = SelfGenConfig(chat=1, code=0, multi_turn=0.0, temperatures=(0.0,))
+    with pytest.raises(UserError, match="too few for a train and a validation split"):
+        distill_data(FakeModel(), tok, tmp_path / "one", one, progress=False, generate=Script(tok, ["A lone question?"]))
+    distill_data(FakeModel(), tok, tmp_path / "a", SelfGenConfig(chat=4, code=0, multi_turn=0.0, val_every=2, temperatures=(0.0,)),
+                 progress=False, generate=Script(tok, [f"Question {i}?" for i in range(4)]))
+    meta = distill_data(FakeModel(), tok, tmp_path / "b", one, progress=False, keep=[tmp_path / "a"],
+                        generate=Script(tok, ["A lone question?"]))
+    assert meta["splits"]["train"]["docs"] == 3 and meta["splits"]["val"]["docs"] == 2

@@ -347,11 +347,7 @@ def bench(model, tok, run_dir, args, on_row=None) -> dict:
             for r in here:
                 if base_tps:
                     r["vs_our_plain"] = r["tokens_per_s"] / base_tps
-            fixed = [r for r in here if r["method"] == "ours chain" or r["method"].startswith("ours chain:")]
-            for r in here:
-                if r["method"] == "ours chain auto" and fixed:  # the automatic length against the best fixed one it could pick
-                    best = max(fixed, key=lambda f: f["tokens_per_s"])
-                    r["vs_best_fixed"], r["best_fixed"] = r["tokens_per_s"] / best["tokens_per_s"], best["method"]
+            compare_auto_with_fixed(here)
         eng = engine_for(model, B)  # the default engine (compiled blocks, graphs on CUDA)
         step_costs[B] = [dict(step=key[0], detail=str(key[1]), temperature=key_temperature(key[-1]), live=live, seconds=v)
                          for (key, live), v in eng.runner.costs.items()]
@@ -400,6 +396,17 @@ def key_temperature(s) -> float:
     if isinstance(t, (int, float)):
         return float(t)
     return 0.0 if s.greedy else float(t.max())
+
+
+def compare_auto_with_fixed(here: list[dict]) -> None:
+    """Give the automatic length's row (`ours chain auto`) of one (batch, prompts, temperature) group
+    `vs_best_fixed` and `best_fixed`: its speed over the fastest fixed-length chain it could have
+    picked (`ours chain`, `ours chain:K`; not itself, not the reduced-vocabulary rows)."""
+    fixed = [r for r in here if r["method"] == "ours chain" or r["method"].startswith("ours chain:")]
+    for r in here:
+        if r["method"] == "ours chain auto" and fixed:
+            best = max(fixed, key=lambda f: f["tokens_per_s"])
+            r["vs_best_fixed"], r["best_fixed"] = r["tokens_per_s"] / best["tokens_per_s"], best["method"]
 
 
 def relative_step_costs(step_costs: dict) -> dict:
