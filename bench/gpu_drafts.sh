@@ -6,6 +6,7 @@
 #   bash bench/gpu_drafts.sh selfdata               # carry .selfdata alone: earlier leases' text to /tmp (optional)
 #   bash bench/gpu_drafts.sh part1                  # carry .gguf/part_aa .whl .carry: wheels, corpus prepared
 #   bash bench/gpu_drafts.sh gen MINUTES [ARGS...]  # carry .gguf/part_ab (and .selfdata): convert, `multitoken distill-data`
+#   bash bench/gpu_drafts.sh base                   # carry .gguf/part_ab: convert only (then `bench shipped`)
 #   bash bench/gpu_drafts.sh train HEADS MINUTES STEPS [ARGS...]  # warm-started head training on that data
 #   bash bench/gpu_drafts.sh bench NAME [BASE]      # bench decode, HumanEval + chat: NAME's heads (latest: the last trained)
 #                                                   # bf16 and fp32, and BASE's (shipped: the packaged heads) in the same call, or the peer
@@ -43,11 +44,12 @@ part1)
         --out "$WORK/data" --val-fraction 0.01 --quiet
     python3 -c "import json; m=json.load(open('$WORK/data/meta.json')); print({k: v['tokens'] for k, v in m['splits'].items()}, m['tokenizer_sha256'])"
     ;;
-gen)
-    minutes=$1; shift
+base|gen)
     cat /tmp/gguf/part_aa .gguf/part_ab > "$GGUF"
     echo "$SHA  $GGUF" | sha256sum -c
     [ -f "$WORK/base/model.safetensors" ] || python3 -m multitoken convert --gguf "$GGUF" --out "$WORK/base" --max-seq-len 2048 2>&1 | quiet
+    [ "$step" = base ] && exit 0  # the model alone, for a lease too short to write text: bench the shipped heads next
+    minutes=$1; shift
     # A batch size the engine has not run at before may fail: if it fails within 2 minutes, fall back to 256 (run on an H100)
     # (the folder is ours, so it is rewritten).
     t0=$SECONDS
