@@ -265,3 +265,25 @@ def test_cancelling_the_row_in_slot_zero_stops_it_and_frees_the_slot():
     assert gen.requests[c].slot == 0
     assert gen.requests[c].tokens == generate(model, [[6, 3]], 7)[0][0]
     assert gen.requests[b].tokens == generate(model, [[1, 1]], 9)[0][0]
+
+
+def test_a_request_in_a_reused_slot_counts_only_its_own_steps():
+    """One slot: A decodes 12 tokens, then B takes A's slot. B's counters (steps, tokens, the
+    histogram of accepted drafts per step) are those of B decoded alone on a fresh engine, not A's
+    plus B's."""
+    model = random_model("parallel", 2, 4)
+    gen = Engine(model, 1).start([], Settings(12, mode="spec", draft=2))
+    a = gen.add([3, 5, 2], max_new_tokens=12)
+    while not gen.done:
+        gen.step()
+    b = gen.add([1, 1], max_new_tokens=9)
+    while not gen.done:
+        gen.step()
+    ref = Engine(model, 1).start([], Settings(12, mode="spec", draft=2))
+    alone = ref.add([1, 1], max_new_tokens=9)
+    while not ref.done:
+        ref.step()
+    rb, ra, r0 = gen.requests[b], gen.requests[a], ref.requests[alone]
+    assert rb.slot == ra.slot == 0 and rb.tokens == r0.tokens
+    assert sum(map(sum, ra.hist)) > 0  # A drafted: a histogram left behind would show in B's
+    assert rb.hist == r0.hist and rb.row_steps == r0.row_steps and rb.acceptance_per_position == r0.acceptance_per_position

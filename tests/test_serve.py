@@ -192,7 +192,7 @@ def test_stop_text_holds_back_the_start_of_the_longest_stop_string():
     """Streamed byte by byte with stop strings of different lengths, the text sent never runs past
     the cut: the naive answer is the whole text cut before its first stop string."""
     tok = Tokenizer.bytes()
-    for text in ("ab ENDING z", "xy! more", "no stop here"):
+    for text in ("ab ENDING z", "xy! more", "no stop here", "ENDING at the very start", "!"):
         stops = ["!", "ENDING"]
         cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=len(text))
         t = StopText(tok, stops, None)
