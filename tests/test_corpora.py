@@ -75,6 +75,13 @@ def test_errors(corpora: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "blank.txt").write_text("\n\n  \n")
     with pytest.raises(UserError, match="has no documents"):
         list(iter_documents(str(tmp_path / "blank.txt")))
+    (tmp_path / "blanks").mkdir()  # files and rows of whitespace alone are no documents
+    (tmp_path / "blanks" / "a.txt").write_text(" \n\t\n")
+    (tmp_path / "blanks" / "b.jsonl").write_text(json.dumps({"text": "   "}) + "\n")
+    with pytest.raises(UserError, match="has no documents"):
+        list(Corpus(str(tmp_path / "blanks"), glob="*"))
+    (tmp_path / "blanks" / "c.txt").write_text("x = 1\n")
+    assert [d.source for d in Corpus(str(tmp_path / "blanks"), glob="*")] == ["c.txt"]
     for kind in ("jsonl", "parquet", "hf-dataset"):
         with pytest.raises(UserError, match="pass --field"):
             list(Corpus(str(corpora[kind]), field="text"))
