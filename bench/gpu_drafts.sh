@@ -6,7 +6,8 @@
 #   bash bench/gpu_drafts.sh selfdata               # carry .selfdata alone: earlier leases' text to /tmp (optional)
 #   bash bench/gpu_drafts.sh part1                  # carry .gguf/part_aa .whl .carry: wheels, corpus prepared
 #   bash bench/gpu_drafts.sh gen MINUTES [ARGS...]  # carry .gguf/part_ab (and .selfdata): convert, `multitoken distill-data`
-#   bash bench/gpu_drafts.sh base                   # carry .gguf/part_ab: convert only (then `bench shipped`)
+#   bash bench/gpu_drafts.sh base                   # carry .gguf/part_ab: convert only (then `bench shipped`;
+#                                                   # PREPARE=0 on part1 skips the corpus such a lease does not need)
 #   bash bench/gpu_drafts.sh train HEADS MINUTES STEPS [ARGS...]  # warm-started head training on that data
 #   bash bench/gpu_drafts.sh bench NAME [BASE]      # bench decode, HumanEval + chat: NAME's heads (latest: the last trained)
 #                                                   # bf16 and fp32, and BASE's (shipped: the packaged heads) in the same call, or the peer
@@ -39,6 +40,7 @@ part1)
         $(ls .whl/serve/*.whl 2>/dev/null)  # the serving bench's wheels too, when they travel (bench/gpu_serve.sh)
     python3 -c "import torch, transformers, gguf; print(torch.__version__, transformers.__version__, torch.cuda.get_device_name())"
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv,noheader
+    [ "${PREPARE:-1}" = 0 ] && exit 0  # a bench-only lease (base, then bench shipped) needs no corpus
     SP=$(python3 -c 'import site; print(site.getsitepackages()[0])')
     /usr/bin/time -f "prepare %e s" python3 -m multitoken prepare --corpus "$SP" --glob '**/*.py' --tokenizer .carry/tok \
         --out "$WORK/data" --val-fraction 0.01 --quiet
