@@ -33,6 +33,19 @@ def chat_tokenizer() -> Tokenizer:
     return Tokenizer(tok._tok, "<|im_end|>", "pretrained", chat_template=CHATML)
 
 
+def code_corpus(tok: Tokenizer, tmp_path: Path, files: int) -> Path:
+    """A prepared corpus (tmp_path/corpus) of `files` small Python files, in tok's ids."""
+    from multitoken.data.prepare import prepare
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(files):
+        (src / f"m{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x + {j}\n" for j in range(30)))
+    tok.save(tmp_path / "tokdir")
+    prepare(str(src), str(tmp_path / "tokdir"), tmp_path / "corpus", glob="*.py", val_fraction=0.3, progress=False)
+    return tmp_path / "corpus"
+
+
 class FakeModel:
     class config:
         max_seq_len = 4096
@@ -302,16 +315,10 @@ def test_continuous_code_documents_are_the_prefix_then_what_plain_decoding_write
     corpus prefix (mask 0) then what greedy decoding of that prefix alone writes (mask 1), ending in EOS."""
     from conftest import tiny_model
 
-    from multitoken.data.prepare import prepare
     from multitoken.decoding import generate
 
     tok = chat_tokenizer()
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(6):
-        (src / f"m{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x + {j}\n" for j in range(30)))
-    tok.save(tmp_path / "tokdir")
-    prepare(str(src), str(tmp_path / "tokdir"), tmp_path / "corpus", glob="*.py", val_fraction=0.3, progress=False)
+    code_corpus(tok, tmp_path, 6)
     model = tiny_model(vocab_size=tok.vocab_size, eos_id=tok.eos_id).eval()
     cfg = SelfGenConfig(chat=0, code=7, batch_size=3, code_prefix=(10, 30), code_tokens=6, val_every=4,
                         temperatures=(0.0,), continuous=True)
@@ -408,15 +415,8 @@ def test_continuous_jobs_are_exactly_the_asked_counts(tmp_path: Path) -> None:
     conversations fare in the filters."""
     from conftest import tiny_model
 
-    from multitoken.data.prepare import prepare
-
     tok = chat_tokenizer()
-    src = tmp_path / "src"
-    src.mkdir()
-    for i in range(4):
-        (src / f"m{i}.py").write_text("".join(f"def f{i}_{j}(x):\n    return x + {j}\n" for j in range(30)))
-    tok.save(tmp_path / "tokdir")
-    prepare(str(src), str(tmp_path / "tokdir"), tmp_path / "corpus", glob="*.py", val_fraction=0.3, progress=False)
+    code_corpus(tok, tmp_path, 4)
     model = tiny_model(vocab_size=tok.vocab_size, eos_id=tok.eos_id, max_seq_len=256).eval()
     cfg = SelfGenConfig(chat=4, code=2, batch_size=2, code_prefix=(10, 30), code_tokens=6, user_tokens=8, answer_tokens=8,
                         multi_turn=0.0, val_every=2, temperatures=(0.0, 1.0), continuous=True)
