@@ -73,15 +73,23 @@ def test_medusa_heads_draft_in_one_matmul_as_they_train():
 
     model = spread_model("medusa", 3, 0)
     h = torch.randn(2, 5, model.config.dim)
-    states = BackboneStates(idx=None, trunk=h, last=h, main=h)
-    for _ in range(2):
-        fused = model.mtp.decode_states(model.shared, 3, states, None, None, None, None)  # (B, q, n, C)
-        assert fused.shape == (2, 5, 3, model.config.dim)
-        for j, head in enumerate(model.mtp.heads):
-            torch.testing.assert_close(fused[:, :, j], head.blocks(h), rtol=1e-5, atol=1e-6)
-        with torch.no_grad():
-            model.mtp.heads[1].blocks[0].linear.weight.add_(0.5)
-    assert model.mtp.decode_states(model.shared, 2, states, None, None, None, None).shape[2] == 2
+    other = spread_model("medusa", 3, 1)
+    changes = [lambda: model.mtp.heads[1].blocks[0].linear.weight.add_(0.5),  # an optimizer step
+               lambda: model.mtp.heads[2].blocks[0].linear.bias.sub_(0.25),
+               lambda: model.mtp.load_state_dict(other.mtp.state_dict()),  # heads loaded in place
+               lambda: model.double()]  # moved: new tensors under the same parameters
+    for change in [*changes, None]:
+        x = h.to(next(model.parameters()).dtype)
+        fused = model.mtp.decode_states(model.shared, 3, BackboneStates(idx=None, trunk=x, last=x, main=x), None, None, None, None)
+        assert fused.shape == (2, 5, 3, model.config.dim) and fused.dtype == x.dtype
+        for j, head in enumerate(model.mtp.heads):  # each head's own block, as training runs it
+            torch.testing.assert_close(fused[:, :, j], head.blocks(x), rtol=1e-5, atol=1e-6)
+        if change is not None:
+            with torch.no_grad():
+                change()
+    x = h.double()
+    assert model.mtp.decode_states(model.shared, 2, BackboneStates(idx=None, trunk=x, last=x, main=x), None, None, None,
+                                   None).shape[2] == 2
 
 
 @pytest.mark.parametrize("kind", ["medusa", "parallel", "sequential"])

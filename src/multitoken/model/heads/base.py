@@ -165,11 +165,15 @@ class HeadFamily(nn.Module):
         if type(self).draft_logits is not HeadFamily.draft_logits:
             return torch.stack([self.draft_logits(shared, j, h[:, j - 1], None if pos is None else pos + j - 1)
                                 for j in range(1, n + 1)], 1)
-        ws = [self.unembed_weight(shared, j) for j in range(1, n + 1)]
+        ws = self.unembed_weights(shared, n)
         if all(w is ws[0] for w in ws):  # one shared unembedding
             return dense(h, ws[0] if self.draft_ids is None else self._draft_weight(1, ws[0]))
         w = self._stacked_draft_weight(ws)  # (n, V', C)
         return torch.bmm(h.transpose(0, 1), w.transpose(1, 2)).transpose(0, 1)  # (B, n, V')
+
+    def unembed_weights(self, shared: SharedModules, n: int) -> list[Tensor]:
+        """`unembed_weight` of depths 1..n (a family may keep them: Medusa's are looked up once)."""
+        return [self.unembed_weight(shared, j) for j in range(1, n + 1)]
 
     def _stacked_draft_weight(self, ws: list[Tensor]) -> Tensor:
         """The depths' own unembeddings (their |V'| rows) stacked (n, V', C), built once and rebuilt
