@@ -47,6 +47,11 @@ def test_timed_steps_update_the_cost_of_their_kind(cpu_costs, monkeypatch):
     generate(model, [[3, 4, 5]], 12, mode="spec", draft=2)
     chain = {v for (key, live), v in eng.runner.costs.items() if key[:2] == ("chain", 2)}
     assert chain == {1.0}
+    # run_costs: only the steps run; a kind only probed (chain:1 here, never run) is not in it.
+    assert eng.runner.cost(eng.strategy("spec", 1, Sampling()), 12) is not None
+    assert any(key[:2] == ("chain", 1) for key, _ in eng.runner.costs)
+    runs = eng.runner.run_costs()
+    assert {key[:2] for key, _ in runs} == {("chain", 2)} and set(runs.values()) == {1.0}
 
 
 def test_wrong_drafts_make_the_cpu_loop_draft_less(cpu_costs, monkeypatch):

@@ -73,3 +73,16 @@ def test_smollm2_demo_decodes_exactly_with_the_shipped_heads(tmp_path):
     assert summary["mean_tau_code"] > 1.3, summary["mean_tau_code"]
     # transformers' greedy generate on the same float32 weights, timed beside ours, says the same
     assert all(p["transformers_identical"] and p["vs_transformers"] > 0 for p in summary["prompts"] if p["kind"] == "code")
+
+
+def test_the_step_cost_pairs_steps_of_the_same_bucket():
+    """Hand-made run costs: chain:4 is 1.2x plain at 64 live slots and 1.4x at 128; a chain:2
+    bucket, a plain-only bucket (256) and a chain-only bucket (512) are left out; median 1.3."""
+    from multitoken.demo import paired_step_cost
+
+    s = object()
+    runs = {(("plain", False, s), 64): 1.0, (("plain", False, s), 128): 2.0, (("plain", False, s), 256): 9.0,
+            (("chain", 4, False, True, s), 64): 1.2, (("chain", 4, False, True, s), 128): 2.8,
+            (("chain", 4, False, True, s), 512): 0.1, (("chain", 2, False, True, s), 64): 5.0}
+    assert paired_step_cost(runs, 4) == pytest.approx(1.3)
+    assert paired_step_cost(runs, 3) is None

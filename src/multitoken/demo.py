@@ -219,11 +219,7 @@ def compare(model, prompts: list[tuple[str, str, list[int]]], max_new_tokens: in
                 hf_same = hf_same and out == plain[0]
                 hf_tps.append(len(out) / seconds)
                 vs_hf.append(ss.tokens_per_second / hf_tps[-1])
-        costs = engine_for(model, 1).runner.costs
-        plain_cost = [v for (key, _), v in costs.items() if key[0] == "plain"]
-        k = max(ss.chosen_draft)
-        spec_cost = [v for (key, _), v in costs.items() if key[:2] == ("chain", k)]
-        step_cost = statistics.median(spec_cost) / statistics.median(plain_cost) if plain_cost and spec_cost else None
+        step_cost = paired_step_cost(engine_for(model, 1).runner.run_costs(), max(ss.chosen_draft))
         completion = [t for t in spec[0] if t != eos_id]
         rows.append({"kind": kind, "prompt": text, "completion": tok.decode(completion), "identical": True, "tau": ss.tau,
                      "acceptance_per_position": ss.acceptance_per_position, "chosen_draft": ss.chosen_draft,
@@ -244,6 +240,16 @@ def compare(model, prompts: list[tuple[str, str, list[int]]], max_new_tokens: in
             say(f"   transformers generate {r['transformers_tokens_per_s']:.1f} tok/s: speculative is {r['vs_transformers']:.2f}x "
                 f"as fast (its output {'is the same' if hf_same else 'DIFFERS'})")
     return rows
+
+
+def paired_step_cost(runs: dict, k: int) -> float | None:
+    """A chain step of k drafts against a plain step, from the steps the runner timed as they ran
+    (`Runner.run_costs`): the ratio in each cache bucket both ran in (a step's cost grows with the
+    live slots), the median over those buckets; None if they share none."""
+    plain = {live: v for (key, live), v in runs.items() if key[0] == "plain"}
+    spec = {live: v for (key, live), v in runs.items() if key[:2] == ("chain", k)}
+    pairs = [spec[b] / plain[b] for b in sorted(plain.keys() & spec.keys())]
+    return statistics.median(pairs) if pairs else None
 
 
 def hf_generate(hf, ids: list[int], max_new_tokens: int, eos_id: int | None) -> tuple[list[int], float]:

@@ -150,6 +150,11 @@ class Runner:
             use_compile_cache()
             state.cache.block_fn = CompiledBlock(self)
 
+    def run_costs(self) -> dict:
+        """(strategy key, bucket) -> median seconds of the CPU steps actually run there (the last
+        CPU_WINDOW), without the probes `cost` times for kinds not run yet (every row done)."""
+        return {key: statistics.median(times) for key, times in self._recent.items() if times}
+
     def live_for(self, need: int) -> int:
         return bucket(need, self.state.cache.max_seq_len)
 
