@@ -75,16 +75,17 @@ class MedusaHeads(HeadFamily):
         and rebuilt when a weight moves or is written (training, loading, `.to`).
 
         The check runs every decoding step, so it reads the parameters it remembers (their address,
-        version and dtype) instead of walking the modules again: slicing the ModuleList and three
+        version, dtype and device, as the key it replaced) instead of walking the modules again: slicing the ModuleList and three
         attribute lookups per head cost ~55 us a call on a CPU, a sixtieth of the demo model's
         speculative step. Parameters replaced by new objects (``load_state_dict(assign=True)``,
         which this package never calls on heads) are not noticed."""
         hit = self._stack_cache.get(n)
-        if hit is None or any(p.data_ptr() != d or p._version != v or p.dtype != t for p, d, v, t in hit[0]):
+        if hit is None or any(p.data_ptr() != d or p._version != v or p.dtype != t or p.device != dev
+                              for p, d, v, t, dev in hit[0]):
             lins = [head.blocks[0].linear for head in self.heads[:n]]
             w = torch.cat([lin.weight.detach() for lin in lins])
             b = torch.cat([lin.bias.detach() for lin in lins])
-            seen = [(p, p.data_ptr(), p._version, p.dtype) for lin in lins for p in (lin.weight, lin.bias)]
+            seen = [(p, p.data_ptr(), p._version, p.dtype, p.device) for lin in lins for p in (lin.weight, lin.bias)]
             hit = self._stack_cache[n] = (seen, w, b)
         return hit[1], hit[2]
 
