@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from multitoken.config import HeadsConfig, ModelConfig
-from multitoken.decoding.api import generate
+from multitoken.decoding.api import engine_for, generate
 from multitoken.model import Transformer
 from multitoken.model import layers
 from multitoken.model.layers import DENSE_MIN, dense
@@ -71,3 +71,19 @@ def test_speculative_greedy_equals_plain_on_a_model_that_takes_the_onednn_path()
         for _ in range(40):
             seq.append(int(model.logits(model(torch.tensor([seq]), heads=False)[0][0, -1]).argmax()))
     assert plain[0] == seq[len(prompts[0]):]
+
+
+@pytest.mark.slow
+def test_compiled_decoding_of_a_model_on_the_onednn_path_compiles_and_equals_eager():
+    """torch.compile traces `dense` with F.linear (dynamo cannot trace the packed copy's lookup by
+    address): compiled blocks must run compiled, not fall back to eager, and decode as eager does."""
+    cfg = ModelConfig.from_preset("tiny", dim=512, n_heads=8, n_kv_heads=4, intermediate_size=1024, vocab_size=512,
+                                  n_layers=2, max_seq_len=128, heads=HeadsConfig.parse("medusa:2"))
+    torch.manual_seed(3)
+    model = Transformer(cfg).eval()
+    assert model.layers[0].mlp.down_proj.weight.numel() >= DENSE_MIN
+    prompts = [[5, 6, 7, 8, 9], [100, 3, 77]]
+    eager, _ = generate(model, prompts, 16, mode="spec")
+    out, stats = generate(model, prompts, 16, mode="spec", compile=True)
+    assert engine_for(model, len(prompts), compile=True).runner.compile_error is None  # it did not fall back
+    assert stats.compile_time_s > 0 and out == eager

@@ -116,11 +116,13 @@ def dense(x: Tensor, w: Tensor, b: Tensor | None = None) -> Tensor:
     result differs from MKL's one-row result by float32 rounding (as MKL's own results for 1, 2-3
     and 4+ rows already differ from each other); the rows of one oneDNN call are bit-identical
     to each other's whatever their number (packed for 8 rows; checked from 2 to 300 rows, 1 and 2
-    threads). Training keeps F.linear (this packed path has no backward).
+    threads). Training keeps F.linear (this packed path has no backward), and so does code that
+    torch.compile traces (compiled CPU decoding): the packed copy is looked up by the weight's
+    address, which dynamo cannot trace, and the whole compiled block would fall back to eager.
     """
     if (x.device.type != "cpu" or w.dtype != torch.float32 or x.dtype != torch.float32 or w.numel() < DENSE_MIN
             or x.numel() == x.shape[-1] or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            or not _onednn()):
+            or torch.compiler.is_compiling() or not _onednn()):
         return F.linear(x, w, b)
     y = torch.ops.mkldnn._linear_pointwise(x.reshape(-1, x.shape[-1]), _packed(w), b, "none", [], "")
     return y.view(*x.shape[:-1], w.shape[0])
