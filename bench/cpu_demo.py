@@ -7,6 +7,7 @@ carries the commit, the machine, the command and the load average before and aft
 
     PYTHONPATH=src python bench/cpu_demo.py --out bench/results/demo_cpu.json
     PYTHONPATH=src python bench/cpu_demo.py --smollm2 --threads 2 --out bench/results/smollm2_cpu.json
+    PYTHONPATH=src python bench/cpu_demo.py --smollm2 --threads 2 --dtype bfloat16 --out bench/results/smollm2_cpu_bf16.json
 
 Speeds are ratios measured in the same process, interleaved, medians over repeats (the demo's
 own protocol); on a shared machine read them with the recorded load.
@@ -30,13 +31,16 @@ def main() -> None:
     ap.add_argument("--workdir", default=None, help="reuse this work directory (default: a fresh one, removed after)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per method and prompt (default: the demo's)")
+    ap.add_argument("--compile", action="store_true", help="decode with compiled blocks (the demo's --compile)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="--smollm2: decode in this dtype")
     args = ap.parse_args()
     work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="mt-cpu-demo-"))
     try:
         if args.smollm2:
-            summary = demo.run_smollm2_demo(work, threads=args.threads, repeats=args.repeats or 2)
+            summary = demo.run_smollm2_demo(work, threads=args.threads, repeats=args.repeats or 2, dtype=args.dtype,
+                                            compile=args.compile)
         else:
-            summary = demo.run_demo(work, threads=args.threads, repeats=args.repeats or 5)
+            summary = demo.run_demo(work, threads=args.threads, repeats=args.repeats or 5, compile=args.compile)
             plot = Path(args.out).with_name(Path(args.out).stem + "_loss.png")
             shutil.copyfile(work / "run" / "loss.png", plot)
             summary["loss_plot"] = plot.name

@@ -395,6 +395,8 @@ for cmd, argv in [("generate", gen()), ("eval", ev()), ("tree", tre()), ("train"
     case(f"{cmd}--device=bogus", lambda b, w, argv=argv: argv(b, w) + ["--device", "bogus"], expect="--device")
 case("demo--preset=gigantic", demo("--preset", "gigantic"))
 case("demo--model=gpt5", demo("--model", "gpt5"), expect="--model")
+case("demo--dtype=float16", demo("--dtype", "float16"), expect="--dtype")
+case("demo--dtype-on-the-tiny-model", demo("--dtype", "bfloat16"), expect="--dtype bfloat16 applies to --model smollm2")
 case("train--preset=gigantic", trn("--preset", "gigantic"))
 case("train--dtype=fp8", trn("--dtype", "fp8"))
 case("no-subcommand-args", lambda b, w: ["train"])

@@ -69,6 +69,7 @@ def test_smollm2_demo_decodes_exactly_with_the_shipped_heads(tmp_path):
     assert main(args) == 0
     summary = json.loads((tmp_path / "demo.json").read_text())
     assert summary["heads"] == "sequential:4:shared" and all(p["identical"] for p in summary["prompts"])
+    assert summary["dtype"] == "float32" and summary["identical"] == len(summary["prompts"])
     assert {p["kind"] for p in summary["prompts"]} == {"code", "chat"}
     assert summary["mean_tau_code"] > 1.3, summary["mean_tau_code"]
     # transformers' greedy generate on the same float32 weights, timed beside ours, says the same
@@ -86,3 +87,40 @@ def test_the_step_cost_pairs_steps_of_the_same_bucket():
             (("chain", 4, False, True, s), 512): 0.1, (("chain", 2, False, True, s), 64): 5.0}
     assert paired_step_cost(runs, 4) == pytest.approx(1.3)
     assert paired_step_cost(runs, 3) is None
+
+
+def test_compare_reports_where_a_lower_precision_leaves_float32_greedy_decoding():
+    """`compare(reference=...)`: each row says whether its plain output equals the reference model's
+    and where they first part, checked against greedy decoding by full forward passes (no cache)
+    of both models; a reference equal to the model gives identical rows."""
+    import copy
+
+    from multitoken.data.tokenizer import Tokenizer
+    from multitoken.demo import compare
+    from test_speculative import spread_model
+
+    tok = Tokenizer.bytes()
+    model = spread_model("medusa", 2, 4, vocab_size=257)
+    other = copy.deepcopy(model)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a reference that agrees for a while (on some prompts), then parts
+        other.lm_head.weight.add_(torch.randn_like(other.lm_head.weight) * 0.01)
+    prompts = [("code", t, tok.encode(t)) for t in ("def f(x):\n    ", "import os\n", "class A:")]
+
+    def full(m, ids, n=24):
+        seq = list(ids)
+        with torch.no_grad():
+            for _ in range(n):
+                seq.append(int(m.logits(m(torch.tensor([seq]), heads=False)[0][0, -1]).argmax()))
+        return seq[len(ids):]
+
+    same = compare(model, prompts, 24, 1, None, None, tok, reference=copy.deepcopy(model))
+    assert all(r["float32_identical"] and r["float32_first_divergence"] is None for r in same)
+    rows = compare(model, prompts, 24, 1, None, None, tok, reference=other)
+    parted = 0
+    for (_, _, ids), r in zip(prompts, rows):
+        a, b = full(model, ids), full(other, ids)
+        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+        assert r["float32_identical"] == (a == b) and r["float32_first_divergence"] == first
+        parted += first is not None
+    assert parted == 3, "the perturbed reference parts from the model on every prompt"

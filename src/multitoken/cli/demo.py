@@ -9,6 +9,7 @@ from multitoken import demo
 from multitoken.checks import MAX_NEW_TOKENS
 from multitoken.cli.options import ints, path_arg, text_arg, tokenizer_arg
 from multitoken.config import PRESETS
+from multitoken.errors import UserError
 
 
 def plain(doc: str) -> str:
@@ -38,14 +39,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=ints(1, 4096), default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--repeats", type=ints(1, 100), default=None,
                    help="timed runs of each decoding method per prompt, interleaved, medians reported (default: 5; smollm2: 2)")
+    p.add_argument("--compile", action="store_true",
+                   help="decode with compiled blocks (torch.compile; needs a C++ compiler on the CPU, else eager with a warning)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                   help="--model smollm2: the weights' dtype for decoding, transformers' too (default: float32)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     if args.model == "smollm2":
         demo.run_smollm2_demo(args.workdir or "runs/demo-smollm2", args.max_new_tokens, args.threads,
-                              repeats=args.repeats or 2)
+                              repeats=args.repeats or 2, dtype=args.dtype, compile=args.compile)
         return 0
+    if args.dtype != "float32":
+        raise UserError(f"--dtype {args.dtype} applies to --model smollm2; the tiny model trains and decodes in float32")
     demo.run_demo(args.workdir or "runs/demo", args.preset, args.heads, args.steps, args.tokenizer, args.max_new_tokens,
-                  args.threads, repeats=args.repeats or 5, head_steps=args.head_steps, continuations=args.continuations)
+                  args.threads, repeats=args.repeats or 5, head_steps=args.head_steps, continuations=args.continuations,
+                  compile=args.compile)
     return 0
