@@ -150,3 +150,24 @@ def test_dynamic_tree_sizes_are_ascii_and_bounded(spec):
     with pytest.raises(UserError, match="dynamic:N"):
         resolve_tree(spec, ".")
     assert resolve_tree("dynamic:1024", ".").nodes == 1024
+
+
+def test_a_dynamic_tree_of_any_size_holds_its_nodes_and_decodes_like_plain_greedy():
+    """The default width must let depth x width candidates cover nodes - 1 (else `build_nodes`
+    refuses the tree), for every size and depth; and a wide dynamic tree (30 nodes over 3 heads:
+    29 / 3 is not whole) decodes exactly as plain greedy decoding by full forward passes."""
+    from multitoken.decoding.api import generate
+    from test_speculative import spread_model
+
+    for nodes in range(2, 130):
+        for depth in range(1, 9):
+            t = DynamicTree(nodes, depth)
+            assert t.depth * t.width >= t.nodes - 1, (nodes, depth, t.width)
+    model = spread_model("parallel", 3, 11)
+    prompt = [3, 9, 27, 1]
+    out, _ = generate(model, prompt, 12, mode="tree", tree=DynamicTree(30, 3))
+    seq = list(prompt)
+    with torch.no_grad():
+        for _ in range(12):
+            seq.append(int(model.logits(model(torch.tensor([seq]), heads=False)[0][0, -1]).argmax()))
+    assert out[0] == seq[len(prompt):]
