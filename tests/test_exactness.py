@@ -255,3 +255,38 @@ def test_lossy_typical_acceptance_follows_medusas_rule(kind):
         check_stats(model, prompts, outs, stats, max_new, 2, accept)
         rejected += stats.acceptance_per_position[0] < 1
     assert rejected == 2
+
+
+def test_lossy_typical_tree_verification_tests_each_node_under_its_parents_distribution():
+    """`verify_tree(typical=True)` against a walk written out here: a node passes when its parent
+    passed and p_parent(token) > min(eps, delta * exp(-H(p_parent))) (Medusa's rule: the target's
+    distribution at the parent is the one that predicts the node's token); the deepest passing
+    node wins (first on ties). Tokens are the parent's top token or a tail token, so a rule that
+    reads the node's own distribution, or skips the parent's verdict, picks other nodes."""
+    from multitoken.decoding.sampling import Sampling
+    from multitoken.decoding.verify import verify_tree
+
+    T, B, V = 1.0, 64, 12
+    parent = torch.tensor([0, 0, 0, 1, 1, 2, 3, 5])
+    depth = torch.tensor([0, 1, 1, 2, 2, 2, 3, 3])
+    N = len(parent)
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(B, N, V, generator=g, dtype=torch.float64) * 2.5
+    p = (logits / T).softmax(-1)
+    top, tail = p.argmax(-1), p.argmin(-1)
+    pick = torch.rand(B, N, generator=g) < 0.7
+    tokens = torch.where(pick, top[:, parent], tail[:, parent])  # by the parent's distribution
+    tokens[:, 0] = 0
+    u = torch.rand(B, N, generator=g, dtype=torch.float64)
+    best, n, _ = verify_tree(logits, tokens, parent.expand(B, N), depth.expand(B, N), 3, Sampling(temperature=T), True, u)
+    depths_seen = set()
+    for b in range(B):
+        ok = [True] * N
+        for i in range(1, N):
+            q = p[b, parent[i]]
+            entropy = -float((q * q.log()).sum())
+            ok[i] = ok[parent[i]] and float(q[tokens[b, i]]) > min(TYPICAL_EPS, TYPICAL_DELTA * math.exp(-entropy))
+        want = max(range(N), key=lambda i: (ok[i] and int(depth[i]), -i) if ok[i] else (-1, -i))
+        assert (int(best[b]), int(n[b])) == (want, int(depth[want])), b
+        depths_seen.add(int(depth[want]))
+    assert len(depths_seen) >= 3  # rows stop at several depths: rejections and acceptances both happen
