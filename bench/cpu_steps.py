@@ -52,6 +52,7 @@ def main() -> None:
                     help="the decoding thread's CPU time, as the runner times steps (default); wall time; or the "
                     "whole process's CPU time")
     ap.add_argument("--profile", action="store_true", help="also print a torch.profiler table per kind")
+    ap.add_argument("--compile", action="store_true", help="compiled blocks (torch.compile; the warm-up compiles every kind)")
     ap.add_argument("--full-vocab", action="store_true", help="--smollm2: draft over the full vocabulary (default: the draft vocabulary)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -63,9 +64,11 @@ def main() -> None:
               (tok.encode("import os\nimport sys\n\n" * 40) * 4)[: args.context])
     with torch.no_grad():
         # A real prompt in the cache, then every kind built and run once (allocation, first-call costs).
-        generate(model, prompt, 8, mode="spec")
-        generate(model, prompt, 8, mode="tree", tree=args.tree_nodes)
-        eng = engine_for(model, 1)
+        for k in range(1, K + 1):  # every kind run once (with --compile: compiled, each width's graph)
+            generate(model, prompt, 8, mode="spec", draft=k, compile=args.compile)
+        generate(model, prompt, 8, mode="tree", tree=args.tree_nodes, compile=args.compile)
+        generate(model, prompt, 8, compile=args.compile)
+        eng = engine_for(model, 1, compile=args.compile)
         kinds = {"plain": eng.strategy("ntp", 0, s)}
         kinds.update({f"chain k={j}": eng.strategy("spec", j, s) for j in range(1, K + 1)})
         tree = as_tree(args.tree_nodes, None, K)
@@ -89,10 +92,12 @@ def main() -> None:
     rows = [{"kind": name, "ms": med[name] * 1e3, "vs_plain": med[name] / med["plain"],
              "ms_all": [t * 1e3 for t in times[name]]} for name in kinds]
     out = {**record, "load_after": load_average(), "model": what, "dtype": str(next(model.parameters()).dtype),
-           "threads": args.threads, "clock": args.clock, "repeats": args.repeats, "context": args.context, "bucket": live, "steps": rows}
+           "threads": args.threads, "clock": args.clock, "repeats": args.repeats, "context": args.context, "bucket": live,
+           "compile": args.compile, "compile_error": eng.runner.compile_error, "steps": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
-    print(f"{what}, {args.threads} threads, load {record['load_before']} -> {out['load_after']}")
+    print(f"{what}, {args.threads} threads{', compiled blocks' if args.compile else ''}, "
+          f"load {record['load_before']} -> {out['load_after']}")
     for r in rows:
         print(f"  {r['kind']:<16} {r['ms']:8.3f} ms  {r['vs_plain']:.2f}x plain")
     print(f"wrote {args.out}")
