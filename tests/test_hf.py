@@ -419,3 +419,21 @@ def test_exported_sequential_modules_draft_in_transformers_use_mtp(tmp_path, kin
     ref, _ = generate(model, prompt, 24)
     out = hf.generate(torch.tensor(prompt), max_new_tokens=24, do_sample=False, use_mtp=True, pad_token_id=0)
     assert out[0, 7:].tolist() == ref[0]
+
+
+@pytest.mark.parametrize("layers,pattern", [(12, 6), (8, 3), (7, 2), (6, None)])
+def test_an_older_gemma3_config_without_layer_types_gets_transformers_global_layers(layers, pattern):
+    """Gemma-3 configs from before `layer_types` give `sliding_window_pattern` (every N-th layer
+    global, N = 6 when absent): the local layers read from such a config are the ones
+    transformers' own Gemma3TextConfig derives from it."""
+    from transformers import Gemma3TextConfig
+
+    kw = dict(num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, vocab_size=300, sliding_window=128, max_position_embeddings=512)
+    ref = Gemma3TextConfig(**kw, **({} if pattern is None else {"sliding_window_pattern": pattern}))
+    old = {k: v for k, v in ref.to_dict().items() if k not in ("layer_types", "sliding_window_pattern")}
+    if pattern is not None:
+        old["sliding_window_pattern"] = pattern
+    want = [i for i, t in enumerate(ref.layer_types) if t == "sliding_attention"]
+    assert config_from_hf(old).local_layers == want
+    assert len(want) < layers  # some layer is global
