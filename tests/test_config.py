@@ -53,11 +53,17 @@ def test_bad_heads_spec_is_one_clear_error(spec):
     (dict(n_heads=4, n_kv_heads=3), "multiple of n_kv_heads"),
     (dict(heads=HeadsConfig("eagle", 1)), "choose one of"),
     (dict(eos_id=999), "outside the vocabulary"),
+    (dict(vocab_size=300, eos_id=300), "outside the vocabulary"),  # ids run 0..vocab_size-1: the edge itself
+    (dict(vocab_size=300, eos_id=-1), "eos_id=-1"),
 ])
 def test_bad_configurations_give_one_clear_error(kwargs, match):
     with pytest.raises(UserError, match=match) as e:
         ModelConfig(**kwargs)
     assert "\n" not in str(e.value)
+
+
+def test_the_last_id_of_the_vocabulary_is_a_valid_eos():
+    assert ModelConfig(vocab_size=300, eos_id=299).eos_id == 299
 
 
 def test_round_trip_through_dict_and_unknown_keys_rejected():
