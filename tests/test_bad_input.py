@@ -372,7 +372,7 @@ for v in ["parallel:²", "medusa:1000000", "medusa:0", "medusa:-1", "medusa:١",
 for v in ["medusa:1000000", "parallel:²"]:
     case(f"convert--heads={v}", conv("--heads", v), expect="--heads")
     case(f"demo--heads={v}", demo("--heads", v), expect="--heads")
-for v in ["bpe:²", "bpe:١٠٠٠", "bpe:-5", "bpe:", "bpe:100", ""]:
+for v in ["bpe:²", "bpe:١٠٠٠", "bpe:-5", "bpe:", "bpe:100", "bpe:256", ""]:  # 256: one short of the bytes plus EOS
     case(f"prepare--tokenizer={v}", prep("--tokenizer", v), expect="--tokenizer")
 
 # empty strings and odd text
@@ -907,6 +907,13 @@ def test_bad_library_calls_are_one_line_user_errors(name, label, tmp_path):
     with pytest.raises(UserError) as e:
         call(tmp_path) if name == "heads_info" else call()
     assert "\n" not in str(e.value)
+
+
+def test_the_smallest_bpe_vocabulary_passes_the_parser():
+    """bpe:257 holds the 256 bytes plus EOS: the parser's lower bound, accepted."""
+    from multitoken.cli.options import tokenizer_arg
+
+    assert tokenizer_arg("bpe:257") == "bpe:257"
 
 
 def test_numpy_ids_are_accepted_like_ints():
