@@ -121,6 +121,27 @@ def test_openai_client_completions_and_chat_streamed_and_not(served):
     assert chunks[-2].choices[0].finish_reason in ("stop", "length")
 
 
+def test_a_reply_ends_at_the_models_eos(served):
+    """Prompts whose greedy continuation writes EOS within 40 tokens (found by decoding without
+    EOS): the server's reply ends there, finish_reason "stop", with the tokens of plain decoding
+    that stops at EOS, and not at max_tokens."""
+    import random
+
+    s, model, tok, _ = served
+    rng = random.Random(0)
+    texts = ["".join(rng.choice("abcdefghij xyz(){}") for _ in range(6)) for _ in range(64)]
+    free, _ = generate(model, [tok.encode(t) for t in texts], 40)  # no eos_id: runs on past EOS
+    ending = [t for t, o in zip(texts, free) if tok.eos_id in o[:-1]]
+    assert ending, "some prompt should reach EOS before 40 tokens"
+    for text in ending:
+        ref = alone(model, tok, tok.encode(text), 40)
+        assert ref[-1] == tok.eos_id and len(ref) < 40
+        r = httpx.post(s.url + "/v1/completions", json={"prompt": text, "max_tokens": 40, "temperature": 0},
+                       timeout=60).json()
+        assert r["choices"][0]["finish_reason"] == "stop" and r["usage"]["completion_tokens"] == len(ref)
+        assert r["choices"][0]["text"] == text_of(tok, ref)
+
+
 def test_stop_strings_cut_the_text(served):
     s, model, tok, _ = served
     full = text_of(tok, alone(model, tok, tok.encode("ab"), 30))
