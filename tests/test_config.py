@@ -66,6 +66,24 @@ def test_the_last_id_of_the_vocabulary_is_a_valid_eos():
     assert ModelConfig(vocab_size=300, eos_id=299).eos_id == 299
 
 
+@pytest.mark.parametrize("field,last,first_bad", [
+    # (field, the last value in range, the first value past it), from what each field means:
+    ("eos_id", 299, 300),                  # token ids run 0 .. vocab_size - 1
+    ("eos_ids", [5, 299], [5, 300]),       # every stop id too
+    ("local_layers", [0, 3], [0, 4]),      # layer indices run 0 .. n_layers - 1
+    ("max_seq_len", 64, 65),               # with local layers, the context must fit the window (64)
+])
+def test_every_relational_bound_accepts_its_edge_and_refuses_one_past_it(field, last, first_bad):
+    """Ranges that depend on another field (vocabulary, layers, window): the edge itself is valid,
+    one past it is a one-line error naming the field. Off-by-ones at these edges passed the
+    earlier cases, which tried values far outside (round 7: eos_id == vocab_size was accepted)."""
+    base = dict(vocab_size=300, n_layers=4, sliding_window=64, max_seq_len=64, local_layers=[0])
+    assert getattr(ModelConfig(**{**base, field: last}), field) == last
+    with pytest.raises(UserError, match=field) as e:
+        ModelConfig(**{**base, field: first_bad})
+    assert "\n" not in str(e.value)
+
+
 def test_round_trip_through_dict_and_unknown_keys_rejected():
     cfg = ModelConfig.from_preset("tiny", heads=HeadsConfig("sequential", 2))
     again = from_dict(ModelConfig, cfg.to_dict())
