@@ -199,3 +199,20 @@ def test_cli_errors_are_one_line(run_dir, capsys, tmp_path):
         assert main(["generate", "--run", str(d)] + extra) == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith("error:") and "\n" not in err
+
+
+def test_every_seed_a_torch_generator_takes_is_accepted_and_no_other():
+    """Seeds run over what torch.Generator.manual_seed takes (a uint64): 0 and 2**64-1 sample (the
+    same seed twice, the same tokens); 2**64, which the generator refuses, is a one-line error."""
+    from multitoken.errors import UserError
+
+    torch.Generator().manual_seed(2**64 - 1)
+    with pytest.raises((RuntimeError, ValueError, OverflowError)):
+        torch.Generator().manual_seed(2**64)
+    model = tiny_model("medusa", 2).eval()
+    for seed in (0, 2**64 - 1):
+        a = generate(model, [[1, 2, 3]], 6, mode="spec", temperature=1.0, seed=seed)[0]
+        assert a == generate(model, [[1, 2, 3]], 6, mode="spec", temperature=1.0, seed=seed)[0]
+    with pytest.raises(UserError, match="seed") as e:
+        generate(model, [[1, 2, 3]], 6, temperature=1.0, seed=2**64)
+    assert "\n" not in str(e.value)
