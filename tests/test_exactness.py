@@ -31,13 +31,13 @@ V = 8  # tiny vocabulary: the joint of 4 tokens has 4096 cells, enumerable in on
 PROMPT = [3, 5, 2]
 
 
-def random_model(kind: str, depth: int, seed: int, head_std: float = 0.1):
+def random_model(kind: str, depth: int, seed: int, head_std: float = 0.1, **overrides):
     """A tiny model with every matrix random: heads draft from their own hidden states, so q != p.
 
     The unembeddings get a smaller scale so that target and drafts overlap (acceptance ~0.1-0.8),
     which exercises accepted, rejected and fully accepted steps alike.
     """
-    model = tiny_model(kind, depth, seed=seed, vocab_size=V, max_seq_len=32, tie_embeddings=False).eval()
+    model = tiny_model(kind, depth, seed=seed, **{"vocab_size": V, "max_seq_len": 32, "tie_embeddings": False, **overrides}).eval()
     g = torch.Generator().manual_seed(seed + 100)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -225,6 +225,23 @@ def test_greedy_tau_and_acceptance_equal_a_replay_from_full_forward_passes(kind,
                     lambda j, d, logits: d == int(logits.argmax()))
         total_accepted += sum(stats.acceptance_per_position)
     assert total_accepted > 0.2  # the replay compares steps that accepted drafts, not only rejections
+
+
+@pytest.mark.parametrize("kind", FAMILIES + [SHARED])
+@pytest.mark.parametrize("k", [1, 2])
+def test_drafting_fewer_tokens_than_the_model_has_heads_uses_the_first_heads(kind, k):
+    """A depth-3 model drafting k < 3 tokens a step: tau and acceptance per position equal the
+    replay whose drafts come from the model's first k heads by full forward passes (the heads'
+    states are sliced by head, not by position)."""
+    max_new = 20
+    accepted = 0.0
+    for seed in range(2):
+        model = random_model(kind, 3, seed, head_std=0.3, n_layers=4)
+        outs, stats = generate(model, PLUMBING_PROMPTS, max_new, mode="spec", draft=k)
+        assert outs == [greedy_reference(model, p, max_new) for p in PLUMBING_PROMPTS]
+        check_stats(model, PLUMBING_PROMPTS, outs, stats, max_new, k, lambda j, d, logits: d == int(logits.argmax()))
+        accepted += sum(stats.acceptance_per_position)
+    assert accepted > 0.1  # steps that accepted drafts are compared, not only rejections
 
 
 TYPICAL_EPS, TYPICAL_DELTA = 0.09, 0.3  # Medusa (Cai et al. 2024): posterior_threshold, posterior_alpha
