@@ -171,3 +171,26 @@ def test_chat_template_survives_save_and_renders_as_transformers_does(tmp_path: 
     assert back.chat(messages).count(back._tok.token_to_id("<|im_start|>")) == 3
     with pytest.raises(UserError, match="no chat template"):
         Tokenizer.bytes().chat(messages)
+
+
+def test_the_fingerprint_follows_which_id_each_token_has():
+    """Two word-level tables with the same tokens under other ids (a model would read other text
+    for the same ids) get different fingerprints; the same table built twice gets the same one,
+    and hashing it by hand in id order gives it."""
+    import hashlib
+    import json as _json
+
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers.models import WordLevel
+
+    from multitoken.data.tokenizer import Tokenizer
+
+    def make(words):
+        return Tokenizer(RustTokenizer(WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>")), "<eos>", "bpe")
+
+    a = ["<eos>", "<unk>", "zeta", "alpha", "mid"]
+    b = ["<eos>", "<unk>", "alpha", "mid", "zeta"]  # the same tokens, sorted: other ids
+    assert make(a).fingerprint() == make(list(a)).fingerprint()
+    assert make(a).fingerprint() != make(b).fingerprint()
+    by_hand = hashlib.sha256(_json.dumps({"vocab": a, "eos": "<eos>"}, ensure_ascii=False).encode("utf-8")).hexdigest()
+    assert make(a).fingerprint() == by_hand
