@@ -100,6 +100,7 @@ def test_eval_cli_json(trained, capsys):
                 "acceptance_per_position"):
         assert key in result, key
     assert len(result["loss_per_depth"]) == 3 and result["tokens"] == 3 * 4 * 32  # the run's seq_len is 32
+    assert result["depth"] == 2 and len(result["acceptance_per_position"]) == 2  # parallel:2: two extra heads
     assert 1.0 <= result["expected_tau"] <= 3.0
     assert (run / "accuracy_per_depth.png").read_bytes()[:4] == b"\x89PNG"
     # The Python API on the same data gives the same numbers.
