@@ -486,6 +486,7 @@ def test_a_failing_decoding_step_fails_its_requests_and_the_server_goes_on():
         type(loop.gen).step = broken
         r = httpx.post(s.url + "/v1/completions", json={"prompt": "a", "max_tokens": 5, "temperature": 0}, timeout=60)
         assert r.status_code == 500 and "planted failure" in r.json()["error"]["message"]
+        assert r.json()["error"]["type"] == "server_error"  # OpenAI's type for a 500: ours, not the client's
         ok = httpx.post(s.url + "/v1/completions", json={"prompt": "a", "max_tokens": 5, "temperature": 0}, timeout=60)
         assert ok.status_code == 200 and ok.json()["choices"][0]["text"] == text_of(tok, alone(model, tok, [97], 5))
         assert "planted failure" in httpx.get(s.url + "/health", timeout=30).json()["last_error"]
