@@ -181,3 +181,16 @@ def test_convert_and_generate_take_a_cached_hub_id(run, tmp_path, capsys, monkey
     for name in ("acme/tiny", str(tmp_path / "run")):
         assert main(["generate", "--run", name, "--prompt", "ab", "--max-new-tokens", "6", "--device", "cpu", "--json"]) == 0
         assert json.loads(capsys.readouterr().out)["text"] == alone(model, tok, tok.encode("ab"), 6)
+
+
+def test_generate_without_mode_decodes_a_model_without_heads_plainly(tmp_path, capsys):
+    """No --mode: a run without heads decodes plainly (speculative decoding would need heads and
+    refuse), giving what plain greedy decoding gives."""
+    torch.manual_seed(1)
+    tok = Tokenizer.bytes()
+    model = tiny_model("none", 0, vocab_size=tok.vocab_size, eos_id=tok.eos_id, max_seq_len=64).eval()
+    save_run(tmp_path / "plain", model, tok)
+    assert main(["generate", "--run", str(tmp_path / "plain"), "--prompt", "ab", "--max-new-tokens", "6", "--device", "cpu",
+                 "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["stats"]["mode"] == "ntp" and out["text"] == alone(model, tok, tok.encode("ab"), 6)
