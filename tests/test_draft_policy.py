@@ -165,3 +165,20 @@ def test_exploration_goes_one_position_deeper_at_a_time_and_sticks():
     flat = Acceptance([100, 50], [50, 0])  # position 2 never passed: k=2 expects 0.6% more than k=1
     assert choose_draft(near, flat) == 2 and choose_draft(near, flat, current=1) == 1  # within the 1% margin: stay
     assert choose_draft({0: 1.0, 1: 1.0, 2: 0.95}, flat, current=1) == 2  # 6% better: switch
+
+
+def test_a_probe_is_due_after_exactly_probe_after_plain_steps_doubling_per_failed_probe():
+    """The module's rule: after drafting stops, the next probe comes after `probe_after` plain
+    steps, times 2 for each probe in a row that failed; not one step earlier, not one later,
+    and the steps left say 0 exactly when it is due."""
+    plain = [[0] * 5 for _ in range(5)]
+    plain[0][0] = 1  # a plain row-step: no drafts
+    for failed in (0, 1, 3):
+        p = DraftPolicy(4, probe_after=16)
+        p.failed = failed
+        due_at = 16 * 2**failed
+        for step in range(1, due_at + 1):
+            p.observe(plain, 1)
+            assert p.probe_due() == (step >= due_at), (failed, step)
+            assert p.steps_to_probe() == due_at - step
+    assert DraftPolicy(4, resumable=False, probe_after=1).steps_to_probe() is None
