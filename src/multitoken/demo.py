@@ -199,7 +199,7 @@ def train_heads_on_own_text(model, run_dir: Path, text_dir: Path, heads_dir: Pat
 def compare(model, prompts: list[tuple[str, str, list[int]]], max_new_tokens: int, repeats: int, draft: int | None,
             eos_id: int | None, tok, hf=None, compile: bool = False, reference=None, exact: bool = True) -> list[dict]:
     """Plain vs speculative greedy decoding of each prompt, `repeats` runs each, interleaved (so a
-    busy machine slows both alike); raises if an output differs. Per prompt: medians of tokens/s,
+    busy machine slows both alike); raises if an output differs (unless `exact` is False). Per prompt: medians of tokens/s,
     their ratio, tau, a speculative step's cost in plain steps (tau / speed-up; and as the runner
     timed the steps, `step_cost_timed`); with `hf` (a
     transformers model on the same weights) its greedy `generate` too, timed in the same rounds.
@@ -209,6 +209,7 @@ def compare(model, prompts: list[tuple[str, str, list[int]]], max_new_tokens: in
     `exact`: raise if speculative output differs from plain (float32, where they are identical);
     False (bfloat16, where a (1+k)-token pass may round a near-tie the other way, docs/decoding.md):
     record it (`identical`, `first_divergence`)."""
+    from multitoken.bench.decode import match_rate
     from multitoken.decoding.api import engine_for, generate
 
     rows = []
@@ -239,7 +240,7 @@ def compare(model, prompts: list[tuple[str, str, list[int]]], max_new_tokens: in
         timed = paired_step_cost(engine_for(model, 1, compile=compile).runner.run_costs(), max(ss.chosen_draft))
         completion = [t for t in spec[0] if t != eos_id]
         rows.append({"kind": kind, "prompt": text, "completion": tok.decode(completion), "identical": same,
-                     "first_divergence": first_divergence(plain[0], spec[0]), "tau": ss.tau,
+                     "first_divergence": match_rate([spec[0]], [plain[0]])[1], "tau": ss.tau,
                      "acceptance_per_position": ss.acceptance_per_position, "chosen_draft": ss.chosen_draft,
                      "plain_tokens_per_s": statistics.median(plain_tps), "spec_tokens_per_s": statistics.median(spec_tps),
                      "speedup": statistics.median(ratios), "step_cost": ss.tau / statistics.median(ratios),
@@ -248,7 +249,7 @@ def compare(model, prompts: list[tuple[str, str, list[int]]], max_new_tokens: in
         if reference is not None:
             ref = generate(reference, ids, max_new_tokens, mode="ntp", eos_id=eos_id)[0][0]
             r["float32_identical"] = ref == plain[0]
-            r["float32_first_divergence"] = first_divergence(ref, plain[0])
+            r["float32_first_divergence"] = match_rate([plain[0]], [ref])[1]
         if hf is not None:
             r.update(transformers_tokens_per_s=statistics.median(hf_tps), vs_transformers=statistics.median(vs_hf),
                      transformers_identical=hf_same)
@@ -264,12 +265,6 @@ def compare(model, prompts: list[tuple[str, str, list[int]]], max_new_tokens: in
             say(f"   transformers generate {r['transformers_tokens_per_s']:.1f} tok/s: speculative is {r['vs_transformers']:.2f}x "
                 f"as fast (its output {'is the same' if hf_same else 'DIFFERS'})")
     return rows
-
-
-def first_divergence(a: list[int], b: list[int]) -> int | None:
-    """The first index where two token lists differ (the shorter one's length if one is a prefix
-    of the other), None if they are equal."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
 
 def paired_step_cost(runs: dict, k: int) -> float | None:
